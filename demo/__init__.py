@@ -1,0 +1,1 @@
+"""visalign demo (arrives with its issue; see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""visalign rewards (arrives with its issue; see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""visalign trainers (arrives with its issue; see docs/architecture.md)."""

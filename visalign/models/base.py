@@ -1,0 +1,241 @@
+"""The model adapter interface: the one surface samplers, trainers and steering talk to.
+
+Conventions (written once, used everywhere):
+    x_sigma = (1 - sigma) * x0 + sigma * noise,   velocity = noise - x0,   sigma runs from 1 to 0.
+
+Latents live in the sampler in the model's *spatial* layout with the batch first: [B, C, h, w] for images and
+[B, C, f, h, w] for video. Models that run on another layout (FLUX's packed 2x2 patches) convert inside
+`predict_velocity`, so the sampler's elementwise step math never sees the difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts for a batch: tensors keyed by the denoiser's argument name, batch dimension first.
+
+    `uncond` holds the negative / empty-prompt embeddings used by classifier-free guidance, or None when the
+    model is not run with CFG.
+    """
+
+    cond: dict[str, Tensor]
+    uncond: dict[str, Tensor] | None = None
+    prompts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return next(iter(self.cond.values())).shape[0]
+
+    def index(self, idx: Tensor | list[int] | slice) -> Conditioning:
+        """The conditioning of a subset of the batch (used to recompute log-probs on mini-batches)."""
+        pick = (lambda d: {k: v[idx] for k, v in d.items()}) if isinstance(idx, slice) else (
+            lambda d: {k: v[torch.as_tensor(idx, device=v.device)] for k, v in d.items()}
+        )
+        if isinstance(idx, slice):
+            prompts = self.prompts[idx]
+        else:
+            prompts = [self.prompts[i] for i in torch.as_tensor(idx).tolist()] if self.prompts else []
+        return Conditioning(pick(self.cond), pick(self.uncond) if self.uncond is not None else None, prompts)
+
+    def repeat_interleave(self, n: int) -> Conditioning:
+        """Repeat every prompt n times in place (prompt groups of size n)."""
+        rep = lambda d: {k: v.repeat_interleave(n, dim=0) for k, v in d.items()}  # noqa: E731
+        prompts = [p for p in self.prompts for _ in range(n)]
+        return Conditioning(rep(self.cond), rep(self.uncond) if self.uncond is not None else None, prompts)
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        def cat_dicts(ds):
+            return {k: torch.cat([d[k] for d in ds]) for k in ds[0]}
+
+        uncond = None if items[0].uncond is None else cat_dicts([c.uncond for c in items])
+        return Conditioning(cat_dicts([c.cond for c in items]), uncond, [p for c in items for p in c.prompts])
+
+
+def _cat_dicts(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(path: str | os.PathLike) -> str:
+    """A local directory, or a hub id of the form `org/name`; anything else is an error, not a download."""
+    path = str(path)
+    if os.path.exists(path):
+        return path
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1
+    if looks_local or not HUB_ID.match(path):
+        raise ValueError(f"model path {path!r} does not exist (give a local directory or a hub id 'org/name')")
+    return path
+
+
+class FlowModelAdapter(ABC):
+    """A flow-matching text-to-image/video model behind one small interface.
+
+    Subclasses set `name`, `guidance` ("cfg": classic classifier-free guidance with a negative prompt;
+    "embedded": a distilled guidance embedding such as FLUX.1-dev's; "none") and implement the abstract
+    methods. The trainable network is `denoiser`; LoRA attaches to it.
+    """
+
+    name: str = "adapter"
+    guidance: str = "cfg"
+    is_video: bool = False
+    cfg_batched: bool = True  # run [uncond; cond] in one call (SD3) or two calls (Wan), matching each pipeline
+    default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    denoiser: nn.Module
+
+    # ---- shapes and schedule -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def size_multiple(self) -> int:
+        """Height and width must be divisible by this (VAE factor × patch size)."""
+
+    def check_request(self, height: int, width: int, num_frames: int | None = None) -> None:
+        """Raise ValueError naming the allowed values when a request cannot be generated."""
+        m = self.size_multiple
+        for label, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % m:
+                raise ValueError(f"{label}={v!r} is not allowed for {self.name}: it must be a positive multiple of {m}")
+        if self.is_video:
+            if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 4:
+                raise ValueError(f"num_frames={num_frames!r} is not allowed for {self.name}: it must be 4k+1 (1, 5, 9, ...)")
+        elif num_frames not in (None, 1):
+            raise ValueError(f"num_frames={num_frames!r} given to image model {self.name}: allowed values are None or 1")
+
+    @abstractmethod
+    def latent_shape(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
+        """Shape of one sample's latent (no batch dimension) for a request."""
+
+    @abstractmethod
+    def sigmas(self, num_steps: int, latent_shape: tuple[int, ...]) -> Tensor:
+        """The N+1 sigmas (float32, ending in 0) the model's pipeline would use, shift included."""
+
+    # ---- text ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str], negative_prompts: list[str] | None = None,
+                       cfg: bool = True) -> Conditioning:
+        """Encode prompts; with cfg=True also the negative prompts (empty string by default)."""
+
+    # ---- denoiser ------------------------------------------------------------------------------------
+    @abstractmethod
+    def _velocity(self, latents: Tensor, sigma: Tensor, embeds: dict[str, Tensor], guidance_scale: float) -> Tensor:
+        """One denoiser call on a batch, without CFG. `sigma` has shape [B]."""
+
+    def predict_velocity(self, latents: Tensor, sigma: Tensor | float, cond: Conditioning,
+                         guidance_scale: float = 1.0) -> Tensor:
+        """Velocity (noise - x0) for a batch at per-sample sigmas, with guidance; returned in float32.
+
+        For guidance == "cfg", CFG runs when guidance_scale > 1 (as in diffusers): v_u + w (v_c - v_u).
+        For "embedded", guidance_scale is fed to the guidance embedding instead.
+        """
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale} must be >= 0")
+        batch = latents.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+        sigma = sigma.expand(batch) if sigma.ndim == 0 else sigma
+        if sigma.shape != (batch,):
+            raise ValueError(f"sigma has shape {tuple(sigma.shape)}; expected a scalar or ({batch},)")
+        x = latents.to(self.dtype)
+        if self.guidance == "cfg" and guidance_scale > 1:
+            if cond.uncond is None:
+                raise ValueError("guidance_scale > 1 needs negative-prompt embeddings: encode_prompts(..., cfg=True)")
+            if self.cfg_batched:
+                both = self._velocity(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                      _cat_dicts(cond.uncond, cond.cond), guidance_scale)
+                v_uncond, v_cond = both.chunk(2)
+            else:
+                v_cond = self._velocity(x, sigma, cond.cond, guidance_scale)
+                v_uncond = self._velocity(x, sigma, cond.uncond, guidance_scale)
+            v = v_uncond + guidance_scale * (v_cond - v_uncond)
+        else:
+            v = self._velocity(x, sigma, cond.cond, guidance_scale)
+        return v.float()
+
+    # ---- pixels --------------------------------------------------------------------------------------
+    @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents → pixels in [0, 1]: [B, 3, H, W] for images, [B, F, 3, H, W] for video."""
+
+    @abstractmethod
+    def encode(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Pixels in [0, 1] (layout as `decode` returns) → latents; the posterior mean unless a generator is given."""
+
+    # ---- device --------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    # ---- LoRA (peft, diffusers' LoRA file format) ----------------------------------------------------
+    def add_lora(self, rank: int = 32, alpha: float | None = None, target_modules: list[str] | None = None,
+                 init_lora_weights: str | bool = "gaussian", adapter_name: str = "default") -> None:
+        """Attach a LoRA adapter to the denoiser and freeze everything else."""
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
+                            target_modules=list(target_modules or self.default_lora_targets),
+                            init_lora_weights=init_lora_weights)
+        self.denoiser.requires_grad_(False)
+        self.denoiser.add_adapter(config, adapter_name=adapter_name)
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(getattr(self.denoiser, "peft_config", None))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+        """Write the adapter as `pytorch_lora_weights.safetensors` in diffusers' format (with its rank/alpha)."""
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
+        metadata = self.denoiser.peft_config[adapter_name].to_dict()
+        self._lora_io().save_lora_weights(directory, transformer_lora_layers=state,
+                                          transformer_lora_adapter_metadata=metadata)
+        return Path(directory) / "pytorch_lora_weights.safetensors"
+
+    def load_lora(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Load a diffusers-format LoRA (directory or .safetensors file) into the denoiser."""
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"LoRA path {str(path)!r} does not exist")
+        self._lora_io().load_lora_weights(str(path), adapter_name=adapter_name)
+        self.denoiser.requires_grad_(False)
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA weights into the base weights and remove the adapter layers."""
+        self.denoiser.fuse_lora()
+        self.denoiser.unload_lora()
+
+    @contextlib.contextmanager
+    def lora_disabled(self):
+        """Run the base model (the reference policy for KL / DPO) while the adapter stays attached."""
+        if not self.has_lora:
+            yield
+            return
+        self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self.denoiser.enable_adapters()
+
+    def _lora_io(self):
+        if getattr(self, "pipe", None) is None:
+            raise NotImplementedError(f"{self.name} has no diffusers LoRA format")
+        return self.pipe
