@@ -1,1 +1,60 @@
-"""visalign rewards (arrives with its issue; see docs/architecture.md)."""
+"""Reward models behind one contract (`rewards.base.Reward`), a name → class registry with a dotted-path
+fallback, and the rewards shipped with visalign.
+
+    >>> import rewards
+    >>> r = rewards.load("world-verifier")
+    >>> out = r(prompts=["a red circle"], images=images)   # dict of sub-scores plus "score"
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+from rewards.base import Reward, RewardError, RewardOutput, combined
+
+# name -> "module:Class"; modules import lazily so a reward's heavy dependencies load only when used.
+REGISTRY: dict[str, str] = {
+    "world-verifier": "rewards.world:WorldVerifierReward",
+    "world-strict": "rewards.world:WorldStrictReward",
+    "world-cleanliness": "rewards.world:WorldCleanlinessReward",
+}
+
+_CACHE: dict[tuple, Reward] = {}
+
+
+def register(name: str, target: str) -> None:
+    """Register `name` → "module:Class" (or "module.Class")."""
+    REGISTRY[name] = target
+
+
+def list_rewards() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def _resolve(name: str) -> type[Reward]:
+    target = REGISTRY.get(name)
+    if target is None and "." not in name:
+        raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(list_rewards())} or a dotted path")
+    target = target or name
+    module, _, attr = target.replace(":", ".").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import reward {name!r} ({target}): {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, Reward)):
+        raise ValueError(f"{target} is not a rewards.Reward subclass")
+    return cls
+
+
+def load(name: str, **kwargs) -> Reward:
+    """The reward `name` (registered, or a dotted path to a Reward subclass) built with kwargs.
+
+    Instances are cached by (name, kwargs), so weights load once per process and are reused."""
+    key = (name, json.dumps(kwargs, sort_keys=True, default=str))
+    if key not in _CACHE:
+        _CACHE[key] = _resolve(name)(**kwargs)
+    return _CACHE[key]
+
+
+__all__ = ["REGISTRY", "Reward", "RewardError", "RewardOutput", "combined", "list_rewards", "load", "register"]

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 # flag -> config field, for `visalign sample`
 SAMPLE_FLAGS = {
@@ -33,6 +34,53 @@ def _sample(args: argparse.Namespace) -> int:
     pixels = generate(cfg)
     out = save_pixels(pixels, cfg.out)
     print(f"wrote {out} ({pixels.shape[0]} sample(s), {time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def _world_pretrain(args: argparse.Namespace) -> int:
+    from visalign.config import load_config, save_config
+    from visalign.world.pretrain import PretrainConfig, pretrain
+
+    cfg = load_config(PretrainConfig, args.config, list(args.overrides))
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(cfg.out_dir) / "config.yaml")
+    start = time.perf_counter()
+    path = pretrain(cfg)
+    print(f"wrote {path} ({(time.perf_counter() - start) / 60:.1f} min)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from visalign.config import load_config
+    from visalign.eval.world_suite import WorldEvalConfig, evaluate_world, markdown_table
+    from visalign.models import load_model
+
+    if args.suite != "world":
+        raise ValueError(f"unknown suite {args.suite!r}; allowed: world")
+    flags = [f"out={json.dumps(args.out)}"] if args.out else []
+    flags += [f"model_path={json.dumps(args.model_path)}"] if args.model_path else []
+    cfg = load_config(WorldEvalConfig, args.config, flags + list(args.overrides))
+    adapter = load_model(cfg.model, cfg.model_path)
+    if cfg.lora:
+        adapter.load_lora(cfg.lora)
+    results = evaluate_world(adapter, cfg)
+    print(markdown_table(results))
+    print(f"wrote {cfg.out}/results.json, results.md, grid_*.png")
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    """The main job on the built-in world. Until the Flow-GRPO trainer lands it evaluates the shipped base
+    model (samples, exact verifier, table, grids); the trainer issue adds the align-then-evaluate half."""
+    from visalign.eval.world_suite import WorldEvalConfig, evaluate_world, markdown_table
+    from visalign.models import load_model
+
+    cfg = WorldEvalConfig(out=str(Path(args.out) / "base"), n_per_template=args.n)
+    results = evaluate_world(load_model("world"), cfg)
+    table = markdown_table(results)
+    (Path(args.out) / "table.md").write_text(table)
+    print(table)
+    print(f"wrote {args.out}/table.md and {cfg.out}/grid_*.png")
     return 0
 
 
@@ -68,6 +116,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output .png (or .gif for video)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=30")
     p.set_defaults(func=_sample)
+
+    w = sub.add_parser("world", help="the built-in shapes world")
+    wsub = w.add_subparsers(dest="world_command", required=True)
+    wp = wsub.add_parser("pretrain", help="train the world base model with flow matching (resumable)")
+    wp.add_argument("--config", help="YAML file with PretrainConfig fields")
+    wp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=200 out_dir=runs/x")
+    wp.set_defaults(func=_world_pretrain)
+
+    e = sub.add_parser("eval", help="evaluate a model on a suite")
+    e.add_argument("--suite", required=True, help="world")
+    e.add_argument("--config", help="YAML file with the suite's config fields")
+    e.add_argument("--out", help="output directory")
+    e.add_argument("--model-path", dest="model_path", help="checkpoint to evaluate")
+    e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. n_per_template=16")
+    e.set_defaults(func=_eval)
+
+    q = sub.add_parser("quickstart", help="the main job: evaluate (and soon align) the built-in world model")
+    q.add_argument("--out", default="outputs/quickstart", help="output directory")
+    q.add_argument("--n", type=int, default=32, help="prompts per template and split")
+    q.set_defaults(func=_quickstart)
 
     m = sub.add_parser("models", help="list registered models")
     m.set_defaults(func=_models)

@@ -34,7 +34,14 @@ def _tiny(fn_name: str) -> Callable[..., FlowModelAdapter]:
     return load
 
 
+def _world(path=None, torch_dtype=torch.float32, device="cpu", **_):
+    from visalign.world.model import WorldAdapter
+
+    return WorldAdapter.from_pretrained(path, device=device, torch_dtype=torch_dtype)
+
+
 MODELS: dict[str, Callable[..., FlowModelAdapter]] = {
+    "world": _world,
     "sd3": _from_pretrained("SD3Adapter"),
     "flux": _from_pretrained("FluxAdapter"),
     "wan": _from_pretrained("WanAdapter"),

@@ -1,0 +1,130 @@
+"""The reward contract every reward model, trainer, steering method and evaluation shares.
+
+A reward is called with keyword arguments only:
+
+    reward(prompts=[...], images=Tensor[B, 3, H, W] in [0, 1])          -> Tensor[B]
+    reward(prompts=[...], videos=Tensor[B, F, 3, H, W] in [0, 1])       -> Tensor[B]
+    reward(..., metadata=[{...}, ...])                                   # optional per-sample data
+
+or returns a dict of named sub-scores [B] plus the combined "score" [B]. Sub-scores may be NaN where a
+concept does not apply to a sample; the combined score may not. A wrong shape, NaN or inf in a score raises
+`RewardError` naming the reward, so trainers can decide to drop and count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class RewardError(ValueError):
+    """A reward produced an invalid output (shape, NaN, inf) or was given invalid input."""
+
+
+RewardOutput = Tensor | dict[str, Tensor]
+
+
+class Reward:
+    """Base class: subclasses set the attributes and implement `score` for one batch.
+
+    Attributes:
+        name: registry name, used in logs (`rewards/<name>/mean`).
+        differentiable: gradients flow from the score to the input pixels.
+        higher_is_better: direction of improvement.
+        value_range: (low, high) of the score, or None when unbounded.
+        inputs: which media the reward scores: ("images",), ("videos",) or both.
+        batch_size: largest batch `score` is called with; inputs are split into chunks of this size.
+    """
+
+    name: str = "reward"
+    differentiable: bool = False
+    higher_is_better: bool = True
+    value_range: tuple[float, float] | None = None
+    inputs: tuple[str, ...] = ("images",)
+    needs_prompts: bool = True
+
+    def __init__(self, batch_size: int = 32, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        if batch_size < 1:
+            raise ValueError(f"{self.name}: batch_size={batch_size} must be >= 1")
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def score(self, *, prompts: list[str] | None, images: Tensor | None, videos: Tensor | None,
+              metadata: list[dict] | None) -> RewardOutput:
+        raise NotImplementedError
+
+    # ---- the call: validate, batch, validate -----------------------------------------------------------
+    def __call__(self, *, prompts: Sequence[str] | None = None, images: Tensor | None = None,
+                 videos: Tensor | None = None, metadata: Sequence[dict] | None = None) -> RewardOutput:
+        media, kind = self._check_inputs(prompts, images, videos, metadata)
+        batch = media.shape[0]
+        outputs = []
+        for start in range(0, batch, self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            out = self.score(prompts=list(prompts[sl]) if prompts is not None else None,
+                             images=media[sl] if kind == "images" else None,
+                             videos=media[sl] if kind == "videos" else None,
+                             metadata=list(metadata[sl]) if metadata is not None else None)
+            outputs.append(self._check_output(out, min(self.batch_size, batch - start)))
+        if isinstance(outputs[0], dict):
+            return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+        return torch.cat(outputs)
+
+    def _check_inputs(self, prompts, images, videos, metadata) -> tuple[Tensor, str]:
+        if (images is None) == (videos is None):
+            raise RewardError(f"{self.name}: pass exactly one of images= or videos=")
+        kind, media = ("images", images) if images is not None else ("videos", videos)
+        if kind not in self.inputs:
+            raise RewardError(f"{self.name}: scores {' or '.join(self.inputs)}, not {kind}")
+        ndim = 4 if kind == "images" else 5
+        if not isinstance(media, Tensor) or media.ndim != ndim or media.shape[-3] != 3:
+            shape = "B×3×H×W" if kind == "images" else "B×F×3×H×W"
+            got = tuple(media.shape) if isinstance(media, Tensor) else type(media).__name__
+            raise RewardError(f"{self.name}: {kind} must be a float tensor {shape} in [0, 1], got {got}")
+        if not media.is_floating_point():
+            raise RewardError(f"{self.name}: {kind} must be floating point in [0, 1], got {media.dtype}")
+        if media.requires_grad and not self.differentiable:
+            raise RewardError(f"{self.name} is not differentiable: pass {kind} without requires_grad "
+                              "(detach them) or use a differentiable reward")
+        with torch.no_grad():
+            low, high = float(media.min()), float(media.max())
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise RewardError(f"{self.name}: {kind} must be in [0, 1], got values in [{low:.3f}, {high:.3f}]")
+        batch = media.shape[0]
+        if self.needs_prompts and prompts is None:
+            raise RewardError(f"{self.name} needs prompts=")
+        if prompts is not None and (isinstance(prompts, str) or len(prompts) != batch):
+            raise RewardError(f"{self.name}: prompts must be a list of {batch} strings")
+        if metadata is not None and len(metadata) != batch:
+            raise RewardError(f"{self.name}: metadata must have {batch} entries, got {len(metadata)}")
+        return media, kind
+
+    def _check_output(self, out: RewardOutput, batch: int) -> RewardOutput:
+        if isinstance(out, dict):
+            if "score" not in out:
+                raise RewardError(f"{self.name} returned sub-scores without a combined 'score'")
+            for key, value in out.items():
+                self._check_tensor(value, batch, f"{self.name}[{key}]", allow_nan=key != "score")
+            return out
+        self._check_tensor(out, batch, self.name, allow_nan=False)
+        return out
+
+    @staticmethod
+    def _check_tensor(value, batch: int, label: str, allow_nan: bool) -> None:
+        if not isinstance(value, Tensor) or value.shape != (batch,):
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise RewardError(f"reward {label} returned shape {got}; expected ({batch},)")
+        bad = torch.isinf(value) if allow_nan else ~torch.isfinite(value)
+        if bad.any():
+            raise RewardError(f"reward {label} returned non-finite values at {bad.nonzero().flatten().tolist()}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, differentiable={self.differentiable})"
+
+
+def combined(out: RewardOutput) -> Tensor:
+    """The [B] score of a reward output (the tensor itself, or its dict's 'score')."""
+    return out["score"] if isinstance(out, dict) else out

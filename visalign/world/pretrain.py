@@ -1,0 +1,143 @@
+"""`visalign world pretrain`: train the world's base model with flow matching on rendered (prompt, image) pairs.
+
+Rectified-flow objective (Liu et al. 2022; Esser et al. 2024, SD3 §3): x_sigma = (1 - sigma) x0 + sigma eps,
+target velocity eps - x0, sigma ~ logit-normal(0, 1). Prompts come only from the *seen* split, so held-out
+compositions measure generalisation. Every step's data and noise derive from (seed, step), so a resumed run
+sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from visalign.world.grammar import TEMPLATES, sample_specs
+from visalign.world.model import WorldAdapter
+from visalign.world.render import render_batch
+
+
+@dataclass
+class PretrainConfig:
+    """Flow-matching pretraining of the world base model."""
+
+    out_dir: str = field(default="runs/world_pretrain", metadata={"help": "checkpoints and final model"})
+    steps: int = field(default=1600, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "images per step"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    ema_decay: float = field(default=0.998, metadata={"help": "EMA of weights; the EMA is what is saved"})
+    cond_dropout: float = field(default=0.1, metadata={"help": "fraction of empty prompts (for CFG)"})
+    logit_normal_std: float = field(default=1.0, metadata={"help": "sigma ~ sigmoid(N(0, std))"})
+    bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast (about 1.3x faster on CPU)"})
+    templates: list[str] = field(default_factory=lambda: list(TEMPLATES), metadata={"help": "prompt templates"})
+    seed: int = field(default=0, metadata={"help": "seeds weights, data and noise"})
+    checkpoint_every: int = field(default=200, metadata={"help": "steps between resumable checkpoints"})
+    resume: bool = field(default=True, metadata={"help": "continue from out_dir/state.pt if present"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"cond_dropout={self.cond_dropout} must be in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        unknown = [t for t in self.templates if t not in TEMPLATES]
+        if unknown or not self.templates:
+            raise ValueError(f"templates {unknown or '[]'} not allowed; choose from {', '.join(TEMPLATES)}")
+
+
+def flow_matching_loss(velocity_fn, x0, noise, sigma):
+    """Rectified-flow loss: mean ||v(x_sigma, sigma) - (noise - x0)||^2. Returns (loss, metrics)."""
+    s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+    x_sigma = (1 - s) * x0 + s * noise
+    v = velocity_fn(x_sigma, sigma)
+    loss = (v.float() - (noise - x0)).pow(2).mean()
+    return loss, {"loss": loss.item()}
+
+
+def batch_for_step(cfg: PretrainConfig, step: int):
+    """The (prompts, x0, noise, sigma) of one step, a pure function of (seed, step)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    specs = sample_specs(cfg.batch_size, "seen", tuple(cfg.templates), generator=g)
+    x0 = render_batch(specs, g) * 2 - 1
+    drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout
+    prompts = ["" if d else s.prompt for s, d in zip(specs, drop.tolist())]
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = torch.sigmoid(torch.randn(cfg.batch_size, generator=g) * cfg.logit_normal_std)
+    return prompts, x0, noise, sigma
+
+
+def _lr(cfg: PretrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class _Trainable(torch.nn.Module):
+    """UNet + text encoder as one module so optimizer, EMA and checkpoints treat them together."""
+
+    def __init__(self, adapter: WorldAdapter):
+        super().__init__()
+        self.unet, self.text_encoder = adapter.denoiser, adapter.text_encoder
+
+
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
+    """Train and write out_dir/model.safetensors (EMA weights). Returns its path."""
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = WorldAdapter.random(cfg.seed)
+    adapter.text_encoder.requires_grad_(True)
+    net = _Trainable(adapter).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    state_path = out / "state.pt"
+    if cfg.resume and state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = int(state["step"])
+
+    def velocity(x, sigma, prompts):
+        cond = adapter.text_features(prompts)
+        return adapter._velocity(x, sigma, cond, 1.0)
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", disable=not progress)
+    began, loss_avg = time.perf_counter(), None
+    for step in bar:
+        prompts, x0, noise, sigma = batch_for_step(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, metrics = flow_matching_loss(lambda x, s: velocity(x, s, prompts), x0, noise, sigma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up so early EMA is not the init
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        loss_avg = metrics["loss"] if loss_avg is None else 0.98 * loss_avg + 0.02 * metrics["loss"]
+        bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{_lr(cfg, step):.1e}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "step": step + 1}, state_path)
+    final = WorldAdapter(ema.unet, ema.text_encoder, adapter.vocab)
+    minutes = (time.perf_counter() - began) / 60
+    path = final.save_pretrained(out / "model.safetensors",
+                                 {"steps": str(cfg.steps), "seed": str(cfg.seed), "minutes": f"{minutes:.1f}"})
+    return path
