@@ -15,6 +15,19 @@ from rewards.base import Reward, RewardError, RewardOutput, combined
 
 # name -> "module:Class"; modules import lazily so a reward's heavy dependencies load only when used.
 REGISTRY: dict[str, str] = {
+    "aesthetic": "rewards.clip_family:LaionAesthetic",
+    "pickscore": "rewards.clip_family:PickScore",
+    "hpsv2": "rewards.clip_family:HPSv2",
+    "hpsv2.1": "rewards.clip_family:HPSv21",
+    "clipscore": "rewards.clip_family:CLIPScore",
+    "imagereward": "rewards.imagereward:ImageReward",
+    "artifact": "rewards.artifact:ArtifactReward",
+    "quality-nss": "rewards.quality:NSSQuality",
+    "video-flicker": "rewards.video:TemporalFlicker",
+    "video-subject-consistency": "rewards.video:SubjectConsistency",
+    "video-background-consistency": "rewards.video:BackgroundConsistency",
+    "video-dynamic-degree": "rewards.video:DynamicDegree",
+    "video-motion-smoothness": "rewards.video:MotionSmoothness",
     "world-verifier": "rewards.world:WorldVerifierReward",
     "world-strict": "rewards.world:WorldStrictReward",
     "world-cleanliness": "rewards.world:WorldCleanlinessReward",

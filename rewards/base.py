@@ -58,7 +58,10 @@ class Reward:
 
     # ---- the call: validate, batch, validate -----------------------------------------------------------
     def __call__(self, *, prompts: Sequence[str] | None = None, images: Tensor | None = None,
-                 videos: Tensor | None = None, metadata: Sequence[dict] | None = None) -> RewardOutput:
+                 videos: Tensor | None = None, metadata: Sequence[dict] | None = None,
+                 allow_invalid: bool = False) -> RewardOutput:
+        """Score a batch. With `allow_invalid`, non-finite scores come back as NaN instead of raising, so a
+        trainer can drop and count them; a wrong shape always raises."""
         media, kind = self._check_inputs(prompts, images, videos, metadata)
         batch = media.shape[0]
         outputs = []
@@ -68,7 +71,7 @@ class Reward:
                              images=media[sl] if kind == "images" else None,
                              videos=media[sl] if kind == "videos" else None,
                              metadata=list(metadata[sl]) if metadata is not None else None)
-            outputs.append(self._check_output(out, min(self.batch_size, batch - start)))
+            outputs.append(self._check_output(out, min(self.batch_size, batch - start), allow_invalid))
         if isinstance(outputs[0], dict):
             return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
         return torch.cat(outputs)
@@ -102,24 +105,25 @@ class Reward:
             raise RewardError(f"{self.name}: metadata must have {batch} entries, got {len(metadata)}")
         return media, kind
 
-    def _check_output(self, out: RewardOutput, batch: int) -> RewardOutput:
+    def _check_output(self, out: RewardOutput, batch: int, allow_invalid: bool = False) -> RewardOutput:
         if isinstance(out, dict):
             if "score" not in out:
                 raise RewardError(f"{self.name} returned sub-scores without a combined 'score'")
-            for key, value in out.items():
-                self._check_tensor(value, batch, f"{self.name}[{key}]", allow_nan=key != "score")
-            return out
-        self._check_tensor(out, batch, self.name, allow_nan=False)
-        return out
+            return {key: self._check_tensor(value, batch, f"{self.name}[{key}]", allow_nan=key != "score",
+                                            allow_invalid=allow_invalid) for key, value in out.items()}
+        return self._check_tensor(out, batch, self.name, allow_nan=False, allow_invalid=allow_invalid)
 
     @staticmethod
-    def _check_tensor(value, batch: int, label: str, allow_nan: bool) -> None:
+    def _check_tensor(value, batch: int, label: str, allow_nan: bool, allow_invalid: bool) -> Tensor:
         if not isinstance(value, Tensor) or value.shape != (batch,):
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise RewardError(f"reward {label} returned shape {got}; expected ({batch},)")
         bad = torch.isinf(value) if allow_nan else ~torch.isfinite(value)
         if bad.any():
-            raise RewardError(f"reward {label} returned non-finite values at {bad.nonzero().flatten().tolist()}")
+            if not allow_invalid:
+                raise RewardError(f"reward {label} returned non-finite values at {bad.nonzero().flatten().tolist()}")
+            value = torch.where(bad, torch.full_like(value, float("nan")), value)
+        return value
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, differentiable={self.differentiable})"

@@ -54,6 +54,10 @@ def _config_class(command: str):
     from visalign.world.pretrain import PretrainConfig
 
     words = command.split()
+    if words[1:2] == ["train"]:
+        from visalign.train import TRAINERS, _import, trainer_name
+
+        return _import(TRAINERS[trainer_name(str(CONFIGS[0].parent / words[2].split("/")[-1]), [])][0])
     table = {("sample",): SampleConfig, ("world", "pretrain"): PretrainConfig, ("eval",): WorldEvalConfig}
     for key, cls in table.items():
         if tuple(words[1:1 + len(key)]) == key:

@@ -118,3 +118,10 @@ def test_world_verifier_reward():
     # metadata specs take precedence over the text
     meta = r(prompts=["ignored text"], images=wrong, metadata=[{"spec": parse_prompt("a blue circle")}])
     assert meta["passed"][0] == 1
+
+
+def test_allow_invalid_returns_nan_for_trainers():
+    out = Broken(torch.tensor([1.0, float("inf")]))(images=torch.rand(2, 3, 4, 4), allow_invalid=True)
+    assert out[0] == 1.0 and torch.isnan(out[1])
+    with pytest.raises(RewardError, match="shape"):
+        Broken(torch.ones(3))(images=torch.rand(2, 3, 4, 4), allow_invalid=True)

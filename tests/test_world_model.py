@@ -101,7 +101,7 @@ def test_score_world_on_ground_truth():
     specs = suite_prompts("seen", 6, 0)
     assert [s.template for s in specs] == [t for t in TEMPLATES for _ in range(6)]
     results = score_world(render_batch(specs, 0), specs)
-    assert results["overall"] >= 0.95 and results["categories"]["color"] == 1.0
+    assert results["overall"] >= 0.95 and results["categories"]["colors"] == 1.0
     assert results["cleanliness"] >= 0.95
     assert set(results["hard_tier"]) == {"relation"}
     table = markdown_table({"seen": results})

@@ -84,6 +84,13 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from visalign.train import run
+
+    run(args.config, list(args.overrides))
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from visalign.models import list_models
 
@@ -131,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model-path", dest="model_path", help="checkpoint to evaluate")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. n_per_template=16")
     e.set_defaults(func=_eval)
+
+    t = sub.add_parser("train", help="train with a config (the config's `trainer:` picks the recipe)")
+    t.add_argument("config", help="YAML config, e.g. configs/flow_grpo_world.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-5")
+    t.set_defaults(func=_train)
 
     q = sub.add_parser("quickstart", help="the main job: evaluate (and soon align) the built-in world model")
     q.add_argument("--out", default="outputs/quickstart", help="output directory")

@@ -172,6 +172,16 @@ class FlowModelAdapter(ABC):
     def encode(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Pixels in [0, 1] (layout as `decode` returns) → latents; the posterior mean unless a generator is given."""
 
+    # ---- the module that runs forward passes ------------------------------------------------------------
+    @property
+    def net(self) -> nn.Module:
+        """What `_velocity` calls: the denoiser, or its distributed wrapper (DDP/FSDP) during training."""
+        return getattr(self, "_net", None) or self.denoiser
+
+    def set_forward_module(self, module: nn.Module | None) -> None:
+        """Route forward passes through `module` (e.g. accelerate's prepared denoiser); None restores it."""
+        self._net = module
+
     # ---- device --------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

@@ -32,6 +32,13 @@ def _scheduler_sigmas(scheduler, num_steps: int, **kwargs) -> Tensor:
     return scheduler.sigmas.detach().to(torch.float32).clone()
 
 
+def _freeze_all_but_denoiser(pipe) -> None:
+    """Text encoders and VAE are never trained here; only the denoiser (or its LoRA) is."""
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name != "transformer":
+            component.requires_grad_(False)
+
+
 def _load_pipeline(cls, path: str | os.PathLike, torch_dtype: torch.dtype, device: str | torch.device,
                    cpu_offload: bool):
     pipe = cls.from_pretrained(resolve_model_path(path), torch_dtype=torch_dtype)
@@ -52,6 +59,7 @@ class SD3Adapter(FlowModelAdapter):
                             "to_add_out")
 
     def __init__(self, pipe, max_sequence_length: int = 256):
+        _freeze_all_but_denoiser(pipe)
         self.pipe = pipe
         self.denoiser = pipe.transformer
         self.max_sequence_length = max_sequence_length
@@ -92,7 +100,7 @@ class SD3Adapter(FlowModelAdapter):
 
     def _velocity(self, latents, sigma, embeds, guidance_scale):
         timestep = sigma * self.pipe.scheduler.config.num_train_timesteps
-        return self.denoiser(hidden_states=latents, timestep=timestep.to(latents.dtype),
+        return self.net(hidden_states=latents, timestep=timestep.to(latents.dtype),
                              encoder_hidden_states=embeds["encoder_hidden_states"].to(latents.dtype),
                              pooled_projections=embeds["pooled_projections"].to(latents.dtype),
                              return_dict=False)[0]
@@ -122,6 +130,7 @@ class FluxAdapter(FlowModelAdapter):
                             "to_add_out")
 
     def __init__(self, pipe, max_sequence_length: int = 512):
+        _freeze_all_but_denoiser(pipe)
         self.pipe = pipe
         self.denoiser = pipe.transformer
         self.max_sequence_length = max_sequence_length
@@ -177,7 +186,7 @@ class FluxAdapter(FlowModelAdapter):
         guidance = None
         if self.denoiser.config.guidance_embeds:
             guidance = torch.full((b,), float(guidance_scale), device=device, dtype=torch.float32)
-        out = self.denoiser(hidden_states=self._pack(latents), timestep=sigma.to(dtype), guidance=guidance,
+        out = self.net(hidden_states=self._pack(latents), timestep=sigma.to(dtype), guidance=guidance,
                             pooled_projections=embeds["pooled_projections"].to(dtype), encoder_hidden_states=text,
                             txt_ids=torch.zeros(text.shape[1], 3, device=device, dtype=dtype),
                             img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
@@ -210,6 +219,7 @@ class WanAdapter(FlowModelAdapter):
     def __init__(self, pipe, max_sequence_length: int = 512):
         if getattr(pipe, "transformer_2", None) is not None:
             raise ValueError("Wan2.2 two-expert pipelines are not supported yet; use a Wan2.1 checkpoint")
+        _freeze_all_but_denoiser(pipe)
         self.pipe = pipe
         self.denoiser = pipe.transformer
         self.max_sequence_length = max_sequence_length
@@ -248,7 +258,7 @@ class WanAdapter(FlowModelAdapter):
 
     def _velocity(self, latents, sigma, embeds, guidance_scale):
         timestep = sigma * self.pipe.scheduler.config.num_train_timesteps
-        return self.denoiser(hidden_states=latents, timestep=timestep,
+        return self.net(hidden_states=latents, timestep=timestep,
                              encoder_hidden_states=embeds["encoder_hidden_states"].to(latents.dtype),
                              return_dict=False)[0]
 

@@ -178,7 +178,7 @@ class WorldAdapter(FlowModelAdapter):
     def _velocity(self, latents, sigma, embeds, guidance_scale):
         b = latents.shape[0]
         x = torch.cat([latents, self.coords(b, latents.device, latents.dtype)], dim=1)
-        return self.denoiser(x, sigma * 1000, encoder_hidden_states=embeds["encoder_hidden_states"].to(latents.dtype),
+        return self.net(x, sigma * 1000, encoder_hidden_states=embeds["encoder_hidden_states"].to(latents.dtype),
                              class_labels=embeds["pooled"].to(latents.dtype),
                              encoder_attention_mask=embeds["encoder_attention_mask"], return_dict=False)[0]
 

@@ -1,0 +1,33 @@
+"""Run by tests/test_distributed.py under `accelerate launch` (2 CPU processes, gloo): train two steps and
+record, from every rank, the world size, its share of the prompt groups and a checksum of its parameters."""
+
+import json
+import sys
+
+import torch
+
+from trainers.common import plan_step
+from trainers.flow_grpo import FlowGRPOTrainer
+from visalign.train import load_train_config
+
+
+def main():
+    out, *overrides = sys.argv[1:]
+    torch.set_num_threads(1)
+    cfg = load_train_config(None, [f"run.out_dir={out}", *overrides])
+    trainer = FlowGRPOTrainer(cfg)
+    acc = trainer.accelerator
+    trainer.train()
+    plan = plan_step(trainer.source, seed=cfg.run.seed, step=0, prompts_per_step=cfg.train.prompts_per_step,
+                     group_size=cfg.train.group_size, rank=acc.process_index, world_size=acc.num_processes)
+    flat = torch.cat([p.detach().flatten().double() for p in trainer.params])
+    record = torch.tensor([acc.num_processes, acc.process_index, plan.start, len(plan.items),
+                           float(flat.sum()), float(flat.pow(2).sum())], dtype=torch.float64)
+    groups = acc.gather(plan.groups)
+    records = acc.gather(record.unsqueeze(0))
+    if acc.is_main_process:
+        json.dump({"records": records.tolist(), "groups": groups.tolist()}, open(f"{out}/dist.json", "w"))
+
+
+if __name__ == "__main__":
+    main()

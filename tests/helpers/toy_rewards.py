@@ -1,0 +1,39 @@
+"""Small rewards for trainer tests: cheap, deterministic, for images and videos."""
+
+import torch
+
+from rewards.base import Reward
+
+
+class MeanBrightness(Reward):
+    """Mean pixel value: a reward any model can move."""
+
+    name = "test-brightness"
+    differentiable = True
+    needs_prompts = False
+    inputs = ("images", "videos")
+    value_range = (0.0, 1.0)
+
+    def score(self, *, prompts, images, videos, metadata):
+        x = images if images is not None else videos
+        return x.float().mean(dim=tuple(range(1, x.ndim)))
+
+
+class NaNForRedPrompts(Reward):
+    """Brightness, but NaN for every prompt that mentions red (a reward failing on some samples)."""
+
+    name = "test-nan-red"
+    needs_prompts = True
+
+    def score(self, *, prompts, images, videos, metadata):
+        score = images.mean(dim=(1, 2, 3))
+        bad = torch.tensor(["red" in p for p in prompts])
+        return torch.where(bad, torch.full_like(score, float("nan")), score)
+
+
+class AlwaysNaN(Reward):
+    name = "test-all-nan"
+    needs_prompts = False
+
+    def score(self, *, prompts, images, videos, metadata):
+        return torch.full((images.shape[0],), float("nan"))

@@ -1,0 +1,150 @@
+"""Flow-GRPO end to end on tiny models: on-policy exactness, resume, faults, LoRA / full fine-tuning."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rewards import RewardError
+from trainers.common import step_generator
+from trainers.flow_grpo import FlowGRPOTrainer
+from visalign.config import ConfigError
+from visalign.train import load_train_config, main as train_main
+from visalign.world.model import WorldAdapter
+
+
+@pytest.fixture(scope="module")
+def world_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("world") / "w.safetensors"
+    WorldAdapter.random(0).save_pretrained(path)
+    return str(path)
+
+
+def small(out, *extra, model="world", path=None):
+    over = [f"model.name={model}", f"run.out_dir={out}", "train.max_steps=2", "train.prompts_per_step=2",
+            "train.group_size=4", "train.train_batch_size=3", "sampling.batch_size=4", "sampling.steps=4",
+            "sampling.guidance=3.0", "run.eval_every=0", "run.log_with=none", "run.progress=false",
+            "run.checkpoint_every=1", "train.lr=1e-3"]
+    if path:
+        over.append(f"model.path={path}")
+    return load_train_config(None, over + list(extra))
+
+
+def test_first_inner_step_is_on_policy(world_ckpt, tmp_path):
+    # sampling batches of 4, training micro-batches of 3: the ratio must still be exactly 1
+    history = FlowGRPOTrainer(small(tmp_path, "train.max_steps=1", path=world_ckpt)).train()
+    assert history[0]["train/first_ratio_max_dev"] <= 1e-6
+    assert history[0]["train/trained_timesteps"] == 3  # 4 SDE steps, the last never trained
+
+
+def _final_weights(run):
+    return load_file(str(run / "checkpoints" / "checkpoint-3" / "model.safetensors"))
+
+
+def test_resume_is_bit_identical(world_ckpt, tmp_path):
+    extra = ["train.max_steps=3", "train.kl_beta=0.01", "train.ema_decay=0.9", "model.lora_rank=4"]
+    FlowGRPOTrainer(small(tmp_path / "a", *extra, model="tiny-sd3")).train()
+    FlowGRPOTrainer(small(tmp_path / "b", *extra, model="tiny-sd3")).train(stop_after=1)  # "killed" after step 1
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = FlowGRPOTrainer(small(tmp_path / "b", *extra, model="tiny-sd3")).train()
+    assert [h["step"] for h in resumed] == [1, 2]
+    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lora_a = load_file(str(tmp_path / "a" / "final" / "pytorch_lora_weights.safetensors"))
+    lora_b = load_file(str(tmp_path / "b" / "final" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+
+
+def test_corrupted_checkpoint_is_detected_and_previous_stays_usable(world_ckpt, tmp_path):
+    FlowGRPOTrainer(small(tmp_path, "train.max_steps=2", "run.checkpoints_total_limit=3", model="tiny-sd3")).train()
+    latest = tmp_path / "checkpoints" / "checkpoint-2" / "optimizer.bin"
+    latest.write_bytes(latest.read_bytes()[:100])  # truncate
+    with pytest.raises(ValueError, match="checkpoint-2: file optimizer.bin is corrupted or truncated"):
+        FlowGRPOTrainer(small(tmp_path, "train.max_steps=3", model="tiny-sd3")).train()
+    previous = tmp_path / "checkpoints" / "checkpoint-1"
+    history = FlowGRPOTrainer(small(tmp_path, "train.max_steps=3", f"run.resume_from={previous}",
+                                    model="tiny-sd3")).train()
+    assert [h["step"] for h in history] == [1, 2]
+
+
+def test_nan_rewards_are_dropped_and_counted(world_ckpt, tmp_path):
+    cfg = small(tmp_path, "train.max_steps=1", "rewards={tests.helpers.toy_rewards.NaNForRedPrompts: 1.0}",
+                path=world_ckpt)
+    trainer = FlowGRPOTrainer(cfg)
+    before = [p.detach().clone() for p in trainer.params]
+    history = trainer.train()
+    red = 4 * sum("red" in it["prompt"] for it in trainer.source.draw(2, step_generator(0, 0, 1)))
+    assert history[0]["invalid_rewards"] == red
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+    if red < 8:
+        assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params))
+
+
+def test_all_nan_rewards_is_a_clear_error(world_ckpt, tmp_path):
+    cfg = small(tmp_path, "train.max_steps=1", "rewards={tests.helpers.toy_rewards.AlwaysNaN: 1.0}", path=world_ckpt)
+    with pytest.raises(RewardError, match="every sample has an invalid"):
+        FlowGRPOTrainer(cfg).train()
+
+
+def test_config_errors_before_any_model_loads(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="train.lrr"):
+        load_train_config(None, ["train.lrr=1"])
+    with pytest.raises(ValueError, match="unknown reward 'pickscorez'"):
+        load_train_config(None, ["rewards={pickscorez: 1.0}"])
+    with pytest.raises(ValueError, match="unknown trainer 'ppo'; allowed: flow_grpo"):
+        load_train_config(None, ["trainer=ppo"])
+    assert train_main(["/no/such.yaml"]) == 2 and "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, request_overrides", [
+    ("tiny-sd3", ["model.height=32", "model.width=32"]),
+    ("tiny-flux", ["model.height=32", "model.width=32", "sampling.guidance=1.0"]),
+    ("tiny-wan", ["model.height=16", "model.width=16", "model.num_frames=5"]),
+])
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_tiny_models_train_two_steps(model, request_overrides, finetune, tmp_path):
+    cfg = small(tmp_path, f"model.finetune={finetune}", "model.lora_rank=4", "train.kl_beta=0.1",
+                "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}", *request_overrides, model=model)
+    trainer = FlowGRPOTrainer(cfg)
+    named = dict(trainer.adapter.denoiser.named_parameters())
+    before = {n: p.detach().clone() for n, p in named.items()}
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    trainer.train()
+    changed = {n for n, p in named.items() if not torch.equal(before[n], p.detach())}
+    assert changed and changed <= trainable
+    if finetune == "lora":
+        assert all("lora_" in n for n in trainable)
+    else:
+        assert trainable == set(named)
+    text = [p for p in (getattr(trainer.adapter.pipe, "text_encoder", None) or torch.nn.Linear(1, 1)).parameters()]
+    assert not any(p.requires_grad for p in text)
+
+
+def test_fast_window_cps_shared_noise_best_of_n(world_ckpt, tmp_path):
+    cfg = small(tmp_path, "sampling.sde=cps", "sampling.noise_level=0.8", "sampling.window_size=2",
+                "sampling.window_range=[0, 3]", "sampling.same_noise_per_group=true", "train.best_of_n=2",
+                "train.max_steps=1", path=world_ckpt)
+    trainer = FlowGRPOTrainer(cfg)
+    history = trainer.train()
+    assert history[0]["train/trained_timesteps"] <= 2
+    assert history[0]["trained_fraction"] <= 0.5  # best-of-2 of 4 keeps half at most
+    assert history[0]["train/first_ratio_max_dev"] <= 1e-6
+
+
+def test_metrics_and_outputs(world_ckpt, tmp_path):
+    cfg = small(tmp_path, "run.eval_every=2", "run.eval_num_prompts=4", "run.eval_steps=2",
+                "eval_rewards=[world-cleanliness]", "run.log_with=tensorboard", "run.checkpoint_every=2",
+                path=world_ckpt)
+    FlowGRPOTrainer(cfg).train()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = lines[-1]
+    for key in ("rewards/world-verifier/mean", "heldout/world-cleanliness/mean", "train/kl", "train/grad_norm",
+                "train/clip_fraction", "zero_std_fraction", "time/sampling", "eval/world-verifier/mean"):
+        assert key in last
+    assert (tmp_path / "samples" / "step_000002.png").exists()
+    assert list((tmp_path / "logs").rglob("events.out.tfevents*"))
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
+    fresh = WorldAdapter.from_pretrained(world_ckpt)
+    fresh.load_lora(tmp_path / "final")  # exported LoRA loads into a fresh model

@@ -1,0 +1,73 @@
+"""Training entry point: `visalign train CONFIG.yaml [overrides]` or, for several processes,
+`accelerate launch [accelerate flags] -m visalign.train CONFIG.yaml [overrides]`.
+
+The config's `trainer:` key picks the recipe; the whole config is validated before any model loads.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+# trainer name -> ("module:ConfigClass", "module:TrainerClass")
+TRAINERS = {
+    "flow_grpo": ("trainers.flow_grpo:FlowGRPOConfig", "trainers.flow_grpo:FlowGRPOTrainer"),
+}
+
+
+def _import(target: str):
+    import importlib
+
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def trainer_name(path: str | None, overrides: Sequence[str]) -> str:
+    """The `trainer` of a config file (an override `trainer=...` wins); ValueError names the choices."""
+    name = "flow_grpo"
+    if path is not None:
+        from visalign.config import ConfigError
+
+        try:
+            data = yaml.safe_load(open(path)) or {}
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path}") from err
+        name = data.get("trainer", name)
+    for item in overrides:
+        if item.startswith("trainer="):
+            name = item.split("=", 1)[1]
+    if name not in TRAINERS:
+        raise ValueError(f"unknown trainer {name!r}; allowed: {', '.join(TRAINERS)}")
+    return name
+
+
+def load_train_config(path: str | None, overrides: Sequence[str] = ()):
+    from visalign.config import load_config
+
+    config_cls = _import(TRAINERS[trainer_name(path, overrides)][0])
+    return load_config(config_cls, path, overrides)
+
+
+def run(path: str | None, overrides: Sequence[str] = ()):
+    cfg = load_train_config(path, overrides)  # every config error surfaces here, before any model loads
+    trainer_cls = _import(TRAINERS[cfg.trainer][1])
+    return trainer_cls(cfg).train()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        print(__doc__)
+        return 2
+    try:
+        run(argv[0], argv[1:])
+    except ValueError as err:
+        print(f"visalign train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
