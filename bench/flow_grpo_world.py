@@ -24,6 +24,7 @@ import torch
 from trainers.flow_grpo import FlowGRPOTrainer
 from visalign.eval.world_suite import generate_world, score_world, suite_prompts
 from visalign.train import load_train_config
+from visalign.world.grammar import TEMPLATES
 
 ARMS = {
     "verifier": ["rewards={world-verifier: 1.0}"],
@@ -32,13 +33,15 @@ ARMS = {
 
 
 def evaluate(trainer: FlowGRPOTrainer, n: int, seed: int) -> dict:
+    """Accuracy on the RL prompt set's templates (fresh seeds) for seen and held-out compositions."""
     adapter = trainer.adapter
+    templates = getattr(trainer.source, "templates", None) or TEMPLATES
     out = {}
     if trainer.ema is not None:
         trainer.ema.swap()
     try:
         for split in ("seen", "heldout"):
-            specs = suite_prompts(split, n, 1234)
+            specs = suite_prompts(split, n, 1234, templates)
             images = generate_world(adapter, specs, steps=20, guidance=trainer.cfg.sampling.guidance, seed=seed,
                                     batch_size=64, progress=False)
             r = score_world(images, specs)

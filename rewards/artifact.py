@@ -32,6 +32,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from rewards.base import Reward
+from rewards.weights import load_state_dict_checked
 
 ARTIFACT_KINDS = ("blur", "noise", "broken_shape", "extra_blob", "speckle")
 IMAGE_SUFFIXES = (".png",)
@@ -294,16 +295,7 @@ def load_artifact_model(path: str | Path) -> ArtifactNet:
     if "config" not in metadata:
         raise KeyError(f"artifact: {path} has no 'config' in its metadata; save it with save_artifact_model")
     model = ArtifactNet(ArtifactConfig(**json.loads(metadata["config"])))
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"artifact: {path} does not match its config: missing keys {missing}, "
-                       f"unexpected keys {unexpected}")
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise KeyError(f"artifact: key {key!r} has shape {tuple(value.shape)}, expected "
-                           f"{tuple(expected[key].shape)}")
-    model.load_state_dict(state)
+    load_state_dict_checked(model, state, f"artifact: {path}")
     return model
 
 

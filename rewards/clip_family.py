@@ -25,39 +25,9 @@ from torch import Tensor, nn
 
 from rewards.base import Reward
 from rewards.preprocess import clip_preprocess, hpsv2_preprocess
+from rewards.weights import load_checkpoint, load_state_dict_checked
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from `.safetensors` or a torch pickle (weights_only=True); a {'state_dict': ...} wrapper,
-    as in the released HPSv2 files, is unwrapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return state
-
-
-def load_state_dict_checked(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
-    """Load strictly, with an error that names every missing, unexpected and mis-shaped key."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(v.shape)})"
-                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-    problems = [f"{label}: {', '.join(keys[:10])}{f' … (+{len(keys) - 10})' if len(keys) > 10 else ''}"
-                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatch", mismatched)) if keys]
-    if problems:
-        raise ValueError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(state_dict)
 
 
 def _freeze(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from rewards.base import Reward, RewardError, combined
 from rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, center_crop, normalize, shortest_side_size
+from rewards.weights import load_checkpoint, load_state_dict_checked
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # VBench `dino_transform` (vbench/utils.py)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -167,33 +168,8 @@ def aggregate_frames(image_reward: Reward, videos: Tensor, prompts: Sequence[str
 
 
 def _load_state_dict(module: nn.Module, path: str | Path, label: str) -> None:
-    """Load a state dict (safetensors, or torch.load with weights_only) with a strict key check."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{label}: no checkpoint at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "teacher"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{label}: checkpoint {path} does not match: missing keys {missing[:5]}"
-                       f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                       f"{'...' if len(unexpected) > 5 else ''}")
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise KeyError(f"{label}: checkpoint key {key!r} has shape {tuple(value.shape)}, "
-                           f"expected {tuple(expected[key].shape)}")
-    module.load_state_dict(state)
+    """Load a backbone checkpoint (DINO / CLIP / RAFT layouts unwrap 'state_dict', 'model' or 'teacher')."""
+    load_state_dict_checked(module, load_checkpoint(path, ("state_dict", "model", "teacher")), f"{label}: {path}")
 
 
 class ThumbnailFeatures:

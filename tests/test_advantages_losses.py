@@ -77,3 +77,20 @@ def test_grpo_loss_gradient_sign():
     loss, _ = grpo_loss(lp, torch.zeros(2), torch.tensor([1.0, -1.0]), 0.2)
     loss.backward()
     assert lp.grad.tolist() == pytest.approx([-0.5, 0.5])  # raise the good sample, lower the bad
+
+
+def test_grpo_guard_ratio_by_hand():
+    from trainers.losses import guard_log_ratio
+
+    # mu - mu_old = 0.2 everywhere, std 0.5: b = 0.04 / 0.5 = 0.08; lp - lp_old = -0.05
+    # log rho = (-0.05 + 0.08) * 0.5 = 0.015
+    mean, old_mean = torch.full((1, 3), 0.2), torch.zeros(1, 3)
+    lr = guard_log_ratio(torch.tensor([-0.05]), torch.tensor([0.0]), mean, old_mean, torch.tensor([0.5]))
+    assert lr.item() == pytest.approx(0.015, abs=1e-7)
+    # on-policy: identical means and log-probs give ratio exactly 1
+    on = guard_log_ratio(torch.tensor([-1.3]), torch.tensor([-1.3]), old_mean, old_mean, torch.tensor([0.5]))
+    assert on.item() == 0.0
+    # step weight 1/|dt| multiplies the policy term: A=1, ratio 1, dt = 0.25 -> loss -4
+    loss, _ = grpo_loss(torch.zeros(1), torch.zeros(1), torch.ones(1), 0.2, log_ratio=torch.zeros(1),
+                        step_weight=torch.tensor([4.0]))
+    assert loss.item() == pytest.approx(-4.0)

@@ -1,7 +1,6 @@
 """Flow-GRPO end to end on tiny models: on-policy exactness, resume, faults, LoRA / full fine-tuning."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ from rewards import RewardError
 from trainers.common import step_generator
 from trainers.flow_grpo import FlowGRPOTrainer
 from visalign.config import ConfigError
-from visalign.train import load_train_config, main as train_main
+from visalign.train import load_train_config
+from visalign.train import main as train_main
 from visalign.world.model import WorldAdapter
 
 
@@ -148,3 +148,22 @@ def test_metrics_and_outputs(world_ckpt, tmp_path):
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
     fresh = WorldAdapter.from_pretrained(world_ckpt)
     fresh.load_lora(tmp_path / "final")  # exported LoRA loads into a fresh model
+
+
+def test_grpo_guard_option_trains_on_policy(world_ckpt, tmp_path):
+    history = FlowGRPOTrainer(small(tmp_path, "train.grpo_guard=true", "train.clip_range=2e-6", "train.max_steps=1",
+                                    "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}",
+                                    model="tiny-sd3")).train()
+    assert history[0]["train/first_ratio_max_dev"] <= 1e-6 and history[0]["train/grad_norm"] > 0
+
+
+def test_world_prompt_source_templates():
+    from trainers.common import PromptSource
+
+    source = PromptSource("world:seen:count,position")
+    items = source.draw(50, step_generator(0, 0))
+    assert {it["spec"].template for it in items} == {"count", "position"}
+    with pytest.raises(ValueError, match="unknown templates \\['colour'\\]"):
+        PromptSource("world:seen:colour")
+    with pytest.raises(ValueError, match="allowed world splits are seen, heldout"):
+        PromptSource("world:train")

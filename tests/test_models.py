@@ -153,3 +153,23 @@ def test_lora_step_save_load(name, tmp_path):
 def test_load_lora_missing_path(tiny_sd3, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         tiny_sd3.load_lora(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("name, builder", [("sd3", "tiny_sd3_pipeline"), ("flux", "tiny_flux_pipeline"),
+                                           ("wan", "tiny_wan_pipeline")])
+def test_real_loading_code_on_a_local_directory(name, builder, tmp_path):
+    """`load_model(name, DIR)` goes through diffusers' from_pretrained, as it would for a real checkpoint."""
+    from visalign.models import tiny
+
+    pipe = getattr(tiny, builder)(0)
+    pipe.save_pretrained(tmp_path / name)
+    loaded = load_model(name, str(tmp_path / name), max_sequence_length=32)
+    reference = load_model(f"tiny-{name}")
+    shape = (16, 16, 5) if name == "wan" else (32, 32, None)
+    x = torch.randn(1, *reference.latent_shape(*shape))
+    cond_l = loaded.encode_prompts(["a red circle"], cfg=loaded.guidance == "cfg")
+    cond_r = reference.encode_prompts(["a red circle"], cfg=reference.guidance == "cfg")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict_velocity(x, 0.6, cond_l, 2.0),
+                                   reference.predict_velocity(x, 0.6, cond_r, 2.0))
+    assert not any(p.requires_grad for p in loaded.pipe.vae.parameters())

@@ -111,7 +111,7 @@ def test_checkpoint_round_trip_registry_and_key_errors(tmp_path):
     assert json.loads(metadata["metrics"]) == {"accuracy": 0.5}
     state.pop("head.bias")
     save_file(state, str(tmp_path / "broken.safetensors"), metadata=metadata)
-    with pytest.raises(KeyError, match=r"missing keys \['head.bias'\]"):
+    with pytest.raises(ValueError, match=r"missing keys: head.bias"):
         ArtifactReward(weights=tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="pass weights=PATH"):
         ArtifactReward()

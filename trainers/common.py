@@ -34,17 +34,23 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
 
 
 class PromptSource:
-    """Draws the prompts of a step. `world:seen` uses the shapes world's grammar (metadata carries the spec);
-    a .txt file has one prompt per line; a .jsonl file has {"prompt": ..., other metadata} per line."""
+    """Draws the prompts of a step. `world:SPLIT[:TEMPLATE,...]` uses the shapes world's grammar (metadata
+    carries the spec), e.g. `world:seen` or `world:seen:count,position`; a .txt file has one prompt per line;
+    a .jsonl file has {"prompt": ..., other metadata} per line."""
 
     def __init__(self, spec: str):
         self.spec = spec
         if spec.startswith("world:"):
-            from visalign.world.grammar import SPLITS
+            from visalign.world.grammar import SPLITS, TEMPLATES
 
-            self.split = spec.split(":", 1)[1]
+            parts = spec.split(":")
+            self.split = parts[1]
             if self.split not in SPLITS:
                 raise ValueError(f"prompts={spec!r}: allowed world splits are {', '.join(SPLITS)}")
+            self.templates = tuple(parts[2].split(",")) if len(parts) > 2 else TEMPLATES
+            unknown = [t for t in self.templates if t not in TEMPLATES]
+            if unknown or len(parts) > 3:
+                raise ValueError(f"prompts={spec!r}: unknown templates {unknown}; allowed: {', '.join(TEMPLATES)}")
             self.items = None
         else:
             path = Path(spec)
@@ -64,7 +70,8 @@ class PromptSource:
         if self.items is None:
             from visalign.world.grammar import sample_specs
 
-            return [{"prompt": s.prompt, "spec": s} for s in sample_specs(n, self.split, generator=generator)]
+            return [{"prompt": s.prompt, "spec": s}
+                    for s in sample_specs(n, self.split, self.templates, generator=generator)]
         idx = torch.randint(len(self.items), (n,), generator=generator).tolist()
         return [dict(self.items[i]) for i in idx]
 

@@ -7,7 +7,7 @@ reference policy in SDE-mean space.
 
 Variants: SDE window (Flow-GRPO-Fast / MixGRPO: `sampling.window_size`), CPS and DanceGRPO samplers
 (`sampling.sde`), shared initial noise per group and best-of-N selection (DanceGRPO), EMA of the trained
-weights (flow_grpo `ema.py`).
+weights (flow_grpo `ema.py`), GRPO-Guard's ratio normalisation and step reweighting (`train.grpo_guard`).
 
     visalign train configs/flow_grpo_world.yaml
     accelerate launch -m visalign.train configs/flow_grpo_world.yaml train.lr=5e-5
@@ -43,7 +43,7 @@ from trainers.common import (
     verify_checkpoint,
     write_manifest,
 )
-from trainers.losses import grpo_loss
+from trainers.losses import grpo_loss, guard_log_ratio
 from visalign.sampling import SDEOptions, sample, trajectory_log_prob
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,6 +112,8 @@ class TrainConfig:
     advantage_mode: Literal["sum_then_normalize", "normalize_then_sum"] = field(
         default="sum_then_normalize", metadata={"help": "multi-reward: weighted sum of rewards or of advantages"})
     kl_beta: float = field(default=0.0, metadata={"help": "KL weight (flow_grpo GenEval: 0.04)"})
+    grpo_guard: bool = field(default=False, metadata={"help": "GRPO-Guard: RatioNorm + 1/|dt| step reweighting "
+                                                              "(use a tiny clip_range, e.g. 2e-6)"})
     best_of_n: int | None = field(default=None, metadata={"help": "train only on the n/2 best and worst per group"})
     ema_decay: float | None = field(default=None, metadata={"help": "EMA of trained weights (flow_grpo: 0.9)"})
     ema_every: int = field(default=1, metadata={"help": "steps between EMA updates"})
@@ -321,10 +323,16 @@ class FlowGRPOTrainer:
             with ctx, (self._autocast() or _nullcontext()):
                 out = trajectory_log_prob(self.adapter, traj, steps_j, cond, guidance, index=idx)
                 ref_mean = self._reference_mean(traj, steps_j, cond, idx) if cfg.train.kl_beta > 0 else None
-                loss, m = grpo_loss(out.log_prob, traj.log_probs[idx, steps_j].to(out.log_prob.device),
-                                    adv[idx].to(out.log_prob.device), cfg.train.clip_range,
+                old_lp = traj.log_probs[idx, steps_j].to(out.log_prob.device)
+                guard = {}
+                if cfg.train.grpo_guard:
+                    sig = traj.sigmas.to(out.log_prob.device)
+                    guard = {"log_ratio": guard_log_ratio(out.log_prob, old_lp, out.mean,
+                                                          traj.means[idx, steps_j].to(out.mean.device), out.std),
+                             "step_weight": 1.0 / (sig[steps_j] - sig[steps_j + 1])}
+                loss, m = grpo_loss(out.log_prob, old_lp, adv[idx].to(out.log_prob.device), cfg.train.clip_range,
                                     mask=mask[idx].to(out.log_prob.device), mean=out.mean, ref_mean=ref_mean,
-                                    std=out.std, kl_beta=cfg.train.kl_beta)
+                                    std=out.std, kl_beta=cfg.train.kl_beta, **guard)
                 acc.backward(loss / (group_end - group_start))
             if first_ratio_dev is None:
                 first_ratio_dev = m["ratio_max_dev"]

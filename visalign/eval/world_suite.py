@@ -21,7 +21,6 @@ from visalign.sampling import sample
 from visalign.world.grammar import SPLITS, TEMPLATE_TIERS, TEMPLATES, SceneSpec, sample_specs
 from visalign.world.verify import cleanliness, verify
 
-
 SINGLE_PHRASE = ("single", "size", "count", "position")  # templates with one noun phrase
 
 
@@ -51,11 +50,12 @@ class WorldEvalConfig:
             raise ValueError(f"guidance={self.guidance} must be >= 0")
 
 
-def suite_prompts(split: str, n_per_template: int, seed: int) -> list[SceneSpec]:
+def suite_prompts(split: str, n_per_template: int, seed: int,
+                  templates: tuple[str, ...] = TEMPLATES) -> list[SceneSpec]:
     """The fixed prompt list of a split: n per template, in template order."""
     specs = []
-    for i, template in enumerate(TEMPLATES):
-        specs += sample_specs(n_per_template, split, (template,), generator=seed * 7919 + i)
+    for template in templates:
+        specs += sample_specs(n_per_template, split, (template,), generator=seed * 7919 + TEMPLATES.index(template))
     return specs
 
 
