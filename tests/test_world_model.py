@@ -130,3 +130,14 @@ def test_shipped_checkpoint_is_small_and_loads():
     assert SHIPPED.stat().st_size <= 20 * 2**20
     model = WorldAdapter.from_pretrained()
     assert sum(p.numel() for p in model.denoiser.parameters()) > 1e6
+
+
+def test_quickstart_end_to_end_small(tmp_path, capsys):
+    """The main job's full path (evaluate, align, evaluate, before/after outputs) at a tiny budget."""
+    rc = main(["quickstart", "--out", str(tmp_path), "--steps", "1", "--n", "1", "train.prompts_per_step=2",
+               "train.group_size=2", "train.train_batch_size=4", "sampling.batch_size=4"])
+    assert rc == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| **overall whole-prompt** | seen |" in table and "| cleanliness | heldout |" in table
+    assert (tmp_path / "before_after_seen.png").exists() and (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert "before_after" in capsys.readouterr().out

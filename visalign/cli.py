@@ -70,17 +70,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    """The main job on the built-in world. Until the Flow-GRPO trainer lands it evaluates the shipped base
-    model (samples, exact verifier, table, grids); the trainer issue adds the align-then-evaluate half."""
-    from visalign.eval.world_suite import WorldEvalConfig, evaluate_world, markdown_table
-    from visalign.models import load_model
+    """The main job on the built-in world: evaluate, align with Flow-GRPO, evaluate again."""
+    from visalign.quickstart import quickstart
 
-    cfg = WorldEvalConfig(out=str(Path(args.out) / "base"), n_per_template=args.n)
-    results = evaluate_world(load_model("world"), cfg)
-    table = markdown_table(results)
-    (Path(args.out) / "table.md").write_text(table)
+    start = time.perf_counter()
+    table = quickstart(args.out, steps=args.steps, n_per_template=args.n, extra=list(args.overrides))
     print(table)
-    print(f"wrote {args.out}/table.md and {cfg.out}/grid_*.png")
+    print(f"wrote {args.out}/table.md, before_after_seen.png, before_after_heldout.png "
+          f"({(time.perf_counter() - start) / 60:.1f} min)")
     return 0
 
 
@@ -144,9 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-5")
     t.set_defaults(func=_train)
 
-    q = sub.add_parser("quickstart", help="the main job: evaluate (and soon align) the built-in world model")
+    q = sub.add_parser("quickstart", help="the main job: evaluate, align with Flow-GRPO, evaluate the world model")
     q.add_argument("--out", default="outputs/quickstart", help="output directory")
-    q.add_argument("--n", type=int, default=32, help="prompts per template and split")
+    q.add_argument("--steps", type=int, default=10, help="Flow-GRPO steps (about 30 s each on 2 cores)")
+    q.add_argument("--n", type=int, default=16, help="evaluation prompts per template and split")
+    q.add_argument("overrides", nargs="*", help="Flow-GRPO config overrides, e.g. train.lr=5e-5")
     q.set_defaults(func=_quickstart)
 
     m = sub.add_parser("models", help="list registered models")
