@@ -13,6 +13,7 @@ import math
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
         for s in range(0, len(prompts), batch_size):
             sl = slice(s, s + batch_size)
             ts = time.perf_counter()
-            with autocast() if autocast is not None else _null():
+            with autocast() if autocast is not None else nullcontext():
                 traj = sample(adapter, cond.index(sl), num_steps=num_steps, height=height, width=width,
                               num_frames=num_frames, guidance_scale=guidance, sde=sde, seeds=plan.seeds[sl],
                               noise_groups=plan.groups[sl].tolist() if same_noise_per_group else None)
@@ -179,14 +180,6 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
     scores = {k: torch.cat([s[k] for s in scored]) for k in scored[0]}
     timings = {"time/sampling": sample_time, "time/reward_wait": reward_wait, "time/rollout": time.perf_counter() - t0}
     return Rollout(_cat_trajectories(parts), torch.cat(images), scores, cond, plan, timings)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def check_rewards_valid(scores: dict[str, Tensor], names, step: int) -> Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -44,9 +45,8 @@ from trainers.common import (
     write_manifest,
 )
 from trainers.losses import grpo_loss, guard_log_ratio
+from visalign.generate import DTYPES
 from visalign.sampling import SDEOptions, sample, trajectory_log_prob
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -319,8 +319,8 @@ class FlowGRPOTrainer:
             last_of_group = i + 1 == group_end
             steps_j = steps_per_sample[idx, j]
             cond = ro.cond.index(idx)
-            ctx = acc.no_sync(self.model) if not last_of_group else _nullcontext()
-            with ctx, (self._autocast() or _nullcontext()):
+            ctx = acc.no_sync(self.model) if not last_of_group else nullcontext()
+            with ctx, (self._autocast() or nullcontext()):
                 out = trajectory_log_prob(self.adapter, traj, steps_j, cond, guidance, index=idx)
                 ref_mean = self._reference_mean(traj, steps_j, cond, idx) if cfg.train.kl_beta > 0 else None
                 old_lp = traj.log_probs[idx, steps_j].to(out.log_prob.device)
@@ -467,14 +467,6 @@ class FlowGRPOTrainer:
         if cfg.run.log_with != "none":
             acc.end_training()
         return history
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from visalign.models.base import Conditioning, FlowModelAdapter
 from visalign.world.grammar import VOCABULARY
@@ -122,9 +122,6 @@ class WorldAdapter(FlowModelAdapter):
                       for k, v in self.text_encoder.state_dict().items()})
         save_file(state, str(path), metadata={"vocab": json.dumps(self.vocab), **(metadata or {})})
         return path
-
-    def modules(self) -> list[nn.Module]:
-        return [self.denoiser, self.text_encoder]
 
     # ---- interface -----------------------------------------------------------------------------------
     @property
