@@ -36,22 +36,22 @@ class Conditioning:
     def __len__(self) -> int:
         return next(iter(self.cond.values())).shape[0]
 
+    def _map(self, fn) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        cond = {k: fn(v) for k, v in self.cond.items()}
+        return cond, None if self.uncond is None else {k: fn(v) for k, v in self.uncond.items()}
+
     def index(self, idx: Tensor | list[int] | slice) -> Conditioning:
         """The conditioning of a subset of the batch (used to recompute log-probs on mini-batches)."""
-        pick = (lambda d: {k: v[idx] for k, v in d.items()}) if isinstance(idx, slice) else (
-            lambda d: {k: v[torch.as_tensor(idx, device=v.device)] for k, v in d.items()}
-        )
         if isinstance(idx, slice):
-            prompts = self.prompts[idx]
-        else:
-            prompts = [self.prompts[i] for i in torch.as_tensor(idx).tolist()] if self.prompts else []
-        return Conditioning(pick(self.cond), pick(self.uncond) if self.uncond is not None else None, prompts)
+            return Conditioning(*self._map(lambda v: v[idx]), self.prompts[idx])
+        rows = torch.as_tensor(idx).tolist()
+        prompts = [self.prompts[i] for i in rows] if self.prompts else []
+        return Conditioning(*self._map(lambda v: v[torch.as_tensor(rows, device=v.device)]), prompts)
 
     def repeat_interleave(self, n: int) -> Conditioning:
         """Repeat every prompt n times in place (prompt groups of size n)."""
-        rep = lambda d: {k: v.repeat_interleave(n, dim=0) for k, v in d.items()}  # noqa: E731
-        prompts = [p for p in self.prompts for _ in range(n)]
-        return Conditioning(rep(self.cond), rep(self.uncond) if self.uncond is not None else None, prompts)
+        return Conditioning(*self._map(lambda v: v.repeat_interleave(n, dim=0)),
+                            [p for p in self.prompts for _ in range(n)])
 
     @staticmethod
     def cat(items: list[Conditioning]) -> Conditioning:
