@@ -157,7 +157,11 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
     `autocast`: a callable returning a fresh autocast context (e.g. `accelerator.autocast`), or None."""
     t0 = time.perf_counter()
     prompts = [it["prompt"] for it in plan.items]
-    cond = adapter.encode_prompts(prompts, cfg=adapter.guidance == "cfg" and guidance > 1)
+    # A group repeats its prompt G times: encode each distinct prompt once, then index.
+    unique = list(dict.fromkeys(prompts))
+    position = {p: i for i, p in enumerate(unique)}
+    cond = adapter.encode_prompts(unique, cfg=adapter.guidance == "cfg" and guidance > 1)
+    cond = cond.index([position[p] for p in prompts])
     parts, futures, images = [], [], []
     sample_time = 0.0
     with ThreadPoolExecutor(max_workers=1) as pool:
