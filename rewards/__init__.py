@@ -28,6 +28,9 @@ REGISTRY: dict[str, str] = {
     "video-background-consistency": "rewards.video:BackgroundConsistency",
     "video-dynamic-degree": "rewards.video:DynamicDegree",
     "video-motion-smoothness": "rewards.video:MotionSmoothness",
+    "concepts-detector": "rewards.concepts:DetectorConceptReward",
+    "concepts-vqa": "rewards.concepts:VQAConceptReward",
+    "vlm-judge": "rewards.vqa:VLMJudgeReward",
     "world-verifier": "rewards.world:WorldVerifierReward",
     "world-strict": "rewards.world:WorldStrictReward",
     "world-cleanliness": "rewards.world:WorldCleanlinessReward",
@@ -43,6 +46,14 @@ def register(name: str, target: str) -> None:
 
 def list_rewards() -> list[str]:
     return sorted(REGISTRY)
+
+
+def describe(name: str) -> dict:
+    """A reward's class attributes (no weights load): class, differentiable, inputs, value range, direction."""
+    cls = _resolve(name)
+    return {"name": name, "class": f"{cls.__module__}.{cls.__qualname__}", "differentiable": cls.differentiable,
+            "inputs": "/".join(cls.inputs), "value_range": cls.value_range, "higher_is_better": cls.higher_is_better,
+            "summary": (cls.__doc__ or "").strip().split("\n")[0]}
 
 
 def _resolve(name: str) -> type[Reward]:
@@ -70,4 +81,4 @@ def load(name: str, **kwargs) -> Reward:
     return _CACHE[key]
 
 
-__all__ = ["REGISTRY", "Reward", "RewardError", "RewardOutput", "combined", "list_rewards", "load", "register"]
+__all__ = ["REGISTRY", "Reward", "RewardError", "RewardOutput", "combined", "describe", "list_rewards", "load", "register"]

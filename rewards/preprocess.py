@@ -166,3 +166,9 @@ __all__ = [
     "hpsv2_preprocess", "longest_side_size", "normalize", "resize", "resize_longest_side_and_pad",
     "shortest_side_size", "siglip_preprocess",
 ]
+
+
+def to_uint8_hwc(images: Tensor) -> list:
+    """[B, 3, H, W] in [0, 1] -> list of H×W×3 uint8 numpy arrays, what an 8-bit image file gives a processor."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return list(pixels.permute(0, 2, 3, 1).cpu().numpy())

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rewards.base import Reward, RewardError, combined
-from rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, center_crop, normalize, shortest_side_size
+from rewards.preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, center_crop, normalize, shortest_side_size,
+                                to_uint8_hwc)
 from rewards.weights import load_checkpoint, load_state_dict_checked
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # VBench `dino_transform` (vbench/utils.py)
@@ -393,7 +394,7 @@ class DynamicDegree(_VideoReward):
     def pair_flows(self, frames: Tensor) -> Tensor:
         """Flow of each consecutive pair of frames [F, 3, H, W] in [0, 1] -> [F - 1, 2, H', W'] in pixels."""
         if self.raft is None:
-            uint8 = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            uint8 = to_uint8_hwc(frames)
             flows = [farneback_flow(a, b) for a, b in itertools.pairwise(uint8)]
             return torch.from_numpy(np.stack(flows)).permute(0, 3, 1, 2)
         height, width = frames.shape[-2:]

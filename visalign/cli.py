@@ -95,6 +95,125 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reward_options(specs: Sequence[str], names: Sequence[str]) -> dict[str, dict]:
+    """`NAME.key=value` strings -> {NAME: {key: value}} with YAML-typed values; NAME must be a --reward."""
+    import yaml
+
+    options: dict[str, dict] = {name: {} for name in names}
+    for spec in specs:
+        target, eq, value = spec.partition("=")
+        name, dot, key = target.rpartition(".")
+        if not eq or not dot or not key:
+            raise ValueError(f"--option {spec!r} must look like NAME.key=value, e.g. pickscore.model=/path")
+        if name not in options:
+            raise ValueError(f"--option {spec!r} names reward {name!r}, which is not among --reward {list(names)}")
+        options[name][key] = yaml.safe_load(value)
+    return options
+
+
+def _load_rewards(args: argparse.Namespace) -> dict:
+    import rewards
+
+    options = _reward_options(args.option or [], args.reward)
+    return {name: rewards.load(name, **options[name]) for name in args.reward}
+
+
+def _rewards_list(args: argparse.Namespace) -> int:
+    import rewards
+
+    rows = ["| reward | inputs | differentiable | range | summary |", "|---|---|---|---|---|"]
+    for name in rewards.list_rewards():
+        d = rewards.describe(name)
+        low_high = "unbounded" if d["value_range"] is None else f"{d['value_range'][0]:g}–{d['value_range'][1]:g}"
+        rows.append(f"| {name} | {d['inputs']} | {'yes' if d['differentiable'] else 'no'} | {low_high} | "
+                    f"{d['summary']} |")
+    print("\n".join(rows))
+    return 0
+
+
+def _read_metadata(value: str | None, count: int) -> list[dict] | None:
+    """--metadata: one JSON object for every image, or a .jsonl file with one object per image."""
+    if value is None:
+        return None
+    if value.endswith(".jsonl"):
+        rows = [json.loads(line) for line in Path(value).read_text().splitlines() if line.strip()]
+    else:
+        rows = [json.loads(value)] * count
+    if len(rows) != count:
+        raise ValueError(f"--metadata {value} has {len(rows)} rows for {count} images")
+    return rows
+
+
+def _rewards_score(args: argparse.Namespace) -> int:
+    import torch
+
+    from rewards import combined
+    from visalign.pairs import load_image
+
+    prompts = args.prompt or []
+    if len(prompts) not in (1, len(args.images)):
+        raise ValueError(f"give one --prompt for all images or one per image ({len(args.images)}), got {len(prompts)}")
+    prompts = prompts * len(args.images) if len(prompts) == 1 else prompts
+    images = [load_image(p) for p in args.images]
+    metadata = _read_metadata(args.metadata, len(images))
+    table = {str(p): {} for p in args.images}
+    for name, reward in _load_rewards(args).items():
+        for i, (path, image) in enumerate(zip(args.images, images)):  # one by one: sizes may differ
+            with torch.no_grad():
+                out = reward(prompts=[prompts[i]] if prompts else None, images=image[None],
+                             metadata=[metadata[i]] if metadata else None)
+            table[str(path)][name] = float(combined(out)[0])
+            if isinstance(out, dict):
+                table[str(path)].update({f"{name}/{k}": float(v[0]) for k, v in out.items() if k != "score"})
+    if args.json:
+        print(json.dumps(table, indent=1))
+        return 0
+    columns = list(args.reward)
+    print("| image | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for path, row in table.items():
+        print(f"| {path} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
+    return 0
+
+
+def _rewards_eval(args: argparse.Namespace) -> int:
+    from rewards.evaluation import evaluate_pairs
+    from visalign.pairs import read_pairs
+
+    pairs = read_pairs(args.pairs)  # every row checked before any model loads
+    results = {name: evaluate_pairs(reward, pairs, batch_size=args.batch_size)
+               for name, reward in _load_rewards(args).items()}
+    print("| reward | pairs | ties | accuracy without ties | accuracy with ties | tie ε |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        without = f"{r['accuracy_without_ties']:.4f}" if "accuracy_without_ties" in r else "n/a"
+        print(f"| {name} | {r['pairs']} | {r['ties']} | {without} | {r['accuracy_with_ties']:.4f} | "
+              f"{r['tie_epsilon']:.4g} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _rewards_train_artifact(args: argparse.Namespace) -> int:
+    from rewards.artifact import train_artifact
+
+    metrics = train_artifact(args.clean, args.artifact, args.out, labels=args.labels, epochs=args.epochs,
+                             image_size=args.image_size, seed=args.seed)
+    print(json.dumps(metrics, indent=1))
+    print(f"wrote {args.out}; use it with: --reward artifact --option artifact.weights={args.out}")
+    return 0
+
+
+def _rewards_make_artifact_set(args: argparse.Namespace) -> int:
+    from rewards.artifact import write_artifact_set
+
+    clean, artifact = write_artifact_set(args.out, args.num_clean, args.num_artifact, args.seed)
+    print(f"wrote {clean} and {artifact} (labels.json names each artifact image's kinds)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visalign", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +266,42 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n", type=int, default=16, help="evaluation prompts per template and split")
     q.add_argument("overrides", nargs="*", help="Flow-GRPO config overrides, e.g. train.lr=5e-5")
     q.set_defaults(func=_quickstart)
+
+    r = sub.add_parser("rewards", help="list, score with, evaluate and train reward models")
+    rsub = r.add_subparsers(dest="rewards_command", required=True)
+    rl = rsub.add_parser("list", help="registered rewards and their properties")
+    rl.set_defaults(func=_rewards_list)
+    option_help = "constructor argument for a reward, NAME.key=value (YAML value), e.g. pickscore.model=/ckpt"
+    rs = rsub.add_parser("score", help="score image files with one or more rewards")
+    rs.add_argument("--reward", action="append", required=True, help="registered name or dotted path (repeat)")
+    rs.add_argument("--option", action="append", help=option_help)
+    rs.add_argument("--prompt", action="append", help="one prompt for all images, or one per image (repeat)")
+    rs.add_argument("--metadata", help="JSON spec for every image, or a .jsonl file with one per image")
+    rs.add_argument("--json", action="store_true", help="print every sub-score as JSON")
+    rs.add_argument("images", nargs="+", help="image files")
+    rs.set_defaults(func=_rewards_score)
+    re_ = rsub.add_parser("eval", help="pairwise accuracy (with and without ties) on a preference-pair file")
+    re_.add_argument("--pairs", required=True, help="JSONL pair file (see visalign/pairs.py)")
+    re_.add_argument("--reward", action="append", required=True, help="registered name or dotted path (repeat)")
+    re_.add_argument("--option", action="append", help=option_help)
+    re_.add_argument("--batch-size", dest="batch_size", type=int, default=16)
+    re_.add_argument("--out", help="write the results as JSON here")
+    re_.set_defaults(func=_rewards_eval)
+    rt = rsub.add_parser("train-artifact", help="train the learned artifact reward on PNG folders")
+    rt.add_argument("--clean", required=True, help="folder of artifact-free PNGs")
+    rt.add_argument("--artifact", required=True, help="folder of PNGs with artifacts (optional labels.json)")
+    rt.add_argument("--out", required=True, help="output .safetensors")
+    rt.add_argument("--labels", help="JSON {file: [kinds]} for the multi-label heads")
+    rt.add_argument("--epochs", type=int, default=10)
+    rt.add_argument("--image-size", dest="image_size", type=int, default=32)
+    rt.add_argument("--seed", type=int, default=0)
+    rt.set_defaults(func=_rewards_train_artifact)
+    rm = rsub.add_parser("make-artifact-set", help="write a clean / artifact PNG set from the shapes world")
+    rm.add_argument("--out", required=True)
+    rm.add_argument("--num-clean", dest="num_clean", type=int, default=1500)
+    rm.add_argument("--num-artifact", dest="num_artifact", type=int, default=1500)
+    rm.add_argument("--seed", type=int, default=0)
+    rm.set_defaults(func=_rewards_make_artifact_set)
 
     m = sub.add_parser("models", help="list registered models")
     m.set_defaults(func=_models)
