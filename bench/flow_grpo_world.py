@@ -1,10 +1,13 @@
-"""Is the Flow-GRPO gain real? Align the shipped world base model on the exact verifier and measure it.
+"""Is the gain real? Align the shipped world base model on the exact verifier and measure it, per trainer.
 
     .venv/bin/python bench/flow_grpo_world.py --minutes 20 --out outputs/bench_flow_grpo
+    .venv/bin/python bench/flow_grpo_world.py --minutes 8 --arms verifier+clean nft rwr dpo --out outputs/bench_trainers
 
-Arms (each trained from the shipped base model for the same wall-time budget):
-  verifier           reward = world-verifier partial credit
-  verifier+clean     reward = world-verifier + 0.5 × world-cleanliness (holds background drift down)
+Arms (each trained from the shipped base model for the same wall-time budget, same prompts per step and group
+size, so equal rollouts per step):
+  verifier           Flow-GRPO, reward = world-verifier partial credit (`--config`, default flow_grpo_world.yaml)
+  verifier+clean     Flow-GRPO, reward = world-verifier + 0.5 × world-cleanliness (holds background drift down)
+  nft / rwr / dpo    DiffusionNFT, Flow-RWR, online Flow-DPO with their world configs (configs/*_world.yaml)
 
 Every `--eval-every` steps (and at step 0) the current weights are evaluated with fresh seeds on a fixed set of
 RL prompts (seen split) and on held-out compositions: whole-prompt accuracy (main and strict judges) and
@@ -21,18 +24,21 @@ from pathlib import Path
 
 import torch
 
-from trainers.flow_grpo import FlowGRPOTrainer
 from visalign.eval.world_suite import generate_world, score_world, suite_prompts
-from visalign.train import load_train_config
+from visalign.train import load_train_config, trainer_class
 from visalign.world.grammar import TEMPLATES
 
+# arm -> (config, overrides); None = the --config file (Flow-GRPO).
 ARMS = {
-    "verifier": ["rewards={world-verifier: 1.0}"],
-    "verifier+clean": ["rewards={world-verifier: 1.0, world-cleanliness: 0.5}"],
+    "verifier": (None, ["rewards={world-verifier: 1.0}"]),
+    "verifier+clean": (None, ["rewards={world-verifier: 1.0, world-cleanliness: 0.5}"]),
+    "nft": ("configs/nft_world.yaml", []),
+    "rwr": ("configs/rwr_world.yaml", []),
+    "dpo": ("configs/dpo_world.yaml", []),
 }
 
 
-def evaluate(trainer: FlowGRPOTrainer, n: int, seed: int) -> dict:
+def evaluate(trainer, n: int, seed: int) -> dict:
     """Accuracy on the RL prompt set's templates (fresh seeds) for seen and held-out compositions."""
     adapter = trainer.adapter
     templates = getattr(trainer.source, "templates", None) or TEMPLATES
@@ -54,12 +60,13 @@ def evaluate(trainer: FlowGRPOTrainer, n: int, seed: int) -> dict:
     return out
 
 
-def run_arm(name: str, extra: list[str], args) -> list[dict]:
+def run_arm(name: str, arm: tuple[str | None, list[str]], args) -> list[dict]:
+    config, extra = arm
     overrides = [f"run.out_dir={args.out}/{name}", "run.resume_from=null", "run.eval_every=0",
                  "run.log_with=none", "run.progress=false", "train.max_steps=100000",
                  "run.checkpoint_every=100000", *extra, *args.overrides]
-    cfg = load_train_config(args.config, overrides)
-    trainer = FlowGRPOTrainer(cfg)
+    cfg = load_train_config(config or args.config, overrides)
+    trainer = trainer_class(cfg.trainer)(cfg)
     samples_per_step = cfg.train.prompts_per_step * cfg.train.group_size
     curve = [{"step": 0, "rollouts": 0, "minutes": 0.0, **evaluate(trainer, args.n, seed=777)}]
     print(f"[{name}] step 0: {json.dumps(curve[-1])}", flush=True)

@@ -13,7 +13,7 @@ import math
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,38 +200,66 @@ def check_rewards_valid(scores: dict[str, Tensor], names, step: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------- EMA
 
 
-class EMA:
-    """Exponential moving average of trainable parameters (flow_grpo `flow_grpo/ema.py`: decay with warm-up
-    min(decay, (1 + s) / (10 + s)), updated every `every` steps). Has state_dict for checkpoints."""
+class ParamCopy:
+    """A second copy of the trainable parameters that can be swapped into the live model: the reference policy
+    of DPO (refreshed every N steps), DiffusionNFT's old policy (blended softly), the EMA of trained weights.
+    Has state_dict for checkpoints."""
 
-    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1):
-        self.params, self.decay, self.every = params, decay, every
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
         self.shadow = [p.detach().clone() for p in params]
-        self.updates = 0
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        if step % self.every:
-            return
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+    def blend(self, decay: float) -> None:
+        """shadow <- decay * shadow + (1 - decay) * live."""
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p.detach(), 1 - decay)
-        self.updates += 1
 
     @torch.no_grad()
     def swap(self) -> None:
-        """Exchange live and EMA weights (call twice to restore)."""
+        """Exchange live and shadow weights (call twice to restore)."""
         for s, p in zip(self.shadow, self.params):
             tmp = p.detach().clone()
             p.copy_(s)
             s.copy_(tmp)
 
+    @contextmanager
+    def swapped(self):
+        """The shadow weights are live inside the block; the trained ones are restored on exit."""
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()
+
     def state_dict(self) -> dict:
-        return {"shadow": [s.clone() for s in self.shadow], "updates": self.updates}
+        return {"shadow": [s.clone() for s in self.shadow]}
 
     def load_state_dict(self, state: dict) -> None:
         for s, v in zip(self.shadow, state["shadow"]):
             s.copy_(v)
+
+
+class EMA(ParamCopy):
+    """Exponential moving average of trainable parameters (flow_grpo `flow_grpo/ema.py`: decay with warm-up
+    min(decay, (1 + s) / (10 + s)), updated every `every` steps)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1):
+        super().__init__(params)
+        self.decay, self.every = decay, every
+        self.updates = 0
+
+    def update(self, step: int) -> None:
+        if step % self.every:
+            return
+        self.blend(min(self.decay, (1 + self.updates) / (10 + self.updates)))
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.updates = int(state["updates"])
 
 

@@ -15,136 +15,42 @@ weights (flow_grpo `ema.py`), GRPO-Guard's ratio normalisation and step reweight
 
 from __future__ import annotations
 
-import copy
-import json
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from trainers.advantages import best_of_n_mask, combine_advantages, group_advantages
-from trainers.common import (
-    EMA,
-    PromptSource,
-    TrainerState,
-    check_rewards_valid,
-    checkpoint_dirs,
-    load_rewards,
-    num_trained_steps,
-    plan_step,
-    prune_checkpoints,
-    resolve_resume,
-    rollout,
-    score_rewards,
-    step_generator,
-    verify_checkpoint,
-    write_manifest,
+from trainers.advantages import best_of_n_mask
+from trainers.common import checkpoint_dirs, num_trained_steps, step_generator
+from trainers.engine import (
+    BaseTrainConfig,
+    ModelConfig,
+    OnlineTrainer,
+    RunConfig,
+    SamplingConfig,
+    accumulation_schedule,
+    check_reward_names,
 )
 from trainers.losses import grpo_loss, guard_log_ratio
-from visalign.generate import DTYPES
-from visalign.sampling import SDEOptions, sample, trajectory_log_prob
+from visalign.sampling import trajectory_log_prob
 
 
 @dataclass
-class ModelConfig:
-    name: str = field(default="world", metadata={"help": "registered model (world, sd3, flux, wan, tiny-*)"})
-    path: str | None = field(default=None, metadata={"help": "local directory or hub id (world: checkpoint)"})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights"})
-    height: int = field(default=32, metadata={"help": "image height"})
-    width: int = field(default=32, metadata={"help": "image width"})
-    num_frames: int | None = field(default=None, metadata={"help": "video models: 4k+1 frames"})
-    finetune: Literal["lora", "full"] = field(default="lora", metadata={"help": "LoRA adapter or all weights"})
-    lora_rank: int = field(default=32, metadata={"help": "LoRA rank (flow_grpo: 32)"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 × rank)"})
-    lora_targets: list[str] | None = field(default=None, metadata={"help": "module names (default per model)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
-
-    def __post_init__(self):
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank={self.lora_rank} must be >= 1")
-
-
-@dataclass
-class SamplingConfig:
-    steps: int = field(default=10, metadata={"help": "denoising steps in rollouts (flow_grpo: 10)"})
-    guidance: float = field(default=4.5, metadata={"help": "CFG scale for rollouts and training (1 = no CFG)"})
-    sde: Literal["flow_grpo", "cps", "dance"] = field(default="flow_grpo", metadata={"help": "SDE form"})
-    noise_level: float = field(default=0.7, metadata={"help": "a (flow_grpo, cps) or eta (dance)"})
-    window_size: int | None = field(default=None, metadata={"help": "SDE only on this many consecutive steps"})
-    window_range: tuple[int, int] | None = field(default=None, metadata={
-        "help": "[lo, hi): the window lies inside; its start is drawn each step (Flow-GRPO-Fast)"})
-    same_noise_per_group: bool = field(default=False, metadata={"help": "DanceGRPO: a group shares x_T"})
-    batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (per process)"})
-
-    def __post_init__(self):
-        if self.steps < 2:
-            raise ValueError(f"steps={self.steps} must be >= 2 (the last step is never trained)")
-        if self.window_size is not None:
-            lo, hi = self.window_range or (0, self.steps - 1)
-            if not (1 <= self.window_size <= hi - lo and 0 <= lo < hi <= self.steps):
-                raise ValueError(f"window_size={self.window_size} must fit in window_range=[{lo}, {hi}) "
-                                 f"within {self.steps} steps")
-        elif self.window_range is not None:
-            raise ValueError("window_range needs window_size")
-
-
-@dataclass
-class TrainConfig:
-    prompts: str = field(default="world:seen", metadata={"help": "world:seen, or a .txt / .jsonl file"})
-    max_steps: int = field(default=100, metadata={"help": "rollout-and-update iterations"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompt groups per step (all processes)"})
-    group_size: int = field(default=8, metadata={"help": "samples per prompt (G)"})
-    train_batch_size: int = field(default=16, metadata={"help": "samples per training micro-batch (per process)"})
-    optimizer_steps_per_rollout: int = field(default=1, metadata={"help": "flow_grpo uses 2"})
+class TrainConfig(BaseTrainConfig):
     timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of SDE steps trained per sample"})
-    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate (flow_grpo LoRA: 3e-4)"})
-    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon (flow_grpo: 1e-4)"})
-    adv_clip: float = field(default=5.0, metadata={"help": "advantage clamp"})
-    adv_eps: float = field(default=1e-4, metadata={"help": "epsilon added to the std"})
-    global_std: bool = field(default=False, metadata={"help": "normalise by the batch std instead of the group's"})
-    advantage_mode: Literal["sum_then_normalize", "normalize_then_sum"] = field(
-        default="sum_then_normalize", metadata={"help": "multi-reward: weighted sum of rewards or of advantages"})
     kl_beta: float = field(default=0.0, metadata={"help": "KL weight (flow_grpo GenEval: 0.04)"})
     grpo_guard: bool = field(default=False, metadata={"help": "GRPO-Guard: RatioNorm + 1/|dt| step reweighting "
                                                               "(use a tiny clip_range, e.g. 2e-6)"})
     best_of_n: int | None = field(default=None, metadata={"help": "train only on the n/2 best and worst per group"})
-    ema_decay: float | None = field(default=None, metadata={"help": "EMA of trained weights (flow_grpo: 0.9)"})
-    ema_every: int = field(default=1, metadata={"help": "steps between EMA updates"})
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "autocast"})
 
     def __post_init__(self):
-        for name in ("max_steps", "prompts_per_step", "group_size", "train_batch_size", "optimizer_steps_per_rollout"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.group_size < 2:
-            raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
+        super().__post_init__()
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction={self.timestep_fraction} must be in (0, 1]")
         if self.best_of_n is not None and not (2 <= self.best_of_n <= self.group_size and self.best_of_n % 2 == 0):
             raise ValueError(f"best_of_n={self.best_of_n} must be even and in [2, group_size]")
-
-
-@dataclass
-class RunConfig:
-    out_dir: str = field(default="runs/flow_grpo", metadata={"help": "checkpoints, logs, samples"})
-    seed: int = field(default=0, metadata={"help": "seeds prompts, noise and shuffles"})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
-    checkpoints_total_limit: int | None = field(default=2, metadata={"help": "keep this many checkpoints"})
-    resume_from: str | None = field(default="latest", metadata={"help": "latest, a checkpoint dir, or null"})
-    log_with: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard", metadata={"help": "tracker"})
-    eval_every: int = field(default=25, metadata={"help": "steps between evaluations (0 = never)"})
-    eval_prompts: str | None = field(default=None, metadata={"help": "prompt source for evaluation (default: "
-                                                                    "the training source)"})
-    eval_num_prompts: int = field(default=32, metadata={"help": "evaluation prompts (fixed seeds)"})
-    eval_steps: int = field(default=20, metadata={"help": "ODE steps for evaluation samples"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
 @dataclass
@@ -163,133 +69,44 @@ class FlowGRPOConfig:
     def __post_init__(self):
         if not self.rewards:
             raise ValueError("rewards must name at least one reward")
-        import rewards as rewards_lib
-
-        for name in [*self.rewards, *self.eval_rewards]:
-            if name not in rewards_lib.REGISTRY and "." not in name:
-                raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(rewards_lib.list_rewards())}")
+        check_reward_names([*self.rewards, *self.eval_rewards])
+        if self.sampling.sde == "ode":
+            raise ValueError("sampling.sde=ode: Flow-GRPO needs a stochastic sampler (flow_grpo, cps or dance)")
 
 
-class FlowGRPOTrainer:
+class FlowGRPOTrainer(OnlineTrainer):
     """The recipe. `train()` runs to `train.max_steps`, resuming from the latest checkpoint if any."""
 
-    def __init__(self, cfg: FlowGRPOConfig, accelerator=None):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+    name = "flow-grpo"
 
-        self.cfg = cfg
-        self.out = Path(cfg.run.out_dir)
-        log_with = None if cfg.run.log_with == "none" else cfg.run.log_with
-        self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision, log_with=log_with,
-            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
-        self._build()
-
-    # ---- setup -------------------------------------------------------------------------------------------
-    def _build(self) -> None:
-        from visalign.models import load_model
-
-        cfg, acc = self.cfg, self.accelerator
-        self.source = PromptSource(cfg.train.prompts)
-        self.eval_source = PromptSource(cfg.run.eval_prompts or cfg.train.prompts)
-        adapter = load_model(cfg.model.name, cfg.model.path, torch_dtype=DTYPES[cfg.model.dtype], device=str(acc.device))
-        adapter.check_request(cfg.model.height, cfg.model.width, cfg.model.num_frames)
-        if cfg.model.finetune == "lora":
-            adapter.add_lora(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, target_modules=cfg.model.lora_targets)
-            self.ref_denoiser = None
-        else:
-            self.ref_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False) if cfg.train.kl_beta > 0 else None
-            adapter.denoiser.requires_grad_(True)
-        if cfg.model.gradient_checkpointing:
-            adapter.denoiser.enable_gradient_checkpointing()
-        params = adapter.trainable_parameters()
-        for p in params:  # trained weights stay fp32 even when the frozen base runs in half precision
-            p.data = p.data.float()
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
-                                      weight_decay=cfg.train.weight_decay)
-        self.model, self.optimizer = acc.prepare(adapter.denoiser, optimizer)
-        adapter.set_forward_module(self.model)
-        self.adapter = adapter
-        self.params = params
-        self.rewards = load_rewards(cfg.rewards)
-        self.eval_rewards = load_rewards(cfg.eval_rewards)
-        self.ema = EMA(params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema_decay else None
-        self.state = TrainerState()
-        acc.register_for_checkpointing(self.state)
-        if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
-
-    def _sde(self, step: int) -> SDEOptions:
-        s = self.cfg.sampling
-        window = None
-        if s.window_size is not None:
-            lo, hi = s.window_range or (0, s.steps - 1)
-            start = lo + int(torch.randint(hi - lo - s.window_size + 1, (1,), generator=step_generator(
-                self.cfg.run.seed, step, 2)))
-            window = (start, start + s.window_size)
-        return SDEOptions(s.sde, s.noise_level, window)
-
-    def _autocast(self):
-        return self.accelerator.autocast() if self.cfg.train.mixed_precision != "no" else None
+    def wants_frozen_reference(self) -> bool:
+        return self.cfg.train.kl_beta > 0
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
         """Rollout, advantages and updates of one step. Returns the step's metrics."""
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         t0 = time.perf_counter()
-        plan = plan_step(self.source, seed=cfg.run.seed, step=step, prompts_per_step=cfg.train.prompts_per_step,
-                         group_size=cfg.train.group_size, rank=acc.process_index, world_size=acc.num_processes)
-        sde = self._sde(step)
-        self.model.eval()
-        ro = rollout(self.adapter, plan, self.rewards, num_steps=cfg.sampling.steps, guidance=cfg.sampling.guidance,
-                     sde=sde, batch_size=cfg.sampling.batch_size, height=cfg.model.height, width=cfg.model.width,
-                     num_frames=cfg.model.num_frames, same_noise_per_group=cfg.sampling.same_noise_per_group,
-                     autocast=self._autocast if cfg.train.mixed_precision != "no" else None)
-        if self.eval_rewards:
-            ro.scores.update({f"heldout/{k}": v for k, v in
-                              score_rewards(self.eval_rewards, ro.images, plan.items).items()})
-
-        # Gather every process's scores in rank order: the global batch, whole groups.
-        gathered = {k: acc.gather(v.to(acc.device)).cpu() for k, v in ro.scores.items()}
-        groups = torch.arange(plan.total) // cfg.train.group_size
-        valid = check_rewards_valid(gathered, list(self.rewards), step)
-        adv, adv_metrics = self._advantages(gathered, groups, valid)
+        rs = self.rollout_step(step)
+        ro, gathered, groups, valid = rs.ro, rs.gathered, rs.groups, rs.valid
+        adv, adv_metrics = self.advantages(gathered, groups, valid)
         mask = valid.clone()
         if adv_metrics["zero_std_fraction"] > 0:
             mask &= adv != 0  # zero-spread groups carry no signal (flow_grpo drops them); masked, not removed
         if cfg.train.best_of_n is not None:
             mask &= best_of_n_mask(adv, groups, cfg.train.best_of_n)
-        local = slice(plan.start, plan.start + len(plan.items))
+        local = rs.local
         t_train = time.perf_counter()
         train_metrics = self._update(ro, adv[local], mask[local], step)
         train_metrics["time/training"] = time.perf_counter() - t_train
 
         metrics = {"step": step, **ro.timings, **adv_metrics, **train_metrics,
                    "invalid_rewards": int((~valid).sum()), "time/step": time.perf_counter() - t0}
-        for k, v in gathered.items():
-            finite = v[torch.isfinite(v)]
-            prefix = k if k.startswith("heldout/") else f"rewards/{k}"
-            metrics[f"{prefix}/mean"] = finite.mean().item() if len(finite) else float("nan")
-            metrics[f"{prefix}/std"] = finite.std().item() if len(finite) > 1 else 0.0
+        metrics.update(self.reward_metrics(gathered))
         metrics["advantages/mean"] = adv[mask].mean().item() if mask.any() else 0.0
         metrics["advantages/abs_mean"] = adv[mask].abs().mean().item() if mask.any() else 0.0
         metrics["trained_fraction"] = mask.float().mean().item()
         return metrics
-
-    def _advantages(self, scores: dict[str, torch.Tensor], groups: torch.Tensor, valid: torch.Tensor):
-        cfg = self.cfg.train
-        weights = self.cfg.rewards
-        kw = dict(eps=cfg.adv_eps, global_std=cfg.global_std, clip=cfg.adv_clip, valid=valid)
-        if cfg.advantage_mode == "sum_then_normalize" or len(weights) == 1:
-            total = sum(w * scores[name].double() for name, w in weights.items())
-            return group_advantages(total, groups, **kw)
-        per_reward, metrics = {}, {}
-        for name in weights:
-            per_reward[name], m = group_advantages(scores[name], groups, **kw)
-            metrics.update({f"{k}/{name}": v for k, v in m.items()})
-        adv = combine_advantages(per_reward, weights)
-        metrics["zero_std_fraction"] = float((adv == 0).float().mean())
-        return adv, metrics
 
     def _update(self, ro, adv: torch.Tensor, mask: torch.Tensor, step: int) -> dict:
         cfg, acc = self.cfg, self.accelerator
@@ -307,20 +124,15 @@ class FlowGRPOTrainer:
         chunks = [order[i:i + bs] for i in range(0, n, bs)]
         micro = [(c, j) for c in chunks for j in range(k)]
         # Accumulate over samples × timesteps; each optimizer step averages its micro-steps' losses.
-        n_opt = min(cfg.train.optimizer_steps_per_rollout, len(micro))
-        bounds = [round(len(micro) * (o + 1) / n_opt) for o in range(n_opt)]
+        schedule = accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout)
         guidance = cfg.sampling.guidance
         self.model.train()
         logs: dict[str, list[float]] = {}
         first_ratio_dev = None
-        group_start = 0
-        for i, (idx, j) in enumerate(micro):
-            group_end = next(b for b in bounds if b > i)
-            last_of_group = i + 1 == group_end
+        for (idx, j), (size, last) in zip(micro, schedule):
             steps_j = steps_per_sample[idx, j]
             cond = ro.cond.index(idx)
-            ctx = acc.no_sync(self.model) if not last_of_group else nullcontext()
-            with ctx, (self._autocast() or nullcontext()):
+            with self.micro_context(last):
                 out = trajectory_log_prob(self.adapter, traj, steps_j, cond, guidance, index=idx)
                 ref_mean = self._reference_mean(traj, steps_j, cond, idx) if cfg.train.kl_beta > 0 else None
                 old_lp = traj.log_probs[idx, steps_j].to(out.log_prob.device)
@@ -333,17 +145,13 @@ class FlowGRPOTrainer:
                 loss, m = grpo_loss(out.log_prob, old_lp, adv[idx].to(out.log_prob.device), cfg.train.clip_range,
                                     mask=mask[idx].to(out.log_prob.device), mean=out.mean, ref_mean=ref_mean,
                                     std=out.std, kl_beta=cfg.train.kl_beta, **guard)
-                acc.backward(loss / (group_end - group_start))
+                acc.backward(loss / size)
             if first_ratio_dev is None:
                 first_ratio_dev = m["ratio_max_dev"]
             for key, v in m.items():
                 logs.setdefault(key, []).append(v)
-            if last_of_group:
-                grad_norm = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
-                logs.setdefault("grad_norm", []).append(float(grad_norm))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                group_start = group_end
+            if last:
+                logs.setdefault("grad_norm", []).append(self.optimizer_step())
         if self.ema is not None:
             self.ema.update(step)
         metrics = {f"train/{k}": sum(v) / len(v) for k, v in logs.items()}
@@ -363,122 +171,8 @@ class FlowGRPOTrainer:
         finally:
             self.adapter.set_forward_module(self.model)
 
-    # ---- evaluation, checkpoints, loop ---------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict:
-        """ODE samples of a fixed prompt set with fixed seeds; trained and held-out rewards; a grid PNG."""
-        from visalign.generate import save_pixels
-
-        cfg = self.cfg
-        items = self.eval_source.draw(cfg.run.eval_num_prompts, step_generator(cfg.run.seed, -1, 9))
-        if self.ema is not None:
-            self.ema.swap()
-        try:
-            self.model.eval()
-            cond = self.adapter.encode_prompts([it["prompt"] for it in items],
-                                               cfg=self.adapter.guidance == "cfg" and cfg.sampling.guidance > 1)
-            traj = sample(self.adapter, cond, num_steps=cfg.run.eval_steps, height=cfg.model.height,
-                          width=cfg.model.width, num_frames=cfg.model.num_frames, guidance_scale=cfg.sampling.guidance,
-                          seeds=[10_000 + i for i in range(len(items))])
-            images = self.adapter.decode(traj.final).float()
-        finally:
-            if self.ema is not None:
-                self.ema.swap()
-        scores = score_rewards({**self.rewards, **self.eval_rewards}, images, items)
-        metrics = {f"eval/{k}/mean": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}
-        if self.accelerator.is_main_process:
-            save_pixels(images[:32] if images.ndim == 4 else images[:8], self.out / "samples" /
-                        f"step_{step:06d}.{'png' if images.ndim == 4 else 'gif'}", scale=2)
-        return metrics
-
-    def save_checkpoint(self, step: int) -> Path:
-        acc = self.accelerator
-        directory = self.out / "checkpoints" / f"checkpoint-{step}"
-        acc.save_state(str(directory), safe_serialization=True)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if self.cfg.model.finetune == "lora":
-                self.adapter.save_lora(directory / "lora")
-            write_manifest(directory, step)
-            prune_checkpoints(self.out, self.cfg.run.checkpoints_total_limit)
-        acc.wait_for_everyone()
-        return directory
-
-    def load_checkpoint(self, directory: Path) -> None:
-        step = verify_checkpoint(directory)
-        self.accelerator.load_state(str(directory))
-        if self.state.step != step:
-            raise ValueError(f"checkpoint {directory}: manifest step {step} != saved trainer step {self.state.step}")
-
-    def save_final(self) -> Path:
-        """LoRA in diffusers format, or the full weights, into out_dir/final (EMA weights when enabled)."""
-        final = self.out / "final"
-        if self.ema is not None:
-            self.ema.swap()
-        try:
-            if self.accelerator.is_main_process:
-                final.mkdir(parents=True, exist_ok=True)
-                if self.cfg.model.finetune == "lora":
-                    self.adapter.save_lora(final)
-                elif hasattr(self.adapter, "save_pretrained"):
-                    self.adapter.save_pretrained(final / "model.safetensors")
-                else:
-                    self.accelerator.unwrap_model(self.model).save_pretrained(final / "denoiser")
-        finally:
-            if self.ema is not None:
-                self.ema.swap()
-        return final
-
-    def train(self, stop_after: int | None = None) -> list[dict]:
-        """Run until max_steps (or until `stop_after` more steps, to simulate an interruption)."""
-        from visalign.config import save_config
-
-        cfg, acc = self.cfg, self.accelerator
-        resume = resolve_resume(self.out, cfg.run.resume_from)
-        if resume is not None:
-            self.load_checkpoint(resume)
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
-        if cfg.run.log_with != "none":
-            acc.init_trackers("visalign", config=_flat(asdict(cfg)))
-        history = []
-        start = self.state.step
-        end = cfg.train.max_steps if stop_after is None else min(cfg.train.max_steps, start + stop_after)
-        bar = tqdm(range(start, end), initial=start, total=cfg.train.max_steps, desc="flow-grpo",
-                   disable=not (cfg.run.progress and acc.is_local_main_process))
-        for step in bar:
-            metrics = self.step(step)
-            self.state.step = step + 1
-            if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
-                metrics.update(self.evaluate(step + 1))
-            if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.train.max_steps:
-                self.save_checkpoint(step + 1)
-            acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
-            if acc.is_main_process:
-                with (self.out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            main_reward = next(iter(cfg.rewards))
-            bar.set_postfix(reward=f"{metrics[f'rewards/{main_reward}/mean']:.3f}",
-                            ratio=f"{metrics.get('train/ratio_mean', 1):.4f}")
-            history.append(metrics)
-        if self.state.step >= cfg.train.max_steps:
-            self.save_final()
-        if cfg.run.log_with != "none":
-            acc.end_training()
-        return history
+    def progress_postfix(self, metrics: dict) -> dict:
+        return {**super().progress_postfix(metrics), "ratio": f"{metrics.get('train/ratio_mean', 1):.4f}"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Flatten a nested config for trackers (which accept scalars and strings only)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
-__all__ = ["FlowGRPOConfig", "FlowGRPOTrainer", "checkpoint_dirs"]
+__all__ = ["FlowGRPOConfig", "FlowGRPOTrainer", "ModelConfig", "RunConfig", "SamplingConfig", "checkpoint_dirs"]

@@ -56,3 +56,94 @@ def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_r
             "clip_fraction": ((ratio[keep] - 1).abs() > clip_range).float().mean().item() if keep.any() else 0.0,
         }
     return loss, metrics
+
+
+# ---- forward-process losses (flow matching on clean samples): Flow-DPO, Flow-RWR, DiffusionNFT -------------
+
+
+def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over every non-batch dimension: [B]."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def dpo_loss(err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, beta: float,
+             weight: Tensor | None = None) -> tuple[Tensor, dict]:
+    """Diffusion-DPO (Wallace et al. 2024, Eq. 14; DiffusionDPO `train.py` L1119-1145), and Flow-DPO with
+    velocity errors (flow_grpo `scripts/train_sd3_dpo.py`): with per-pair errors at a shared noise and timestep,
+
+        L = -log sigmoid(-beta/2 * [(err_w - ref_err_w) - (err_l - ref_err_l)]),
+
+    log 2 when policy = reference. `weight` [B] scales each pair (GAPO: the reward gap); the mean is weighted.
+    """
+    inside = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
+    per_pair = -torch.nn.functional.logsigmoid(inside)
+    w = torch.ones_like(per_pair) if weight is None else weight.to(per_pair)
+    loss = (per_pair * w).sum() / w.sum().clamp(min=1e-12)
+    with torch.no_grad():
+        metrics = {"dpo_loss": loss.item(), "implicit_accuracy": (inside > 0).float().mean().item(),
+                   "implicit_margin": inside.mean().item(), "err_winner": err_w.mean().item(),
+                   "err_loser": err_l.mean().item(), "ref_err_winner": ref_err_w.mean().item()}
+    return loss, metrics
+
+
+def rwr_weights(advantages: Tensor, groups: Tensor, mask: Tensor, mode: str, temperature: float = 1.0) -> Tensor:
+    """Per-sample weights of reward-weighted regression, normalised to mean 1 over the kept samples (0 elsewhere):
+    "exp": exp(A / temperature) (Peters & Schaal 2007; Flow-RWR in "Improving Video Generation with Human
+    Feedback" weights the flow-matching loss by the reward); "best": only the best sample of each group
+    (reward-filtered SFT, flow_grpo `train_sd3_sft.py`'s `sft` mode)."""
+    if mode == "exp":
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0")
+        logits = torch.where(mask, advantages.double() / temperature, torch.full_like(advantages.double(), -torch.inf))
+        w = torch.softmax(logits, 0) * mask.sum()
+    elif mode == "best":
+        w = torch.zeros_like(advantages, dtype=torch.float64)
+        for g in torch.unique(groups):
+            idx = torch.nonzero((groups == g) & mask).flatten()
+            if len(idx):
+                w[idx[advantages[idx].argmax()]] = 1.0
+        w = w * mask.sum() / w.sum().clamp(min=1)
+    else:
+        raise ValueError(f"rwr weighting {mode!r}: allowed 'exp' or 'best'")
+    return w.float()
+
+
+def nft_reward_weight(advantages: Tensor, adv_max: float = 5.0) -> Tensor:
+    """DiffusionNFT's optimality probability r = clip(A / (2 A_max) + 1/2, 0, 1) (`scripts/train_nft_sd3.py`)."""
+    return (advantages / (2 * adv_max) + 0.5).clamp(0.0, 1.0)
+
+
+def nft_loss(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x0: Tensor, sigma: Tensor, r: Tensor, beta: float,
+             adv_max: float = 5.0, v_ref: Tensor | None = None, kl_beta: float = 0.0) -> tuple[Tensor, dict]:
+    """DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117; NVlabs/DiffusionNFT `scripts/train_nft_sd3.py`):
+    implicit positive and negative policies around the old one,
+
+        v+ = beta v_theta + (1 - beta) v_old,      v- = (1 + beta) v_old - beta v_theta,
+        x0± = x_t - sigma v±,    w± = stopgrad(mean |x0± - x0|)   (adaptive per-sample weighting),
+        L_i = A_max / beta * [ r_i ||x0+ - x0||² / w+  +  (1 - r_i) ||x0- - x0||² / w- ]  (+ kl_beta ||v_theta - v_ref||²),
+
+    with ||·||² the mean over dimensions. L_i is affine in the reward weight r_i: L_i = L-_i + r_i (L+_i - L-_i),
+    which the multi-reward balancing relies on. The weights are floored at 1e-5 to avoid dividing by zero.
+    Returns the batch mean and metrics (including the per-sample L+ and L- for balancing)."""
+    s = sigma.view(-1, *([1] * (x_t.ndim - 1))).to(x_t)
+    v_pos = beta * v_theta + (1 - beta) * v_old
+    v_neg = (1 + beta) * v_old - beta * v_theta
+    x0_pos, x0_neg = x_t - s * v_pos, x_t - s * v_neg
+    dims = tuple(range(1, x_t.ndim))
+    w_pos = (x0_pos - x0).abs().mean(dims).detach().clamp(min=1e-5)
+    w_neg = (x0_neg - x0).abs().mean(dims).detach().clamp(min=1e-5)
+    l_pos = (x0_pos - x0).pow(2).mean(dims) / w_pos
+    l_neg = (x0_neg - x0).pow(2).mean(dims) / w_neg
+    per_sample = adv_max / beta * (r * l_pos + (1 - r) * l_neg)
+    kl = torch.zeros_like(per_sample)
+    if kl_beta > 0:
+        if v_ref is None:
+            raise ValueError("kl_beta > 0 needs v_ref")
+        kl = (v_theta - v_ref).pow(2).mean(dims)
+        per_sample = per_sample + kl_beta * kl
+    loss = per_sample.mean()
+    with torch.no_grad():
+        metrics = {"nft_loss": loss.item(), "loss_positive": l_pos.mean().item(),
+                   "loss_negative": l_neg.mean().item(), "reward_weight_mean": r.float().mean().item(),
+                   "kl": kl.mean().item()}
+    return loss, metrics

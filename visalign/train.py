@@ -14,6 +14,9 @@ import yaml
 # trainer name -> ("module:ConfigClass", "module:TrainerClass")
 TRAINERS = {
     "flow_grpo": ("trainers.flow_grpo:FlowGRPOConfig", "trainers.flow_grpo:FlowGRPOTrainer"),
+    "diffusion_nft": ("trainers.forward:DiffusionNFTConfig", "trainers.forward:DiffusionNFTTrainer"),
+    "flow_rwr": ("trainers.forward:FlowRWRConfig", "trainers.forward:FlowRWRTrainer"),
+    "flow_dpo": ("trainers.dpo:FlowDPOConfig", "trainers.dpo:FlowDPOTrainer"),
 }
 
 
@@ -50,10 +53,16 @@ def load_train_config(path: str | None, overrides: Sequence[str] = ()):
     return load_config(config_cls, path, overrides)
 
 
+def trainer_class(name: str):
+    """The trainer class registered as `name` (a config's `trainer:`)."""
+    if name not in TRAINERS:
+        raise ValueError(f"unknown trainer {name!r}; allowed: {', '.join(TRAINERS)}")
+    return _import(TRAINERS[name][1])
+
+
 def run(path: str | None, overrides: Sequence[str] = ()):
     cfg = load_train_config(path, overrides)  # every config error surfaces here, before any model loads
-    trainer_cls = _import(TRAINERS[cfg.trainer][1])
-    return trainer_cls(cfg).train()
+    return trainer_class(cfg.trainer)(cfg).train()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

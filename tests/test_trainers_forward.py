@@ -1,0 +1,250 @@
+"""Preference and regression trainers: Flow-DPO (online, offline), Flow-RWR, DiffusionNFT. Losses against hand
+computations; two steps on tiny SD3 / Wan with LoRA and full fine-tuning; bit-identical resume; pair files."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from trainers.dpo import FlowDPOTrainer, group_pairs
+from trainers.engine import accumulation_schedule
+from trainers.forward import DiffusionNFTTrainer, FlowRWRTrainer, noised, sample_sigmas
+from trainers.losses import dpo_loss, nft_loss, nft_reward_weight, per_sample_mse, rwr_weights
+from visalign.pairs import PairFileError
+from visalign.train import load_train_config
+from visalign.world.model import WorldAdapter
+
+TRAINERS = {"diffusion_nft": DiffusionNFTTrainer, "flow_rwr": FlowRWRTrainer, "flow_dpo": FlowDPOTrainer}
+
+
+# ---- losses ---------------------------------------------------------------------------------------------------
+
+def test_dpo_loss_is_log2_at_init_and_matches_hand_value():
+    e = torch.tensor([0.7, 1.3])
+    loss, m = dpo_loss(e, e.flip(0), e, e.flip(0), beta=100.0)
+    assert loss.item() == pytest.approx(math.log(2)) and m["implicit_accuracy"] == 0.0
+    # beta 2: inside = -1 * ((1 - 1.5) - (2 - 1.5)) = 1 -> -log sigmoid(1) = 0.31326
+    loss, _ = dpo_loss(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([1.5]), torch.tensor([1.5]), beta=2.0)
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))), rel=1e-6)
+    # Weighted mean: weights 3 and 1 over per-pair losses log 2 and -log sigmoid(1).
+    loss, _ = dpo_loss(torch.tensor([1.5, 1.0]), torch.tensor([1.5, 2.0]), torch.tensor([1.5, 1.5]),
+                       torch.tensor([1.5, 1.5]), beta=2.0, weight=torch.tensor([3.0, 1.0]))
+    assert loss.item() == pytest.approx((3 * math.log(2) + 0.313262) / 4, rel=1e-5)
+
+
+def test_dpo_gradient_lowers_winner_error_relative_to_loser():
+    err_w = torch.tensor([1.0], requires_grad=True)
+    err_l = torch.tensor([1.0], requires_grad=True)
+    loss, _ = dpo_loss(err_w, err_l, torch.tensor([1.0]), torch.tensor([1.0]), beta=10.0)
+    loss.backward()
+    assert err_w.grad.item() > 0 > err_l.grad.item()  # descent: winner error down, loser error up
+    assert err_w.grad.item() == pytest.approx(-err_l.grad.item())
+
+
+def test_rwr_weights_exp_and_best_by_hand():
+    adv = torch.tensor([0.0, math.log(2.0), 1.0, -1.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    mask = torch.tensor([True, True, True, False])
+    w = rwr_weights(adv, groups, mask, "exp", temperature=1.0)
+    # softmax over the three kept samples of (0, ln 2, 1), times 3 (mean 1); the masked one is 0
+    e = torch.tensor([1.0, 2.0, math.e])
+    torch.testing.assert_close(w, torch.cat([3 * e / e.sum(), torch.zeros(1)]))
+    w = rwr_weights(adv, groups, mask, "best")
+    torch.testing.assert_close(w, torch.tensor([0.0, 1.5, 1.5, 0.0]))  # best of each group, mean 1 over kept
+
+
+def test_nft_reward_weight_and_loss_by_hand():
+    torch.testing.assert_close(nft_reward_weight(torch.tensor([-10.0, -5.0, 0.0, 2.5, 5.0])),
+                               torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0]))
+    # x_t = 1, x0 = 0.1, sigma = 0.5, v_theta = 1.2, v_old = 2, beta = 1:
+    # v+ = 1.2, v- = 2.8; x0+ = 0.4, x0- = -0.4; errors 0.3, -0.5; w+ = 0.3, w- = 0.5;
+    # l+ = 0.09 / 0.3 = 0.3, l- = 0.25 / 0.5 = 0.5; r = 0.8: 5 * (0.8 * 0.3 + 0.2 * 0.5) = 1.7
+    one = torch.ones(1, 1)
+    loss, m = nft_loss(1.2 * one, 2.0 * one, one, 0.1 * one, torch.tensor([0.5]), torch.tensor([0.8]), beta=1.0)
+    assert loss.item() == pytest.approx(1.7, rel=1e-5)
+    assert m["loss_positive"] == pytest.approx(0.3, rel=1e-5) and m["loss_negative"] == pytest.approx(0.5, rel=1e-5)
+    # KL term: + kl_beta * (v_theta - v_ref)^2 = 0.1 * 0.04
+    loss, _ = nft_loss(1.2 * one, 2.0 * one, one, 0.1 * one, torch.tensor([0.5]), torch.tensor([0.8]), beta=1.0,
+                       v_ref=one, kl_beta=0.1)
+    assert loss.item() == pytest.approx(1.7 + 0.004, rel=1e-5)
+
+
+def test_nft_loss_is_affine_in_the_reward_weight_so_blended_weights_blend_gradients():
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 2, 4, 4)
+    x0, x_t, v_old = (torch.randn(shape, generator=g) for _ in range(3))
+    sigma = torch.rand(3, generator=g)
+    theta = torch.randn(shape, generator=g)
+
+    def grad(r):
+        v = theta.clone().requires_grad_(True)
+        loss, _ = nft_loss(v, v_old, x_t, x0, sigma, r, beta=0.7)
+        loss.backward()
+        return loss.detach(), v.grad
+
+    r1, r2 = torch.rand(3, generator=g), torch.rand(3, generator=g)
+    l0, _ = grad(torch.zeros(3))
+    l1, _ = grad(torch.ones(3))
+    lr, _ = grad(r1)
+    # L(r) = L(0) + mean_i r_i (L+_i - L-_i) ... checked through the blend identity below and linearity here
+    a = 0.3
+    lb, gb = grad(a * r1 + (1 - a) * r2)
+    la, ga = grad(r1)
+    lc, gc = grad(r2)
+    assert lb.item() == pytest.approx(a * la.item() + (1 - a) * lc.item(), rel=1e-5)
+    torch.testing.assert_close(gb, a * ga + (1 - a) * gc, atol=1e-6, rtol=1e-5)
+    assert l0.item() != l1.item() and lr.item() != l0.item()
+
+
+def test_sigma_sampling_and_interpolation():
+    g = torch.Generator().manual_seed(0)
+    grid = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    s = sample_sigmas("grid", 5, 3, grid, g)
+    assert s.shape == (5, 3) and all(len(set(row.tolist())) == 3 for row in s)
+    assert set(s.flatten().tolist()) <= {1.0, 0.75, 0.5, 0.25}
+    with pytest.raises(ValueError, match="exceeds"):
+        sample_sigmas("grid", 1, 5, grid, g)
+    ln = sample_sigmas("logit_normal", 4000, 1, grid, g)
+    assert 0 < ln.min() and ln.max() < 1 and abs(ln.median().item() - 0.5) < 0.03
+    x0, eps = torch.zeros(2, 3), torch.ones(2, 3)
+    torch.testing.assert_close(noised(x0, eps, torch.tensor([0.25, 1.0])), torch.tensor([[0.25] * 3, [1.0] * 3]))
+    assert per_sample_mse(torch.zeros(2, 3), torch.ones(2, 3)).tolist() == [1.0, 1.0]
+
+
+def test_accumulation_schedule_splits_micro_batches():
+    assert accumulation_schedule(5, 2) == [(2, False), (2, True), (3, False), (3, False), (3, True)]
+    assert accumulation_schedule(2, 4) == [(1, True), (1, True)]
+
+
+def test_group_pairs_best_and_worst_of_each_group():
+    total = torch.tensor([0.1, 0.9, 0.5, 0.5, 0.5, 0.5, 0.2, float("nan")])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    valid = torch.isfinite(total)
+    w, lo, gap = group_pairs(total, groups, valid)
+    assert w.tolist() == [1] and lo.tolist() == [0] and gap.tolist() == pytest.approx([0.8])
+
+
+# ---- trainers -------------------------------------------------------------------------------------------------
+
+def small(trainer, out, *extra, model="tiny-sd3"):
+    over = [f"trainer={trainer}", f"model.name={model}", f"run.out_dir={out}", "train.max_steps=2",
+            "train.prompts_per_step=2", "train.group_size=4", "train.train_batch_size=3", "sampling.batch_size=4",
+            "sampling.steps=4", "sampling.guidance=3.0", "run.eval_every=0", "run.log_with=none",
+            "run.progress=false", "run.checkpoint_every=1", "train.lr=1e-3", "model.lora_rank=4",
+            "train.timesteps_per_sample=2", "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}"]
+    return load_train_config(None, over + list(extra))
+
+
+REQUESTS = {"tiny-sd3": ["model.height=32", "model.width=32"],
+            "tiny-wan": ["model.height=16", "model.width=16", "model.num_frames=5"]}
+
+
+@pytest.mark.parametrize("model", list(REQUESTS))
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+def test_tiny_models_train_two_steps(trainer, finetune, model, tmp_path):
+    extra = ["train.kl_beta=0.1"] if trainer == "diffusion_nft" else []
+    cfg = small(trainer, tmp_path, f"model.finetune={finetune}", *REQUESTS[model], *extra, model=model)
+    t = TRAINERS[trainer](cfg)
+    named = dict(t.adapter.denoiser.named_parameters())
+    before = {n: p.detach().clone() for n, p in named.items()}
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    history = t.train()
+    changed = {n for n, p in named.items() if not torch.equal(before[n], p.detach())}
+    assert changed and changed <= trainable
+    assert all("lora_" in n for n in trainable) if finetune == "lora" else trainable == set(named)
+    assert all(math.isfinite(h["train/grad_norm"]) for h in history)
+    if trainer == "flow_dpo":
+        # The first step's loss is log 2 exactly (policy = reference) for every pair.
+        assert history[0]["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def _final_weights(run, step):
+    return load_file(str(run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+def test_resume_is_bit_identical(trainer, tmp_path):
+    extra = ["train.max_steps=3", "train.ema_decay=0.9", *REQUESTS["tiny-sd3"]]
+    if trainer == "flow_dpo":
+        extra.append("train.ref_update_every=2")
+    TRAINERS[trainer](small(trainer, tmp_path / "a", *extra)).train()
+    TRAINERS[trainer](small(trainer, tmp_path / "b", *extra)).train(stop_after=1)
+    resumed = TRAINERS[trainer](small(trainer, tmp_path / "b", *extra)).train()
+    assert [h["step"] for h in resumed] == [1, 2]
+    a, b = _final_weights(tmp_path / "a", 3), _final_weights(tmp_path / "b", 3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The extra state (old policy, reference, EMA) is restored too: the saved custom checkpoints agree.
+    for name in sorted(p.name for p in (tmp_path / "a" / "checkpoints" / "checkpoint-3").glob("custom_checkpoint_*")):
+        sa = torch.load(tmp_path / "a" / "checkpoints" / "checkpoint-3" / name, weights_only=True)
+        sb = torch.load(tmp_path / "b" / "checkpoints" / "checkpoint-3" / name, weights_only=True)
+        assert json.dumps(sa, default=lambda t: t.tolist()) == json.dumps(sb, default=lambda t: t.tolist())
+
+
+def test_nft_old_policy_follows_softly(tmp_path):
+    cfg = small("diffusion_nft", tmp_path, "train.max_steps=1", "train.old_decay_rate=0.5", *REQUESTS["tiny-sd3"])
+    t = DiffusionNFTTrainer(cfg)
+    start = [p.detach().clone() for p in t.params]
+    t.train()
+    # After step 0 the decay is min(0.5 * 0, 0.5) = 0: the old policy equals the trained weights.
+    assert all(torch.equal(s, p) for s, p in zip(t.old.shadow, t.params))
+    assert any(not torch.equal(s, p) for s, p in zip(start, t.params))
+    assert t.old_decay(1) == 0.5 and t.old_decay(5) == 0.5
+
+
+# ---- offline DPO ---------------------------------------------------------------------------------------------------
+
+def _pair_file(tmp_path, rows, size=32):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{name}.png")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_offline_dpo_trains_from_real_image_files(tmp_path):
+    rows = [{"prompt": "a red circle", "chosen": "img/a.png", "rejected": "img/b.png"},
+            {"prompt": "two blue squares", "chosen": "img/c.png", "rejected": "img/a.png"}]
+    path = _pair_file(tmp_path, rows)
+    wc = tmp_path / "w.safetensors"
+    WorldAdapter.random(0).save_pretrained(wc)
+    cfg = small("flow_dpo", tmp_path / "run", "train.mode=offline", f"train.pairs={path}", "train.pairs_per_step=2",
+                "model.finetune=full", "model.height=32", "model.width=32", f"model.path={wc}", "rewards={}",
+                model="world")
+    t = FlowDPOTrainer(cfg)
+    before = [p.detach().clone() for p in t.params]
+    history = t.train()
+    assert history[0]["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert any(not torch.equal(b, p) for b, p in zip(before, t.params))
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "chosen": "img/a.png", "rejected": "img/missing.png"}, r"pairs.jsonl:2: 'rejected' image"),
+    ({"prompt": "p", "chosen": "img/a.png", "rejected": "img/b.png", "tie": "maybe"}, r"pairs.jsonl:2: 'tie' must"),
+])
+def test_offline_dpo_stops_on_a_malformed_row_before_any_model_loads(row, message, tmp_path, monkeypatch):
+    good = {"prompt": "p", "chosen": "img/a.png", "rejected": "img/b.png"}
+    path = _pair_file(tmp_path, [good, row])
+    import visalign.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the pair file was checked")
+
+    monkeypatch.setattr(visalign.models, "load_model", no_model)
+    cfg = small("flow_dpo", tmp_path / "run", "train.mode=offline", f"train.pairs={path}", "rewards={}")
+    with pytest.raises(PairFileError, match=message):
+        FlowDPOTrainer(cfg)
+
+
+def test_offline_dpo_rejects_images_of_the_wrong_size(tmp_path):
+    path = _pair_file(tmp_path, [{"prompt": "p", "chosen": "img/a.png", "rejected": "img/b.png"}], size=16)
+    cfg = small("flow_dpo", tmp_path / "run", "train.mode=offline", f"train.pairs={path}", "rewards={}",
+                *REQUESTS["tiny-sd3"])
+    with pytest.raises(PairFileError, match=r"pairs.jsonl:1: 'chosen' image is 16×16; the model trains at 32×32"):
+        FlowDPOTrainer(cfg)

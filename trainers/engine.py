@@ -1,0 +1,433 @@
+"""The engine every online trainer shares (Flow-GRPO, Flow-RWR, DiffusionNFT, online Flow-DPO): the model
+(LoRA or full fine-tuning through the adapter), accelerate (DDP / DeepSpeed / FSDP, mixed precision), the
+optimizer, rewards, EMA, self-verifying `save_state` checkpoints with resume, evaluation, logging and the
+training loop. A recipe subclasses `OnlineTrainer` and implements `step(step) -> metrics`; `rollout_step`
+gives it the step's prompt groups, samples, gathered rewards and validity.
+
+Config sections shared by every recipe live here (`ModelConfig`, `SamplingConfig`, `RunConfig`); each recipe
+has its own config dataclass with its own `train:` section.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from trainers.advantages import combine_advantages, group_advantages
+from trainers.common import (
+    EMA,
+    PromptSource,
+    Rollout,
+    StepPlan,
+    TrainerState,
+    check_rewards_valid,
+    load_rewards,
+    plan_step,
+    prune_checkpoints,
+    resolve_resume,
+    rollout,
+    score_rewards,
+    step_generator,
+    verify_checkpoint,
+    write_manifest,
+)
+from visalign.generate import DTYPES
+from visalign.sampling import SDEOptions, sample
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="world", metadata={"help": "registered model (world, sd3, flux, wan, tiny-*)"})
+    path: str | None = field(default=None, metadata={"help": "local directory or hub id (world: checkpoint)"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights"})
+    height: int = field(default=32, metadata={"help": "image height"})
+    width: int = field(default=32, metadata={"help": "image width"})
+    num_frames: int | None = field(default=None, metadata={"help": "video models: 4k+1 frames"})
+    finetune: Literal["lora", "full"] = field(default="lora", metadata={"help": "LoRA adapter or all weights"})
+    lora_rank: int = field(default=32, metadata={"help": "LoRA rank (flow_grpo: 32)"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 × rank)"})
+    lora_targets: list[str] | None = field(default=None, metadata={"help": "module names (default per model)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+
+    def __post_init__(self):
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 1")
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = field(default=10, metadata={"help": "denoising steps in rollouts (flow_grpo: 10)"})
+    guidance: float = field(default=4.5, metadata={"help": "CFG scale for rollouts and training (1 = no CFG)"})
+    sde: Literal["flow_grpo", "cps", "dance", "ode"] = field(default="flow_grpo", metadata={
+        "help": "rollout sampler: an SDE (flow_grpo, cps, dance) or ode (NFT, RWR, DPO need no log-probs)"})
+    noise_level: float = field(default=0.7, metadata={"help": "a (flow_grpo, cps) or eta (dance)"})
+    window_size: int | None = field(default=None, metadata={"help": "SDE only on this many consecutive steps"})
+    window_range: tuple[int, int] | None = field(default=None, metadata={
+        "help": "[lo, hi): the window lies inside; its start is drawn each step (Flow-GRPO-Fast)"})
+    same_noise_per_group: bool = field(default=False, metadata={"help": "DanceGRPO: a group shares x_T"})
+    batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (per process)"})
+
+    def __post_init__(self):
+        if self.steps < 2:
+            raise ValueError(f"steps={self.steps} must be >= 2 (the last step is never trained)")
+        if self.window_size is not None:
+            lo, hi = self.window_range or (0, self.steps - 1)
+            if not (1 <= self.window_size <= hi - lo and 0 <= lo < hi <= self.steps):
+                raise ValueError(f"window_size={self.window_size} must fit in window_range=[{lo}, {hi}) "
+                                 f"within {self.steps} steps")
+        elif self.window_range is not None:
+            raise ValueError("window_range needs window_size")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = field(default="runs/flow_grpo", metadata={"help": "checkpoints, logs, samples"})
+    seed: int = field(default=0, metadata={"help": "seeds prompts, noise and shuffles"})
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    checkpoints_total_limit: int | None = field(default=2, metadata={"help": "keep this many checkpoints"})
+    resume_from: str | None = field(default="latest", metadata={"help": "latest, a checkpoint dir, or null"})
+    log_with: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard", metadata={"help": "tracker"})
+    eval_every: int = field(default=25, metadata={"help": "steps between evaluations (0 = never)"})
+    eval_prompts: str | None = field(default=None, metadata={"help": "prompt source for evaluation (default: "
+                                                                    "the training source)"})
+    eval_num_prompts: int = field(default=32, metadata={"help": "evaluation prompts (fixed seeds)"})
+    eval_steps: int = field(default=20, metadata={"help": "ODE steps for evaluation samples"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+@dataclass
+class BaseTrainConfig:
+    """The `train:` fields every online recipe shares; each recipe subclasses it with its own."""
+
+    prompts: str = field(default="world:seen", metadata={"help": "world:seen, or a .txt / .jsonl file"})
+    max_steps: int = field(default=100, metadata={"help": "rollout-and-update iterations"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompt groups per step (all processes)"})
+    group_size: int = field(default=8, metadata={"help": "samples per prompt (G)"})
+    train_batch_size: int = field(default=16, metadata={"help": "samples per training micro-batch (per process)"})
+    optimizer_steps_per_rollout: int = field(default=1, metadata={"help": "flow_grpo uses 2"})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate (flow_grpo LoRA: 3e-4)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    adv_clip: float = field(default=5.0, metadata={"help": "advantage clamp"})
+    adv_eps: float = field(default=1e-4, metadata={"help": "epsilon added to the std"})
+    global_std: bool = field(default=False, metadata={"help": "normalise by the batch std instead of the group's"})
+    advantage_mode: Literal["sum_then_normalize", "normalize_then_sum"] = field(
+        default="sum_then_normalize", metadata={"help": "multi-reward: weighted sum of rewards or of advantages"})
+    ema_decay: float | None = field(default=None, metadata={"help": "EMA of trained weights (flow_grpo: 0.9)"})
+    ema_every: int = field(default=1, metadata={"help": "steps between EMA updates"})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "autocast"})
+
+    def __post_init__(self):
+        for name in ("max_steps", "prompts_per_step", "group_size", "train_batch_size", "optimizer_steps_per_rollout"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
+
+
+def accumulation_schedule(n_micro: int, optimizer_steps: int) -> list[tuple[int, bool]]:
+    """Split n_micro micro-batches into `optimizer_steps` near-equal consecutive optimizer steps. For each
+    micro-batch: (micro-batches in its optimizer step, to divide its loss by; whether it ends the step)."""
+    n_opt = max(1, min(optimizer_steps, n_micro))
+    bounds = [round(n_micro * (o + 1) / n_opt) for o in range(n_opt)]
+    out, start = [], 0
+    for end in bounds:
+        out += [(end - start, i + 1 == end) for i in range(start, end)]
+        start = end
+    return out
+
+
+def check_reward_names(names) -> None:
+    import rewards as rewards_lib
+
+    for name in names:
+        if name not in rewards_lib.REGISTRY and "." not in name:
+            raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(rewards_lib.list_rewards())}")
+
+
+@dataclass
+class RolloutStep:
+    """A step's rollout as every recipe sees it: this process's share (`ro`), the gathered scores of the whole
+    batch in global order, each sample's prompt group, and which samples have finite trained rewards."""
+
+    plan: StepPlan
+    ro: Rollout
+    gathered: dict[str, torch.Tensor]
+    groups: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def local(self) -> slice:
+        return slice(self.plan.start, self.plan.start + len(self.plan.items))
+
+
+class OnlineTrainer:
+    """Shared engine. Subclasses set `name` and implement `step`. `train()` runs to `train.max_steps`, resuming
+    from the latest verified checkpoint; the config needs `model`, `sampling`, `train` (with `lr`, `betas`,
+    `weight_decay`, `max_steps`, `prompts`, `prompts_per_step`, `group_size`, `ema_decay`, `ema_every`,
+    `mixed_precision`), `run`, `rewards` and `eval_rewards` sections."""
+
+    name = "trainer"
+
+    def __init__(self, cfg, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.cfg = cfg
+        self.out = Path(cfg.run.out_dir)
+        log_with = None if cfg.run.log_with == "none" else cfg.run.log_with
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision, log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        self._build()
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def wants_frozen_reference(self) -> bool:
+        """Full fine-tuning keeps a frozen copy of the denoiser when the recipe needs the reference policy."""
+        return False
+
+    def _build(self) -> None:
+        from visalign.models import load_model
+
+        cfg, acc = self.cfg, self.accelerator
+        self.source = PromptSource(cfg.train.prompts)
+        self.eval_source = PromptSource(cfg.run.eval_prompts or cfg.train.prompts)
+        adapter = load_model(cfg.model.name, cfg.model.path, torch_dtype=DTYPES[cfg.model.dtype], device=str(acc.device))
+        adapter.check_request(cfg.model.height, cfg.model.width, cfg.model.num_frames)
+        self.ref_denoiser = None
+        if cfg.model.finetune == "lora":
+            adapter.add_lora(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, target_modules=cfg.model.lora_targets)
+        else:
+            if self.wants_frozen_reference():
+                self.ref_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False)
+            adapter.denoiser.requires_grad_(True)
+        if cfg.model.gradient_checkpointing:
+            adapter.denoiser.enable_gradient_checkpointing()
+        params = adapter.trainable_parameters()
+        for p in params:  # trained weights stay fp32 even when the frozen base runs in half precision
+            p.data = p.data.float()
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
+                                      weight_decay=cfg.train.weight_decay)
+        self.model, self.optimizer = acc.prepare(adapter.denoiser, optimizer)
+        adapter.set_forward_module(self.model)
+        self.adapter = adapter
+        self.params = params
+        self.rewards = load_rewards(cfg.rewards)
+        self.eval_rewards = load_rewards(cfg.eval_rewards)
+        self.ema = EMA(params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema_decay else None
+        self.state = TrainerState()
+        acc.register_for_checkpointing(self.state)
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+
+    def _sde(self, step: int) -> SDEOptions:
+        s = self.cfg.sampling
+        window = None
+        if s.window_size is not None:
+            lo, hi = s.window_range or (0, s.steps - 1)
+            start = lo + int(torch.randint(hi - lo - s.window_size + 1, (1,), generator=step_generator(
+                self.cfg.run.seed, step, 2)))
+            window = (start, start + s.window_size)
+        return SDEOptions(s.sde, s.noise_level, window)
+
+    def _autocast(self):
+        return self.accelerator.autocast() if self.cfg.train.mixed_precision != "no" else None
+
+    # ---- the shared half of a step -------------------------------------------------------------------------
+    def rollout_step(self, step: int) -> RolloutStep:
+        """Plan the step's prompt groups, sample and score this process's share, score held-out rewards,
+        gather every process's scores in rank order (the global batch, whole groups) and check validity."""
+        cfg, acc = self.cfg, self.accelerator
+        plan = plan_step(self.source, seed=cfg.run.seed, step=step, prompts_per_step=cfg.train.prompts_per_step,
+                         group_size=cfg.train.group_size, rank=acc.process_index, world_size=acc.num_processes)
+        self.model.eval()
+        ro = rollout(self.adapter, plan, self.rewards, num_steps=cfg.sampling.steps, guidance=cfg.sampling.guidance,
+                     sde=self._sde(step), batch_size=cfg.sampling.batch_size, height=cfg.model.height,
+                     width=cfg.model.width, num_frames=cfg.model.num_frames,
+                     same_noise_per_group=cfg.sampling.same_noise_per_group,
+                     autocast=self._autocast if cfg.train.mixed_precision != "no" else None)
+        if self.eval_rewards:
+            ro.scores.update({f"heldout/{k}": v for k, v in
+                              score_rewards(self.eval_rewards, ro.images, plan.items).items()})
+        gathered = {k: acc.gather(v.to(acc.device)).cpu() for k, v in ro.scores.items()}
+        groups = torch.arange(plan.total) // cfg.train.group_size
+        valid = check_rewards_valid(gathered, list(self.rewards), step)
+        return RolloutStep(plan, ro, gathered, groups, valid)
+
+    @staticmethod
+    def reward_metrics(gathered: dict[str, torch.Tensor]) -> dict:
+        metrics = {}
+        for k, v in gathered.items():
+            finite = v[torch.isfinite(v)]
+            prefix = k if k.startswith("heldout/") else f"rewards/{k}"
+            metrics[f"{prefix}/mean"] = finite.mean().item() if len(finite) else float("nan")
+            metrics[f"{prefix}/std"] = finite.std().item() if len(finite) > 1 else 0.0
+        return metrics
+
+    def micro_context(self, last: bool):
+        """Context for one micro-batch's forward and backward: gradients sync across processes only on the
+        last micro-batch of an optimizer step (DDP `no_sync` otherwise), under autocast when configured."""
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        if not last:
+            stack.enter_context(self.accelerator.no_sync(self.model))
+        autocast = self._autocast()
+        if autocast is not None:
+            stack.enter_context(autocast)
+        return stack
+
+    def advantages(self, scores: dict[str, torch.Tensor], groups: torch.Tensor, valid: torch.Tensor):
+        """Group-relative advantages of the trained rewards over the gathered batch (weighted sum of rewards, or
+        of per-reward advantages with `advantage_mode=normalize_then_sum`), and their metrics."""
+        cfg = self.cfg.train
+        weights = self.cfg.rewards
+        kw = {"eps": cfg.adv_eps, "global_std": cfg.global_std, "clip": cfg.adv_clip, "valid": valid}
+        if cfg.advantage_mode == "sum_then_normalize" or len(weights) == 1:
+            total = sum(w * scores[name].double() for name, w in weights.items())
+            return group_advantages(total, groups, **kw)
+        per_reward, metrics = {}, {}
+        for name in weights:
+            per_reward[name], m = group_advantages(scores[name], groups, **kw)
+            metrics.update({f"{k}/{name}": v for k, v in m.items()})
+        adv = combine_advantages(per_reward, weights)
+        metrics["zero_std_fraction"] = float((adv == 0).float().mean())
+        return adv, metrics
+
+    def optimizer_step(self) -> float:
+        """Clip gradients, step, zero them; returns the gradient norm before clipping."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def step(self, step: int) -> dict:
+        raise NotImplementedError
+
+    # ---- evaluation, checkpoints, loop ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """ODE samples of a fixed prompt set with fixed seeds; trained and held-out rewards; a grid PNG."""
+        from visalign.generate import save_pixels
+
+        cfg = self.cfg
+        items = self.eval_source.draw(cfg.run.eval_num_prompts, step_generator(cfg.run.seed, -1, 9))
+        if self.ema is not None:
+            self.ema.swap()
+        try:
+            self.model.eval()
+            cond = self.adapter.encode_prompts([it["prompt"] for it in items],
+                                               cfg=self.adapter.guidance == "cfg" and cfg.sampling.guidance > 1)
+            traj = sample(self.adapter, cond, num_steps=cfg.run.eval_steps, height=cfg.model.height,
+                          width=cfg.model.width, num_frames=cfg.model.num_frames, guidance_scale=cfg.sampling.guidance,
+                          seeds=[10_000 + i for i in range(len(items))])
+            images = self.adapter.decode(traj.final).float()
+        finally:
+            if self.ema is not None:
+                self.ema.swap()
+        scores = score_rewards({**self.rewards, **self.eval_rewards}, images, items)
+        metrics = {f"eval/{k}/mean": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}
+        if self.accelerator.is_main_process:
+            save_pixels(images[:32] if images.ndim == 4 else images[:8], self.out / "samples" /
+                        f"step_{step:06d}.{'png' if images.ndim == 4 else 'gif'}", scale=2)
+        return metrics
+
+    def save_checkpoint(self, step: int) -> Path:
+        acc = self.accelerator
+        directory = self.out / "checkpoints" / f"checkpoint-{step}"
+        acc.save_state(str(directory), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if self.cfg.model.finetune == "lora":
+                self.adapter.save_lora(directory / "lora")
+            write_manifest(directory, step)
+            prune_checkpoints(self.out, self.cfg.run.checkpoints_total_limit)
+        acc.wait_for_everyone()
+        return directory
+
+    def load_checkpoint(self, directory: Path) -> None:
+        step = verify_checkpoint(directory)
+        self.accelerator.load_state(str(directory))
+        if self.state.step != step:
+            raise ValueError(f"checkpoint {directory}: manifest step {step} != saved trainer step {self.state.step}")
+
+    def save_final(self) -> Path:
+        """LoRA in diffusers format, or the full weights, into out_dir/final (EMA weights when enabled)."""
+        final = self.out / "final"
+        if self.ema is not None:
+            self.ema.swap()
+        try:
+            if self.accelerator.is_main_process:
+                final.mkdir(parents=True, exist_ok=True)
+                if self.cfg.model.finetune == "lora":
+                    self.adapter.save_lora(final)
+                elif hasattr(self.adapter, "save_pretrained"):
+                    self.adapter.save_pretrained(final / "model.safetensors")
+                else:
+                    self.accelerator.unwrap_model(self.model).save_pretrained(final / "denoiser")
+        finally:
+            if self.ema is not None:
+                self.ema.swap()
+        return final
+
+    def progress_postfix(self, metrics: dict) -> dict:
+        main_reward = next(iter(self.cfg.rewards))
+        return {"reward": f"{metrics[f'rewards/{main_reward}/mean']:.3f}"}
+
+    def train(self, stop_after: int | None = None) -> list[dict]:
+        """Run until max_steps (or until `stop_after` more steps, to simulate an interruption)."""
+        from visalign.config import save_config
+
+        cfg, acc = self.cfg, self.accelerator
+        resume = resolve_resume(self.out, cfg.run.resume_from)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        if cfg.run.log_with != "none":
+            acc.init_trackers("visalign", config=_flat(asdict(cfg)))
+        history = []
+        start = self.state.step
+        end = cfg.train.max_steps if stop_after is None else min(cfg.train.max_steps, start + stop_after)
+        bar = tqdm(range(start, end), initial=start, total=cfg.train.max_steps, desc=self.name,
+                   disable=not (cfg.run.progress and acc.is_local_main_process))
+        for step in bar:
+            metrics = self.step(step)
+            self.state.step = step + 1
+            if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+                metrics.update(self.evaluate(step + 1))
+            if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.train.max_steps:
+                self.save_checkpoint(step + 1)
+            acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
+            if acc.is_main_process:
+                with (self.out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            bar.set_postfix(self.progress_postfix(metrics))
+            history.append(metrics)
+        if self.state.step >= cfg.train.max_steps:
+            self.save_final()
+        if cfg.run.log_with != "none":
+            acc.end_training()
+        return history
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Flatten a nested config for trackers (which accept scalars and strings only)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+

@@ -1,0 +1,275 @@
+"""Online trainers on the forward process: flow matching on the clean samples of each rollout, weighted by their
+rewards. No log-probabilities, so any sampler works (`sampling.sde: ode` is the usual choice).
+
+- Flow-RWR / reward-filtered SFT (`trainer: flow_rwr`): L = mean_i w_i ||v_theta(x_t) - (eps - x0_i)||², with
+  w = exp(A / temperature) or "best of each group" (flow_grpo `scripts/train_sd3_sft.py`; "Improving Video
+  Generation with Human Feedback", Flow-RWR).
+- DiffusionNFT (`trainer: diffusion_nft`): positive / negative implicit policies around an old policy that
+  follows the trained one softly (`trainers.losses.nft_loss`; NVlabs/DiffusionNFT `scripts/train_nft_sd3.py`).
+
+Both share the engine (`trainers.engine.OnlineTrainer`): rollouts, rewards, advantages, checkpoints, logging.
+
+    visalign train configs/nft_world.yaml
+    visalign train configs/rwr_world.yaml train.weighting=best
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from trainers.common import ParamCopy, step_generator
+from trainers.engine import (
+    BaseTrainConfig,
+    ModelConfig,
+    OnlineTrainer,
+    RunConfig,
+    SamplingConfig,
+    accumulation_schedule,
+    check_reward_names,
+)
+from trainers.losses import nft_loss, nft_reward_weight, per_sample_mse, rwr_weights
+
+
+def _ode_sampling() -> SamplingConfig:
+    return SamplingConfig(sde="ode")
+
+
+def sample_sigmas(kind: str, n: int, k: int, grid: Tensor, generator: torch.Generator) -> Tensor:
+    """Training noise levels [n, k]: "grid" draws k distinct levels per sample from the sampler's grid (without
+    the final 0; DiffusionNFT trains on its sampling timesteps), "logit_normal" draws sigmoid(N(0, 1)) (SD3's
+    timestep density, Flow-DPO)."""
+    if kind == "grid":
+        levels = grid[grid > 0]
+        if k > len(levels):
+            raise ValueError(f"timesteps_per_sample={k} exceeds the {len(levels)} non-zero sampler noise levels")
+        return torch.stack([levels[torch.randperm(len(levels), generator=generator)[:k]] for _ in range(n)]).float()
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(n, k, generator=generator))
+    raise ValueError(f"sigma_sampling {kind!r}: allowed 'grid' or 'logit_normal'")
+
+
+def noised(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+    """Rectified-flow interpolation x_t = (1 - sigma) x0 + sigma eps (velocity target eps - x0)."""
+    s = sigma.view(-1, *([1] * (x0.ndim - 1))).to(x0)
+    return (1 - s) * x0 + s * noise
+
+
+@dataclass
+class ForwardTrainConfig(BaseTrainConfig):
+    timesteps_per_sample: int = field(default=4, metadata={"help": "noised copies of each sample trained per step"})
+    sigma_sampling: Literal["grid", "logit_normal"] = field(default="grid", metadata={
+        "help": "noise levels: the sampler's grid (DiffusionNFT) or logit-normal (SD3 / Flow-DPO)"})
+    train_guidance: float = field(default=1.0, metadata={"help": "CFG scale of the trained prediction (1 = "
+                                                                  "conditional only, CFG-free as NFT)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.timesteps_per_sample < 1:
+            raise ValueError(f"timesteps_per_sample={self.timesteps_per_sample} must be >= 1")
+
+
+class ForwardTrainer(OnlineTrainer):
+    """Shared by the forward-process recipes: micro-batches of (sample, noise level, noise) and the velocity."""
+
+    def micro_batches(self, n: int, step: int, grid: Tensor):
+        """[(sample indices, sigma [b], noise seed generator)] over samples × timesteps, in a fixed order."""
+        cfg = self.cfg.train
+        g = step_generator(self.cfg.run.seed, step, 3 + self.accelerator.process_index)
+        sigmas = sample_sigmas(cfg.sigma_sampling, n, cfg.timesteps_per_sample, grid, g)
+        order = torch.randperm(n, generator=g)
+        chunks = [order[i:i + cfg.train_batch_size] for i in range(0, n, cfg.train_batch_size)]
+        micro = [(idx, sigmas[idx, j]) for idx in chunks for j in range(cfg.timesteps_per_sample)]
+        return micro, g
+
+    def velocity(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
+        return self.adapter.predict_velocity(x_t, sigma.to(x_t.device), cond, self.cfg.train.train_guidance)
+
+
+# ---------------------------------------------------------------------------------------------- Flow-RWR
+
+
+@dataclass
+class RWRTrainConfig(ForwardTrainConfig):
+    weighting: Literal["exp", "best"] = field(default="exp", metadata={"help": "exp(A / temperature) or best of group"})
+    temperature: float = field(default=1.0, metadata={"help": "of the exponential weighting"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+
+
+@dataclass
+class FlowRWRConfig:
+    """Flow-RWR / reward-filtered SFT: reward-weighted flow matching on rollouts."""
+
+    trainer: Literal["flow_rwr"] = field(default="flow_rwr", metadata={"help": "which trainer runs"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=_ode_sampling)
+    train: RWRTrainConfig = field(default_factory=RWRTrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
+                                      metadata={"help": "trained rewards and their weights"})
+    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
+
+    def __post_init__(self):
+        if not self.rewards:
+            raise ValueError("rewards must name at least one reward")
+        check_reward_names([*self.rewards, *self.eval_rewards])
+
+
+class FlowRWRTrainer(ForwardTrainer):
+    name = "flow-rwr"
+
+    def step(self, step: int) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        rs = self.rollout_step(step)
+        adv, adv_metrics = self.advantages(rs.gathered, rs.groups, rs.valid)
+        weights = rwr_weights(adv, rs.groups, rs.valid, cfg.train.weighting, cfg.train.temperature)[rs.local]
+        x0 = rs.ro.traj.final
+        keep = torch.nonzero(weights > 0).flatten()  # zero-weight samples contribute nothing
+        t_train = time.perf_counter()
+        micro, g = self.micro_batches(len(keep), step, rs.ro.traj.sigmas)
+        self.model.train()
+        logs: dict[str, list[float]] = {}
+        for (pos, sigma), (size, last) in zip(micro, accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout)):
+            idx = keep[pos]
+            noise = torch.randn(x0[idx].shape, generator=g).to(x0.device)
+            target = noise - x0[idx]
+            with self.micro_context(last):
+                v = self.velocity(noised(x0[idx], noise, sigma), sigma, rs.ro.cond.index(idx))
+                err = per_sample_mse(v, target)
+                loss = (weights[idx].to(err.device) * err).mean()
+                acc.backward(loss / size)
+            logs.setdefault("rwr_loss", []).append(loss.item())
+            logs.setdefault("mse", []).append(err.mean().item())
+            if last:
+                logs.setdefault("grad_norm", []).append(self.optimizer_step())
+        if self.ema is not None:
+            self.ema.update(step)
+        metrics = {"step": step, **rs.ro.timings, **adv_metrics, **self.reward_metrics(rs.gathered),
+                   **{f"train/{k}": sum(v) / len(v) for k, v in logs.items()},
+                   "train/weight_max": float(weights.max()) if len(weights) else 0.0,
+                   "trained_fraction": len(keep) / max(1, len(weights)), "invalid_rewards": int((~rs.valid).sum()),
+                   "time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0}
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------- DiffusionNFT
+
+
+@dataclass
+class NFTTrainConfig(ForwardTrainConfig):
+    nft_beta: float = field(default=1.0, metadata={"help": "beta of the implicit policies v± (DiffusionNFT)"})
+    kl_beta: float = field(default=1e-4, metadata={"help": "weight of ||v_theta - v_ref||² (DiffusionNFT: 1e-4)"})
+    old_decay_rate: float = field(default=0.001, metadata={"help": "old-policy decay d = min(rate × step, max)"})
+    old_decay_max: float = field(default=0.5, metadata={"help": "upper bound of the old-policy decay"})
+    sample_with_old: bool = field(default=True, metadata={"help": "roll out with the old policy (DiffusionNFT)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.nft_beta <= 0:
+            raise ValueError(f"nft_beta={self.nft_beta} must be > 0")
+        if not 0 <= self.old_decay_max < 1 or self.old_decay_rate < 0:
+            raise ValueError("old_decay_max must be in [0, 1) and old_decay_rate >= 0")
+
+
+@dataclass
+class DiffusionNFTConfig:
+    """DiffusionNFT: negative-aware fine-tuning on the forward process."""
+
+    trainer: Literal["diffusion_nft"] = field(default="diffusion_nft", metadata={"help": "which trainer runs"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=_ode_sampling)
+    train: NFTTrainConfig = field(default_factory=NFTTrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
+                                      metadata={"help": "trained rewards and their weights"})
+    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
+
+    def __post_init__(self):
+        if not self.rewards:
+            raise ValueError("rewards must name at least one reward")
+        check_reward_names([*self.rewards, *self.eval_rewards])
+
+
+class DiffusionNFTTrainer(ForwardTrainer):
+    name = "diffusion-nft"
+
+    def wants_frozen_reference(self) -> bool:
+        return self.cfg.train.kl_beta > 0
+
+    def _build(self) -> None:
+        super()._build()
+        self.old = ParamCopy(self.params)
+        self.accelerator.register_for_checkpointing(self.old)
+
+    def old_decay(self, step: int) -> float:
+        """d = min(rate × step, max) (DiffusionNFT's soft old-policy update), applied after step `step`."""
+        return min(self.cfg.train.old_decay_rate * step, self.cfg.train.old_decay_max)
+
+    @torch.no_grad()
+    def reference_velocity(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
+        if self.ref_denoiser is None:
+            with self.adapter.lora_disabled():
+                return self.velocity(x_t, sigma, cond)
+        self.adapter.set_forward_module(self.ref_denoiser)
+        try:
+            return self.velocity(x_t, sigma, cond)
+        finally:
+            self.adapter.set_forward_module(self.model)
+
+    def rollout_step(self, step: int):
+        if not self.cfg.train.sample_with_old:
+            return super().rollout_step(step)
+        with self.old.swapped():
+            return super().rollout_step(step)
+
+    def step(self, step: int) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        rs = self.rollout_step(step)
+        adv, adv_metrics = self.advantages(rs.gathered, rs.groups, rs.valid)
+        r_all = nft_reward_weight(adv, cfg.train.adv_clip)
+        r = r_all[rs.local]
+        keep = torch.nonzero(rs.valid[rs.local]).flatten()  # invalid rewards: not trained on
+        x0 = rs.ro.traj.final
+        t_train = time.perf_counter()
+        micro, g = self.micro_batches(len(keep), step, rs.ro.traj.sigmas)
+        self.model.train()
+        logs: dict[str, list[float]] = {}
+        for (pos, sigma), (size, last) in zip(micro, accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout)):
+            idx = keep[pos]
+            noise = torch.randn(x0[idx].shape, generator=g).to(x0.device)
+            x_t = noised(x0[idx], noise, sigma)
+            cond = rs.ro.cond.index(idx)
+            with torch.no_grad(), self.old.swapped():
+                v_old = self.velocity(x_t, sigma, cond)
+            v_ref = self.reference_velocity(x_t, sigma, cond) if cfg.train.kl_beta > 0 else None
+            with self.micro_context(last):
+                v = self.velocity(x_t, sigma, cond)
+                loss, m = nft_loss(v, v_old, x_t, x0[idx], sigma, r[idx].to(v.device), cfg.train.nft_beta,
+                                   cfg.train.adv_clip, v_ref=v_ref, kl_beta=cfg.train.kl_beta)
+                acc.backward(loss / size)
+            for key, value in m.items():
+                logs.setdefault(key, []).append(value)
+            if last:
+                logs.setdefault("grad_norm", []).append(self.optimizer_step())
+        decay = self.old_decay(step)
+        self.old.blend(decay)
+        if self.ema is not None:
+            self.ema.update(step)
+        metrics = {"step": step, **rs.ro.timings, **adv_metrics, **self.reward_metrics(rs.gathered),
+                   **{f"train/{k}": sum(v) / len(v) for k, v in logs.items()}, "train/old_decay": decay,
+                   "trained_fraction": len(keep) / max(1, len(r)), "invalid_rewards": int((~rs.valid).sum()),
+                   "time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0}
+        return metrics
+
+
+__all__ = ["DiffusionNFTConfig", "DiffusionNFTTrainer", "FlowRWRConfig", "FlowRWRTrainer", "noised", "sample_sigmas"]
