@@ -34,6 +34,7 @@ REGISTRY: dict[str, str] = {
     "world-verifier": "rewards.world:WorldVerifierReward",
     "world-strict": "rewards.world:WorldStrictReward",
     "world-cleanliness": "rewards.world:WorldCleanlinessReward",
+    "world-soft": "rewards.world:WorldSoftReward",
 }
 
 _CACHE: dict[tuple, Reward] = {}

@@ -4,6 +4,8 @@ verifier ignores). Prompts must be in the world's grammar; a spec in metadata["s
 
 from __future__ import annotations
 
+import torch
+
 from rewards.base import Reward
 from visalign.world.verify import cleanliness, verify
 
@@ -46,3 +48,47 @@ class WorldCleanlinessReward(Reward):
 
     def score(self, *, prompts, images, videos, metadata):
         return cleanliness(images).float()
+
+
+class WorldSoftReward(Reward):
+    """A differentiable proxy of the verifier for gradient steering (guidance, ReNO) in the world; the exact
+    verifier stays the judge. Per object of the spec, a soft colour mask m = exp(-||pixel - colour||² / 2 tau²)
+    gives its mass (in expected one-shape areas) and centroid; the score averages, over the prompt's concepts,
+    presence 1 - exp(-mass / count), and for positions / relations a sigmoid of the centroid offset in the named
+    direction (canvas thirds for positions, the other object's centroid for relations). In [0, 1]."""
+
+    name = "world-soft"
+    differentiable = True
+    value_range = (0.0, 1.0)
+
+    def __init__(self, tau: float = 0.12, sharpness: float = 0.15, **kwargs):
+        super().__init__(**kwargs)
+        self.tau, self.sharpness = tau, sharpness
+
+    def score(self, *, prompts, images, videos, metadata):
+        from visalign.world.grammar import COLORS, parse_prompt
+
+        specs = [s if not isinstance(s, str) else parse_prompt(s) for s in _specs(prompts, metadata)]
+        size = images.shape[-1]
+        coords = (torch.arange(size, dtype=images.dtype, device=images.device) + 0.5) / size
+        area = (0.3 * size) ** 2  # about one medium shape, in pixels
+        scores = []
+        for image, spec in zip(images, specs):
+            terms, centres = [], []
+            for obj in spec.objects:
+                rgb = torch.tensor(COLORS[obj.color], dtype=image.dtype, device=image.device)[:, None, None]
+                mask = torch.exp(-(image - rgb).pow(2).sum(0) / (2 * self.tau**2))
+                mass = mask.sum()
+                terms.append(1 - torch.exp(-mass / (area * obj.count)))
+                cx = (mask.sum(0) * coords).sum() / mass.clamp(min=1e-6)
+                cy = (mask.sum(1) * coords).sum() / mass.clamp(min=1e-6)
+                centres.append((cx, cy))
+                if obj.position is not None:
+                    offset = {"left": 1 / 3 - cx, "right": cx - 2 / 3, "top": 1 / 3 - cy, "bottom": cy - 2 / 3}
+                    terms.append(torch.sigmoid(offset[obj.position] / self.sharpness * 3))
+            if spec.relation is not None and len(centres) == 2:
+                (ax, ay), (bx, by) = centres
+                offset = {"left_of": bx - ax, "right_of": ax - bx, "above": by - ay, "below": ay - by}
+                terms.append(torch.sigmoid(offset[spec.relation] / self.sharpness))
+            scores.append(torch.stack(terms).mean())
+        return torch.stack(scores)

@@ -51,6 +51,7 @@ def test_sample_bad_input(argv, message, capsys):
 def _config_class(command: str):
     """The config dataclass of the command a shipped YAML's first line names."""
     from visalign.eval.world_suite import WorldEvalConfig
+    from visalign.steering.config import SteerConfig
     from visalign.world.pretrain import PretrainConfig
 
     words = command.split()
@@ -58,7 +59,8 @@ def _config_class(command: str):
         from visalign.train import TRAINERS, _import, trainer_name
 
         return _import(TRAINERS[trainer_name(str(CONFIGS[0].parent / words[2].split("/")[-1]), [])][0])
-    table = {("sample",): SampleConfig, ("world", "pretrain"): PretrainConfig, ("eval",): WorldEvalConfig}
+    table = {("sample",): SampleConfig, ("world", "pretrain"): PretrainConfig, ("eval",): WorldEvalConfig,
+             ("steer",): SteerConfig}
     for key, cls in table.items():
         if tuple(words[1:1 + len(key)]) == key:
             return cls

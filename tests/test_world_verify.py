@@ -366,3 +366,20 @@ def test_concepts_are_named_per_object():
     result = concepts(image, "a red circle and a red square")
     assert len(result) == 7 and all(result.values())
     assert {"red circle/color", "red square/color", "no_extra"} <= set(result)
+
+
+def test_soft_world_reward_prefers_matching_renders_and_is_differentiable():
+    import rewards
+    from visalign.world.grammar import sample_specs
+    from visalign.world.render import render_batch
+
+    specs = sample_specs(60, "seen", generator=torch.Generator().manual_seed(0))
+    images = render_batch(specs, 0)
+    r = rewards.load("world-soft")
+    right = r(prompts=[s.prompt for s in specs], images=images)
+    # The same images judged against another prompt of the batch (a shifted pairing) score lower on average.
+    wrong = r(prompts=[s.prompt for s in specs[1:] + specs[:1]], images=images)
+    assert ((right >= 0) & (right <= 1)).all() and right.mean() > wrong.mean() + 0.15
+    x = images[:4].clone().requires_grad_(True)
+    r(prompts=[s.prompt for s in specs[:4]], images=x).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -1,0 +1,65 @@
+"""`visalign steer CONFIG.yaml [overrides]`: steer a model from a config and write the images and a report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass
+class SteerConfig:
+    """What to steer and how. Every field can be set in YAML or overridden as `field=value`."""
+
+    model: str = field(default="world", metadata={"help": "registered model or dotted path to a factory"})
+    model_path: str | None = field(default=None, metadata={"help": "local directory or hub id of the weights"})
+    lora: str | None = field(default=None, metadata={"help": "diffusers-format LoRA to load first"})
+    prompts: list[str] = field(default_factory=lambda: ["two red circles"], metadata={"help": "one output each"})
+    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
+                                      metadata={"help": "rewards and their weights"})
+    method: Literal["best_of_n", "fk", "guidance", "reno"] = field(default="fk", metadata={"help": "method"})
+    options: dict[str, bool | int | float | str | None] = field(
+        default_factory=lambda: {"k": 4, "lam": 10.0}, metadata={"help": "the method's options, e.g. k, lam"})
+    steps: int = field(default=20, metadata={"help": "denoising steps"})
+    guidance: float = field(default=3.0, metadata={"help": "CFG scale (FLUX: embedded guidance)"})
+    height: int | None = field(default=None, metadata={"help": "image height (default: the model's)"})
+    width: int | None = field(default=None, metadata={"help": "image width (default: the model's)"})
+    num_frames: int | None = field(default=None, metadata={"help": "video models: 4k+1 frames"})
+    seed: int = field(default=0, metadata={"help": "seeds every particle and noise draw"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights dtype"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    out: str = field(default="outputs/steer", metadata={"help": "output directory"})
+
+    def __post_init__(self):
+        if not self.prompts or any(not p.strip() for p in self.prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty strings")
+        if not self.rewards:
+            raise ValueError("rewards must name at least one reward")
+        from visalign.steering import METHODS
+
+        try:
+            METHODS[self.method](**self.options)
+        except TypeError as err:
+            raise ValueError(f"options for {self.method}: {err}") from None
+
+
+def run(cfg: SteerConfig) -> dict:
+    from visalign.generate import DTYPES, save_pixels
+    from visalign.models import load_model
+    from visalign.steering import steer
+
+    adapter = load_model(cfg.model, cfg.model_path, torch_dtype=DTYPES[cfg.dtype], device=cfg.device)
+    if cfg.lora:
+        adapter.load_lora(cfg.lora)
+    out = steer(adapter, cfg.prompts, cfg.rewards, cfg.method, steps=cfg.steps, guidance=cfg.guidance,
+                height=cfg.height, width=cfg.width, num_frames=cfg.num_frames, seed=cfg.seed, **cfg.options)
+    directory = Path(cfg.out)
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = "gif" if out.images.ndim == 5 else "png"
+    for i, image in enumerate(out.images):
+        save_pixels(image[None], directory / f"{i:03d}.{suffix}")
+    report = {"prompts": cfg.prompts, "reward": out.reward.tolist(),
+              "rewards": {k: v.tolist() for k, v in out.rewards.items()}, **out.report}
+    (directory / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
