@@ -99,6 +99,28 @@ class RunConfig:
     eval_num_prompts: int = field(default=32, metadata={"help": "evaluation prompts (fixed seeds)"})
     eval_steps: int = field(default=20, metadata={"help": "ODE steps for evaluation samples"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    alarm_tolerance: float | None = field(default=None, metadata={
+        "help": "reward-hacking alarm: fire when a held-out signal (eval_rewards, rollout diversity) falls by more "
+                "than this since the first evaluation while the trained reward rises (None = off)"})
+    alarm_rise: float = field(default=0.0, metadata={"help": "alarm: minimum rise of the trained reward"})
+    alarm_window: int = field(default=1, metadata={"help": "alarm: moving average over this many evaluations"})
+    alarm_action: Literal["log", "stop"] = field(default="log", metadata={"help": "alarm: log it, or also stop"})
+
+    def __post_init__(self):
+        if self.alarm_tolerance is not None and self.eval_every < 1:
+            raise ValueError("alarm_tolerance needs evaluations: set run.eval_every >= 1")
+
+
+def within_group_diversity(images: torch.Tensor, groups: torch.Tensor) -> float:
+    """Mean pairwise RMS pixel distance between samples of the same prompt group (collapse drives it to 0)."""
+    flat = images.detach().float().flatten(1)
+    values = []
+    for g in torch.unique(groups):
+        x = flat[groups == g]
+        if len(x) > 1:
+            d = torch.cdist(x, x) / flat.shape[1] ** 0.5
+            values.append(d.sum() / (len(x) * (len(x) - 1)))
+    return float(torch.stack(values).mean()) if values else 0.0
 
 
 @dataclass
@@ -224,6 +246,13 @@ class OnlineTrainer:
         self.ema = EMA(params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema_decay else None
         self.state = TrainerState()
         acc.register_for_checkpointing(self.state)
+        self.alarm = None
+        if cfg.run.alarm_tolerance is not None:
+            from visalign.eval.alarms import AlarmMonitor
+
+            self.alarm = AlarmMonitor(cfg.run.alarm_tolerance, cfg.run.alarm_rise, cfg.run.alarm_window)
+            acc.register_for_checkpointing(self.alarm)
+        self._diversity: list[float] = []
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
 
@@ -259,6 +288,7 @@ class OnlineTrainer:
         gathered = {k: acc.gather(v.to(acc.device)).cpu() for k, v in ro.scores.items()}
         groups = torch.arange(plan.total) // cfg.train.group_size
         valid = check_rewards_valid(gathered, list(self.rewards), step)
+        self._diversity.append(within_group_diversity(ro.images, plan.groups))
         return RolloutStep(plan, ro, gathered, groups, valid)
 
     @staticmethod
@@ -377,6 +407,28 @@ class OnlineTrainer:
                 self.ema.swap()
         return final
 
+    def _check_alarm(self, step: int, metrics: dict) -> bool:
+        """Feed the evaluation into the hacking alarm; log it; True when the run should stop."""
+        if self.alarm is None:
+            return False
+        trained = sum(w * metrics[f"eval/{name}/mean"] for name, w in self.cfg.rewards.items())
+        heldout = {name: metrics[f"eval/{name}/mean"] for name in self.cfg.eval_rewards}
+        if self._diversity:
+            heldout["diversity"] = sum(self._diversity) / len(self._diversity)
+            metrics["eval/diversity"] = heldout["diversity"]
+            self._diversity = []
+        already = self.alarm.fired is not None
+        alarm = self.alarm.update(step, trained, heldout)
+        metrics["alarm/fired"] = int(alarm is not None)
+        if alarm is None or already:
+            return False
+        metrics["alarm/step"] = alarm.step
+        if self.accelerator.is_main_process:
+            tqdm.write(alarm.message())
+            with (self.out / "alarms.jsonl").open("a") as f:
+                f.write(json.dumps({"message": alarm.message(), **alarm.__dict__}) + "\n")
+        return self.cfg.run.alarm_action == "stop"
+
     def progress_postfix(self, metrics: dict) -> dict:
         main_reward = next(iter(self.cfg.rewards))
         return {"reward": f"{metrics[f'rewards/{main_reward}/mean']:.3f}"}
@@ -402,8 +454,10 @@ class OnlineTrainer:
         for step in bar:
             metrics = self.step(step)
             self.state.step = step + 1
+            stop_for_alarm = False
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
                 metrics.update(self.evaluate(step + 1))
+                stop_for_alarm = self._check_alarm(step + 1, metrics)
             if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.train.max_steps:
                 self.save_checkpoint(step + 1)
             acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
@@ -412,6 +466,9 @@ class OnlineTrainer:
                     f.write(json.dumps(metrics) + "\n")
             bar.set_postfix(self.progress_postfix(metrics))
             history.append(metrics)
+            if stop_for_alarm:
+                self.save_checkpoint(step + 1)
+                break
         if self.state.step >= cfg.train.max_steps:
             self.save_final()
         if cfg.run.log_with != "none":

@@ -59,13 +59,46 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown suite {args.suite!r}; allowed: world")
     flags = [f"out={json.dumps(args.out)}"] if args.out else []
     flags += [f"model_path={json.dumps(args.model_path)}"] if args.model_path else []
+    flags += [f"compare={json.dumps(args.compare)}"] if args.compare else []
     cfg = load_config(WorldEvalConfig, args.config, flags + list(args.overrides))
+    if cfg.compare:
+        return _eval_compare(cfg)
     adapter = load_model(cfg.model, cfg.model_path)
     if cfg.lora:
         adapter.load_lora(cfg.lora)
     results = evaluate_world(adapter, cfg)
     print(markdown_table(results))
     print(f"wrote {cfg.out}/results.json, results.md, grid_*.png")
+    return 0
+
+
+def _eval_compare(cfg) -> int:
+    """Comparison mode: every entry on the same prompts and seeds, paired deltas vs the first."""
+    import dataclasses
+
+    from visalign.eval.world_suite import compare_world, comparison_table, evaluate_world
+    from visalign.models import load_model
+
+    results = {}
+    for i, entry in enumerate(cfg.compare):
+        if entry == "base":
+            adapter = load_model(cfg.model, None)
+        elif entry.startswith("lora:"):
+            adapter = load_model(cfg.model, cfg.model_path)
+            adapter.load_lora(entry[len("lora:"):])
+        else:
+            if not Path(entry).exists():
+                raise ValueError(f"compare entry {entry!r}: no such checkpoint (use 'base', a path or lora:DIR)")
+            adapter = load_model(cfg.model, entry)
+        sub = dataclasses.replace(cfg, out=str(Path(cfg.out) / f"entry_{i}"), compare=[])
+        results[entry] = evaluate_world(adapter, sub)
+    deltas = compare_world(results)
+    table = comparison_table(results, deltas)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "comparison.md").write_text(table)
+    (Path(cfg.out) / "comparison.json").write_text(json.dumps(deltas, indent=1))
+    print(table)
+    print(f"wrote {cfg.out}/comparison.md, comparison.json and entry_*/")
     return 0
 
 
@@ -116,6 +149,20 @@ def _load_rewards(args: argparse.Namespace) -> dict:
 
     options = _reward_options(args.option or [], args.reward)
     return {name: rewards.load(name, **options[name]) for name in args.reward}
+
+
+def _steer(args: argparse.Namespace) -> int:
+    from visalign.config import load_config
+    from visalign.steering.config import SteerConfig, run
+
+    cfg = load_config(SteerConfig, args.config, list(args.overrides))
+    report = run(cfg)
+    print("| prompt | reward |\n|---|---|")
+    for prompt, reward in zip(report["prompts"], report["reward"]):
+        print(f"| {prompt} | {reward:.4f} |")
+    print(f"NFE {report['nfe']} ({report['nfe_per_prompt']:.0f} per prompt), {report['wall_time']:.1f} s, "
+          f"{100 * report['overhead_fraction']:.0f}% outside the denoiser; wrote {cfg.out}/")
+    return 0
 
 
 def _rewards_list(args: argparse.Namespace) -> int:
@@ -252,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="YAML file with the suite's config fields")
     e.add_argument("--out", help="output directory")
     e.add_argument("--model-path", dest="model_path", help="checkpoint to evaluate")
+    e.add_argument("--compare", action="append", help="a checkpoint to compare ('base', a path, lora:DIR); repeat: "
+                                                      "side by side, paired deltas vs the first, 95%% intervals")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. n_per_template=16")
     e.set_defaults(func=_eval)
 
@@ -266,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n", type=int, default=16, help="evaluation prompts per template and split")
     q.add_argument("overrides", nargs="*", help="Flow-GRPO config overrides, e.g. train.lr=5e-5")
     q.set_defaults(func=_quickstart)
+
+    st = sub.add_parser("steer", help="steer a model towards rewards at inference (best-of-N, FK, guidance, ReNO)")
+    st.add_argument("config", nargs="?", help="YAML file with SteerConfig fields, e.g. configs/steer_world.yaml")
+    st.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method=best_of_n options={n: 4}")
+    st.set_defaults(func=_steer)
 
     r = sub.add_parser("rewards", help="list, score with, evaluate and train reward models")
     rsub = r.add_subparsers(dest="rewards_command", required=True)

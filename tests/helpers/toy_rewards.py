@@ -37,3 +37,16 @@ class AlwaysNaN(Reward):
 
     def score(self, *, prompts, images, videos, metadata):
         return torch.full((images.shape[0],), float("nan"))
+
+
+class Darkness(Reward):
+    """1 - mean pixel value: exactly what MeanBrightness trades away (a held-out signal for alarm tests)."""
+
+    name = "test-darkness"
+    needs_prompts = False
+    inputs = ("images", "videos")
+    value_range = (0.0, 1.0)
+
+    def score(self, *, prompts, images, videos, metadata):
+        x = images if images is not None else videos
+        return 1 - x.float().mean(dim=tuple(range(1, x.ndim)))

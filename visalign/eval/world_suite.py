@@ -38,6 +38,9 @@ class WorldEvalConfig:
     guidance: float = field(default=3.0, metadata={"help": "CFG scale"})
     batch_size: int = field(default=64, metadata={"help": "samples per sampling batch"})
     seed: int = field(default=0, metadata={"help": "prompt selection and noise seeds"})
+    compare: list[str] = field(default_factory=list, metadata={
+        "help": "comparison mode: checkpoints to evaluate side by side on the same prompts and seeds "
+                "('base' = the shipped model, a .safetensors checkpoint, or lora:DIR); deltas vs the first"})
 
     def __post_init__(self):
         bad = [s for s in self.splits if s not in SPLITS]
@@ -115,6 +118,8 @@ def score_world(images: torch.Tensor, specs: list[SceneSpec]) -> dict:
         "partial_credit": float(main.score.mean()),
         "cleanliness": float(clean.mean()),
         "n": len(specs),
+        # per prompt, in suite order: what comparison mode pairs across checkpoints
+        "per_sample": {"template": templates, "passed": [bool(v) for v in main.passed]},
     }
 
 
@@ -158,3 +163,44 @@ def evaluate_world(adapter: FlowModelAdapter, cfg: WorldEvalConfig, progress: bo
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     return results
+
+
+def compare_world(results: dict[str, dict[str, dict]], level: float = 0.95, seed: int = 0) -> dict:
+    """Paired deltas of every entry against the first, per split and template and overall, with bootstrap
+    intervals over prompts (same prompts and seeds on every side)."""
+    from visalign.eval.stats import paired_delta
+
+    names = list(results)
+    base = results[names[0]]
+    out = {}
+    for name in names[1:]:
+        out[name] = {}
+        for split, r in results[name].items():
+            a, b = base[split]["per_sample"], r["per_sample"]
+            if a["template"] != b["template"]:
+                raise ValueError(f"{name} and {names[0]} were not evaluated on the same prompts")
+            passed_a = torch.tensor(a["passed"], dtype=torch.float64)
+            passed_b = torch.tensor(b["passed"], dtype=torch.float64)
+            rows = {"overall": paired_delta(passed_a, passed_b, level=level, seed=seed)}
+            for t in dict.fromkeys(a["template"]):
+                keep = torch.tensor([x == t for x in a["template"]])
+                rows[t] = paired_delta(passed_a[keep], passed_b[keep], level=level, seed=seed)
+            out[name][split] = rows
+    return out
+
+
+def comparison_table(results: dict[str, dict[str, dict]], deltas: dict) -> str:
+    """Markdown: accuracy of each entry per split and template, and the paired delta vs the first with its
+    95% interval."""
+    names = list(results)
+    rows = ["| split | template | " + " | ".join(names) + " | " +
+            " | ".join(f"Δ {n} (95% CI)" for n in names[1:]) + " |",
+            "|---|---|" + "---|" * (len(names) + len(names) - 1)]
+    for split in results[names[0]]:
+        for t in ["overall", *results[names[0]][split]["templates"]]:
+            accs = [results[n][split]["overall"] if t == "overall" else results[n][split]["templates"][t]["whole_prompt"]
+                    for n in names]
+            ds = [deltas[n][split][t] for n in names[1:]]
+            rows.append(f"| {split} | {t} | " + " | ".join(f"{a:.3f}" for a in accs) + " | " +
+                        " | ".join(f"{d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in ds) + " |")
+    return "\n".join(rows) + "\n"
