@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from rewards.base import Reward
 from rewards.preprocess import clip_preprocess, hpsv2_preprocess
-from rewards.weights import load_checkpoint, load_state_dict_checked
+from rewards.weights import hf_model_and_processor, hf_pretrained, load_checkpoint, load_state_dict_checked
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -33,18 +33,6 @@ from rewards.weights import load_checkpoint, load_state_dict_checked
 def _freeze(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Eval mode, no parameter gradients (gradients still reach the inputs), on device in dtype."""
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def _hf_pretrained(cls, source: str | Path, dtype: torch.dtype):
-    """`cls.from_pretrained`, refusing to silently random-initialise weights the checkpoint lacks."""
-    model, info = cls.from_pretrained(str(source), dtype=dtype, output_loading_info=True)
-    missing = sorted(info.get("missing_keys", ()))
-    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k)
-                        for k in info.get("mismatched_keys", ()))
-    if missing or mismatched:
-        raise ValueError(f"{source} does not fit {cls.__name__}: missing keys {missing[:10]}, "
-                         f"shape mismatch {mismatched[:10]}")
-    return model
 
 
 def _tiny_tokenizer_dir() -> Path:
@@ -102,15 +90,8 @@ class _HFCLIPReward(Reward):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         from transformers import AutoTokenizer, CLIPModel
 
-        if isinstance(model, (str, Path)):
-            tokenizer = model if tokenizer is None else tokenizer
-            model = _hf_pretrained(CLIPModel, model, dtype)
-        if tokenizer is None:
-            raise ValueError(f"{self.name}: pass tokenizer= (a tokenizer, local dir or hub id) with a model")
-        if isinstance(tokenizer, (str, Path)):
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-        self.tokenizer = tokenizer
-        self.model = _freeze(model, self.device, dtype)
+        self.model, self.tokenizer = hf_model_and_processor(model, tokenizer, CLIPModel, AutoTokenizer, dtype=dtype,
+                                                            device=self.device, label=self.name)
         self.image_size = self.model.config.vision_config.image_size
         self.max_length = self.model.config.text_config.max_position_embeddings  # 77: CLIP truncates there
 
@@ -239,7 +220,7 @@ class LaionAesthetic(Reward):
         if isinstance(clip, (str, Path)):
             from transformers import CLIPVisionModelWithProjection
 
-            clip = _hf_pretrained(CLIPVisionModelWithProjection, clip, dtype)
+            clip = hf_pretrained(CLIPVisionModelWithProjection, clip, dtype)
         self.clip = _freeze(clip, self.device, dtype)
         embed_dim = self.clip.config.projection_dim
         if isinstance(head, (str, Path)):

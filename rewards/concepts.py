@@ -30,6 +30,7 @@ from torch import Tensor
 
 from rewards.base import Reward, RewardError
 from rewards.preprocess import clip_preprocess, to_uint8_hwc
+from rewards.weights import hf_model_and_processor
 
 # djghosh13/geneval `evaluation/evaluate_images.py`: COLORS, the three colour prompt templates, and the
 # defaults THRESHOLD 0.3, COUNTING_THRESHOLD 0.9, MAX_OBJECTS 16, NMS off, POSITION_THRESHOLD 0.1.
@@ -295,19 +296,13 @@ class HFZeroShotDetector:
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        if isinstance(model, (str, Path)):
-            processor = model if processor is None else processor
-            model = AutoModelForZeroShotObjectDetection.from_pretrained(str(model), dtype=dtype)
-        if processor is None:
-            raise ValueError("pass processor= (a processor, local dir or hub id) with a detector model")
-        if isinstance(processor, (str, Path)):
-            processor = AutoProcessor.from_pretrained(str(processor))
-        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.processor = processor
+        self.model, self.processor = hf_model_and_processor(
+            model, processor, AutoModelForZeroShotObjectDetection, AutoProcessor, dtype=dtype, device=device,
+            label="detector")
         self.device, self.dtype = torch.device(device), dtype
         self.query_template = query_template
         self.min_score = min_score
-        self.kind = type(model).__name__
+        self.kind = type(self.model).__name__
 
     @torch.no_grad()
     def __call__(self, images: Tensor, classes: Sequence[Sequence[str]]) -> list[list[Detection]]:
@@ -350,15 +345,8 @@ class ColourClassifier:
                  dtype: torch.dtype = torch.float32):
         from transformers import AutoTokenizer, CLIPModel
 
-        if isinstance(model, (str, Path)):
-            tokenizer = model if tokenizer is None else tokenizer
-            model = CLIPModel.from_pretrained(str(model), dtype=dtype)
-        if tokenizer is None:
-            raise ValueError("pass tokenizer= with a CLIP model")
-        if isinstance(tokenizer, (str, Path)):
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = hf_model_and_processor(model, tokenizer, CLIPModel, AutoTokenizer, dtype=dtype,
+                                                            device=device, label="colour classifier")
         self.device, self.dtype = torch.device(device), dtype
         self._weights: dict[str, Tensor] = {}
 

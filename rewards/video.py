@@ -41,8 +41,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rewards.base import Reward, RewardError, combined
-from rewards.preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, center_crop, normalize, shortest_side_size,
-                                to_uint8_hwc)
+from rewards.preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    center_crop,
+    normalize,
+    shortest_side_size,
+    to_uint8_hwc,
+)
 from rewards.weights import load_checkpoint, load_state_dict_checked
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # VBench `dino_transform` (vbench/utils.py)

@@ -13,13 +13,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from rewards.base import Reward
 from rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize, to_uint8_hwc
+from rewards.weights import hf_model_and_processor
 
 # linzhiqiu/t2v_metrics (v3.0) `clip_t5_model.py`: the VQAScore question and answer.
 VQASCORE_QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'
@@ -38,16 +38,10 @@ class BlipVQA:
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoProcessor, BlipForQuestionAnswering
 
-        if isinstance(model, (str, Path)):
-            processor = model if processor is None else processor
-            model = BlipForQuestionAnswering.from_pretrained(str(model), dtype=dtype)
-        if processor is None:
-            raise ValueError("BlipVQA: pass processor= (a BlipProcessor, local dir or hub id) with a model")
-        if isinstance(processor, (str, Path)):
-            processor = AutoProcessor.from_pretrained(str(processor))
-        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.model, processor = hf_model_and_processor(model, processor, BlipForQuestionAnswering, AutoProcessor,
+                                                       dtype=dtype, device=device, label="BlipVQA")
         self.tokenizer = processor.tokenizer
-        self.image_size = model.config.vision_config.image_size
+        self.image_size = self.model.config.vision_config.image_size
         ids = self.tokenizer(answer, add_special_tokens=False).input_ids
         if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
             raise ValueError(f"BlipVQA: answer {answer!r} is not a single known token of this tokenizer ({ids})")
@@ -125,20 +119,13 @@ class VLMYesNo:
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        if isinstance(model, (str, Path)):
-            processor = model if processor is None else processor
-            model = AutoModelForImageTextToText.from_pretrained(str(model), dtype=dtype)
-        if processor is None:
-            raise ValueError("VLMYesNo: pass processor= (the model's processor, local dir or hub id)")
-        if isinstance(processor, (str, Path)):
-            processor = AutoProcessor.from_pretrained(str(processor))
         if not answers:
             raise ValueError("VLMYesNo: answers must name at least one spelling of yes")
-        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.processor = processor
+        self.model, self.processor = hf_model_and_processor(model, processor, AutoModelForImageTextToText,
+                                                            AutoProcessor, dtype=dtype, device=device, label="VLMYesNo")
         self.answers, self.normalize = tuple(answers), normalize
         self.device, self.dtype = torch.device(device), dtype
-        tokenizer = processor.tokenizer
+        tokenizer = self.processor.tokenizer
         self._answer_ids = {a: tokenizer(a, add_special_tokens=False).input_ids for a in self._spellings()}
         for spelling, ids in self._answer_ids.items():
             if not ids or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):

@@ -39,3 +39,30 @@ def load_state_dict_checked(module: nn.Module, state_dict: dict[str, Tensor], so
     if problems:
         raise ValueError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(state_dict)
+
+
+def hf_pretrained(cls, source: str | Path, dtype: torch.dtype):
+    """`cls.from_pretrained`, refusing to silently random-initialise weights the checkpoint lacks."""
+    model, info = cls.from_pretrained(str(source), dtype=dtype, output_loading_info=True)
+    missing = sorted(info.get("missing_keys", ()))
+    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k)
+                        for k in info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        raise ValueError(f"{source} does not fit {cls.__name__}: missing keys {missing[:10]}, "
+                         f"shape mismatch {mismatched[:10]}")
+    return model
+
+
+def hf_model_and_processor(model, processor, model_cls, processor_cls, *, dtype: torch.dtype,
+                           device: str | torch.device, label: str):
+    """A frozen transformers model and its processor (or tokenizer), each given as an object, a local directory
+    or a hub id; the processor defaults to the model's own directory. Loading is strict (`hf_pretrained`) and
+    never runs remote code."""
+    if isinstance(model, (str, Path)):
+        processor = model if processor is None else processor
+        model = hf_pretrained(model_cls, model, dtype)
+    if processor is None:
+        raise ValueError(f"{label}: pass the processor / tokenizer (an object, local dir or hub id) with a model object")
+    if isinstance(processor, (str, Path)):
+        processor = processor_cls.from_pretrained(str(processor))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), processor

@@ -197,3 +197,11 @@ def test_fk_gradient_proposal_keeps_the_tilted_target():
     x = out.latents.flatten()
     assert abs(x.mean().item() - 1.0) < 0.15
     assert out.report["backward_passes"] > 0
+
+
+def test_reno_chunking_and_checkpointing_do_not_change_the_result():
+    a = _toy("reno", n_prompts=6, iterations=3, lr=1.0, chunk=6, checkpoint=False)
+    b = _toy("reno", n_prompts=6, iterations=3, lr=1.0, chunk=2, checkpoint=True)
+    torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(a.report["reward_history"]), torch.tensor(b.report["reward_history"]),
+                               atol=1e-5, rtol=1e-5)

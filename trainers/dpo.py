@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from trainers.common import ParamCopy, step_generator
-from trainers.engine import ModelConfig, RunConfig, SamplingConfig, accumulation_schedule, check_reward_names
+from trainers.engine import ModelConfig, RunConfig, SamplingConfig, accumulation_schedule, check_rewards
 from trainers.forward import ForwardTrainConfig, ForwardTrainer, noised
 from trainers.losses import dpo_loss, per_sample_mse
 
@@ -79,9 +79,7 @@ class FlowDPOConfig:
     eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
 
     def __post_init__(self):
-        if self.train.mode == "online" and not self.rewards:
-            raise ValueError("online DPO needs rewards to rank each group")
-        check_reward_names([*self.rewards, *self.eval_rewards])
+        check_rewards(self.rewards, self.eval_rewards, required=self.train.mode == "online")
 
 
 def group_pairs(total: Tensor, groups: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:

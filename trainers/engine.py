@@ -166,10 +166,13 @@ def accumulation_schedule(n_micro: int, optimizer_steps: int) -> list[tuple[int,
     return out
 
 
-def check_reward_names(names) -> None:
+def check_rewards(trained: dict[str, float], heldout: list[str], required: bool = True) -> None:
+    """Config-time check of a recipe's `rewards` (non-empty unless not required) and `eval_rewards` names."""
     import rewards as rewards_lib
 
-    for name in names:
+    if required and not trained:
+        raise ValueError("rewards must name at least one reward")
+    for name in [*trained, *heldout]:
         if name not in rewards_lib.REGISTRY and "." not in name:
             raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(rewards_lib.list_rewards())}")
 

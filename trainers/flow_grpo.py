@@ -30,7 +30,7 @@ from trainers.engine import (
     RunConfig,
     SamplingConfig,
     accumulation_schedule,
-    check_reward_names,
+    check_rewards,
 )
 from trainers.losses import grpo_loss, guard_log_ratio
 from visalign.sampling import trajectory_log_prob
@@ -67,9 +67,7 @@ class FlowGRPOConfig:
     eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
 
     def __post_init__(self):
-        if not self.rewards:
-            raise ValueError("rewards must name at least one reward")
-        check_reward_names([*self.rewards, *self.eval_rewards])
+        check_rewards(self.rewards, self.eval_rewards)
         if self.sampling.sde == "ode":
             raise ValueError("sampling.sde=ode: Flow-GRPO needs a stochastic sampler (flow_grpo, cps or dance)")
 

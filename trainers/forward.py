@@ -30,7 +30,7 @@ from trainers.engine import (
     RunConfig,
     SamplingConfig,
     accumulation_schedule,
-    check_reward_names,
+    check_rewards,
 )
 from trainers.losses import nft_loss, nft_reward_weight, per_sample_mse, rwr_weights
 
@@ -64,8 +64,9 @@ class ForwardTrainConfig(BaseTrainConfig):
     timesteps_per_sample: int = field(default=4, metadata={"help": "noised copies of each sample trained per step"})
     sigma_sampling: Literal["grid", "logit_normal"] = field(default="grid", metadata={
         "help": "noise levels: the sampler's grid (DiffusionNFT) or logit-normal (SD3 / Flow-DPO)"})
-    train_guidance: float = field(default=1.0, metadata={"help": "CFG scale of the trained prediction (1 = "
-                                                                  "conditional only, CFG-free as NFT)"})
+    train_guidance: float = field(default=1.0, metadata={
+        "help": "CFG scale of the trained prediction: 1 = the conditional velocity only (CFG-free, as DiffusionNFT "
+                "and Flow-DPO train); > 1 regresses the guided combination, which collapsed Flow-RWR on the world"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,9 +119,7 @@ class FlowRWRConfig:
     eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
 
     def __post_init__(self):
-        if not self.rewards:
-            raise ValueError("rewards must name at least one reward")
-        check_reward_names([*self.rewards, *self.eval_rewards])
+        check_rewards(self.rewards, self.eval_rewards)
 
 
 class FlowRWRTrainer(ForwardTrainer):
@@ -194,9 +193,7 @@ class DiffusionNFTConfig:
     eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
 
     def __post_init__(self):
-        if not self.rewards:
-            raise ValueError("rewards must name at least one reward")
-        check_reward_names([*self.rewards, *self.eval_rewards])
+        check_rewards(self.rewards, self.eval_rewards)
 
 
 class DiffusionNFTTrainer(ForwardTrainer):

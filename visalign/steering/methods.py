@@ -227,37 +227,62 @@ class ReNO:
 
         L(z) = -sum_k w_k r_k(decode(G(z))) + reg * (||z||²/2 - (d - 1) log ||z||)   (chi-norm log-likelihood),
 
-    SGD with Nesterov momentum, the gradient norm of z clipped, `iterations` steps; returns the iterate with the
-    highest reward (regulariser excluded), as ReNO does."""
+    SGD with Nesterov momentum, each sample's gradient norm clipped (ReNO optimises one image at a time, so
+    per-sample clipping keeps chunking exact), `iterations` steps; returns the iterate with the highest reward
+    (regulariser excluded), as ReNO does. Memory is bounded by optimising `chunk` prompts at a time and by
+    recomputing each denoising step in the backward pass (activation checkpointing)."""
 
     iterations: int = 10
     lr: float = 5.0
     momentum: float = 0.9
     reg: float = 0.01
     grad_clip: float = 0.1
+    chunk: int = 8
+    checkpoint: bool = True
 
     def run(self, request: Request) -> SteerResult:
+        if self.chunk < 1 or self.iterations < 0:
+            raise ValueError(f"ReNO: chunk={self.chunk} must be >= 1 and iterations={self.iterations} >= 0")
         adapter = request.adapter
         sigmas = adapter.sigmas(request.steps, request.shape)
         gens = sample_generators(request.seeds(1))
-        z = draw_noise(request.shape, len(request.prompts), gens, device=adapter.device).requires_grad_(True)
+        z_all = draw_noise(request.shape, len(request.prompts), gens, device=adapter.device)
+        best_x, history = [], []
+        for start in range(0, len(request.prompts), self.chunk):
+            sl = slice(start, start + self.chunk)
+            x, h = self._optimise(request, z_all[sl].clone(), request.cond.index(sl), sl, sigmas)
+            best_x.append(x)
+            history.append(h)
+        rewards = torch.cat([torch.tensor(h) for h in history], dim=1)  # [iterations + 1, prompts]
+        return _result(request, torch.cat(best_x), {"method": "reno", "iterations": self.iterations,
+                                                    "reward_history": rewards.tolist()})
+
+    def _optimise(self, request: Request, z: Tensor, cond, sl: slice, sigmas: Tensor):
+        from torch.utils.checkpoint import checkpoint
+
+        adapter = request.adapter
+        sub = Request(adapter, request.prompts[sl], cond, request.rewards, request.steps, request.guidance,
+                      request.height, request.width, request.num_frames, request.seed,
+                      None if request.metadata is None else request.metadata[sl], request.stats)
+        z.requires_grad_(True)
         opt = torch.optim.SGD([z], lr=self.lr, momentum=self.momentum, nesterov=True)
         d = math.prod(request.shape)
-        best_r = torch.full((len(request.prompts),), -math.inf)
-        best_x = None
-        history = []
+
+        def euler(x, i):
+            v = adapter.predict_velocity(x, sigmas[i].to(x.device).expand(len(x)), cond, request.guidance)
+            return x + (sigmas[i + 1] - sigmas[i]).to(x.device) * v
+
+        best_r = torch.full((len(z),), -math.inf)
+        best_x, history = None, []
         for it in range(self.iterations + 1):
             with torch.enable_grad():
                 x = z
                 for i in range(request.steps):
-                    v = adapter.predict_velocity(x, sigmas[i].to(x.device).expand(len(x)), request.cond,
-                                                 request.guidance)
-                    x = x + (sigmas[i + 1] - sigmas[i]).to(x.device) * v
-                total, _ = request.score(x, grad=True)
+                    x = checkpoint(euler, x, i, use_reentrant=False) if self.checkpoint else euler(x, i)
+                total, _ = sub.score(x, grad=True)
             r = total.detach().cpu()
-            better = r > best_r
-            best_x = x.detach().clone() if best_x is None else torch.where(
-                better.to(x.device).view(-1, *([1] * (x.ndim - 1))), x.detach(), best_x)
+            better = (r > best_r).to(x.device).view(-1, *([1] * (x.ndim - 1)))
+            best_x = x.detach().clone() if best_x is None else torch.where(better, x.detach(), best_x)
             best_r = torch.maximum(best_r, r)
             history.append(r.tolist())
             if it == self.iterations:
@@ -267,6 +292,8 @@ class ReNO:
             opt.zero_grad()
             loss.backward()
             request.stats["backward_passes"] += len(z) * request.steps
-            torch.nn.utils.clip_grad_norm_([z], self.grad_clip)
+            with torch.no_grad():  # per-sample gradient-norm clipping
+                g_norm = z.grad.flatten(1).norm(dim=1).clamp(min=1e-12)
+                z.grad.mul_((self.grad_clip / g_norm).clamp(max=1.0).view(-1, *([1] * (z.ndim - 1))))
             opt.step()
-        return _result(request, best_x, {"method": "reno", "iterations": self.iterations, "reward_history": history})
+        return best_x, history
