@@ -70,9 +70,12 @@ class Request:
     def score(self, latents: Tensor, repeat: int = 1, grad: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted total reward [B] and each reward's score of decoded latents; B = prompts × repeat, prompt-major.
         With grad=True the scores keep their graph (differentiable rewards only)."""
+        return self.score_images(self.decode(latents), repeat, grad)
+
+    def score_images(self, images: Tensor, repeat: int = 1, grad: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """`score` for images already decoded."""
         prompts = [p for p in self.prompts for _ in range(repeat)]
         metadata = None if self.metadata is None else [m for m in self.metadata for _ in range(repeat)]
-        images = self.decode(latents)
         media = {"videos": images} if images.ndim == 5 else {"images": images}
         parts, total = {}, 0.0
         context = torch.enable_grad() if grad else torch.no_grad()

@@ -24,14 +24,6 @@ from visalign.steering.core import Potentials, Request, SteerResult
 from visalign.steering.resampling import effective_sample_size, normalize_log_weights, resample
 
 
-def _ode(request: Request, x: Tensor, cond, sigmas: Tensor, start: int = 0, end: int | None = None) -> Tensor:
-    sde = SDEOptions("ode")
-    for i in range(start, len(sigmas) - 1 if end is None else end):
-        x = transition(request.adapter, x, sigmas[i], sigmas[i + 1], cond, request.guidance, sde, sigmas[1],
-                       stochastic=False).x_next
-    return x
-
-
 def _pick(values: Tensor, n: int) -> Tensor:
     """Index of the best of each prompt's n consecutive samples, as flat indices."""
     best = values.view(-1, n).argmax(1)
@@ -39,8 +31,9 @@ def _pick(values: Tensor, n: int) -> Tensor:
 
 
 def _result(request: Request, latents: Tensor, report: dict) -> SteerResult:
-    total, parts = request.score(latents)
-    return SteerResult(request.decode(latents), latents, total, parts, report)
+    images = request.decode(latents)  # once: the same images are scored and returned
+    total, parts = request.score_images(images)
+    return SteerResult(images, latents, total, parts, report)
 
 
 @dataclass
@@ -148,6 +141,7 @@ class FKSteering:
                 continue
             final = i == request.steps - 1
             r, _ = request.score(x if final else step.x0_pred, repeat=k)
+            final_r = r
             log_w = log_w + potentials.log_potential(r.cpu(), final).view(prompts, k)
             ess = effective_sample_size(log_w)
             ess_log.append({"step": i, "ess": ess.tolist()})
@@ -159,7 +153,8 @@ class FKSteering:
                 # Noise streams stay with their slots: copies of one ancestor must draw different noise next.
                 lineage.append({"step": i, "ancestors": idx.view(prompts, k).tolist()})
                 log_w = torch.zeros_like(log_w)  # equal weights after resampling (-log k, up to a constant)
-        total, _ = request.score(x, repeat=k)
+                final_r = final_r[idx.to(final_r.device)]
+        total = final_r  # the final step is always scored (and resampled): its rewards, in the particles' order
         if self.select == "best":
             chosen = _pick(total, k)
         else:  # after the final resampling the particles are equally weighted: a uniformly chosen one is a draw
