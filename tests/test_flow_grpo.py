@@ -167,3 +167,29 @@ def test_world_prompt_source_templates():
         PromptSource("world:seen:colour")
     with pytest.raises(ValueError, match="allowed world splits are seen, heldout"):
         PromptSource("world:train")
+
+
+def test_reward_drift_rollouts_stay_on_policy(world_ckpt, tmp_path):
+    extra = ["train.max_steps=1", "sampling.drift_scale=50.0", "sampling.drift_rewards={world-soft: 1.0}",
+             "sampling.drift_normalize=sample"]
+    trainer = FlowGRPOTrainer(small(tmp_path, *extra, path=world_ckpt))
+    rs = trainer.rollout_step(0)
+    drifts = rs.ro.traj.drifts
+    # The shift is lam * std^2 * g / ||g||: its per-sample norm is exactly lam * std^2 on every SDE step.
+    norms = drifts.flatten(2).norm(dim=2)
+    expected = 50.0 * rs.ro.traj.stds**2
+    torch.testing.assert_close(norms, expected, atol=1e-4, rtol=1e-4)
+    assert norms[:, :3].min() > 0
+    history = FlowGRPOTrainer(small(tmp_path / "b", *extra, path=world_ckpt)).train()
+    assert history[0]["train/first_ratio_max_dev"] <= 1e-6
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["sampling.drift_scale=1.0"], "world-verifier is not"),  # the trained reward is not differentiable
+    (["sampling.drift_scale=1.0", "sampling.drift_rewards={world-soft: 1.0}", "sampling.drift_window=[3, 2]"],
+     "drift_window"),
+    (["sampling.drift_scale=-1.0"], "drift_scale"),
+])
+def test_reward_drift_config_errors(tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        small(tmp_path, *extra, path="/nonexistent/never/loaded.safetensors")

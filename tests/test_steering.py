@@ -205,3 +205,56 @@ def test_reno_chunking_and_checkpointing_do_not_change_the_result():
     torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.tensor(a.report["reward_history"]), torch.tensor(b.report["reward_history"]),
                                atol=1e-5, rtol=1e-5)
+
+
+# ---- reward-gradient SDE drift (Euphonium) ------------------------------------------------------------------------
+
+
+def test_drift_shift_by_hand():
+    from visalign.steering import RewardDrift
+
+    g = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    std = torch.tensor([0.5, 2.0])
+    torch.testing.assert_close(RewardDrift(scale=2.0).shift(g, std), torch.tensor([[1.5, 2.0], [0.0, 8.0]]))
+    torch.testing.assert_close(RewardDrift(scale=2.0, mode="fixed").shift(g, std), 2.0 * g)
+    torch.testing.assert_close(RewardDrift(scale=1.0, mode="fixed", normalize="sample").shift(g, std),
+                               torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    norm = math.sqrt(9 + 16 + 1)
+    torch.testing.assert_close(RewardDrift(scale=1.0, mode="fixed", normalize="batch").shift(g, std), g / norm)
+    with pytest.raises(ValueError, match="mode"):
+        RewardDrift(mode="up")
+    with pytest.raises(ValueError, match="window"):
+        RewardDrift(start=3, stop=3)
+
+
+def test_drift_moves_the_reward_up_and_rescoring_keeps_the_ratio_at_one():
+    from visalign.sampling import SDEOptions, sample, trajectory_log_prob
+    from visalign.steering import RewardDrift
+    from visalign.steering.core import resolve_rewards
+
+    model, n = GaussianFlow(0.0, 1.0), 300
+    cond = model.encode_prompts(["p"] * n)
+    drift = RewardDrift(scale=1.0, start=5, stop=30)
+    fn = drift.bind(model, resolve_rewards(LinearReward()), ["p"] * n)
+    kw = dict(num_steps=40, height=1, width=1, sde=SDEOptions("flow_grpo", 0.7), seeds=list(range(n)))
+    plain, drifted = sample(model, cond, **kw), sample(model, cond, **kw, drift=fn)
+    # d r / d x0 = 1 for this reward, so each shift is exactly lam * std^2 inside the window and 0 outside.
+    expected = torch.zeros(n, 40)
+    expected[:, 5:30] = drifted.stds[:, 5:30] ** 2
+    torch.testing.assert_close(drifted.drifts.flatten(2).squeeze(2), expected, atol=1e-5, rtol=1e-5)
+    assert drifted.final.mean() - plain.final.mean() > 0.3
+    # Rescoring the stored steps (the drift is added back) gives the sampling log-probs: ratio 1.
+    for step in (4, 10, 29):
+        out = trajectory_log_prob(model, drifted, step, cond, 1.0)
+        torch.testing.assert_close(out.log_prob, drifted.log_probs[:, step], atol=1e-6, rtol=0)
+    without = trajectory_log_prob(model, drifted.__class__(**{**drifted.__dict__, "drifts": None}), 10, cond, 1.0)
+    assert (without.log_prob - drifted.log_probs[:, 10]).abs().max() > 1e-3
+
+
+def test_drift_as_a_steering_method_and_its_reward_check():
+    out = _toy("drift", n_prompts=200, scale=1.0, start=5)
+    base = _toy("drift", n_prompts=200, scale=0.0)
+    assert (out.reward - base.reward).mean() > 0.3
+    assert out.report["backward_passes"] == 200 * 35 and base.report["backward_passes"] == 0
+    with pytest.raises(ValueError, match="not differentiable"):
+        steer(GaussianFlow(), ["p"], "world-verifier", "drift", steps=4, height=1, width=1)

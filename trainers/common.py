@@ -147,14 +147,16 @@ def _cat_trajectories(parts: list[Trajectory]) -> Trajectory:
     return Trajectory(latents=torch.cat([p.latents for p in parts]), x0_preds=torch.cat([p.x0_preds for p in parts]),
                       means=torch.cat([p.means for p in parts]), stds=torch.cat([p.stds for p in parts]),
                       log_probs=torch.cat([p.log_probs for p in parts]), sigmas=first.sigmas,
-                      stochastic=first.stochastic, sde=first.sde)
+                      stochastic=first.stochastic, sde=first.sde,
+                      drifts=None if first.drifts is None else torch.cat([p.drifts for p in parts]))
 
 
 def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Reward], *, num_steps: int,
             guidance: float, sde: SDEOptions, batch_size: int, height: int, width: int,
-            num_frames: int | None, same_noise_per_group: bool, autocast=None) -> Rollout:
+            num_frames: int | None, same_noise_per_group: bool, autocast=None, drift=None) -> Rollout:
     """Sample the plan in batches and score each batch in a worker thread while the next one samples.
-    `autocast`: a callable returning a fresh autocast context (e.g. `accelerator.autocast`), or None."""
+    `autocast`: a callable returning a fresh autocast context (e.g. `accelerator.autocast`), or None.
+    `drift`: (RewardDrift, {name: (Reward, weight)}) to shift the SDE steps up those rewards (Euphonium)."""
     t0 = time.perf_counter()
     prompts = [it["prompt"] for it in plan.items]
     # A group repeats its prompt G times: encode each distinct prompt once, then index.
@@ -168,10 +170,16 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
         for s in range(0, len(prompts), batch_size):
             sl = slice(s, s + batch_size)
             ts = time.perf_counter()
+            drift_fn = None
+            if drift is not None:
+                items = plan.items[sl]
+                drift_fn = drift[0].bind(adapter, drift[1], [it["prompt"] for it in items],
+                                         [{k: v for k, v in it.items() if k != "prompt"} for it in items])
             with autocast() if autocast is not None else nullcontext():
                 traj = sample(adapter, cond.index(sl), num_steps=num_steps, height=height, width=width,
                               num_frames=num_frames, guidance_scale=guidance, sde=sde, seeds=plan.seeds[sl],
-                              noise_groups=plan.groups[sl].tolist() if same_noise_per_group else None)
+                              noise_groups=plan.groups[sl].tolist() if same_noise_per_group else None,
+                              drift=drift_fn)
                 with torch.no_grad():
                     pixels = adapter.decode(traj.final).float()
             sample_time += time.perf_counter() - ts

@@ -6,7 +6,7 @@ trajectory recomputed under unchanged parameters gives back the sampling log-pro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +66,9 @@ class Trajectory:
     log_probs: [B, N]             log-prob of latents[:, i+1] given latents[:, i] (0 on ODE steps).
     sigmas:    [N+1]              the schedule, ending in 0.
     stochastic:[N]                which steps injected noise.
+    drifts:    [B, N, *latent]    an extra shift of the mean that does not depend on the parameters (a reward-
+                                  gradient drift, Euphonium); None when sampling had none. It is part of `means`
+                                  and is added again when a stored step is rescored, so the ratio stays 1.
     """
 
     latents: Tensor
@@ -76,6 +79,7 @@ class Trajectory:
     sigmas: Tensor
     stochastic: Tensor
     sde: SDEOptions
+    drifts: Tensor | None = None
 
     @property
     def final(self) -> Tensor:
@@ -90,17 +94,24 @@ class Transition:
     log_prob: Tensor
     velocity: Tensor
     x0_pred: Tensor
+    drift: Tensor | None = None
+
+
+# drift(x0_pred, std [B]) -> a shift of the SDE mean (shape of x), or None for no shift at this step.
+DriftFn = Callable[[Tensor, Tensor], "Tensor | None"]
 
 
 def transition(adapter: FlowModelAdapter, x: Tensor, sigma: Tensor | float, sigma_next: Tensor | float,
                cond: Conditioning, guidance_scale: float, sde: SDEOptions, sigma_guard: float | Tensor,
                stochastic: bool | Tensor = True, x_next: Tensor | None = None,
-               noise: Tensor | None = None) -> Transition:
+               noise: Tensor | None = None, drift: Tensor | DriftFn | None = None) -> Transition:
     """One step from x at `sigma` to `sigma_next` (scalars or per-sample [B]).
 
     Given `x_next` (a stored transition) it is only scored; otherwise it is drawn as mean + std * noise.
     `stochastic` (bool or per-sample bool [B]) says whether this step is an SDE step; ODE steps get
     std 0 and log-prob 0. `sigma_guard` is the schedule's sigmas[1], Flow-GRPO's stand-in for sigma = 1.
+    `drift` shifts the mean of SDE steps by a parameter-free amount: a stored tensor when rescoring, or a
+    function of this step's x0-prediction and std when sampling (see `visalign.steering.RewardDrift`).
     """
     x = x.float()
     batch = x.shape[0]
@@ -112,12 +123,18 @@ def transition(adapter: FlowModelAdapter, x: Tensor, sigma: Tensor | float, sigm
     shape = (batch,) + (1,) * (x.ndim - 1)
     std = torch.where(stoch.view(shape), std_sde.expand(shape), torch.zeros(shape, device=x.device))
     mean = torch.where(stoch.view(shape), mean_sde, mean_ode)
+    sigma_col = sigma_b.view(shape)
+    x0_pred = x - sigma_col * v
+    if callable(drift):
+        drift = drift(x0_pred.detach(), std.flatten().detach())
+    if drift is not None:
+        drift = torch.where(stoch.view(shape), drift.to(mean), torch.zeros((), device=mean.device)).detach()
+        mean = mean + drift
     if x_next is None:
         x_next = mean if noise is None else mean + std * noise
     safe_std = torch.where(std > 0, std, torch.ones_like(std))
     log_prob = torch.where(stoch, transition_log_prob(sde.kind, x_next, mean, safe_std), torch.zeros(batch, device=x.device))
-    sigma_col = sigma_b.view(shape)
-    return Transition(x_next.float(), mean, std.flatten(), log_prob, v, x - sigma_col * v)
+    return Transition(x_next.float(), mean, std.flatten(), log_prob, v, x0_pred, drift)
 
 
 def sample_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -151,8 +168,12 @@ def sample(adapter: FlowModelAdapter, cond: Conditioning, *, num_steps: int, hei
            num_frames: int | None = None, guidance_scale: float = 1.0, sde: SDEOptions = ODE,
            seeds: Sequence[int] | None = None, generator: torch.Generator | None = None,
            noise_groups: Sequence[int] | None = None, latents: Tensor | None = None,
+           drift: Callable[[Tensor, Tensor, int], Tensor | None] | None = None,
            progress: bool = False) -> Trajectory:
     """Sample a batch (one sample per entry of `cond`) and return its trajectory.
+
+    `drift(x0_pred, std, step_index)` optionally shifts the mean of SDE steps (Euphonium's reward-gradient
+    drift, `visalign.steering.RewardDrift.bind`); the shifts are stored in the trajectory.
 
     Randomness: with `seeds` every sample has its own generator for its initial noise and its SDE noise,
     so a seed reproduces bit-for-bit whatever else is in the batch; with `generator` the batch draws from
@@ -175,13 +196,18 @@ def sample(adapter: FlowModelAdapter, cond: Conditioning, *, num_steps: int, hei
         if noise_groups is not None:
             x = share_noise(x, noise_groups)
 
-    xs, x0s, means, stds, lps = [x], [], [], [], []
+    xs, x0s, means, stds, lps, drifts = [x], [], [], [], [], []
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
         noise = None
         if stochastic[i]:
             noise = draw_noise(shape, batch, gens, generator, device)
+        step_drift = None
+        if drift is not None and stochastic[i]:
+            step_drift = lambda x0, std, i=i: drift(x0, std, i)  # noqa: E731
         step = transition(adapter, x, sigmas[i], sigmas[i + 1], cond, guidance_scale, sde, sigmas[1],
-                          stochastic=bool(stochastic[i]), noise=noise)
+                          stochastic=bool(stochastic[i]), noise=noise, drift=step_drift)
+        if drift is not None:
+            drifts.append(step.drift if step.drift is not None else torch.zeros_like(x))
         x = step.x_next
         xs.append(x)
         x0s.append(step.x0_pred)
@@ -190,7 +216,7 @@ def sample(adapter: FlowModelAdapter, cond: Conditioning, *, num_steps: int, hei
         lps.append(step.log_prob)
     return Trajectory(latents=torch.stack(xs, 1), x0_preds=torch.stack(x0s, 1), means=torch.stack(means, 1),
                       stds=torch.stack(stds, 1), log_probs=torch.stack(lps, 1), sigmas=sigmas,
-                      stochastic=stochastic, sde=sde)
+                      stochastic=stochastic, sde=sde, drifts=torch.stack(drifts, 1) if drift is not None else None)
 
 
 def trajectory_log_prob(adapter: FlowModelAdapter, traj: Trajectory, steps: Tensor | int, cond: Conditioning,
@@ -203,5 +229,7 @@ def trajectory_log_prob(adapter: FlowModelAdapter, traj: Trajectory, steps: Tens
     rows = torch.arange(traj.latents.shape[0]) if index is None else torch.as_tensor(index)
     steps = torch.as_tensor(steps).expand(len(rows))
     sigmas = traj.sigmas.to(traj.latents.device)
+    drift = None if traj.drifts is None else traj.drifts[rows, steps]
     return transition(adapter, traj.latents[rows, steps], sigmas[steps], sigmas[steps + 1], cond, guidance_scale,
-                      traj.sde, sigmas[1], stochastic=traj.stochastic[steps], x_next=traj.latents[rows, steps + 1])
+                      traj.sde, sigmas[1], stochastic=traj.stochastic[steps], x_next=traj.latents[rows, steps + 1],
+                      drift=drift)

@@ -14,9 +14,10 @@ import time
 
 from visalign.models.base import FlowModelAdapter
 from visalign.steering.core import Request, SteerResult, metered, resolve_rewards
+from visalign.steering.drift import RewardDrift
 from visalign.steering.methods import BestOfN, FKSteering, ReNO, RewardGuidance
 
-METHODS = {"best_of_n": BestOfN, "fk": FKSteering, "guidance": RewardGuidance, "reno": ReNO}
+METHODS = {"best_of_n": BestOfN, "fk": FKSteering, "guidance": RewardGuidance, "reno": ReNO, "drift": RewardDrift}
 
 
 def as_adapter(model) -> FlowModelAdapter:
@@ -41,7 +42,8 @@ def steer(model, prompts: list[str], rewards, method="fk", *, steps: int = 20, g
 
     method: "best_of_n" (n), "fk" (k, potential, lam, every, start, end, ess_threshold, scheme, sde,
     noise_level, select), "guidance" (scale, start, stop, normalize, through_model), "reno" (iterations, lr,
-    momentum, reg, grad_clip), or a method object. The report counts denoiser NFE (CFG = 2 per sample),
+    momentum, reg, grad_clip), "drift" (Euphonium's reward-gradient SDE drift: scale, mode, normalize, start,
+    stop, sde, noise_level), or a method object. The report counts denoiser NFE (CFG = 2 per sample),
     decodes, reward calls, backward passes, wall time and the share of time spent outside the denoiser."""
     adapter = as_adapter(model)
     if isinstance(prompts, str) or not prompts:
@@ -74,4 +76,4 @@ def steer(model, prompts: list[str], rewards, method="fk", *, steps: int = 20, g
     return result
 
 
-__all__ = ["METHODS", "BestOfN", "FKSteering", "ReNO", "RewardGuidance", "SteerResult", "as_adapter", "steer"]
+__all__ = ["METHODS", "BestOfN", "FKSteering", "ReNO", "RewardDrift", "RewardGuidance", "SteerResult", "as_adapter", "steer"]

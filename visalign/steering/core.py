@@ -76,19 +76,27 @@ class Request:
         """`score` for images already decoded."""
         prompts = [p for p in self.prompts for _ in range(repeat)]
         metadata = None if self.metadata is None else [m for m in self.metadata for _ in range(repeat)]
-        media = {"videos": images} if images.ndim == 5 else {"images": images}
-        parts, total = {}, 0.0
-        context = torch.enable_grad() if grad else torch.no_grad()
-        with context:
-            for name, (reward, weight) in self.rewards.items():
-                if grad and not reward.differentiable:
-                    raise ValueError(f"reward {name} is not differentiable; gradient steering needs differentiable "
-                                     "rewards (use best-of-N or FK for this one)")
-                score = combined(reward(prompts=prompts, metadata=metadata, **media)).float()
-                self.stats["reward_calls"] += 1
-                parts[name] = score
-                total = total + weight * score
-        return total, parts
+        return weighted_score(self.rewards, images, prompts, metadata, grad, self.stats)
+
+
+def weighted_score(rewards: dict[str, tuple[Reward, float]], images: Tensor, prompts: list[str],
+                   metadata: list[dict] | None = None, grad: bool = False,
+                   stats: dict | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """sum_k w_k r_k(images) [B] and each reward's score. With grad=True the scores keep their graph (every reward
+    must be differentiable); `stats["reward_calls"]` counts the calls when given."""
+    media = {"videos": images} if images.ndim == 5 else {"images": images}
+    parts, total = {}, 0.0
+    with torch.enable_grad() if grad else torch.no_grad():
+        for name, (reward, weight) in rewards.items():
+            if grad and not reward.differentiable:
+                raise ValueError(f"reward {name} is not differentiable; gradient steering needs differentiable "
+                                 "rewards (use best-of-N or FK for this one)")
+            score = combined(reward(prompts=prompts, metadata=metadata, **media)).float()
+            if stats is not None:
+                stats["reward_calls"] += 1
+            parts[name] = score
+            total = total + weight * score
+    return total, parts
 
 
 @contextmanager

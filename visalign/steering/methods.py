@@ -90,6 +90,7 @@ class FKSteering:
     noise_level: float = 0.7
     select: str = "best"
     proposal_scale: float = 0.0
+    keep_x0: bool = False  # report the decoded x0-predictions of every resampling step (for the demo's FK view)
 
     def schedule(self, steps: int) -> list[int]:
         end = steps if self.end is None else min(self.end, steps)
@@ -126,7 +127,7 @@ class FKSteering:
         log_w = torch.zeros(prompts, k, dtype=torch.float64)
         resample_at = set(self.schedule(request.steps))
         rng = torch.Generator().manual_seed(request.seed * 7919 + 13)
-        lineage, ess_log = [], []
+        lineage, ess_log, x0_images = [], [], []
         for i in range(request.steps):
             noise = draw_noise(request.shape, n, gens, device=adapter.device) if stochastic[i] else None
             guided = self.proposal_scale > 0 and noise is not None
@@ -140,7 +141,10 @@ class FKSteering:
             if i not in resample_at:
                 continue
             final = i == request.steps - 1
-            r, _ = request.score(x if final else step.x0_pred, repeat=k)
+            images = request.decode(x if final else step.x0_pred)
+            r, _ = request.score_images(images, repeat=k)
+            if self.keep_x0:
+                x0_images.append((i, images.view(prompts, k, *images.shape[1:])[0].cpu()))
             final_r = r
             log_w = log_w + potentials.log_potential(r.cpu(), final).view(prompts, k)
             ess = effective_sample_size(log_w)
@@ -164,7 +168,8 @@ class FKSteering:
         return _result(request, x[chosen], {"method": "fk", "k": k, "potential": self.potential, "lam": self.lam,
                                             "lineage": lineage, "ess": ess_log,
                                             "particle_rewards": total.view(prompts, k).tolist(),
-                                            "final_log_weights": final_log_w.tolist()})
+                                            "final_log_weights": final_log_w.tolist(),
+                                            **({"x0_images": x0_images} if self.keep_x0 else {})})
 
 
 @dataclass
