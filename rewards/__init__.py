@@ -35,6 +35,9 @@ REGISTRY: dict[str, str] = {
     "world-strict": "rewards.world:WorldStrictReward",
     "world-cleanliness": "rewards.world:WorldCleanlinessReward",
     "world-soft": "rewards.world:WorldSoftReward",
+    "saturation": "rewards.style:Saturation",
+    "saturation-area": "rewards.style:SaturatedArea",
+    "brightness": "rewards.style:Brightness",
 }
 
 _CACHE: dict[tuple, Reward] = {}

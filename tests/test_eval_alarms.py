@@ -1,5 +1,7 @@
 """Reward-hacking alarm on synthetic curves and in a training run; bootstrap intervals and paired deltas."""
 
+import json
+
 import pytest
 import torch
 
@@ -107,3 +109,34 @@ def test_world_comparison_mode_reports_paired_deltas(tmp_path, capsys):
     assert deltas["overall"]["low"] <= deltas["overall"]["delta"] <= deltas["overall"]["high"]
     assert deltas["overall"]["n"] == 18 and set(deltas) == {"overall", *base["templates"]}
     assert "Δ" in capsys.readouterr().out
+
+
+def test_alarm_rollback_restores_the_best_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    from trainers.flow_grpo import FlowGRPOTrainer
+    from visalign.train import load_train_config
+
+    over = [f"run.out_dir={tmp_path}", "model.name=tiny-sd3", "model.height=32", "model.width=32",
+            "train.max_steps=8", "train.prompts_per_step=2", "train.group_size=4", "train.train_batch_size=4",
+            "sampling.batch_size=8", "sampling.steps=4", "sampling.guidance=1.0", "run.log_with=none",
+            "run.progress=false", "run.checkpoint_every=1", "run.checkpoints_total_limit=null", "train.lr=3e-2",
+            "model.finetune=full", "run.eval_every=1", "run.eval_num_prompts=4", "run.eval_steps=4",
+            "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}",
+            "eval_rewards=[tests.helpers.toy_rewards.Darkness]", "run.alarm_tolerance=0.0",
+            "run.alarm_action=rollback"]
+    trainer = FlowGRPOTrainer(load_train_config(None, over))
+    history = trainer.train()
+    dark = [h["eval/tests.helpers.toy_rewards.Darkness/mean"] for h in history]
+    fired = len(history)
+    assert history[-1]["alarm/fired"] == 1 and fired < 8
+    # Restored: the evaluated checkpoint with the most darkness (the signal that fell), earliest on ties.
+    best_step = max(range(fired), key=lambda i: (dark[i], -i)) + 1
+    assert trainer.state.step == best_step
+    record = [json.loads(line) for line in (tmp_path / "alarms.jsonl").read_text().splitlines()]
+    assert record[-1]["rolled_back_to"].endswith(f"checkpoint-{best_step}")
+    saved = load_file(str(tmp_path / "checkpoints" / f"checkpoint-{best_step}" / "model.safetensors"))
+    final = load_file(str(tmp_path / "final" / "denoiser" / "diffusion_pytorch_model.safetensors"))
+    live = trainer.adapter.denoiser.state_dict()
+    assert saved.keys() == final.keys()
+    assert all(torch.equal(saved[k], live[k].cpu()) and torch.equal(final[k], saved[k]) for k in saved)

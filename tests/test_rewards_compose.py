@@ -167,3 +167,21 @@ def test_invalid_member_scores_follow_the_callers_choice():
     out = r(images=IMAGES, allow_invalid=True)
     assert out["score"][0].item() == pytest.approx(0.8) and out["score"][1].isnan()
     assert out["broken"][1].isnan()
+
+
+def test_style_rewards_by_hand():
+    import rewards
+
+    img = torch.zeros(2, 3, 2, 2)
+    img[0, 0] = 1.0  # pure red: saturation 1, luma 0.299
+    img[1] = 0.5  # grey: saturation 0, luma 0.5
+    img[1, :, 0, 0] = torch.tensor([1.0, 0.5, 0.5])  # one pixel at saturation 0.5
+    sat = rewards.load("saturation")(images=img)
+    torch.testing.assert_close(sat, torch.tensor([1.0, 0.125]), atol=1e-5, rtol=0)
+    area = rewards.load("saturation", mode="area", threshold=0.25)(images=img)
+    assert area[0] > 0.99 and 0.24 < area[1] < 0.26  # one of four pixels above 0.25
+    luma = rewards.load("brightness")(images=img)
+    torch.testing.assert_close(luma, torch.tensor([0.299, 0.5 + 0.299 * 0.5 / 4]), atol=1e-5, rtol=0)
+    x = img.clone().requires_grad_(True)
+    rewards.load("saturation")(images=x).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

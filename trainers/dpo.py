@@ -79,7 +79,8 @@ class FlowDPOConfig:
     eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
 
     def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards, required=self.train.mode == "online")
+        check_rewards(self.rewards, self.eval_rewards, required=self.train.mode == "online",
+                      sampling=self.sampling)
 
 
 def group_pairs(total: Tensor, groups: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:

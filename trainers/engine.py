@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,6 +28,7 @@ from trainers.common import (
     StepPlan,
     TrainerState,
     check_rewards_valid,
+    checkpoint_dirs,
     load_rewards,
     plan_step,
     prune_checkpoints,
@@ -72,8 +74,25 @@ class SamplingConfig:
         "help": "[lo, hi): the window lies inside; its start is drawn each step (Flow-GRPO-Fast)"})
     same_noise_per_group: bool = field(default=False, metadata={"help": "DanceGRPO: a group shares x_T"})
     batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (per process)"})
+    drift_scale: float = field(default=0.0, metadata={
+        "help": "Euphonium reward-gradient drift on the SDE steps of rollouts (0 = off; visalign.steering.RewardDrift)"})
+    drift_mode: Literal["tilt", "fixed"] = field(default="tilt", metadata={
+        "help": "tilt: shift = scale * std^2 * grad r; fixed: shift = scale * grad r"})
+    drift_normalize: Literal["none", "sample", "batch"] = field(default="none", metadata={
+        "help": "normalise the reward gradient per sample or by the batch norm (Euphonium)"})
+    drift_window: tuple[int, int] | None = field(default=None, metadata={
+        "help": "[start, stop) steps with drift (default: every SDE step)"})
+    drift_rewards: dict[str, float] | None = field(default=None, metadata={
+        "help": "differentiable rewards and weights for the drift (default: the trained rewards)"})
 
     def __post_init__(self):
+        if self.drift_scale < 0:
+            raise ValueError(f"sampling.drift_scale={self.drift_scale} must be >= 0")
+        if self.drift_scale > 0 and self.sde == "ode":
+            raise ValueError("sampling.drift_scale > 0 needs an SDE sampler (sampling.sde); an ODE step has no noise "
+                             "to steer")
+        if self.drift_window is not None and not 0 <= self.drift_window[0] < self.drift_window[1]:
+            raise ValueError(f"sampling.drift_window={self.drift_window} must satisfy 0 <= start < stop")
         if self.steps < 2:
             raise ValueError(f"steps={self.steps} must be >= 2 (the last step is never trained)")
         if self.window_size is not None:
@@ -104,7 +123,9 @@ class RunConfig:
                 "than this since the first evaluation while the trained reward rises (None = off)"})
     alarm_rise: float = field(default=0.0, metadata={"help": "alarm: minimum rise of the trained reward"})
     alarm_window: int = field(default=1, metadata={"help": "alarm: moving average over this many evaluations"})
-    alarm_action: Literal["log", "stop"] = field(default="log", metadata={"help": "alarm: log it, or also stop"})
+    alarm_action: Literal["log", "stop", "rollback"] = field(default="log", metadata={
+        "help": "alarm: log it; also stop; or stop and restore the saved checkpoint whose evaluation had the best "
+                "value of the signal that fell (keep checkpoint_every = eval_every and enough checkpoints)"})
 
     def __post_init__(self):
         if self.alarm_tolerance is not None and self.eval_every < 1:
@@ -140,8 +161,29 @@ class BaseTrainConfig:
     adv_clip: float = field(default=5.0, metadata={"help": "advantage clamp"})
     adv_eps: float = field(default=1e-4, metadata={"help": "epsilon added to the std"})
     global_std: bool = field(default=False, metadata={"help": "normalise by the batch std instead of the group's"})
-    advantage_mode: Literal["sum_then_normalize", "normalize_then_sum"] = field(
-        default="sum_then_normalize", metadata={"help": "multi-reward: weighted sum of rewards or of advantages"})
+    advantage_mode: Literal["sum_then_normalize", "normalize_then_sum", "cmo", "hypervolume"] = field(
+        default="sum_then_normalize", metadata={
+            "help": "multi-reward in advantage space: weighted sum of rewards, of per-reward advantages (GDPO), "
+                    "CMO correlation weights, or hypervolume-guided dynamic weights (visalign.balance.advantages)"})
+    cmo_tau: float = field(default=0.5, metadata={"help": "CMO softmax temperature"})
+    hypervolume_reference: dict[str, float] | None = field(default=None, metadata={
+        "help": "hypervolume reference point per reward (default: each reward's lower value bound)"})
+    pareto_filter: bool = field(default=False, metadata={
+        "help": "Parrot: train only on the batch's Pareto-optimal samples (non-dominated on the trained rewards)"})
+    constraints: dict[str, float] | None = field(default=None, metadata={
+        "help": "constrained RLHF: {reward: minimum mean}; maximise the other trained reward(s) subject to these, "
+                "with Lagrange multipliers updated by dual ascent"})
+    constraint_lr: float = field(default=0.1, metadata={"help": "dual-ascent step of the Lagrange multipliers"})
+    balance: Literal["none", "sum", "mgda", "pcgrad", "cagrad", "upgrad"] = field(default="none", metadata={
+        "help": "multi-reward balancing in gradient space (visalign.balance): one gradient per reward, combined by "
+                "this aggregator (flow_grpo, diffusion_nft)"})
+    balance_ema: float = field(default=0.0, metadata={"help": "EMA decay of the aggregator's coefficients (MARBLE)"})
+    balance_normalize: bool = field(default=False, metadata={"help": "per-reward gradients to unit norm first"})
+    balance_amortized: bool = field(default=False, metadata={
+        "help": "diffusion_nft: one backward with blended reward weights (MARBLE); the Gram matrix is refreshed "
+                "on the first micro-batch every balance_every steps"})
+    balance_every: int = field(default=1, metadata={"help": "steps between Gram refreshes (amortised form)"})
+    cagrad_c: float = field(default=0.4, metadata={"help": "CAGrad's c"})
     ema_decay: float | None = field(default=None, metadata={"help": "EMA of trained weights (flow_grpo: 0.9)"})
     ema_every: int = field(default=1, metadata={"help": "steps between EMA updates"})
     mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "autocast"})
@@ -152,6 +194,12 @@ class BaseTrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
+        if self.balance_every < 1 or not 0 <= self.balance_ema < 1 or self.cagrad_c < 0:
+            raise ValueError("balance_every must be >= 1, balance_ema in [0, 1), cagrad_c >= 0")
+        if self.balance_amortized and self.balance == "none":
+            raise ValueError("balance_amortized needs train.balance (e.g. mgda)")
+        if self.balance != "none" and (self.advantage_mode != "sum_then_normalize" or self.constraints):
+            raise ValueError("train.balance combines per-reward gradients; it excludes advantage_mode / constraints")
 
 
 def accumulation_schedule(n_micro: int, optimizer_steps: int) -> list[tuple[int, bool]]:
@@ -166,15 +214,40 @@ def accumulation_schedule(n_micro: int, optimizer_steps: int) -> list[tuple[int,
     return out
 
 
-def check_rewards(trained: dict[str, float], heldout: list[str], required: bool = True) -> None:
-    """Config-time check of a recipe's `rewards` (non-empty unless not required) and `eval_rewards` names."""
+def check_rewards(trained: dict[str, float], heldout: list[str], required: bool = True,
+                  sampling: SamplingConfig | None = None, train: BaseTrainConfig | None = None) -> None:
+    """Config-time check of a recipe's `rewards` (non-empty unless not required) and `eval_rewards` names, of
+    the rollout drift's rewards (known, differentiable) and of the multi-reward options, before any model loads."""
     import rewards as rewards_lib
 
     if required and not trained:
         raise ValueError("rewards must name at least one reward")
-    for name in [*trained, *heldout]:
+    if train is not None:
+        multi = train.balance != "none" or train.advantage_mode != "sum_then_normalize" or train.pareto_filter
+        if multi and len(trained) < 2:
+            raise ValueError("train.balance / advantage_mode / pareto_filter need at least two trained rewards")
+        if train.constraints:
+            unknown = [k for k in train.constraints if k not in trained]
+            if unknown or len(train.constraints) >= len(trained):
+                raise ValueError(f"train.constraints must name some, not all, trained rewards; got {list(train.constraints)} "
+                                 f"for rewards {list(trained)}")
+        if train.hypervolume_reference is not None and set(train.hypervolume_reference) != set(trained):
+            raise ValueError("train.hypervolume_reference must give one value per trained reward")
+    drift = drift_reward_weights(sampling, trained) if sampling is not None else {}
+    for name in [*trained, *heldout, *drift]:
         if name not in rewards_lib.REGISTRY and "." not in name:
             raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(rewards_lib.list_rewards())}")
+    for name in drift:
+        if not rewards_lib.describe(name)["differentiable"]:
+            raise ValueError(f"sampling.drift needs differentiable rewards; {name} is not (set "
+                             "sampling.drift_rewards to differentiable ones, e.g. world-soft)")
+
+
+def drift_reward_weights(sampling: SamplingConfig, trained: dict[str, float]) -> dict[str, float]:
+    """The rewards the rollout drift climbs: `drift_rewards`, else the trained ones; {} when the drift is off."""
+    if sampling.drift_scale == 0:
+        return {}
+    return dict(sampling.drift_rewards) if sampling.drift_rewards is not None else dict(trained)
 
 
 @dataclass
@@ -246,6 +319,40 @@ class OnlineTrainer:
         self.params = params
         self.rewards = load_rewards(cfg.rewards)
         self.eval_rewards = load_rewards(cfg.eval_rewards)
+        self.balancer = self.grad_buffer = self.lagrange = None
+        tc = cfg.train
+        if tc.balance != "none":
+            from visalign.balance import Balancer, GradientBuffer
+
+            self.balancer = Balancer(tc.balance, dict(cfg.rewards), ema=tc.balance_ema, normalize=tc.balance_normalize,
+                                     cagrad_c=tc.cagrad_c, seed=cfg.run.seed)
+            self.grad_buffer = GradientBuffer(params, len(cfg.rewards))
+            acc.register_for_checkpointing(self.balancer)
+        if tc.constraints:
+            from visalign.balance import LagrangeThresholds
+
+            self.lagrange = LagrangeThresholds(dict(tc.constraints), tc.constraint_lr)
+            acc.register_for_checkpointing(self.lagrange)
+        self.hypervolume_reference = None
+        if tc.advantage_mode == "hypervolume":
+            self.hypervolume_reference = dict(tc.hypervolume_reference or {})
+            for name, reward in self.rewards.items():
+                if name not in self.hypervolume_reference:
+                    low = (reward.value_range or (None, None))[0]
+                    if low is None or not math.isfinite(low):
+                        raise ValueError(f"advantage_mode=hypervolume: {name} has no finite lower bound; set "
+                                         "train.hypervolume_reference")
+                    self.hypervolume_reference[name] = float(low)
+        self.drift = None
+        drift_weights = drift_reward_weights(cfg.sampling, cfg.rewards)
+        if drift_weights:
+            from visalign.steering import RewardDrift
+
+            start, stop = cfg.sampling.drift_window or (0, None)
+            self.drift = RewardDrift(cfg.sampling.drift_scale, cfg.sampling.drift_mode, cfg.sampling.drift_normalize,
+                                     start, stop)
+            self.drift_rewards = {name: (self.rewards.get(name) or load_rewards([name])[name], w)
+                                  for name, w in drift_weights.items()}
         self.ema = EMA(params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema_decay else None
         self.state = TrainerState()
         acc.register_for_checkpointing(self.state)
@@ -284,7 +391,8 @@ class OnlineTrainer:
                      sde=self._sde(step), batch_size=cfg.sampling.batch_size, height=cfg.model.height,
                      width=cfg.model.width, num_frames=cfg.model.num_frames,
                      same_noise_per_group=cfg.sampling.same_noise_per_group,
-                     autocast=self._autocast if cfg.train.mixed_precision != "no" else None)
+                     autocast=self._autocast if cfg.train.mixed_precision != "no" else None,
+                     drift=None if self.drift is None else (self.drift, self.drift_rewards))
         if self.eval_rewards:
             ro.scores.update({f"heldout/{k}": v for k, v in
                               score_rewards(self.eval_rewards, ro.images, plan.items).items()})
@@ -318,21 +426,75 @@ class OnlineTrainer:
         return stack
 
     def advantages(self, scores: dict[str, torch.Tensor], groups: torch.Tensor, valid: torch.Tensor):
-        """Group-relative advantages of the trained rewards over the gathered batch (weighted sum of rewards, or
-        of per-reward advantages with `advantage_mode=normalize_then_sum`), and their metrics."""
+        """Group-relative advantages of the trained rewards over the gathered batch, and their metrics: weighted
+        sum of rewards, of per-reward advantages (GDPO), CMO or hypervolume weights, or the Lagrangian of
+        `constraints` (`visalign.balance.advantages`)."""
+        from visalign.balance import cmo_advantages, hypervolume_weights
+
         cfg = self.cfg.train
-        weights = self.cfg.rewards
+        weights = dict(self.cfg.rewards)
         kw = {"eps": cfg.adv_eps, "global_std": cfg.global_std, "clip": cfg.adv_clip, "valid": valid}
+        metrics = {}
+        if self.lagrange is not None:
+            free = [n for n in weights if n not in self.lagrange.names]
+            bound = torch.stack([scores[n].double() for n in self.lagrange.names], 1)
+            main = sum(weights[n] * scores[n].double() for n in free)
+            total = self.lagrange.objective(main, bound)
+            metrics.update(self.lagrange.update(bound[valid]))  # after use: this step's objective, next step's lambda
+            adv, m = group_advantages(total, groups, **kw)
+            return adv, {**m, **metrics}
         if cfg.advantage_mode == "sum_then_normalize" or len(weights) == 1:
             total = sum(w * scores[name].double() for name, w in weights.items())
             return group_advantages(total, groups, **kw)
-        per_reward, metrics = {}, {}
-        for name in weights:
-            per_reward[name], m = group_advantages(scores[name], groups, **kw)
-            metrics.update({f"{k}/{name}": v for k, v in m.items()})
+        if cfg.advantage_mode == "cmo":
+            stacked = torch.stack([scores[n].double() for n in weights], 1)
+            adv = torch.zeros(len(groups), dtype=torch.float64)
+            adv[valid], w = cmo_advantages(stacked[valid], groups[valid], cfg.cmo_tau, cfg.adv_eps)
+            adv = adv.clamp(-cfg.adv_clip, cfg.adv_clip)
+            metrics.update({f"cmo/weight/{n}": float(w[:, i].mean()) for i, n in enumerate(weights)})
+            return adv, {**metrics, "zero_std_fraction": float((adv == 0).float().mean())}
+        if cfg.advantage_mode == "hypervolume":
+            means = torch.stack([scores[n][valid].double().mean() for n in weights])
+            reference = torch.tensor([self.hypervolume_reference[n] for n in weights], dtype=torch.float64)
+            dyn = hypervolume_weights(means, reference)
+            weights = {n: float(dyn[i]) for i, n in enumerate(weights)}
+            metrics.update({f"hypervolume/weight/{n}": w for n, w in weights.items()})
+        per_reward = self.per_reward_advantages(scores, groups, valid, weights, metrics)
         adv = combine_advantages(per_reward, weights)
         metrics["zero_std_fraction"] = float((adv == 0).float().mean())
         return adv, metrics
+
+    def per_reward_advantages(self, scores, groups, valid, names=None, metrics: dict | None = None) -> dict:
+        """{reward: group-normalised advantage [N]} for each trained reward (unweighted)."""
+        cfg = self.cfg.train
+        kw = {"eps": cfg.adv_eps, "global_std": cfg.global_std, "clip": cfg.adv_clip, "valid": valid}
+        out = {}
+        for name in names or self.cfg.rewards:
+            out[name], m = group_advantages(scores[name], groups, **kw)
+            if metrics is not None:
+                metrics.update({f"{k}/{name}": v for k, v in m.items()})
+        return out
+
+    def training_mask(self, scores: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+        """Samples to train on: finite rewards, and with `pareto_filter` only the batch's non-dominated ones."""
+        if not self.cfg.train.pareto_filter:
+            return valid
+        from visalign.balance import pareto_mask
+
+        keep = torch.zeros_like(valid)
+        stacked = torch.stack([scores[n].double() for n in self.cfg.rewards], 1)
+        keep[valid] = pareto_mask(stacked[valid])
+        return keep
+
+    # ---- gradient-space balancing ------------------------------------------------------------------------
+    def balance_update(self) -> tuple[torch.Tensor, dict]:
+        """Average the per-reward gradients over processes, refresh the balancer from their Gram matrix."""
+        self.grad_buffer.reduce(self.accelerator)
+        return self.balancer.update(self.grad_buffer.gram())
+
+    def balance_context(self):
+        """Per-reward gradients are taken with autograd.grad and reduced by hand: no DDP sync, autocast as usual."""
+        return self.micro_context(last=False)
 
     def optimizer_step(self) -> float:
         """Clip gradients, step, zero them; returns the gradient norm before clipping."""
@@ -430,7 +592,28 @@ class OnlineTrainer:
             tqdm.write(alarm.message())
             with (self.out / "alarms.jsonl").open("a") as f:
                 f.write(json.dumps({"message": alarm.message(), **alarm.__dict__}) + "\n")
-        return self.cfg.run.alarm_action == "stop"
+        return self.cfg.run.alarm_action in ("stop", "rollback")
+
+    def rollback(self) -> Path | None:
+        """After an alarm: load the checkpoint, among those saved at evaluated steps, where the signal that fell
+        was best (the earliest on ties), keeping the alarm's full history. None when no such checkpoint exists."""
+        fired = self.alarm.fired
+        values = dict(zip(self.alarm.steps, self.alarm.heldout[fired.signal]))
+        sign = self.alarm.directions.get(fired.signal, 1)
+        candidates = [d for d in checkpoint_dirs(self.out) if int(d.name.split("-")[1]) in values]
+        message = {"rolled_back_to": None}
+        best = None
+        if candidates:
+            best = max(candidates, key=lambda d: (sign * values[int(d.name.split("-")[1])], -int(d.name.split("-")[1])))
+            history = self.alarm.state_dict()
+            self.load_checkpoint(best)
+            self.alarm.load_state_dict(history)  # the checkpoint holds an older history; keep the one that fired
+            message = {"rolled_back_to": str(best), "step": self.state.step}
+        if self.accelerator.is_main_process:
+            tqdm.write(f"rollback: {message['rolled_back_to'] or 'no checkpoint at an evaluated step; keeping the weights'}")
+            with (self.out / "alarms.jsonl").open("a") as f:
+                f.write(json.dumps(message) + "\n")
+        return best
 
     def progress_postfix(self, metrics: dict) -> dict:
         main_reward = next(iter(self.cfg.rewards))
@@ -450,6 +633,7 @@ class OnlineTrainer:
         if cfg.run.log_with != "none":
             acc.init_trackers("visalign", config=_flat(asdict(cfg)))
         history = []
+        rolled_back = False
         start = self.state.step
         end = cfg.train.max_steps if stop_after is None else min(cfg.train.max_steps, start + stop_after)
         bar = tqdm(range(start, end), initial=start, total=cfg.train.max_steps, desc=self.name,
@@ -470,9 +654,12 @@ class OnlineTrainer:
             bar.set_postfix(self.progress_postfix(metrics))
             history.append(metrics)
             if stop_for_alarm:
-                self.save_checkpoint(step + 1)
+                if cfg.run.alarm_action == "rollback":  # no new checkpoint: it could prune the one to restore
+                    rolled_back = self.rollback() is not None
+                else:
+                    self.save_checkpoint(step + 1)
                 break
-        if self.state.step >= cfg.train.max_steps:
+        if self.state.step >= cfg.train.max_steps or rolled_back:
             self.save_final()
         if cfg.run.log_with != "none":
             acc.end_training()

@@ -51,6 +51,9 @@ class TrainConfig(BaseTrainConfig):
             raise ValueError(f"timestep_fraction={self.timestep_fraction} must be in (0, 1]")
         if self.best_of_n is not None and not (2 <= self.best_of_n <= self.group_size and self.best_of_n % 2 == 0):
             raise ValueError(f"best_of_n={self.best_of_n} must be even and in [2, group_size]")
+        if self.balance_amortized:
+            raise ValueError("balance_amortized needs a loss affine in the reward weight (diffusion_nft); Flow-GRPO's "
+                             "clipped loss is not, so it balances explicit per-reward gradients")
 
 
 @dataclass
@@ -67,7 +70,7 @@ class FlowGRPOConfig:
     eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
 
     def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards)
+        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train)
         if self.sampling.sde == "ode":
             raise ValueError("sampling.sde=ode: Flow-GRPO needs a stochastic sampler (flow_grpo, cps or dance)")
 
@@ -88,14 +91,18 @@ class FlowGRPOTrainer(OnlineTrainer):
         rs = self.rollout_step(step)
         ro, gathered, groups, valid = rs.ro, rs.gathered, rs.groups, rs.valid
         adv, adv_metrics = self.advantages(gathered, groups, valid)
-        mask = valid.clone()
-        if adv_metrics["zero_std_fraction"] > 0:
+        mask = self.training_mask(gathered, valid).clone()
+        per_reward = None
+        if self.balancer is not None:  # one advantage per reward, combined in gradient space
+            per = self.per_reward_advantages(gathered, groups, valid, metrics=adv_metrics)
+            per_reward = torch.stack([per[n] for n in cfg.rewards])[:, rs.local]
+        elif adv_metrics["zero_std_fraction"] > 0:
             mask &= adv != 0  # zero-spread groups carry no signal (flow_grpo drops them); masked, not removed
         if cfg.train.best_of_n is not None:
             mask &= best_of_n_mask(adv, groups, cfg.train.best_of_n)
         local = rs.local
         t_train = time.perf_counter()
-        train_metrics = self._update(ro, adv[local], mask[local], step)
+        train_metrics = self._update(ro, adv[local], mask[local], step, per_reward)
         train_metrics["time/training"] = time.perf_counter() - t_train
 
         metrics = {"step": step, **ro.timings, **adv_metrics, **train_metrics,
@@ -106,7 +113,11 @@ class FlowGRPOTrainer(OnlineTrainer):
         metrics["trained_fraction"] = mask.float().mean().item()
         return metrics
 
-    def _update(self, ro, adv: torch.Tensor, mask: torch.Tensor, step: int) -> dict:
+    def _update(self, ro, adv: torch.Tensor, mask: torch.Tensor, step: int,
+                per_reward: torch.Tensor | None = None) -> dict:
+        """PPO updates over samples × trained timesteps. With `per_reward` advantages [K, n] (train.balance), each
+        micro-batch's K losses share one forward and give K gradients; their balanced combination is applied at
+        each optimizer step."""
         cfg, acc = self.cfg, self.accelerator
         traj, n = ro.traj, len(adv)
         # Trainable steps: stochastic ones, never the last step (its Gaussian is the sharpest; flow_grpo).
@@ -127,10 +138,11 @@ class FlowGRPOTrainer(OnlineTrainer):
         self.model.train()
         logs: dict[str, list[float]] = {}
         first_ratio_dev = None
+        balance_logs: dict[str, float] = {}
         for (idx, j), (size, last) in zip(micro, schedule):
             steps_j = steps_per_sample[idx, j]
             cond = ro.cond.index(idx)
-            with self.micro_context(last):
+            with self.micro_context(last) if per_reward is None else self.balance_context():
                 out = trajectory_log_prob(self.adapter, traj, steps_j, cond, guidance, index=idx)
                 ref_mean = self._reference_mean(traj, steps_j, cond, idx) if cfg.train.kl_beta > 0 else None
                 old_lp = traj.log_probs[idx, steps_j].to(out.log_prob.device)
@@ -140,21 +152,35 @@ class FlowGRPOTrainer(OnlineTrainer):
                     guard = {"log_ratio": guard_log_ratio(out.log_prob, old_lp, out.mean,
                                                           traj.means[idx, steps_j].to(out.mean.device), out.std),
                              "step_weight": 1.0 / (sig[steps_j] - sig[steps_j + 1])}
-                loss, m = grpo_loss(out.log_prob, old_lp, adv[idx].to(out.log_prob.device), cfg.train.clip_range,
-                                    mask=mask[idx].to(out.log_prob.device), mean=out.mean, ref_mean=ref_mean,
-                                    std=out.std, kl_beta=cfg.train.kl_beta, **guard)
-                acc.backward(loss / size)
+                dev = out.log_prob.device
+
+                def loss_for(a):
+                    return grpo_loss(out.log_prob, old_lp, a[idx].to(dev), cfg.train.clip_range, mask=mask[idx].to(dev),
+                                     mean=out.mean, ref_mean=ref_mean, std=out.std, kl_beta=cfg.train.kl_beta, **guard)
+
+                if per_reward is None:
+                    loss, m = loss_for(adv)
+                    acc.backward(loss / size)
+                else:
+                    for k in range(len(per_reward)):
+                        loss, m = loss_for(per_reward[k])
+                        self.grad_buffer.add(k, loss / size, retain_graph=k + 1 < len(per_reward))
             if first_ratio_dev is None:
                 first_ratio_dev = m["ratio_max_dev"]
             for key, v in m.items():
                 logs.setdefault(key, []).append(v)
             if last:
+                if per_reward is not None:
+                    alpha, balance_logs = self.balance_update()
+                    self.grad_buffer.apply(alpha)
+                    self.grad_buffer.zero()
                 logs.setdefault("grad_norm", []).append(self.optimizer_step())
         if self.ema is not None:
             self.ema.update(step)
         metrics = {f"train/{k}": sum(v) / len(v) for k, v in logs.items()}
         metrics["train/first_ratio_max_dev"] = first_ratio_dev
         metrics["train/trained_timesteps"] = k
+        metrics.update(balance_logs)
         return metrics
 
     @torch.no_grad()

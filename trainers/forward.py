@@ -103,6 +103,9 @@ class RWRTrainConfig(ForwardTrainConfig):
         super().__post_init__()
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.balance != "none":
+            raise ValueError("train.balance applies to flow_grpo and diffusion_nft; Flow-RWR combines rewards in "
+                             "advantage space (train.advantage_mode)")
 
 
 @dataclass
@@ -119,7 +122,7 @@ class FlowRWRConfig:
     eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
 
     def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards)
+        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train)
 
 
 class FlowRWRTrainer(ForwardTrainer):
@@ -130,7 +133,8 @@ class FlowRWRTrainer(ForwardTrainer):
         t0 = time.perf_counter()
         rs = self.rollout_step(step)
         adv, adv_metrics = self.advantages(rs.gathered, rs.groups, rs.valid)
-        weights = rwr_weights(adv, rs.groups, rs.valid, cfg.train.weighting, cfg.train.temperature)[rs.local]
+        mask = self.training_mask(rs.gathered, rs.valid)
+        weights = rwr_weights(adv, rs.groups, mask, cfg.train.weighting, cfg.train.temperature)[rs.local]
         x0 = rs.ro.traj.final
         keep = torch.nonzero(weights > 0).flatten()  # zero-weight samples contribute nothing
         t_train = time.perf_counter()
@@ -193,7 +197,7 @@ class DiffusionNFTConfig:
     eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
 
     def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards)
+        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train)
 
 
 class DiffusionNFTTrainer(ForwardTrainer):
@@ -233,15 +237,21 @@ class DiffusionNFTTrainer(ForwardTrainer):
         t0 = time.perf_counter()
         rs = self.rollout_step(step)
         adv, adv_metrics = self.advantages(rs.gathered, rs.groups, rs.valid)
-        r_all = nft_reward_weight(adv, cfg.train.adv_clip)
-        r = r_all[rs.local]
-        keep = torch.nonzero(rs.valid[rs.local]).flatten()  # invalid rewards: not trained on
+        r = nft_reward_weight(adv, cfg.train.adv_clip)[rs.local]
+        r_k = None  # per-reward weights [K, n] when balancing in gradient space
+        if self.balancer is not None:
+            per = self.per_reward_advantages(rs.gathered, rs.groups, rs.valid, metrics=adv_metrics)
+            r_k = torch.stack([nft_reward_weight(per[n], cfg.train.adv_clip)[rs.local] for n in cfg.rewards])
+        keep = torch.nonzero(self.training_mask(rs.gathered, rs.valid)[rs.local]).flatten()  # others: not trained
         x0 = rs.ro.traj.final
         t_train = time.perf_counter()
         micro, g = self.micro_batches(len(keep), step, rs.ro.traj.sigmas)
         self.model.train()
         logs: dict[str, list[float]] = {}
-        for (pos, sigma), (size, last) in zip(micro, accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout)):
+        balance_logs: dict[str, float] = {}
+        refresh = cfg.train.balance_amortized and step % cfg.train.balance_every == 0
+        schedule = accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout)
+        for i, ((pos, sigma), (size, last)) in enumerate(zip(micro, schedule)):
             idx = keep[pos]
             noise = torch.randn(x0[idx].shape, generator=g).to(x0.device)
             x_t = noised(x0[idx], noise, sigma)
@@ -249,11 +259,34 @@ class DiffusionNFTTrainer(ForwardTrainer):
             with torch.no_grad(), self.old.swapped():
                 v_old = self.velocity(x_t, sigma, cond)
             v_ref = self.reference_velocity(x_t, sigma, cond) if cfg.train.kl_beta > 0 else None
-            with self.micro_context(last):
-                v = self.velocity(x_t, sigma, cond)
-                loss, m = nft_loss(v, v_old, x_t, x0[idx], sigma, r[idx].to(v.device), cfg.train.nft_beta,
-                                   cfg.train.adv_clip, v_ref=v_ref, kl_beta=cfg.train.kl_beta)
-                acc.backward(loss / size)
+
+            def loss_for(v, weights):
+                return nft_loss(v, v_old, x_t, x0[idx], sigma, weights[idx].to(v.device), cfg.train.nft_beta,
+                                cfg.train.adv_clip, v_ref=v_ref, kl_beta=cfg.train.kl_beta)
+
+            if r_k is None:
+                with self.micro_context(last):
+                    loss, m = loss_for(self.velocity(x_t, sigma, cond), r)
+                    acc.backward(loss / size)
+            elif cfg.train.balance_amortized and not (refresh and i == 0):
+                # MARBLE: the loss is affine in r, so Σ_k alpha_k L(r_k) = S · L(Σ_k (alpha_k / S) r_k), S = Σ alpha.
+                alpha = self.balancer.alpha
+                total = alpha.sum()
+                r_bar = ((alpha / total).float()[:, None] * r_k).sum(0)
+                with self.micro_context(last):
+                    loss, m = loss_for(self.velocity(x_t, sigma, cond), r_bar)
+                    acc.backward(float(total) * loss / size)
+            else:
+                # Explicit per-reward gradients (and the amortised form's Gram refresh on its first micro-batch).
+                with self.balance_context():
+                    v = self.velocity(x_t, sigma, cond)
+                    for k in range(len(r_k)):
+                        loss, m = loss_for(v, r_k[k])
+                        self.grad_buffer.add(k, loss / size, retain_graph=k + 1 < len(r_k))
+                if cfg.train.balance_amortized or last:
+                    alpha, balance_logs = self.balance_update()
+                    self.grad_buffer.apply(alpha)
+                    self.grad_buffer.zero()
             for key, value in m.items():
                 logs.setdefault(key, []).append(value)
             if last:
@@ -264,9 +297,9 @@ class DiffusionNFTTrainer(ForwardTrainer):
             self.ema.update(step)
         metrics = {"step": step, **rs.ro.timings, **adv_metrics, **self.reward_metrics(rs.gathered),
                    **{f"train/{k}": sum(v) / len(v) for k, v in logs.items()}, "train/old_decay": decay,
+                   **balance_logs,
                    "trained_fraction": len(keep) / max(1, len(r)), "invalid_rewards": int((~rs.valid).sum()),
                    "time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0}
         return metrics
-
 
 __all__ = ["DiffusionNFTConfig", "DiffusionNFTTrainer", "FlowRWRConfig", "FlowRWRTrainer", "noised", "sample_sigmas"]

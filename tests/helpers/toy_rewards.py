@@ -50,3 +50,17 @@ class Darkness(Reward):
     def score(self, *, prompts, images, videos, metadata):
         x = images if images is not None else videos
         return 1 - x.float().mean(dim=tuple(range(1, x.ndim)))
+
+
+class RedChannel(Reward):
+    """Mean of the red channel: partly aligned with MeanBrightness (a second reward for balancing tests)."""
+
+    name = "test-red"
+    differentiable = True
+    needs_prompts = False
+    inputs = ("images", "videos")
+    value_range = (0.0, 1.0)
+
+    def score(self, *, prompts, images, videos, metadata):
+        x = images if images is not None else videos
+        return x.float().select(-3, 0).mean(dim=tuple(range(1, x.ndim - 1)))

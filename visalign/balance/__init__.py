@@ -1,0 +1,23 @@
+"""Multi-reward balancing in gradient space (MARBLE and friends), with diagnostics.
+
+A trainer with `train.balance=<aggregator>` keeps one advantage per reward, takes one gradient per reward on the
+shared rollout (`GradientBuffer`, a [K, P] buffer over the trainable parameters), and applies d = Σ_k alpha_k g_k
+with alpha from the Gram matrix (`Balancer`: sum, mgda, pcgrad, cagrad, upgrad; EMA-smoothed). DiffusionNFT's loss
+is affine in each sample's reward weight, so with `train.balance_amortized` the same update costs one backward
+with blended weights and the Gram matrix is refreshed every `train.balance_every` steps (MARBLE). Advantage-space
+alternatives (GDPO, CMO, Parrot, Lagrange thresholds, hypervolume weights) live in `visalign.balance.advantages`.
+"""
+
+from visalign.balance.advantages import (
+    LagrangeThresholds,
+    cmo_advantages,
+    cmo_weights,
+    hypervolume_weights,
+    pareto_mask,
+)
+from visalign.balance.aggregators import AGGREGATORS, aggregator_weights, min_norm_weights
+from visalign.balance.balancer import Balancer, diagnostics
+from visalign.balance.gradients import GradientBuffer
+
+__all__ = ["AGGREGATORS", "Balancer", "GradientBuffer", "LagrangeThresholds", "aggregator_weights", "cmo_advantages",
+           "cmo_weights", "diagnostics", "hypervolume_weights", "min_norm_weights", "pareto_mask"]

@@ -1,0 +1,76 @@
+"""The balancer a trainer holds: reward weights and normalisation around an aggregator, EMA smoothing of the
+coefficients (MARBLE's "amortized MGDA + EMA-smoothed alpha"), checkpointable state, and the diagnostics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from visalign.balance.aggregators import AGGREGATORS, aggregator_weights
+
+
+def diagnostics(gram: Tensor, alpha: Tensor, names: list[str]) -> dict[str, float]:
+    """Everything from the Gram matrix and the applied coefficients (d = Σ alpha_k g_k), no P-sized work:
+    per-reward gradient norms, pairwise cosines, each reward's cosine with the update d (the worst of them is
+    MARBLE's "worst-aligned reward"), and the coefficients."""
+    gram, alpha = gram.double(), alpha.double()
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    safe = norms.clamp(min=1e-30)
+    cos = gram / (safe[:, None] * safe[None, :])
+    g_dot_d = gram @ alpha
+    d_norm = (alpha @ gram @ alpha).clamp(min=0).sqrt().clamp(min=1e-30)
+    cos_update = g_dot_d / (safe * d_norm)
+    out = {"balance/update_norm": float(d_norm), "balance/worst_cos": float(cos_update.min()),
+           "balance/worst_cos_negative": float(cos_update.min() < 0)}
+    for i, a in enumerate(names):
+        out[f"balance/grad_norm/{a}"] = float(norms[i])
+        out[f"balance/cos_update/{a}"] = float(cos_update[i])
+        out[f"balance/weight/{a}"] = float(alpha[i])
+        for j in range(i + 1, len(names)):
+            out[f"balance/cos/{a}|{names[j]}"] = float(cos[i, j])
+    return out
+
+
+class Balancer:
+    """Coefficients for the per-reward gradients g_k of the trained rewards.
+
+    The configured reward weights w_k scale the rows first (so "sum" is the usual weighted sum); `normalize`
+    then rescales each row to unit norm (MARBLE removes reward scale) before the aggregator; the coefficients
+    returned apply to the raw g_k. `ema` smooths them across refreshes: alpha <- ema alpha + (1 - ema) alpha_new.
+    """
+
+    def __init__(self, method: str, reward_weights: dict[str, float], *, ema: float = 0.0, normalize: bool = False,
+                 cagrad_c: float = 0.4, seed: int = 0):
+        if method not in AGGREGATORS:
+            raise ValueError(f"unknown balance method {method!r}; allowed: {', '.join(AGGREGATORS)}")
+        if not 0 <= ema < 1:
+            raise ValueError(f"balance ema={ema} must be in [0, 1)")
+        self.method, self.names = method, list(reward_weights)
+        self.w = torch.tensor([float(v) for v in reward_weights.values()], dtype=torch.float64)
+        self.ema, self.normalize, self.cagrad_c, self.seed = ema, normalize, cagrad_c, seed
+        self.alpha: Tensor | None = None
+        self.refreshes = 0
+
+    def fresh_weights(self, gram: Tensor) -> Tensor:
+        """Coefficients on the raw gradients for this Gram matrix, before smoothing (pure apart from the seed)."""
+        gram = gram.detach().double().cpu()
+        scaled = self.w[:, None] * gram * self.w[None, :]
+        scale = torch.ones_like(self.w)
+        if self.normalize:
+            scale = 1.0 / scaled.diagonal().clamp(min=1e-30).sqrt()
+            scaled = scale[:, None] * scaled * scale[None, :]
+        coeff = aggregator_weights(self.method, scaled, cagrad_c=self.cagrad_c, seed=self.seed + self.refreshes)
+        return coeff * scale * self.w
+
+    def update(self, gram: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Refresh from a new Gram matrix: the smoothed coefficients [K] and the diagnostics of this update."""
+        fresh = self.fresh_weights(gram)
+        self.alpha = fresh if self.alpha is None or self.ema == 0 else self.ema * self.alpha + (1 - self.ema) * fresh
+        self.refreshes += 1
+        return self.alpha.clone(), diagnostics(gram, self.alpha, self.names)
+
+    def state_dict(self) -> dict:
+        return {"alpha": self.alpha, "refreshes": self.refreshes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.alpha, self.refreshes = state["alpha"], int(state["refreshes"])

@@ -1,0 +1,46 @@
+"""Per-reward gradients of the trainable parameters, flattened into one [K, P] buffer (written in place, one
+copy per parameter and reward; nothing else of size K×P is allocated), accumulated over micro-batches."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class GradientBuffer:
+    def __init__(self, params: list[torch.nn.Parameter], k: int):
+        self.params = list(params)
+        self.sizes = [p.numel() for p in self.params]
+        total = sum(self.sizes)
+        device = self.params[0].device if self.params else "cpu"
+        self.J = torch.zeros(k, total, dtype=torch.float32, device=device)
+
+    def add(self, k: int, loss: Tensor, retain_graph: bool) -> None:
+        """J[k] += d loss / d params (parameters the loss does not reach add nothing)."""
+        grads = torch.autograd.grad(loss, self.params, retain_graph=retain_graph, allow_unused=True)
+        offset = 0
+        for g, n in zip(grads, self.sizes):
+            if g is not None:
+                self.J[k, offset:offset + n].add_(g.reshape(-1).float())
+            offset += n
+
+    def reduce(self, accelerator) -> None:
+        """Average J over processes (each process holds its share of the batch)."""
+        if accelerator is not None and accelerator.num_processes > 1:
+            self.J = accelerator.reduce(self.J, reduction="mean")
+
+    def gram(self) -> Tensor:
+        return (self.J.double() @ self.J.double().T).cpu()
+
+    def apply(self, alpha: Tensor) -> Tensor:
+        """Write d = Σ_k alpha_k J[k] into the parameters' .grad (added to what is there) and return d."""
+        d = (alpha.to(self.J.device, torch.float64)[:, None] * self.J.double()).sum(0).float()
+        offset = 0
+        for p, n in zip(self.params, self.sizes):
+            part = d[offset:offset + n].view_as(p).to(p.dtype)
+            p.grad = part.clone() if p.grad is None else p.grad + part
+            offset += n
+        return d
+
+    def zero(self) -> None:
+        self.J.zero_()
