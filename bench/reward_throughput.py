@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--videos", type=int, default=4, help="videos for the video rows")
+    parser.add_argument("--frames", type=int, default=16, help="frames per video")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -138,7 +140,11 @@ def main() -> None:
 
     rows.append(("hpsv2", lambda: hps(prompts=prompts, images=images), ref_hps))
 
-    print(f"{args.size} models, {args.batch} images of {h}x{w}, {args.threads} threads, "
+    rows.append(imagereward_row(args.size, images, pils, prompts, args.batch))
+    videos = video_rows(args.size, args.videos, args.frames, args.resolution // 2)
+
+    print(f"{args.size} models, {args.batch} images of {h}x{w} ({args.videos} videos of {args.frames} frames at "
+          f"{args.resolution // 2}x{args.resolution // 2} for the video rows), {args.threads} threads, "
           f"mean of {args.repeats} runs after a warm-up\n")
     print("| reward | visalign img/s | reference img/s | speed ratio (visalign / reference) | max abs score diff |")
     print("|---|---|---|---|---|")
@@ -148,6 +154,123 @@ def main() -> None:
         diff = float((s_ours.float() - s_ref.float()).abs().max())
         print(f"| {name} | {args.batch / t_ours:.1f} | {args.batch / t_ref:.1f} | {t_ref / t_ours:.2f}x | "
               f"{diff:.2e} |")
+    n_frames = args.videos * args.frames
+    for name, ours_fn, ref_fn in videos:
+        t_ours, s_ours = _timeit(lambda f=ours_fn: torch.no_grad()(f)(), args.repeats)
+        t_ref, s_ref = _timeit(ref_fn, args.repeats)
+        diff = float((s_ours.float() - s_ref.float()).abs().max())
+        print(f"| {name} (frames/s) | {n_frames / t_ours:.1f} | {n_frames / t_ref:.1f} | {t_ref / t_ours:.2f}x | "
+              f"{diff:.2e} |")
+
+
+def imagereward_row(size: str, images, pils, prompts, batch: int):
+    """ImageReward. The `image-reward` package cannot be built offline (its constructor downloads BERT's tokenizer
+    and BLIP's med_config), so the reference is its `ImageReward.score` path written out on the same modules: for
+    each image separately, PIL -> Resize(224, BICUBIC) -> CenterCrop -> ToTensor -> Normalize, then the BLIP
+    forward with batch 1 (`inference_rank` loops over images), z-scored with the released mean / std."""
+    import torchvision.transforms as T
+
+    from rewards.imagereward import (
+        REWARD_MEAN,
+        REWARD_STD,
+        TINY_TOKENIZER,
+        ImageReward,
+        ImageRewardConfig,
+        ImageRewardModel,
+        blip_tokenizer,
+        released_state_dict,
+    )
+
+    vocab = len(blip_tokenizer(TINY_TOKENIZER))
+    if size == "tiny":
+        config = ImageRewardConfig.tiny(vocab_size=vocab)
+    else:  # ViT-B/16 at 224 + BERT-base: the released text side, a smaller vision tower than its ViT-L
+        config = ImageRewardConfig(vision_width=768, vision_depth=12, vision_heads=12, vocab_size=vocab)
+    torch.manual_seed(2)
+    reward = ImageReward(checkpoint=released_state_dict(ImageRewardModel(config)), tokenizer=TINY_TOKENIZER,
+                         config=config, batch_size=batch)
+    n = config.image_size
+    transform = T.Compose([T.Resize(n, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n), T.ToTensor(),
+                           T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+
+    def reference():
+        out = []
+        with torch.no_grad():
+            for prompt, pil in zip(prompts, pils):
+                ids, mask = reward.tokenize([prompt])
+                out.append(reward.model(transform(pil)[None], ids, mask))
+        return (torch.cat(out).float() - REWARD_MEAN) / REWARD_STD
+
+    return "imagereward", lambda: reward(prompts=prompts, images=images), reference
+
+
+def video_rows(size: str, n_videos: int, n_frames: int, side: int):
+    """VBench dimensions against VBench's own loops on 8-bit frames: temporal flicker (numpy / cv2 absdiff per
+    consecutive pair, `vbench/temporal_flickering.py`), subject consistency (DINO, one frame at a time,
+    `vbench/subject_consistency.py`), background consistency (CLIP, one video at a time,
+    `vbench/background_consistency.py`); same backbone modules on both sides (random weights)."""
+    import cv2
+    import open_clip
+
+    from rewards.video import (
+        BackgroundConsistency,
+        ClipFeatures,
+        DinoFeatures,
+        SubjectConsistency,
+        TemporalFlicker,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    videos = (torch.rand(n_videos, n_frames, 3, side, side, generator=g) * 255).round() / 255
+    frames8 = (videos * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()  # [V, F, H, W, 3]
+    rows = []
+    flicker = TemporalFlicker(batch_size=n_videos)
+
+    def ref_flicker():
+        scores = []
+        for video in frames8:
+            diffs = [np.mean(cv2.absdiff(video[i], video[i + 1])) for i in range(len(video) - 1)]
+            scores.append((255.0 - np.mean(diffs)) / 255.0)
+        return torch.tensor(scores)
+
+    rows.append(("video-flicker", lambda: flicker(videos=videos), ref_flicker))
+
+    torch.manual_seed(4)
+    dino = DinoFeatures.tiny() if size == "tiny" else DinoFeatures()
+    subject = SubjectConsistency(backbone=dino, batch_size=n_videos)
+
+    def consistency_loop(features_of_frame):
+        scores = []
+        with torch.no_grad():
+            for video in videos:
+                feats = [F.normalize(features_of_frame(video, i), dim=-1) for i in range(len(video))]
+                sims = [(max(0.0, float((feats[i - 1] * feats[i]).sum())) + max(0.0, float((feats[0] * feats[i]).sum())))
+                        / 2 for i in range(1, len(feats))]
+                scores.append(sum(sims) / len(sims))
+        return torch.tensor(scores)
+
+    rows.append(("video-subject-consistency (DINO)", lambda: subject(videos=videos),
+                 lambda: consistency_loop(lambda video, i: dino(video[i:i + 1])[0])))
+
+    torch.manual_seed(5)
+    if size == "tiny":
+        from rewards.clip_family import TINY_OPEN_CLIP_CFG
+
+        oc = open_clip.create_model("ViT-H-14", **TINY_OPEN_CLIP_CFG).eval()
+    else:
+        oc = open_clip.create_model("ViT-B-32").eval()
+    clip = ClipFeatures(oc, image_size=oc.visual.image_size[0])
+    background = BackgroundConsistency(backbone=clip, batch_size=n_videos)
+    per_video = {}
+
+    def clip_frame(video, i):  # VBench encodes a whole video at once, then loops over its frames
+        if i == 0:
+            per_video["f"] = clip(video)
+        return per_video["f"][i]
+
+    rows.append(("video-background-consistency (CLIP)", lambda: background(videos=videos),
+                 lambda: consistency_loop(clip_frame)))
+    return rows
 
 
 if __name__ == "__main__":

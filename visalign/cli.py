@@ -52,14 +52,17 @@ def _world_pretrain(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from visalign.config import load_config
+    from visalign.eval.reward_suite import PRESETS
     from visalign.eval.world_suite import WorldEvalConfig, evaluate_world, markdown_table
     from visalign.models import load_model
 
-    if args.suite != "world":
-        raise ValueError(f"unknown suite {args.suite!r}; allowed: world")
+    if args.suite != "world" and args.suite != "rewards" and args.suite not in PRESETS:
+        raise ValueError(f"unknown suite {args.suite!r}; allowed: world, rewards, {', '.join(PRESETS)}")
     flags = [f"out={json.dumps(args.out)}"] if args.out else []
     flags += [f"model_path={json.dumps(args.model_path)}"] if args.model_path else []
     flags += [f"compare={json.dumps(args.compare)}"] if args.compare else []
+    if args.suite != "world":
+        return _eval_rewards(args.suite, args.config, flags + list(args.overrides))
     cfg = load_config(WorldEvalConfig, args.config, flags + list(args.overrides))
     if cfg.compare:
         return _eval_compare(cfg)
@@ -72,24 +75,100 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_rewards(suite: str, config: str | None, overrides: list[str]) -> int:
+    """A reward suite (a prompt file + rewards; presets name the rewards), single model or comparison mode."""
+    import dataclasses
+
+    from visalign.config import load_config
+    from visalign.eval.reward_suite import (
+        PRESETS,
+        RewardEvalConfig,
+        compare_rewards,
+        comparison_table,
+        evaluate_rewards,
+        markdown_table,
+    )
+    from visalign.models import load_model
+
+    cfg = load_config(RewardEvalConfig, config, overrides)
+    if not cfg.rewards:
+        if suite not in PRESETS:
+            raise ValueError("--suite rewards needs rewards=[...] (or use a preset suite: " + ", ".join(PRESETS) + ")")
+        cfg = dataclasses.replace(cfg, rewards=list(PRESETS[suite]))
+    if not cfg.compare:
+        adapter = load_model(cfg.model, cfg.model_path)
+        if cfg.lora:
+            adapter.load_lora(cfg.lora)
+        results = evaluate_rewards(adapter, cfg)
+        print(markdown_table({k: v for k, v in results.items() if not k.startswith("_")}, cfg.level))
+        run = results["_run"]
+        print(f"generated {run['generated']} samples, computed {run['scored']} scores (the rest were cached); "
+              f"wrote {cfg.out}/results.json, results.md, grid.png")
+        return 0
+    results = {}
+    for i, entry in enumerate(cfg.compare):
+        adapter = _compare_entry(cfg.model, cfg.model_path, entry)
+        sub = dataclasses.replace(cfg, out=str(Path(cfg.out) / f"entry_{i}"), compare=[],
+                                  model_path=None if entry == "base" else entry, lora=None)
+        results[entry] = evaluate_rewards(adapter, sub)
+    deltas = compare_rewards(results, cfg.level)
+    table = comparison_table(results, deltas, cfg.level)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "comparison.md").write_text(table)
+    (Path(cfg.out) / "comparison.json").write_text(json.dumps(deltas, indent=1))
+    print(table)
+    print(f"wrote {cfg.out}/comparison.md, comparison.json and entry_*/")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from demo.app import DemoConfig, launch
+    except ImportError as err:
+        raise ValueError(f"the demo needs gradio: pip install -e '.[demo]' ({err})") from None
+
+    def pairs(values: list[str], flag: str, prefix: str = "") -> dict[str, str]:
+        out = {}
+        for value in values:
+            label, sep, path = value.partition("=")
+            if not sep or not label or not path:
+                raise ValueError(f"{flag} expects LABEL=PATH, got {value!r}")
+            out[label] = prefix + path
+        return out
+
+    checkpoints = {**pairs(args.checkpoint, "--checkpoint"), **pairs(args.lora, "--lora", "lora:")}
+    kwargs = {"rewards": args.reward} if args.reward else {}
+    cfg = DemoConfig(model=args.model, model_path=args.model_path, checkpoints=checkpoints, runs_dir=args.runs,
+                     **kwargs)
+    print(f"visalign demo on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    launch(cfg, args.host, args.port, autorun=args.autorun, concurrency=args.concurrency)
+    return 0
+
+
+def _compare_entry(model: str, model_path: str | None, entry: str):
+    """An adapter for a comparison entry: 'base', lora:DIR (on model_path) or a checkpoint path."""
+    from visalign.models import load_model
+
+    if entry == "base":
+        return load_model(model, None)
+    if entry.startswith("lora:"):
+        adapter = load_model(model, model_path)
+        adapter.load_lora(entry[len("lora:"):])
+        return adapter
+    if not Path(entry).exists():
+        raise ValueError(f"compare entry {entry!r}: no such checkpoint (use 'base', a path or lora:DIR)")
+    return load_model(model, entry)
+
+
 def _eval_compare(cfg) -> int:
     """Comparison mode: every entry on the same prompts and seeds, paired deltas vs the first."""
     import dataclasses
 
     from visalign.eval.world_suite import compare_world, comparison_table, evaluate_world
-    from visalign.models import load_model
 
     results = {}
     for i, entry in enumerate(cfg.compare):
-        if entry == "base":
-            adapter = load_model(cfg.model, None)
-        elif entry.startswith("lora:"):
-            adapter = load_model(cfg.model, cfg.model_path)
-            adapter.load_lora(entry[len("lora:"):])
-        else:
-            if not Path(entry).exists():
-                raise ValueError(f"compare entry {entry!r}: no such checkpoint (use 'base', a path or lora:DIR)")
-            adapter = load_model(cfg.model, entry)
+        adapter = _compare_entry(cfg.model, cfg.model_path, entry)
         sub = dataclasses.replace(cfg, out=str(Path(cfg.out) / f"entry_{i}"), compare=[])
         results[entry] = evaluate_world(adapter, sub)
     deltas = compare_world(results)
@@ -295,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     wp.set_defaults(func=_world_pretrain)
 
     e = sub.add_parser("eval", help="evaluate a model on a suite")
-    e.add_argument("--suite", required=True, help="world")
+    e.add_argument("--suite", required=True, help="world, rewards (a prompt file + rewards), or a preset: "
+                                                  "preference, geneval, compbench, vbench, world-rewards")
     e.add_argument("--config", help="YAML file with the suite's config fields")
     e.add_argument("--out", help="output directory")
     e.add_argument("--model-path", dest="model_path", help="checkpoint to evaluate")
@@ -303,6 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "side by side, paired deltas vs the first, 95%% intervals")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. n_per_template=16")
     e.set_defaults(func=_eval)
+
+    d = sub.add_parser("demo", help="the Gradio comparison demo (base / aligned / steered, reward breakdowns)")
+    d.add_argument("--model", default="world", help="registered model name (default: the built-in world)")
+    d.add_argument("--model-path", dest="model_path", help="base checkpoint")
+    d.add_argument("--checkpoint", action="append", default=[], help="LABEL=PATH of an aligned checkpoint; repeat")
+    d.add_argument("--lora", action="append", default=[], help="LABEL=DIR of an aligned LoRA; repeat")
+    d.add_argument("--reward", action="append", default=[], help="a reward to score with; repeat "
+                                                                 "(default: the world's rewards)")
+    d.add_argument("--runs", help="directory of training runs for the Training run tab (only files under it "
+                                  "are served)")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--concurrency", type=int, default=1, help="jobs running at once (the rest queue)")
+    d.add_argument("--autorun", action="store_true", help="run one comparison when the page loads")
+    d.set_defaults(func=_demo)
 
     t = sub.add_parser("train", help="train with a config (the config's `trainer:` picks the recipe)")
     t.add_argument("config", help="YAML config, e.g. configs/flow_grpo_world.yaml")

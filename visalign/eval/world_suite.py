@@ -51,6 +51,8 @@ class WorldEvalConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.guidance < 0:
             raise ValueError(f"guidance={self.guidance} must be >= 0")
+        if len(set(self.compare)) != len(self.compare):
+            raise ValueError(f"compare entries must be distinct, got {self.compare}")
 
 
 def suite_prompts(split: str, n_per_template: int, seed: int,
