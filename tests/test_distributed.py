@@ -6,17 +6,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_process_flow_grpo(tmp_path):
+BALANCED = ["train.balance=mgda", "train.balance_ema=0.5",
+            "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0, tests.helpers.toy_rewards.RedChannel: 0.5}"]
+
+
+@pytest.mark.parametrize("extra", [[], BALANCED], ids=["weighted-sum", "balanced-mgda"])
+def test_two_process_flow_grpo(tmp_path, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs/accelerate/cpu_2proc.yaml"), str(ROOT / "tests/helpers/dist_train.py"), str(tmp_path),
            "model.name=tiny-sd3", "model.lora_rank=4", "train.max_steps=2", "train.prompts_per_step=3",
            "train.group_size=4", "train.train_batch_size=3", "sampling.batch_size=6", "sampling.steps=3",
            "run.eval_every=0", "run.log_with=none", "run.progress=false", "run.checkpoint_every=2",
-           "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}"]
+           "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "dist.json").read_text())
