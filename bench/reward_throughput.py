@@ -149,18 +149,17 @@ def main() -> None:
     print("| reward | visalign img/s | reference img/s | speed ratio (visalign / reference) | max abs score diff |")
     print("|---|---|---|---|---|")
     for name, ours_fn, ref_fn in rows:
-        t_ours, s_ours = _timeit(lambda f=ours_fn: torch.no_grad()(f)(), args.repeats)
-        t_ref, s_ref = _timeit(ref_fn, args.repeats)
-        diff = float((s_ours.float() - s_ref.float()).abs().max())
-        print(f"| {name} | {args.batch / t_ours:.1f} | {args.batch / t_ref:.1f} | {t_ref / t_ours:.2f}x | "
-              f"{diff:.2e} |")
-    n_frames = args.videos * args.frames
+        print(_row(name, args.batch, ours_fn, ref_fn, args.repeats))
     for name, ours_fn, ref_fn in videos:
-        t_ours, s_ours = _timeit(lambda f=ours_fn: torch.no_grad()(f)(), args.repeats)
-        t_ref, s_ref = _timeit(ref_fn, args.repeats)
-        diff = float((s_ours.float() - s_ref.float()).abs().max())
-        print(f"| {name} (frames/s) | {n_frames / t_ours:.1f} | {n_frames / t_ref:.1f} | {t_ref / t_ours:.2f}x | "
-              f"{diff:.2e} |")
+        print(_row(f"{name} (frames/s)", args.videos * args.frames, ours_fn, ref_fn, args.repeats))
+
+
+def _row(name: str, count: int, ours_fn, ref_fn, repeats: int) -> str:
+    """One table row: items/s of both sides, their ratio, and the largest score difference."""
+    t_ours, s_ours = _timeit(lambda: torch.no_grad()(ours_fn)(), repeats)
+    t_ref, s_ref = _timeit(ref_fn, repeats)
+    diff = float((s_ours.float() - s_ref.float()).abs().max())
+    return f"| {name} | {count / t_ours:.1f} | {count / t_ref:.1f} | {t_ref / t_ours:.2f}x | {diff:.2e} |"
 
 
 def imagereward_row(size: str, images, pils, prompts, batch: int):

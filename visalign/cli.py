@@ -113,12 +113,7 @@ def _eval_rewards(suite: str, config: str | None, overrides: list[str]) -> int:
         results[entry] = evaluate_rewards(adapter, sub)
     deltas = compare_rewards(results, cfg.level)
     table = comparison_table(results, deltas, cfg.level)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out) / "comparison.md").write_text(table)
-    (Path(cfg.out) / "comparison.json").write_text(json.dumps(deltas, indent=1))
-    print(table)
-    print(f"wrote {cfg.out}/comparison.md, comparison.json and entry_*/")
-    return 0
+    return _write_comparison(cfg.out, table, deltas)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -142,6 +137,15 @@ def _demo(args: argparse.Namespace) -> int:
                      **kwargs)
     print(f"visalign demo on http://{args.host}:{args.port} (Ctrl-C to stop)")
     launch(cfg, args.host, args.port, autorun=args.autorun, concurrency=args.concurrency)
+    return 0
+
+
+def _write_comparison(out: str, table: str, deltas: dict) -> int:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "comparison.md").write_text(table)
+    (Path(out) / "comparison.json").write_text(json.dumps(deltas, indent=1))
+    print(table)
+    print(f"wrote {out}/comparison.md, comparison.json and entry_*/")
     return 0
 
 
@@ -173,12 +177,7 @@ def _eval_compare(cfg) -> int:
         results[entry] = evaluate_world(adapter, sub)
     deltas = compare_world(results)
     table = comparison_table(results, deltas)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out) / "comparison.md").write_text(table)
-    (Path(cfg.out) / "comparison.json").write_text(json.dumps(deltas, indent=1))
-    print(table)
-    print(f"wrote {cfg.out}/comparison.md, comparison.json and entry_*/")
-    return 0
+    return _write_comparison(cfg.out, table, deltas)
 
 
 def _quickstart(args: argparse.Namespace) -> int:
