@@ -31,8 +31,9 @@ class DemoConfig:
     checkpoints: dict[str, str] = field(default_factory=dict)  # label -> checkpoint path or lora:DIR
     rewards: list[str] = field(default_factory=lambda: ["world-verifier", "world-strict", "world-cleanliness",
                                                         "saturation"])
-    steer_rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0})
-    guidance_rewards: dict[str, float] = field(default_factory=lambda: {"world-soft": 1.0})
+    steer_rewards: dict[str, float] | None = None  # best-of-N / FK (default: world-verifier, else the first reward)
+    guidance_rewards: dict[str, float] | None = None  # gradient guidance (default: world-soft, else the first
+    # differentiable reward of `rewards`)
     runs_dir: str | None = None
     max_steps: int = 50
     max_samples: int = 8
@@ -47,6 +48,17 @@ class DemoConfig:
                 raise ValueError(f"checkpoint {label}={path}: no such file or directory")
         if self.runs_dir is not None and not Path(self.runs_dir).is_dir():
             raise ValueError(f"runs directory {self.runs_dir!r} does not exist")
+        if not self.rewards:
+            raise ValueError("the demo needs at least one reward")
+        import rewards as rewards_lib
+
+        world = self.model == "world"
+        if self.steer_rewards is None:
+            self.steer_rewards = {"world-verifier": 1.0} if world else {self.rewards[0]: 1.0}
+        if self.guidance_rewards is None:
+            differentiable = [r for r in self.rewards if rewards_lib.describe(r)["differentiable"]]
+            self.guidance_rewards = {"world-soft": 1.0} if world else ({differentiable[0]: 1.0} if differentiable
+                                                                        else {})
 
 
 class DemoError(ValueError):
@@ -127,6 +139,8 @@ class Demo:
         from visalign.steering import steer
 
         if method == "guidance":
+            if not self.cfg.guidance_rewards:
+                raise DemoError("guidance needs a differentiable reward among the demo's rewards")
             rewards, options = self.cfg.guidance_rewards, {"scale": float(lam)}
         else:
             rewards = self.cfg.steer_rewards
