@@ -141,3 +141,16 @@ def test_quickstart_end_to_end_small(tmp_path, capsys):
     assert "| **overall whole-prompt** | seen |" in table and "| cleanliness | heldout |" in table
     assert (tmp_path / "before_after_seen.png").exists() and (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert "before_after" in capsys.readouterr().out
+
+
+def test_world_suite_on_the_shipped_model_reproduces_across_runs(tmp_path):
+    from visalign.eval.world_suite import WorldEvalConfig, evaluate_world
+
+    model = WorldAdapter.from_pretrained()
+    runs = [evaluate_world(model, WorldEvalConfig(out=str(tmp_path / str(i)), n_per_template=3, steps=4,
+                                                  batch_size=8 + 5 * i), progress=False) for i in range(2)]
+    for split in ("seen", "heldout"):
+        a, b = runs[0][split], runs[1][split]
+        assert a["per_sample"] == b["per_sample"]  # same verdict on every prompt, different batching
+        assert round(a["overall"], 3) == round(b["overall"], 3) and a["cleanliness"] == pytest.approx(
+            b["cleanliness"], abs=5e-4)
