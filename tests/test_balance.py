@@ -239,6 +239,16 @@ def test_marble_amortised_nft_update_equals_the_explicit_combination(tmp_path):
         m_am["balance/weight/tests.helpers.toy_rewards.MeanBrightness"], abs=1e-6)
 
 
+def test_amortised_refresh_over_every_micro_batch_is_the_explicit_update(tmp_path):
+    # Three micro-batches; a refresh that estimates the Gram matrix on all of them is the explicit form exactly.
+    explicit, _ = applied_gradients(tiny("diffusion_nft", tmp_path / "a", "train.balance=mgda",
+                                         "train.train_batch_size=3"))
+    amortised, _ = applied_gradients(tiny("diffusion_nft", tmp_path / "b", "train.balance=mgda",
+                                          "train.train_batch_size=3", "train.balance_amortized=true",
+                                          "train.balance_refresh_batches=8"))
+    torch.testing.assert_close(amortised, explicit, atol=1e-5 * float(explicit.abs().max()), rtol=1e-5)
+
+
 def test_grpo_balanced_sum_equals_normalize_then_sum(tmp_path):
     # On-policy the GRPO loss is linear in the advantage, so Σ_k w_k ∇L(A_k) = ∇L(Σ_k w_k A_k): the per-reward
     # gradient path with the weighted-sum aggregator must reproduce GDPO's single backward.

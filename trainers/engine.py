@@ -181,8 +181,10 @@ class BaseTrainConfig:
     balance_normalize: bool = field(default=False, metadata={"help": "per-reward gradients to unit norm first"})
     balance_amortized: bool = field(default=False, metadata={
         "help": "diffusion_nft: one backward with blended reward weights (MARBLE); the Gram matrix is refreshed "
-                "on the first micro-batch every balance_every steps"})
+                "on the first balance_refresh_batches micro-batches every balance_every steps"})
     balance_every: int = field(default=1, metadata={"help": "steps between Gram refreshes (amortised form)"})
+    balance_refresh_batches: int = field(default=1, metadata={
+        "help": "amortised form: micro-batches whose per-reward gradients estimate the Gram matrix at a refresh"})
     cagrad_c: float = field(default=0.4, metadata={"help": "CAGrad's c"})
     ema_decay: float | None = field(default=None, metadata={"help": "EMA of trained weights (flow_grpo: 0.9)"})
     ema_every: int = field(default=1, metadata={"help": "steps between EMA updates"})
@@ -194,8 +196,9 @@ class BaseTrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
-        if self.balance_every < 1 or not 0 <= self.balance_ema < 1 or self.cagrad_c < 0:
-            raise ValueError("balance_every must be >= 1, balance_ema in [0, 1), cagrad_c >= 0")
+        if self.balance_every < 1 or self.balance_refresh_batches < 1 or not 0 <= self.balance_ema < 1 or self.cagrad_c < 0:
+            raise ValueError("balance_every and balance_refresh_batches must be >= 1, balance_ema in [0, 1), "
+                             "cagrad_c >= 0")
         if self.balance_amortized and self.balance == "none":
             raise ValueError("balance_amortized needs train.balance (e.g. mgda)")
         if self.balance != "none" and (self.advantage_mode != "sum_then_normalize" or self.constraints):

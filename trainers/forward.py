@@ -250,6 +250,7 @@ class DiffusionNFTTrainer(ForwardTrainer):
         logs: dict[str, list[float]] = {}
         balance_logs: dict[str, float] = {}
         refresh = cfg.train.balance_amortized and step % cfg.train.balance_every == 0
+        n_refresh = min(cfg.train.balance_refresh_batches, len(micro))  # micro-batches that estimate the Gram
         schedule = accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout)
         for i, ((pos, sigma), (size, last)) in enumerate(zip(micro, schedule)):
             idx = keep[pos]
@@ -268,7 +269,7 @@ class DiffusionNFTTrainer(ForwardTrainer):
                 with self.micro_context(last):
                     loss, m = loss_for(self.velocity(x_t, sigma, cond), r)
                     acc.backward(loss / size)
-            elif cfg.train.balance_amortized and not (refresh and i == 0):
+            elif cfg.train.balance_amortized and not (refresh and i < n_refresh):
                 # MARBLE: the loss is affine in r, so Σ_k alpha_k L(r_k) = S · L(Σ_k (alpha_k / S) r_k), S = Σ alpha.
                 alpha = self.balancer.alpha
                 total = alpha.sum()
@@ -277,13 +278,13 @@ class DiffusionNFTTrainer(ForwardTrainer):
                     loss, m = loss_for(self.velocity(x_t, sigma, cond), r_bar)
                     acc.backward(float(total) * loss / size)
             else:
-                # Explicit per-reward gradients (and the amortised form's Gram refresh on its first micro-batch).
+                # Explicit per-reward gradients (and the amortised form's Gram refresh on its first n_refresh).
                 with self.balance_context():
                     v = self.velocity(x_t, sigma, cond)
                     for k in range(len(r_k)):
                         loss, m = loss_for(v, r_k[k])
                         self.grad_buffer.add(k, loss / size, retain_graph=k + 1 < len(r_k))
-                if cfg.train.balance_amortized or last:
+                if last or (cfg.train.balance_amortized and i == n_refresh - 1):
                     alpha, balance_logs = self.balance_update()
                     self.grad_buffer.apply(alpha)
                     self.grad_buffer.zero()
