@@ -67,14 +67,17 @@ class DemoError(ValueError):
 
 def _quantise(pixels: torch.Tensor) -> torch.Tensor:
     """8-bit images as float in [0, 1]: what the page shows is exactly what is scored."""
-    return (pixels.clamp(0, 1) * 255).round() / 255
+    from visalign.generate import to_uint8
+
+    return torch.from_numpy(to_uint8(pixels)).float() / 255
 
 
 def _pil(pixels: torch.Tensor, scale: int):
     from PIL import Image
 
-    arr = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    img = Image.fromarray(arr)
+    from visalign.generate import to_uint8
+
+    img = Image.fromarray(to_uint8(pixels.permute(1, 2, 0)))
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
@@ -130,7 +133,7 @@ class Demo:
         from visalign.sampling import sample
 
         adapter = self.adapter(label)
-        cond = adapter.encode_prompts([prompt] * n, cfg=guidance > 1)
+        cond = adapter.encode_prompts([prompt], cfg=guidance > 1).repeat_interleave(n)  # encode once
         traj = sample(adapter, cond, num_steps=steps, height=size, width=size, guidance_scale=guidance,
                       seeds=[int(seed) + j for j in range(n)])
         return _quantise(adapter.decode(traj.final).float().cpu())

@@ -354,8 +354,8 @@ class OnlineTrainer:
             start, stop = cfg.sampling.drift_window or (0, None)
             self.drift = RewardDrift(cfg.sampling.drift_scale, cfg.sampling.drift_mode, cfg.sampling.drift_normalize,
                                      start, stop)
-            self.drift_rewards = {name: (self.rewards.get(name) or load_rewards([name])[name], w)
-                                  for name, w in drift_weights.items()}
+            loaded = load_rewards(drift_weights)  # rewards.load caches: trained rewards are the same objects
+            self.drift_rewards = {name: (loaded[name], w) for name, w in drift_weights.items()}
         self.ema = EMA(params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema_decay else None
         self.state = TrainerState()
         acc.register_for_checkpointing(self.state)

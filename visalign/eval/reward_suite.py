@@ -136,14 +136,11 @@ def sample_seed(index: int, seed: int) -> int:
     return seed * 1_000_003 + index
 
 
-def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 @torch.no_grad()
 def generate_missing(adapter: FlowModelAdapter, items: list[dict], cfg: RewardEvalConfig, sample_dir: Path,
                      progress: bool = True) -> int:
     """Generate and store every (prompt, seed) sample not yet in `sample_dir`; returns how many were made."""
+    from visalign.generate import to_uint8
     from visalign.sampling import sample
 
     todo = [(i, s) for s in cfg.seeds for i in range(len(items))
@@ -157,7 +154,7 @@ def generate_missing(adapter: FlowModelAdapter, items: list[dict], cfg: RewardEv
         cond = adapter.encode_prompts([items[i]["prompt"] for i, _ in chunk], cfg=cfg.guidance > 1)
         traj = sample(adapter, cond, num_steps=cfg.steps, height=height, width=width, num_frames=cfg.num_frames,
                       guidance_scale=cfg.guidance, seeds=[sample_seed(i, s) for i, s in chunk])
-        pixels = _to_uint8(adapter.decode(traj.final).float().cpu())
+        pixels = torch.from_numpy(to_uint8(adapter.decode(traj.final)))
         for (i, s), px in zip(chunk, pixels):
             tmp = sample_dir / f"{sample_key(i, s)}.tmp"
             save_file({"pixels": px.contiguous()}, str(tmp))

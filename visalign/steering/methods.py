@@ -103,8 +103,10 @@ class FKSteering:
             total, _ = request.score(x0, repeat=k, grad=True)
             (grad,) = torch.autograd.grad(total.sum(), x0)
         request.stats["backward_passes"] += len(x0)
+        from visalign.steering.drift import RewardDrift
+
+        shift = RewardDrift(scale=self.proposal_scale * self.lam).shift(grad, step.std)  # the tilted proposal
         std = step.std.view(-1, *([1] * (x0.ndim - 1)))
-        shift = self.proposal_scale * std.pow(2) * self.lam * grad
         x_next = step.mean + shift + std * noise
         dims = tuple(range(1, x0.ndim))
         safe = std.clamp(min=1e-12).pow(2)
