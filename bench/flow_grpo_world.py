@@ -60,7 +60,9 @@ def evaluate(trainer, n: int, seed: int) -> dict:
     return out
 
 
-def run_arm(name: str, arm: tuple[str | None, list[str]], args) -> list[dict]:
+def run_arm(name: str, arm: tuple[str | None, list[str]], args, evaluate=evaluate) -> list[dict]:
+    """Train one arm for args.minutes of training wall time, evaluating (`evaluate(trainer, n, seed)`) at
+    step 0, every args.eval_every steps and at the end."""
     config, extra = arm
     overrides = [f"run.out_dir={args.out}/{name}", "run.resume_from=null", "run.eval_every=0",
                  "run.log_with=none", "run.progress=false", "train.max_steps=100000",

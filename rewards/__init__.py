@@ -35,12 +35,16 @@ REGISTRY: dict[str, str] = {
     "world-strict": "rewards.world:WorldStrictReward",
     "world-cleanliness": "rewards.world:WorldCleanlinessReward",
     "world-soft": "rewards.world:WorldSoftReward",
+    "world-motion": "rewards.world:WorldMotionReward",
     "saturation": "rewards.style:Saturation",
     "saturation-area": "rewards.style:SaturatedArea",
     "brightness": "rewards.style:Brightness",
 }
 
 _CACHE: dict[tuple, Reward] = {}
+# "frames/<image reward>": the image reward on video frames with InstructVideo's segmental sampling and
+# temporal attenuation (`rewards.video.FrameReward`), e.g. "frames/pickscore" in a video trainer's rewards.
+FRAMES_PREFIX = "frames/"
 
 
 def register(name: str, target: str) -> None:
@@ -61,6 +65,12 @@ def describe(name: str) -> dict:
 
 
 def _resolve(name: str) -> type[Reward]:
+    if name.startswith(FRAMES_PREFIX):  # an image reward scored on video frames
+        from rewards.video import FrameReward
+
+        if "images" not in _resolve(name[len(FRAMES_PREFIX):]).inputs:
+            raise ValueError(f"reward {name!r}: {name[len(FRAMES_PREFIX):]!r} does not score images")
+        return FrameReward
     target = REGISTRY.get(name)
     if target is None and "." not in name:
         raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(list_rewards())} or a dotted path")
@@ -76,11 +86,14 @@ def _resolve(name: str) -> type[Reward]:
 
 
 def load(name: str, **kwargs) -> Reward:
-    """The reward `name` (registered, or a dotted path to a Reward subclass) built with kwargs.
+    """The reward `name` (registered, "frames/<image reward>", or a dotted path to a Reward subclass) built
+    with kwargs.
 
     Instances are cached by (name, kwargs), so weights load once per process and are reused."""
     key = (name, json.dumps(kwargs, sort_keys=True, default=str))
     if key not in _CACHE:
+        if name.startswith(FRAMES_PREFIX):
+            kwargs = {"image_reward": name[len(FRAMES_PREFIX):], **kwargs}
         _CACHE[key] = _resolve(name)(**kwargs)
     return _CACHE[key]
 

@@ -1,6 +1,7 @@
 """The shapes world's exact verifier as rewards: partial credit with per-concept sub-scores, the strict
 judge, and cleanliness (for artifact measurement: RL in the probe drifted into faint background speckle the
-verifier ignores). Prompts must be in the world's grammar; a spec in metadata["spec"] takes precedence."""
+verifier ignores); the motion verifier for the video world. Prompts must be in the world's grammar; a spec in
+metadata["spec"] takes precedence."""
 
 from __future__ import annotations
 
@@ -31,6 +32,25 @@ class WorldVerifierReward(Reward):
         return out
 
 
+class WorldMotionReward(Reward):
+    """The moving-shapes verifier (`visalign.world.motion.verify_motion`) on clips: the fraction of the prompt's
+    concepts satisfied (object, direction, speed, stop, temporal consistency), with group sub-scores,
+    `direction_correct`, pass, and the mean per-frame cleanliness."""
+
+    name = "world-motion"
+    differentiable = False
+    value_range = (0.0, 1.0)
+    inputs = ("videos",)
+
+    def score(self, *, prompts, images, videos, metadata):
+        from visalign.world.motion import verify_motion
+
+        result = verify_motion(videos, _specs(prompts, metadata))
+        out = {k: v.float() for k, v in result.sub_scores().items()}
+        out["cleanliness"] = _frame_cleanliness(videos)
+        return out
+
+
 class WorldStrictReward(WorldVerifierReward):
     """The same with the strict second judge (tighter shape fits, dominant-axis relations)."""
 
@@ -39,15 +59,24 @@ class WorldStrictReward(WorldVerifierReward):
 
 
 class WorldCleanlinessReward(Reward):
-    """Foreground explained by detected shapes × plain background, in [0, 1]; needs no prompt."""
+    """Foreground explained by detected shapes × plain background, in [0, 1]; needs no prompt. On videos, the
+    mean over frames."""
 
     name = "world-cleanliness"
     differentiable = False
     value_range = (0.0, 1.0)
     needs_prompts = False
+    inputs = ("images", "videos")
 
     def score(self, *, prompts, images, videos, metadata):
+        if videos is not None:
+            return _frame_cleanliness(videos)
         return cleanliness(images).float()
+
+
+def _frame_cleanliness(videos):
+    b, f = videos.shape[:2]
+    return cleanliness(videos.reshape(b * f, *videos.shape[2:])).view(b, f).mean(1).float()
 
 
 class WorldSoftReward(Reward):

@@ -43,12 +43,17 @@ def _final_weights(run):
     return load_file(str(run / "checkpoints" / "checkpoint-3" / "model.safetensors"))
 
 
-def test_resume_is_bit_identical(world_ckpt, tmp_path):
-    extra = ["train.max_steps=3", "train.kl_beta=0.01", "train.ema_decay=0.9", "model.lora_rank=4"]
-    FlowGRPOTrainer(small(tmp_path / "a", *extra, model="tiny-sd3")).train()
-    FlowGRPOTrainer(small(tmp_path / "b", *extra, model="tiny-sd3")).train(stop_after=1)  # "killed" after step 1
+@pytest.mark.parametrize("model, request_overrides", [
+    ("tiny-sd3", []),
+    ("tiny-wan", ["model.height=16", "model.width=16", "model.num_frames=5",
+                  "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}"]),  # world-verifier scores images only
+], ids=["tiny-sd3", "tiny-wan"])
+def test_resume_is_bit_identical(model, request_overrides, tmp_path):
+    extra = ["train.max_steps=3", "train.kl_beta=0.01", "train.ema_decay=0.9", "model.lora_rank=4", *request_overrides]
+    FlowGRPOTrainer(small(tmp_path / "a", *extra, model=model)).train()
+    FlowGRPOTrainer(small(tmp_path / "b", *extra, model=model)).train(stop_after=1)  # "killed" after step 1
     assert not (tmp_path / "b" / "final").exists()
-    resumed = FlowGRPOTrainer(small(tmp_path / "b", *extra, model="tiny-sd3")).train()
+    resumed = FlowGRPOTrainer(small(tmp_path / "b", *extra, model=model)).train()
     assert [h["step"] for h in resumed] == [1, 2]
     a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

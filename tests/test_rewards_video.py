@@ -295,3 +295,26 @@ def test_frame_reward_is_a_differentiable_video_reward():
     torch.testing.assert_close(out, torch.tensor([(0 + 4 + 8 + 12 + 4 * b) / 160 for b in range(2)]))
     out.sum().backward()
     assert video.grad[:, [0, 4, 8, 12]].abs().sum() > 0 and video.grad[:, 1].abs().sum() == 0
+
+
+def test_frames_prefix_loads_any_image_reward_on_video_frames():
+
+    reward = rewards.load("frames/brightness", num_segments=3, attenuation=0.0, random=False)
+    assert isinstance(reward, FrameReward) and reward.name == "frames/brightness"
+    video = torch.rand(2, 9, 3, 8, 8)
+    # Segments of 3 frames, first frame of each, equal weights: the mean of frames 0, 3, 6's brightness.
+    expected = rewards.load("brightness")(images=video[:, [0, 3, 6]].reshape(6, 3, 8, 8)).view(2, 3).mean(1)
+    torch.testing.assert_close(reward(videos=video), expected)
+    assert rewards.describe("frames/saturation")["inputs"] == "videos"
+    with pytest.raises(ValueError, match="'video-flicker' does not score images"):
+        rewards.load("frames/video-flicker")
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        rewards.load("frames/nope")
+
+
+def test_world_cleanliness_on_videos_is_the_mean_over_frames():
+    from visalign.world.verify import cleanliness
+
+    video = torch.rand(2, 3, 3, 32, 32) * 0.2 + 0.8
+    expected = cleanliness(video.reshape(6, 3, 32, 32)).view(2, 3).mean(1)
+    torch.testing.assert_close(rewards.load("world-cleanliness")(videos=video), expected)

@@ -1,5 +1,6 @@
 """Preference and regression trainers: Flow-DPO (online, offline), Flow-RWR, DiffusionNFT. Losses against hand
-computations; two steps on tiny SD3 / Wan with LoRA and full fine-tuning; bit-identical resume; pair files."""
+computations; two steps on tiny SD3 / Wan with LoRA and full fine-tuning; bit-identical resume; image and video
+pair files."""
 
 import json
 import math
@@ -14,7 +15,7 @@ from trainers.dpo import FlowDPOTrainer, group_pairs
 from trainers.engine import accumulation_schedule
 from trainers.forward import DiffusionNFTTrainer, FlowRWRTrainer, noised, sample_sigmas
 from trainers.losses import dpo_loss, nft_loss, nft_reward_weight, per_sample_mse, rwr_weights
-from visalign.pairs import PairFileError
+from visalign.pairs import PairFileError, load_video, read_pairs
 from visalign.train import load_train_config
 from visalign.world.model import WorldAdapter
 
@@ -110,6 +111,13 @@ def test_sigma_sampling_and_interpolation():
         sample_sigmas("grid", 1, 5, grid, g)
     ln = sample_sigmas("logit_normal", 4000, 1, grid, g)
     assert 0 < ln.min() and ln.max() < 1 and abs(ln.median().item() - 0.5) < 0.03
+    # train.min_sigma: only the high-noise levels are trained.
+    high = sample_sigmas("grid", 5, 2, grid, g, min_sigma=0.5)
+    assert set(high.flatten().tolist()) <= {1.0, 0.75, 0.5}
+    with pytest.raises(ValueError, match=">= train.min_sigma=0.6"):
+        sample_sigmas("grid", 1, 3, grid, g, min_sigma=0.6)
+    ln_high = sample_sigmas("logit_normal", 4000, 1, grid, g, min_sigma=0.6)
+    assert 0.6 < ln_high.min() and abs(ln_high.median().item() - 0.8) < 0.02
     x0, eps = torch.zeros(2, 3), torch.ones(2, 3)
     torch.testing.assert_close(noised(x0, eps, torch.tensor([0.25, 1.0])), torch.tensor([[0.25] * 3, [1.0] * 3]))
     assert per_sample_mse(torch.zeros(2, 3), torch.ones(2, 3)).tolist() == [1.0, 1.0]
@@ -167,14 +175,15 @@ def _final_weights(run, step):
     return load_file(str(run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors"))
 
 
+@pytest.mark.parametrize("model", list(REQUESTS))
 @pytest.mark.parametrize("trainer", list(TRAINERS))
-def test_resume_is_bit_identical(trainer, tmp_path):
-    extra = ["train.max_steps=3", "train.ema_decay=0.9", *REQUESTS["tiny-sd3"]]
+def test_resume_is_bit_identical(trainer, model, tmp_path):
+    extra = ["train.max_steps=3", "train.ema_decay=0.9", *REQUESTS[model]]
     if trainer == "flow_dpo":
         extra.append("train.ref_update_every=2")
-    TRAINERS[trainer](small(trainer, tmp_path / "a", *extra)).train()
-    TRAINERS[trainer](small(trainer, tmp_path / "b", *extra)).train(stop_after=1)
-    resumed = TRAINERS[trainer](small(trainer, tmp_path / "b", *extra)).train()
+    TRAINERS[trainer](small(trainer, tmp_path / "a", *extra, model=model)).train()
+    TRAINERS[trainer](small(trainer, tmp_path / "b", *extra, model=model)).train(stop_after=1)
+    resumed = TRAINERS[trainer](small(trainer, tmp_path / "b", *extra, model=model)).train()
     assert [h["step"] for h in resumed] == [1, 2]
     a, b = _final_weights(tmp_path / "a", 3), _final_weights(tmp_path / "b", 3)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -247,4 +256,91 @@ def test_offline_dpo_rejects_images_of_the_wrong_size(tmp_path):
     cfg = small("flow_dpo", tmp_path / "run", "train.mode=offline", f"train.pairs={path}", "rewards={}",
                 *REQUESTS["tiny-sd3"])
     with pytest.raises(PairFileError, match=r"pairs.jsonl:1: 'chosen' image is 16×16; the model trains at 32×32"):
+        FlowDPOTrainer(cfg)
+
+
+# ---- offline DPO on video pairs ---------------------------------------------------------------------------------
+
+def _frames(n, size=16, seed=0):
+    """n distinct frames [n, size, size, 3] of at most 27 colours (a GIF's palette holds them exactly)."""
+    rng = np.random.default_rng(seed)
+    return rng.choice(np.array([0, 128, 255], dtype=np.uint8), (n, size, size, 3))
+
+
+def _write_video(path, frames):
+    """An animated GIF (path ends in .gif) or a directory of zero-padded PNG frames, written in reverse order."""
+    if path.suffix == ".gif":
+        ims = [Image.fromarray(f) for f in frames]
+        ims[0].save(path, save_all=True, append_images=ims[1:], duration=100, loop=0)
+    else:
+        path.mkdir(parents=True)
+        for i in reversed(range(len(frames))):
+            Image.fromarray(frames[i]).save(path / f"{i:05d}.png")
+    return path
+
+
+def _video_pair_file(tmp_path, rows):
+    (tmp_path / "vid").mkdir(exist_ok=True)
+    _write_video(tmp_path / "vid" / "a.gif", _frames(5, seed=0))
+    _write_video(tmp_path / "vid" / "b", _frames(5, seed=1))
+    _write_video(tmp_path / "vid" / "c.gif", _frames(5, seed=2))
+    _write_video(tmp_path / "vid" / "short.gif", _frames(4, seed=3))
+    _write_video(tmp_path / "vid" / "short_dir", _frames(3, seed=4))
+    _write_video(tmp_path / "vid" / "small", _frames(5, size=8, seed=5))
+    Image.fromarray(_frames(1)[0]).save(tmp_path / "vid" / "still.png")
+    (tmp_path / "vid" / "clip.mp4").write_bytes(b"")
+    (tmp_path / "vid" / "unpadded").mkdir()
+    for i in (8, 9, 10, 11, 12):  # sorted names 10, 11, 12, 8, 9: not the frame order
+        Image.fromarray(_frames(1)[0]).save(tmp_path / "vid" / "unpadded" / f"f{i}.png")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_video_pairs_load_gifs_and_frame_directories_in_order(tmp_path):
+    path = _video_pair_file(tmp_path, [{"prompt": "p", "chosen": "vid/a.gif", "rejected": "vid/b"}])
+    (pair,) = read_pairs(path, size=(16, 16), num_frames=5)
+    for file, seed in ((pair.chosen, 0), (pair.rejected, 1)):
+        expected = torch.from_numpy(_frames(5, seed=seed)).permute(0, 3, 1, 2).float() / 255
+        torch.testing.assert_close(load_video(file), expected, rtol=0, atol=0)
+    with pytest.raises(PairFileError, match=r"pairs.jsonl:1: 'chosen' .*a.gif is a video; images are expected"):
+        read_pairs(path)  # an image pair file (rewards eval, image models) refuses videos
+
+
+def test_offline_dpo_trains_from_video_pairs(tmp_path):
+    rows = [{"prompt": "a red circle moving left", "chosen": "vid/a.gif", "rejected": "vid/b"},
+            {"prompt": "a blue square", "chosen": "vid/b", "rejected": "vid/c.gif"}]
+    path = _video_pair_file(tmp_path, rows)
+    cfg = small("flow_dpo", tmp_path / "run", "train.mode=offline", f"train.pairs={path}", "train.pairs_per_step=2",
+                *REQUESTS["tiny-wan"], "rewards={}", model="tiny-wan")
+    t = FlowDPOTrainer(cfg)
+    x_w, x_l, _, _, _ = t._offline_batch(0)
+    assert x_w.shape == x_l.shape == (2, *t.adapter.latent_shape(16, 16, 5))  # [B, C, f, h, w]
+    before = [p.detach().clone() for p in t.params]
+    history = t.train()
+    assert history[0]["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert any(not torch.equal(b, p) for b, p in zip(before, t.params))
+
+
+@pytest.mark.parametrize("rejected, message", [
+    ("vid/short.gif", r"pairs.jsonl:2: 'rejected' video .*short.gif has 4 frames; the model trains on 5"),
+    ("vid/short_dir", r"pairs.jsonl:2: 'rejected' video .*short_dir has 3 frames; the model trains on 5"),
+    ("vid/small", r"pairs.jsonl:2: 'rejected' video .*small has frames of 8×8; the model trains at 16×16"),
+    ("vid/missing", r"pairs.jsonl:2: 'rejected' video .*missing does not exist"),
+    ("vid/still.png", r"pairs.jsonl:2: 'rejected' .*still.png is not a video"),
+    ("vid/clip.mp4", r"pairs.jsonl:2: 'rejected' .*clip.mp4: .mp4 videos are not read"),
+    ("vid/unpadded", r"pairs.jsonl:2: 'rejected' frame directory .*unpadded: sorted file names are not in"),
+], ids=["gif-frames", "directory-frames", "size", "missing", "image", "mp4", "unpadded-names"])
+def test_offline_dpo_stops_on_a_bad_video_row_before_any_model_loads(rejected, message, tmp_path, monkeypatch):
+    good = {"prompt": "p", "chosen": "vid/a.gif", "rejected": "vid/b"}
+    path = _video_pair_file(tmp_path, [good, {**good, "rejected": rejected}])
+    import visalign.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the pair file was checked")
+
+    monkeypatch.setattr(visalign.models, "load_model", no_model)
+    cfg = small("flow_dpo", tmp_path / "run", "train.mode=offline", f"train.pairs={path}", "rewards={}",
+                *REQUESTS["tiny-wan"], model="tiny-wan")
+    with pytest.raises(PairFileError, match=message):
         FlowDPOTrainer(cfg)

@@ -36,15 +36,20 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
 
 class PromptSource:
     """Draws the prompts of a step. `world:SPLIT[:TEMPLATE,...]` uses the shapes world's grammar (metadata
-    carries the spec), e.g. `world:seen` or `world:seen:count,position`; a .txt file has one prompt per line;
-    a .jsonl file has {"prompt": ..., other metadata} per line."""
+    carries the spec), e.g. `world:seen` or `world:seen:count,position`; `world-video:SPLIT[:TEMPLATE,...]` the
+    moving-shapes grammar (`visalign.world.motion`); a .txt file has one prompt per line; a .jsonl file has
+    {"prompt": ..., other metadata} per line."""
 
     def __init__(self, spec: str):
         self.spec = spec
-        if spec.startswith("world:"):
+        if spec.startswith(("world:", "world-video:")):
             from visalign.world.grammar import SPLITS, TEMPLATES
+            from visalign.world.motion import MOTION_TEMPLATES
 
             parts = spec.split(":")
+            self.video = parts[0] == "world-video"
+            if self.video:
+                TEMPLATES = MOTION_TEMPLATES  # noqa: N806 (the allowed templates of this source)
             self.split = parts[1]
             if self.split not in SPLITS:
                 raise ValueError(f"prompts={spec!r}: allowed world splits are {', '.join(SPLITS)}")
@@ -70,9 +75,10 @@ class PromptSource:
         """n items {"prompt": str, ...metadata}, drawn uniformly with replacement."""
         if self.items is None:
             from visalign.world.grammar import sample_specs
+            from visalign.world.motion import sample_motion_specs
 
-            return [{"prompt": s.prompt, "spec": s}
-                    for s in sample_specs(n, self.split, self.templates, generator=generator)]
+            draw = sample_motion_specs if self.video else sample_specs
+            return [{"prompt": s.prompt, "spec": s} for s in draw(n, self.split, self.templates, generator=generator)]
         idx = torch.randint(len(self.items), (n,), generator=generator).tolist()
         return [dict(self.items[i]) for i in idx]
 

@@ -9,13 +9,16 @@ model's velocity to its implied noise eps = x_t + (1 - sigma) v.
 The reference is a copy of the trainable weights taken at the start (LoRA: the base model), swapped in for its
 predictions; online DPO refreshes it every `train.ref_update_every` steps (flow_grpo's OnlineDPO).
 
-- offline: `train.pairs` is a JSONL pair file (`visalign.pairs`); every row is checked, and every image must
-  have the model's height × width, before any model loads. Each step draws `train.pairs_per_step` pairs.
+- offline: `train.pairs` is a JSONL pair file (`visalign.pairs`) of images, or for video models
+  (`model.num_frames`) of videos (animated GIFs or frame directories, `model.num_frames` frames each); every row
+  is checked, and every image or frame must have the model's height × width, before any model loads. Each step
+  draws `train.pairs_per_step` pairs and encodes them with the adapter's VAE.
 - online: each rollout group gives one pair, its best and worst sample by reward (groups whose rewards are all
   equal are skipped); `train.gap_weighting` scales each pair by its reward gap (GAPO).
 
     visalign train configs/dpo_world.yaml                               # online, on the shapes world
     visalign train configs/dpo_world.yaml train.mode=offline train.pairs=data/pairs.jsonl
+    visalign train configs/dpo_wan21_1.3b.yaml train.pairs=data/video_pairs.jsonl   # offline, video pairs
 """
 
 from __future__ import annotations
@@ -114,23 +117,15 @@ class FlowDPOTrainer(ForwardTrainer):
         if cfg.train.mode == "offline" and cfg.train.pairs_per_step % self.accelerator.num_processes:
             raise ValueError("pairs_per_step must be divisible by the number of processes")
         if cfg.train.mode == "offline":
-            # Every row and every image size is checked before any model loads; errors name the row.
-            from PIL import Image
+            # Every row, size and (video) frame count is checked before any model loads; errors name the row.
+            from visalign.pairs import read_pairs
 
-            from visalign.pairs import PairFileError, read_pairs
-
-            self.pairs = read_pairs(cfg.train.pairs)
-            for p in self.pairs:
-                for key in ("chosen", "rejected"):
-                    try:
-                        with Image.open(getattr(p, key)) as im:
-                            size = (im.height, im.width)
-                    except OSError as err:
-                        raise PairFileError(f"{cfg.train.pairs}:{p.line}: '{key}' is not a readable image: {err}") from None
-                    if size != (cfg.model.height, cfg.model.width):
-                        raise PairFileError(f"{cfg.train.pairs}:{p.line}: '{key}' image is {size[0]}×{size[1]}; "
-                                            f"the model trains at {cfg.model.height}×{cfg.model.width}")
+            self.pairs = read_pairs(cfg.train.pairs, size=(cfg.model.height, cfg.model.width),
+                                    num_frames=cfg.model.num_frames)
         super()._build()
+        if cfg.train.mode == "offline" and not self.adapter.is_video and cfg.model.num_frames is not None:
+            raise ValueError(f"model.num_frames={cfg.model.num_frames} makes offline DPO read video pairs, but "
+                             f"{cfg.model.name} is an image model: drop model.num_frames")
         self.reference = ParamCopy(self.params)  # at step 0: the base model (LoRA B = 0) or the initial weights
         self.accelerator.register_for_checkpointing(self.reference)
 
@@ -149,14 +144,21 @@ class FlowDPOTrainer(ForwardTrainer):
         chosen = torch.randint(len(self.pairs), (cfg.train.pairs_per_step,), generator=g).tolist()
         n = cfg.train.pairs_per_step // acc.num_processes
         mine = [self.pairs[i] for i in chosen[acc.process_index * n:(acc.process_index + 1) * n]]
-        from visalign.pairs import load_image
+        from visalign.pairs import load_image, load_video
 
-        with torch.no_grad():
-            x_w = self.adapter.encode(torch.stack([load_image(p.chosen) for p in mine]).to(self.adapter.device))
-            x_l = self.adapter.encode(torch.stack([load_image(p.rejected) for p in mine]).to(self.adapter.device))
+        load = load_image if cfg.model.num_frames is None else load_video  # [3, H, W] or [F, 3, H, W]
+
+        @torch.no_grad()
+        def encode(paths: list) -> Tensor:
+            # In train-batch-sized chunks: a video VAE's activations grow with the batch.
+            k = cfg.train.train_batch_size
+            chunks = [torch.stack([load(p) for p in paths[i:i + k]]) for i in range(0, len(paths), k)]
+            return torch.cat([self.adapter.encode(c.to(self.adapter.device)).float() for c in chunks])
+
+        x_w, x_l = encode([p.chosen for p in mine]), encode([p.rejected for p in mine])
         cond = self.adapter.encode_prompts([p.prompt for p in mine],
                                            cfg=self.adapter.guidance == "cfg" and cfg.train.train_guidance > 1)
-        return x_w.float(), x_l.float(), cond, torch.ones(len(mine)), {}
+        return x_w, x_l, cond, torch.ones(len(mine)), {}
 
     def _online_batch(self, step: int):
         rs = self.rollout_step(step)

@@ -238,8 +238,11 @@ def check_rewards(trained: dict[str, float], heldout: list[str], required: bool 
             raise ValueError("train.hypervolume_reference must give one value per trained reward")
     drift = drift_reward_weights(sampling, trained) if sampling is not None else {}
     for name in [*trained, *heldout, *drift]:
-        if name not in rewards_lib.REGISTRY and "." not in name:
-            raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(rewards_lib.list_rewards())}")
+        if name.startswith(rewards_lib.FRAMES_PREFIX):
+            rewards_lib.describe(name)  # the wrapped image reward must exist and score images
+        elif name not in rewards_lib.REGISTRY and "." not in name:
+            raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(rewards_lib.list_rewards())}, "
+                             "frames/<image reward>")
     for name in drift:
         if not rewards_lib.describe(name)["differentiable"]:
             raise ValueError(f"sampling.drift needs differentiable rewards; {name} is not (set "

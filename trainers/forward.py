@@ -39,17 +39,19 @@ def _ode_sampling() -> SamplingConfig:
     return SamplingConfig(sde="ode")
 
 
-def sample_sigmas(kind: str, n: int, k: int, grid: Tensor, generator: torch.Generator) -> Tensor:
-    """Training noise levels [n, k]: "grid" draws k distinct levels per sample from the sampler's grid (without
-    the final 0; DiffusionNFT trains on its sampling timesteps), "logit_normal" draws sigmoid(N(0, 1)) (SD3's
-    timestep density, Flow-DPO)."""
+def sample_sigmas(kind: str, n: int, k: int, grid: Tensor, generator: torch.Generator,
+                  min_sigma: float = 0.0) -> Tensor:
+    """Training noise levels [n, k]: "grid" draws k distinct levels per sample from the sampler's grid levels in
+    [min_sigma, 1] (without the final 0; DiffusionNFT trains on its sampling timesteps), "logit_normal" draws
+    sigmoid(N(0, 1)) (SD3's timestep density, Flow-DPO) mapped affinely onto [min_sigma, 1]."""
     if kind == "grid":
-        levels = grid[grid > 0]
+        levels = grid[(grid > 0) & (grid >= min_sigma)]
         if k > len(levels):
-            raise ValueError(f"timesteps_per_sample={k} exceeds the {len(levels)} non-zero sampler noise levels")
+            raise ValueError(f"timesteps_per_sample={k} exceeds the {len(levels)} non-zero sampler noise levels "
+                             f">= train.min_sigma={min_sigma}")
         return torch.stack([levels[torch.randperm(len(levels), generator=generator)[:k]] for _ in range(n)]).float()
     if kind == "logit_normal":
-        return torch.sigmoid(torch.randn(n, k, generator=generator))
+        return min_sigma + (1 - min_sigma) * torch.sigmoid(torch.randn(n, k, generator=generator))
     raise ValueError(f"sigma_sampling {kind!r}: allowed 'grid' or 'logit_normal'")
 
 
@@ -67,11 +69,16 @@ class ForwardTrainConfig(BaseTrainConfig):
     train_guidance: float = field(default=1.0, metadata={
         "help": "CFG scale of the trained prediction: 1 = the conditional velocity only (CFG-free, as DiffusionNFT "
                 "and Flow-DPO train); > 1 regresses the guided combination, which collapsed Flow-RWR on the world"})
+    min_sigma: float = field(default=0.0, metadata={
+        "help": "train only noise levels >= this: the high-noise steps decide layout and motion, while the low-noise "
+                "steps of self-generated samples teach their residual speckle back to the model"})
 
     def __post_init__(self):
         super().__post_init__()
         if self.timesteps_per_sample < 1:
             raise ValueError(f"timesteps_per_sample={self.timesteps_per_sample} must be >= 1")
+        if not 0 <= self.min_sigma < 1:
+            raise ValueError(f"min_sigma={self.min_sigma} must be in [0, 1)")
 
 
 class ForwardTrainer(OnlineTrainer):
@@ -81,7 +88,7 @@ class ForwardTrainer(OnlineTrainer):
         """[(sample indices, sigma [b], noise seed generator)] over samples × timesteps, in a fixed order."""
         cfg = self.cfg.train
         g = step_generator(self.cfg.run.seed, step, 3 + self.accelerator.process_index)
-        sigmas = sample_sigmas(cfg.sigma_sampling, n, cfg.timesteps_per_sample, grid, g)
+        sigmas = sample_sigmas(cfg.sigma_sampling, n, cfg.timesteps_per_sample, grid, g, cfg.min_sigma)
         order = torch.randperm(n, generator=g)
         chunks = [order[i:i + cfg.train_batch_size] for i in range(0, n, cfg.train_batch_size)]
         micro = [(idx, sigmas[idx, j]) for idx in chunks for j in range(cfg.timesteps_per_sample)]

@@ -41,7 +41,8 @@ def _world_pretrain(args: argparse.Namespace) -> int:
     from visalign.config import load_config, save_config
     from visalign.world.pretrain import PretrainConfig, pretrain
 
-    cfg = load_config(PretrainConfig, args.config, list(args.overrides))
+    overrides = list(args.overrides) + (["video=true"] if args.video else [])
+    cfg = load_config(PretrainConfig, args.config, overrides)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(cfg.out_dir) / "config.yaml")
     start = time.perf_counter()
@@ -56,10 +57,15 @@ def _eval(args: argparse.Namespace) -> int:
     from visalign.eval.world_suite import WorldEvalConfig, evaluate_world, markdown_table
     from visalign.models import load_model
 
-    if args.suite != "world" and args.suite != "rewards" and args.suite not in PRESETS:
-        raise ValueError(f"unknown suite {args.suite!r}; allowed: world, rewards, {', '.join(PRESETS)}")
+    if args.suite not in ("world", "world-video", "rewards") and args.suite not in PRESETS:
+        raise ValueError(f"unknown suite {args.suite!r}; allowed: world, world-video, rewards, {', '.join(PRESETS)}")
     flags = [f"out={json.dumps(args.out)}"] if args.out else []
     flags += [f"model_path={json.dumps(args.model_path)}"] if args.model_path else []
+    if args.suite == "world-video":
+        if args.compare:
+            raise ValueError("--compare is not supported by the world-video suite; evaluate each checkpoint "
+                             "with --model-path and compare results.json")
+        return _eval_motion(args.config, flags + list(args.overrides))
     flags += [f"compare={json.dumps(args.compare)}"] if args.compare else []
     if args.suite != "world":
         return _eval_rewards(args.suite, args.config, flags + list(args.overrides))
@@ -72,6 +78,21 @@ def _eval(args: argparse.Namespace) -> int:
     results = evaluate_world(adapter, cfg)
     print(markdown_table(results))
     print(f"wrote {cfg.out}/results.json, results.md, grid_*.png")
+    return 0
+
+
+def _eval_motion(config: str | None, overrides: list[str]) -> int:
+    """The moving-shapes suite on a video model."""
+    from visalign.config import load_config
+    from visalign.eval.motion_suite import MotionEvalConfig, evaluate_motion, markdown_table
+    from visalign.models import load_model
+
+    cfg = load_config(MotionEvalConfig, config, overrides)
+    adapter = load_model(cfg.model, cfg.model_path)
+    if cfg.lora:
+        adapter.load_lora(cfg.lora)
+    print(markdown_table(evaluate_motion(adapter, cfg)))
+    print(f"wrote {cfg.out}/results.json, results.md, filmstrip_*.png")
     return 0
 
 
@@ -369,11 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = w.add_subparsers(dest="world_command", required=True)
     wp = wsub.add_parser("pretrain", help="train the world base model with flow matching (resumable)")
     wp.add_argument("--config", help="YAML file with PretrainConfig fields")
+    wp.add_argument("--video", action="store_true", help="the moving-shapes video model (same as video=true)")
     wp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=200 out_dir=runs/x")
     wp.set_defaults(func=_world_pretrain)
 
     e = sub.add_parser("eval", help="evaluate a model on a suite")
-    e.add_argument("--suite", required=True, help="world, rewards (a prompt file + rewards), or a preset: "
+    e.add_argument("--suite", required=True, help="world, world-video, rewards (a prompt file + rewards), or a preset: "
                                                   "preference, geneval, compbench, vbench, world-rewards")
     e.add_argument("--config", help="YAML file with the suite's config fields")
     e.add_argument("--out", help="output directory")

@@ -40,8 +40,15 @@ def _world(path=None, torch_dtype=torch.float32, device="cpu", **_):
     return WorldAdapter.from_pretrained(path, device=device, torch_dtype=torch_dtype)
 
 
+def _world_video(path=None, torch_dtype=torch.float32, device="cpu", **_):
+    from visalign.world.model import WorldVideoAdapter
+
+    return WorldVideoAdapter.from_pretrained(path, device=device, torch_dtype=torch_dtype)
+
+
 MODELS: dict[str, Callable[..., FlowModelAdapter]] = {
     "world": _world,
+    "world-video": _world_video,
     "sd3": _from_pretrained("SD3Adapter"),
     "flux": _from_pretrained("FluxAdapter"),
     "wan": _from_pretrained("WanAdapter"),

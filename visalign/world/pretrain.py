@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from visalign.world.grammar import TEMPLATES, sample_specs
-from visalign.world.model import WorldAdapter
+from visalign.world.model import WorldAdapter, WorldVideoAdapter
+from visalign.world.motion import MOTION_TEMPLATES, render_clips, sample_motion_specs
 from visalign.world.render import render_batch
 
 
@@ -36,7 +37,9 @@ class PretrainConfig:
     cond_dropout: float = field(default=0.1, metadata={"help": "fraction of empty prompts (for CFG)"})
     logit_normal_std: float = field(default=1.0, metadata={"help": "sigma ~ sigmoid(N(0, std))"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast (about 1.3x faster on CPU)"})
-    templates: list[str] = field(default_factory=lambda: list(TEMPLATES), metadata={"help": "prompt templates"})
+    video: bool = field(default=False, metadata={"help": "train the moving-shapes video model (world-video)"})
+    templates: list[str] = field(default_factory=list, metadata={
+        "help": "prompt templates; empty: all of the world's (image or motion templates)"})
     seed: int = field(default=0, metadata={"help": "seeds weights, data and noise"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between resumable checkpoints"})
     resume: bool = field(default=True, metadata={"help": "continue from out_dir/state.pt if present"})
@@ -50,9 +53,14 @@ class PretrainConfig:
             raise ValueError(f"cond_dropout={self.cond_dropout} must be in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
-        unknown = [t for t in self.templates if t not in TEMPLATES]
-        if unknown or not self.templates:
-            raise ValueError(f"templates {unknown or '[]'} not allowed; choose from {', '.join(TEMPLATES)}")
+        allowed = MOTION_TEMPLATES if self.video else TEMPLATES
+        unknown = [t for t in self.templates if t not in allowed]
+        if unknown:
+            raise ValueError(f"templates {unknown} not allowed; choose from {', '.join(allowed)}")
+
+    @property
+    def template_names(self) -> tuple[str, ...]:
+        return tuple(self.templates) or (MOTION_TEMPLATES if self.video else TEMPLATES)
 
 
 def flow_matching_loss(velocity_fn, x0, noise, sigma):
@@ -67,8 +75,12 @@ def flow_matching_loss(velocity_fn, x0, noise, sigma):
 def batch_for_step(cfg: PretrainConfig, step: int):
     """The (prompts, x0, noise, sigma) of one step, a pure function of (seed, step)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    specs = sample_specs(cfg.batch_size, "seen", tuple(cfg.templates), generator=g)
-    x0 = render_batch(specs, g) * 2 - 1
+    if cfg.video:
+        specs = sample_motion_specs(cfg.batch_size, "seen", cfg.template_names, generator=g)
+        x0 = render_clips(specs, g).transpose(1, 2) * 2 - 1  # [B, 3, F, H, W], the adapter's latent layout
+    else:
+        specs = sample_specs(cfg.batch_size, "seen", cfg.template_names, generator=g)
+        x0 = render_batch(specs, g) * 2 - 1
     drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout
     prompts = ["" if d else s.prompt for s, d in zip(specs, drop.tolist())]
     noise = torch.randn(x0.shape, generator=g)
@@ -97,7 +109,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    adapter = WorldAdapter.random(cfg.seed)
+    adapter_cls = WorldVideoAdapter if cfg.video else WorldAdapter
+    adapter = adapter_cls.random(cfg.seed)
     adapter.text_encoder.requires_grad_(True)
     net = _Trainable(adapter).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -136,7 +149,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                         "step": step + 1}, state_path)
-    final = WorldAdapter(ema.unet, ema.text_encoder, adapter.vocab)
+    final = adapter_cls(ema.unet, ema.text_encoder, adapter.vocab)
     minutes = (time.perf_counter() - began) / 60
     path = final.save_pretrained(out / "model.safetensors",
                                  {"steps": str(cfg.steps), "seed": str(cfg.seed), "minutes": f"{minutes:.1f}"})
