@@ -28,6 +28,7 @@ REGISTRY: dict[str, str] = {
     "video-background-consistency": "rewards.video:BackgroundConsistency",
     "video-dynamic-degree": "rewards.video:DynamicDegree",
     "video-motion-smoothness": "rewards.video:MotionSmoothness",
+    "videoalign": "rewards.videoalign:VideoAlignReward",
     "concepts-detector": "rewards.concepts:DetectorConceptReward",
     "concepts-vqa": "rewards.concepts:VQAConceptReward",
     "vlm-judge": "rewards.vqa:VLMJudgeReward",
