@@ -270,33 +270,35 @@ def composition_key(spec: SceneSpec) -> tuple:
 
 @cache
 def _heldout_keys(template: str) -> frozenset:
-    """Hold out about HELDOUT_FRACTION of a template's specs, chosen by a fixed hash of their keys.
+    return choose_heldout(all_specs(template), composition_key, template)
 
-    Keys are visited in hash order (sha256, stable across processes and Python versions) and held out
-    unless that would remove the last seen prompt containing some word, so every word stays in seen.
-    """
-    specs = all_specs(template)
-    specs_of_key: dict[tuple, list[SceneSpec]] = {}
+
+def choose_heldout(specs, key, label: str, fraction: float = HELDOUT_FRACTION) -> frozenset:
+    """Hold out about `fraction` of the specs (anything with a `.prompt`), grouped by `key(spec)` and chosen by a
+    fixed hash of f"{label}|{key}". Keys are visited in hash order (sha256, stable across processes and Python
+    versions) and held out unless that would remove the last seen prompt containing some word, so every word
+    stays in seen. Shared by the image and the motion grammar."""
+    specs_of_key: dict[tuple, list] = {}
     for spec in specs:
-        specs_of_key.setdefault(composition_key(spec), []).append(spec)
+        specs_of_key.setdefault(key(spec), []).append(spec)
     seen_word_counts: dict[str, int] = {}
     for spec in specs:
         for word in set(spec.prompt.split()):
             seen_word_counts[word] = seen_word_counts.get(word, 0) + 1
 
-    target = round(HELDOUT_FRACTION * len(specs))
+    target = round(fraction * len(specs))
     n_heldout = 0
     heldout = set()
-    for key in sorted(specs_of_key, key=lambda k: hashlib.sha256(f"{template}|{k}".encode()).hexdigest()):
+    for k in sorted(specs_of_key, key=lambda k: hashlib.sha256(f"{label}|{k}".encode()).hexdigest()):
         if n_heldout >= target:
             break
-        words = [word for spec in specs_of_key[key] for word in set(spec.prompt.split())]
+        words = [word for spec in specs_of_key[k] for word in set(spec.prompt.split())]
         if any(seen_word_counts[word] <= words.count(word) for word in words):
             continue
         for word in words:
             seen_word_counts[word] -= 1
-        heldout.add(key)
-        n_heldout += len(specs_of_key[key])
+        heldout.add(k)
+        n_heldout += len(specs_of_key[k])
     return frozenset(heldout)
 
 

@@ -129,15 +129,18 @@ class WorldAdapter(FlowModelAdapter):
         adapter = cls(unet.to(device, torch_dtype).eval(), text_encoder.to(device, torch_dtype).eval(), vocab)
         return adapter
 
-    def save_pretrained(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-        """One safetensors file: UNet and text-encoder weights plus the vocabulary in its metadata."""
+    def save_pretrained(self, path: str | Path, metadata: dict[str, str] | None = None,
+                        dtype: torch.dtype | None = None) -> Path:
+        """One safetensors file: UNet and text-encoder weights (cast to `dtype` if given; loading casts back to the
+        model's dtype) plus the vocabulary in its metadata."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {f"unet.{k}": v.detach().contiguous().cpu() for k, v in self.denoiser.state_dict().items()}
-        state.update({f"text_encoder.{k}": v.detach().contiguous().cpu()
-                      for k, v in self.text_encoder.state_dict().items()})
+        state = {f"unet.{k}": v for k, v in self.denoiser.state_dict().items()}
+        state.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
+        state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
+                 .contiguous() for k, v in state.items()}
         meta = {"vocab": json.dumps(self.vocab), **({"frames": str(self.frames)} if self.frames else {})}
         save_file(state, str(path), metadata={**meta, **(metadata or {})})
         return path

@@ -28,7 +28,6 @@ Renders satisfy every rule with margin, so the verifier passes ground-truth clip
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from itertools import permutations, product
 import numpy as np
 import torch
 
-from visalign.world.grammar import COLORS, SHAPES, seed_from
+from visalign.world.grammar import COLORS, SHAPES, choose_heldout, seed_from
 from visalign.world.render import BORDER, CANVAS, MIN_GAP, PlacedShape, _boxes_apart, _jittered_rgb, draw_layout
 from visalign.world.verify import MAIN_JUDGE, Detection, detect_objects
 
@@ -206,28 +205,8 @@ def motion_key(spec: MotionSpec) -> tuple:
 
 @cache
 def _heldout_motion_keys(template: str) -> frozenset:
-    """About HELDOUT_FRACTION of a template's compositions, chosen by a fixed sha256 order, never removing the
-    last seen prompt that contains a word (every word stays in the seen split)."""
-    specs = all_motion_specs(template)
-    by_key: dict[tuple, list[MotionSpec]] = {}
-    for spec in specs:
-        by_key.setdefault(motion_key(spec), []).append(spec)
-    counts: dict[str, int] = {}
-    for spec in specs:
-        for word in set(spec.prompt.split()):
-            counts[word] = counts.get(word, 0) + 1
-    target, held, n = round(HELDOUT_FRACTION * len(specs)), set(), 0
-    for key in sorted(by_key, key=lambda k: hashlib.sha256(f"video|{k}".encode()).hexdigest()):
-        if n >= target:
-            break
-        words = [w for spec in by_key[key] for w in set(spec.prompt.split())]
-        if any(counts[w] <= words.count(w) for w in words):
-            continue
-        for w in words:
-            counts[w] -= 1
-        held.add(key)
-        n += len(by_key[key])
-    return frozenset(held)
+    """About HELDOUT_FRACTION of a template's compositions (`grammar.choose_heldout`, hashed under "video")."""
+    return choose_heldout(all_motion_specs(template), motion_key, "video", HELDOUT_FRACTION)
 
 
 @cache
