@@ -9,7 +9,8 @@ size, so equal rollouts per step):
   verifier+clean     Flow-GRPO, reward = world-verifier + 0.5 × world-cleanliness (holds background drift down)
   nft / rwr / dpo    DiffusionNFT, Flow-RWR, online Flow-DPO with their world configs (configs/*_world.yaml)
 
-Every `--eval-every` steps (and at step 0) the current weights are evaluated with fresh seeds on a fixed set of
+Every `--eval-every` steps (and at step 0) the current weights are evaluated with fresh seeds (the same ones at
+every point, so the curve's differences are paired) on a fixed set of
 RL prompts (seen split) and on held-out compositions: whole-prompt accuracy (main and strict judges) and
 cleanliness (1 − background drift). Writes curve.png (accuracy vs rollouts and wall time), results.md and
 results.json. Numbers are ratios/accuracies measured in this one run, not absolute seconds claims.
@@ -79,11 +80,13 @@ def run_arm(name: str, arm: tuple[str | None, list[str]], args, evaluate=evaluat
         trainer.state.step = step + 1
         train_time += time.perf_counter() - t
         step += 1
-        print(f"[{name}] step {step}: reward {metrics[f'rewards/{next(iter(cfg.rewards))}/mean']:.3f} "
+        first = next(iter(cfg.rewards))
+        passed = metrics.get(f"rewards/{first}/passed/mean", float("nan"))
+        print(f"[{name}] step {step}: reward {metrics[f'rewards/{first}/mean']:.3f}, rollouts passed {passed:.3f} "
               f"({train_time / 60:.1f} min)", flush=True)
         if step % args.eval_every == 0 or train_time >= args.minutes * 60:
             curve.append({"step": step, "rollouts": step * samples_per_step, "minutes": train_time / 60,
-                          **evaluate(trainer, args.n, seed=777 + step)})
+                          **evaluate(trainer, args.n, seed=777)})
             print(f"[{name}] eval: {json.dumps(curve[-1])}", flush=True)
     return curve
 

@@ -198,3 +198,24 @@ def test_reward_drift_rollouts_stay_on_policy(world_ckpt, tmp_path):
 def test_reward_drift_config_errors(tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
         small(tmp_path, *extra, path="/nonexistent/never/loaded.safetensors")
+
+
+def test_coarse_noise_rollouts_stay_on_policy_and_train(world_ckpt, tmp_path):
+    from visalign.sampling.steps import block_project
+
+    cfg = small(tmp_path, "sampling.noise_block=8", "sampling.same_noise_per_group=true", "train.max_steps=1",
+                path=world_ckpt)
+    trainer = FlowGRPOTrainer(cfg)
+    before = [p.detach().clone() for p in trainer.adapter.trainable_parameters()]
+    rs = trainer.rollout_step(0)
+    traj = rs.ro.traj
+    residual = traj.latents[:, 1:4] - traj.means[:, :3]          # the SDE steps' noise: constant on 8×8 tiles
+    torch.testing.assert_close(block_project(residual, 8), residual, atol=1e-6, rtol=0)
+    history = trainer.train()
+    assert history[0]["train/first_ratio_max_dev"] <= 1e-6
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.adapter.trainable_parameters()))
+
+
+def test_noise_block_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="noise_block"):
+        small(tmp_path, "sampling.noise_block=0", path="/nonexistent/never/loaded.safetensors")

@@ -168,3 +168,84 @@ def test_trajectory_shapes_and_x0(tiny_sd3):
     v = (traj.latents[:, i] - traj.x0_preds[:, i]) / traj.sigmas[i]
     cond_v = tiny_sd3.predict_velocity(traj.latents[:, i], traj.sigmas[i], cond, REQ["guidance_scale"])
     torch.testing.assert_close(v, cond_v, atol=1e-4, rtol=1e-4)
+
+
+# ---- the coarse-subspace SDE (SDEOptions.noise_block) ----------------------------------------------------
+
+
+def test_block_projection_is_orthogonal_and_keeps_standard_normal_coords():
+    from visalign.sampling.steps import block_coords, block_project
+
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    px = block_project(x, 4)
+    torch.testing.assert_close(block_project(px, 4), px)                      # idempotent
+    torch.testing.assert_close((px * y).sum(), (x * block_project(y, 4)).sum())  # self-adjoint
+    torch.testing.assert_close(px[0, 0, :4, :4], x[0, 0, :4, :4].mean().expand(4, 4))  # tile means
+    # coordinates in the orthonormal tile basis: ||P x|| = ||coords||, and projected N(0, I) is N(0, I) there
+    torch.testing.assert_close(px.pow(2).sum(), block_coords(x, 4).pow(2).sum())
+    z = block_coords(torch.randn(20000, 1, 4, 4), 2)
+    assert z.shape == (20000, 1, 2, 2)
+    assert abs(z.var().item() - 1.0) < 0.03 and abs(z.mean().item()) < 0.02
+    with pytest.raises(ValueError, match="must divide"):
+        block_coords(torch.randn(1, 1, 6, 6), 4)
+
+
+def test_block_log_prob_by_hand():
+    # 1 channel, 2×2 latent, one 2×2 tile: coordinate z = 2 * mean(x' - mean) = 2 * 0.25 = 0.5
+    mean = torch.zeros(1, 1, 2, 2)
+    x_next = torch.full((1, 1, 2, 2), 0.25)
+    std = torch.tensor(0.5)
+    expected = -(0.5**2) / (2 * 0.25) - math.log(0.5) - 0.5 * math.log(2 * math.pi)
+    assert gaussian_log_prob(x_next, mean, std, block=2).item() == pytest.approx(expected, abs=1e-6)
+    assert cps_log_prob(x_next, mean, block=2).item() == pytest.approx(-0.25, abs=1e-7)
+    # block 1 is the isotropic density
+    assert gaussian_log_prob(x_next, mean, std, block=1).item() == pytest.approx(
+        -(0.0625) / 0.5 - math.log(0.5) - 0.5 * math.log(2 * math.pi), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind, level", [("flow_grpo", 0.7), ("cps", 0.8)])
+def test_block_sde_noise_and_correction_live_on_tiles(tiny_sd3, kind, level):
+    from visalign.sampling.steps import block_project
+
+    cond = tiny_sd3.encode_prompts(["a red circle", "a blue square"])
+    req = dict(REQ, num_steps=3)
+    traj = sample(tiny_sd3, cond, seeds=[0, 1], sde=SDEOptions(kind, level, noise_block=2), **req)
+    for i in torch.nonzero(traj.stochastic).flatten().tolist():
+        residual = traj.latents[:, i + 1] - traj.means[:, i]
+        torch.testing.assert_close(block_project(residual, 2), residual, atol=1e-6, rtol=0)
+        assert residual.abs().max() > 0
+        # the mean differs from the ODE step only by a tile-constant correction
+        with torch.no_grad():
+            out = trajectory_log_prob(tiny_sd3, traj, i, cond, req["guidance_scale"])
+        x, sig = traj.latents[:, i], traj.sigmas
+        ode_mean = x + (sig[i + 1] - sig[i]) * out.velocity
+        corr = traj.means[:, i] - ode_mean
+        torch.testing.assert_close(block_project(corr, 2), corr, atol=1e-5, rtol=0)
+        assert (out.log_prob - traj.log_probs[:, i]).abs().max() == 0  # on-policy ratio exactly 1
+    with pytest.raises(ValueError, match="must divide"):
+        sample(tiny_sd3, cond, seeds=[0, 1], sde=SDEOptions(kind, level, noise_block=3), **req)
+
+
+def test_block_sde_keeps_the_marginals_of_a_gaussian_flow():
+    # Data x0 ~ N(0, s0^2 I), x_sigma = (1 - sigma) x0 + sigma n: the exact velocity is linear in x, so the
+    # ODE and every marginal-preserving SDE end at N(0, s0^2). The coarse SDE must too, per tile coordinate
+    # and in the fine directions (where it follows the ODE).
+    from visalign.sampling.steps import block_coords, block_project, sde_mean_std
+
+    s0, n, steps = 0.5, 20000, 200
+    torch.manual_seed(0)
+    sigmas = torch.linspace(1, 0, steps + 1)
+    x = torch.randn(n, 1, 2, 2)
+    for i in range(steps):
+        sig, nxt = sigmas[i], sigmas[i + 1]
+        var = (1 - sig) ** 2 * s0**2 + sig**2
+        x0_hat = (1 - sig) * s0**2 / var * x                     # E[x0 | x_sigma]
+        v = (x - (1 - sig) * x0_hat) / sig - x0_hat                # E[noise - x0 | x_sigma]
+        mean_sde, std = sde_mean_std("flow_grpo", x, v, sig, nxt, 0.7, sigma_guard=sigmas[1])
+        mean_ode = x + (nxt - sig) * v
+        mean = mean_ode + block_project(mean_sde - mean_ode, 2)
+        x = mean + std * block_project(torch.randn_like(x), 2)
+    coarse = block_coords(x, 2).flatten()
+    fine = (x - block_project(x, 2)).flatten(1)[:, 0]
+    assert abs(coarse.std().item() - s0) < 0.03
+    assert abs(fine.std().item() - s0 * math.sqrt(3 / 4)) < 0.03   # one pixel's fine part: 3/4 of its variance

@@ -73,6 +73,9 @@ class SamplingConfig:
     window_range: tuple[int, int] | None = field(default=None, metadata={
         "help": "[lo, hi): the window lies inside; its start is drawn each step (Flow-GRPO-Fast)"})
     same_noise_per_group: bool = field(default=False, metadata={"help": "DanceGRPO: a group shares x_T"})
+    noise_block: int = field(default=1, metadata={
+        "help": "SDE noise constant on noise_block × noise_block latent tiles (coarse-subspace SDE, fewer noise "
+                "dimensions for the policy gradient; 1 = isotropic; visalign.sampling.SDEOptions)"})
     batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (per process)"})
     drift_scale: float = field(default=0.0, metadata={
         "help": "Euphonium reward-gradient drift on the SDE steps of rollouts (0 = off; visalign.steering.RewardDrift)"})
@@ -95,6 +98,8 @@ class SamplingConfig:
             raise ValueError(f"sampling.drift_window={self.drift_window} must satisfy 0 <= start < stop")
         if self.steps < 2:
             raise ValueError(f"steps={self.steps} must be >= 2 (the last step is never trained)")
+        if self.noise_block < 1:
+            raise ValueError(f"sampling.noise_block={self.noise_block} must be >= 1")
         if self.window_size is not None:
             lo, hi = self.window_range or (0, self.steps - 1)
             if not (1 <= self.window_size <= hi - lo and 0 <= lo < hi <= self.steps):
@@ -380,7 +385,7 @@ class OnlineTrainer:
             start = lo + int(torch.randint(hi - lo - s.window_size + 1, (1,), generator=step_generator(
                 self.cfg.run.seed, step, 2)))
             window = (start, start + s.window_size)
-        return SDEOptions(s.sde, s.noise_level, window)
+        return SDEOptions(s.sde, s.noise_level, window, s.noise_block)
 
     def _autocast(self):
         return self.accelerator.autocast() if self.cfg.train.mixed_precision != "no" else None

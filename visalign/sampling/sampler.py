@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from visalign.models.base import Conditioning, FlowModelAdapter
-from visalign.sampling.steps import SDE_KINDS, sde_mean_std, transition_log_prob
+from visalign.sampling.steps import SDE_KINDS, block_project, sde_mean_std, transition_log_prob
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,18 @@ class SDEOptions:
     noise_level: Flow-GRPO's a, CPS's a, or DanceGRPO's eta.
     window: (start, end): the SDE runs only on steps start <= i < end and the ODE elsewhere
         (Flow-GRPO-Fast / MixGRPO); None = every step.
+    noise_block: the SDE's noise is constant on noise_block × noise_block tiles of the latent (the projection
+        of full noise onto that coarse subspace), and so is its correction of the ODE mean; finer detail
+        follows the ODE. A diffusion with covariance std^2 P (P the tile projection) keeps the marginals
+        for the same reason the isotropic one does (the correction is half the diffusion matrix times the
+        score), and the policy's log-prob lives on fewer dimensions, so a policy gradient through its noise
+        is less noisy. 1 = the usual isotropic SDE.
     """
 
     kind: str = "ode"
     noise_level: float = 0.7
     window: tuple[int, int] | None = None
+    noise_block: int = 1
 
     def __post_init__(self):
         if self.kind not in SDE_KINDS:
@@ -38,6 +45,8 @@ class SDEOptions:
             raise ValueError(f"noise_level={self.noise_level} must be >= 0")
         if self.window is not None and not (0 <= self.window[0] < self.window[1]):
             raise ValueError(f"window={self.window} must satisfy 0 <= start < end")
+        if self.noise_block < 1:
+            raise ValueError(f"noise_block={self.noise_block} must be >= 1")
 
     def stochastic_steps(self, sigmas: Tensor) -> Tensor:
         """Bool [N]: steps that inject noise. A step whose std would be 0 (CPS into sigma'=0) stays ODE."""
@@ -120,6 +129,9 @@ def transition(adapter: FlowModelAdapter, x: Tensor, sigma: Tensor | float, sigm
     stoch = torch.as_tensor(stochastic, device=x.device).expand(batch)
     mean_sde, std_sde = sde_mean_std(sde.kind, x, v, sigma_b, sigma_next, sde.noise_level, sigma_guard)
     mean_ode, _ = sde_mean_std("ode", x, v, sigma_b, sigma_next, 0.0)
+    block = sde.noise_block
+    if block > 1:  # the SDE's correction of the ODE mean lives where its noise does (see SDEOptions)
+        mean_sde = mean_ode + block_project(mean_sde - mean_ode, block)
     shape = (batch,) + (1,) * (x.ndim - 1)
     std = torch.where(stoch.view(shape), std_sde.expand(shape), torch.zeros(shape, device=x.device))
     mean = torch.where(stoch.view(shape), mean_sde, mean_ode)
@@ -127,13 +139,16 @@ def transition(adapter: FlowModelAdapter, x: Tensor, sigma: Tensor | float, sigm
     x0_pred = x - sigma_col * v
     if callable(drift):
         drift = drift(x0_pred.detach(), std.flatten().detach())
+        if drift is not None and block > 1:  # the tilt std^2 P grad r of the coarse Gaussian
+            drift = block_project(drift, block)
     if drift is not None:
         drift = torch.where(stoch.view(shape), drift.to(mean), torch.zeros((), device=mean.device)).detach()
         mean = mean + drift
     if x_next is None:
-        x_next = mean if noise is None else mean + std * noise
+        x_next = mean if noise is None else mean + std * block_project(noise, block)
     safe_std = torch.where(std > 0, std, torch.ones_like(std))
-    log_prob = torch.where(stoch, transition_log_prob(sde.kind, x_next, mean, safe_std), torch.zeros(batch, device=x.device))
+    log_prob = torch.where(stoch, transition_log_prob(sde.kind, x_next, mean, safe_std, block),
+                           torch.zeros(batch, device=x.device))
     return Transition(x_next.float(), mean, std.flatten(), log_prob, v, x0_pred, drift)
 
 
@@ -185,6 +200,9 @@ def sample(adapter: FlowModelAdapter, cond: Conditioning, *, num_steps: int, hei
         raise ValueError(f"guidance_scale={guidance_scale} must be >= 0")
     batch = len(cond)
     shape = adapter.latent_shape(height, width, num_frames)
+    if sde.noise_block > 1 and (len(shape) < 3 or shape[-1] % sde.noise_block or shape[-2] % sde.noise_block):
+        raise ValueError(f"noise_block={sde.noise_block} must divide the latent's height and width; latent shape "
+                         f"{tuple(shape)} for {height}×{width}")
     sigmas = adapter.sigmas(num_steps, shape)
     stochastic = sde.stochastic_steps(sigmas)
     device = adapter.device

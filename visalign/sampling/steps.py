@@ -84,22 +84,48 @@ def sde_mean_std(kind: str, x: Tensor, v: Tensor, sigma, sigma_next, noise_level
     raise ValueError(f"unknown SDE kind {kind!r}; allowed: {', '.join(SDE_KINDS)}")
 
 
-def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+def block_coords(x: Tensor, block: int) -> Tensor:
+    """Coordinates of x in the orthonormal basis of images constant on block × block tiles of the last two
+    dims (one basis vector per tile: its indicator / block): block * (tile means). block = 1 is x itself."""
+    if block == 1:
+        return x
+    *lead, h, w = x.shape
+    if h % block or w % block:
+        raise ValueError(f"noise_block={block} must divide the latent's height and width ({h}×{w})")
+    return x.reshape(*lead, h // block, block, w // block, block).mean(dim=(-3, -1)) * block
+
+
+def block_project(x: Tensor, block: int) -> Tensor:
+    """Orthogonal projection onto images constant on block × block tiles of the last two dims (each tile
+    replaced by its mean). Projected standard normal noise is standard normal in `block_coords`."""
+    if block == 1:
+        return x
+    coords = block_coords(x, block) / block
+    return coords.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
+
+
+def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor, block: int = 1) -> Tensor:
     """log N(x_next; mean, std^2), averaged (not summed) over all non-batch dims, as Flow-GRPO and DanceGRPO
-    do; x_next is detached so gradients flow only through the mean. Returns [B]."""
+    do; x_next is detached so gradients flow only through the mean. Returns [B].
+
+    With block > 1 the noise lives in the tile subspace (`block_project`), and this is the density of that
+    degenerate Gaussian on its support: over the `block_coords` of x_next - mean, averaged over them."""
     std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
-    lp = -((x_next.detach().float() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    z = block_coords(x_next.detach().float() - mean, block)
+    lp = -(z**2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return lp.mean(dim=tuple(range(1, lp.ndim)))
 
 
-def cps_log_prob(x_next: Tensor, mean: Tensor) -> Tensor:
+def cps_log_prob(x_next: Tensor, mean: Tensor, block: int = 1) -> Tensor:
     """Flow-GRPO's CPS log-prob: -(x' - mean)^2 averaged over dims, all constants (and 1/2std^2) dropped.
-    It is not a normalised density: the ratio exp(lp - lp_old) differs from the Gaussian one by a power."""
-    return -((x_next.detach().float() - mean) ** 2).mean(dim=tuple(range(1, mean.ndim)))
+    It is not a normalised density: the ratio exp(lp - lp_old) differs from the Gaussian one by a power.
+    With block > 1, over the tile coordinates (see `gaussian_log_prob`)."""
+    z = block_coords(x_next.detach().float() - mean, block)
+    return -(z**2).mean(dim=tuple(range(1, z.ndim)))
 
 
-def transition_log_prob(kind: str, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+def transition_log_prob(kind: str, x_next: Tensor, mean: Tensor, std: Tensor, block: int = 1) -> Tensor:
     """The log-prob each SDE kind's reference code trains with (Gaussian, or CPS's simplified form)."""
     if kind == "cps":
-        return cps_log_prob(x_next, mean)
-    return gaussian_log_prob(x_next, mean, std)
+        return cps_log_prob(x_next, mean, block)
+    return gaussian_log_prob(x_next, mean, std, block)
