@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from visalign.models.base import Conditioning, FlowModelAdapter
-from visalign.sampling.steps import SDE_KINDS, block_project, sde_mean_std, transition_log_prob
+from visalign.sampling.steps import SDE_KINDS, block_project, check_block, sde_mean_std, transition_log_prob
 
 
 @dataclass(frozen=True)
@@ -200,9 +200,7 @@ def sample(adapter: FlowModelAdapter, cond: Conditioning, *, num_steps: int, hei
         raise ValueError(f"guidance_scale={guidance_scale} must be >= 0")
     batch = len(cond)
     shape = adapter.latent_shape(height, width, num_frames)
-    if sde.noise_block > 1 and (len(shape) < 3 or shape[-1] % sde.noise_block or shape[-2] % sde.noise_block):
-        raise ValueError(f"noise_block={sde.noise_block} must divide the latent's height and width; latent shape "
-                         f"{tuple(shape)} for {height}×{width}")
+    check_block(shape, sde.noise_block)  # before any denoiser call
     sigmas = adapter.sigmas(num_steps, shape)
     stochastic = sde.stochastic_steps(sigmas)
     device = adapter.device

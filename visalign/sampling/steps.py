@@ -84,14 +84,20 @@ def sde_mean_std(kind: str, x: Tensor, v: Tensor, sigma, sigma_next, noise_level
     raise ValueError(f"unknown SDE kind {kind!r}; allowed: {', '.join(SDE_KINDS)}")
 
 
+def check_block(shape: tuple[int, ...], block: int) -> None:
+    """Raise unless block × block tiles cover the last two dims of `shape` exactly."""
+    if block > 1 and (len(shape) < 3 or shape[-2] % block or shape[-1] % block):
+        raise ValueError(f"noise_block={block} must divide the latent's height and width; latent shape "
+                         f"{tuple(shape)}")
+
+
 def block_coords(x: Tensor, block: int) -> Tensor:
     """Coordinates of x in the orthonormal basis of images constant on block × block tiles of the last two
     dims (one basis vector per tile: its indicator / block): block * (tile means). block = 1 is x itself."""
     if block == 1:
         return x
+    check_block(x.shape, block)
     *lead, h, w = x.shape
-    if h % block or w % block:
-        raise ValueError(f"noise_block={block} must divide the latent's height and width ({h}×{w})")
     return x.reshape(*lead, h // block, block, w // block, block).mean(dim=(-3, -1)) * block
 
 
