@@ -3,10 +3,11 @@
     .venv/bin/python bench/balance_world.py --minutes 4 --out outputs/bench_balance
 
 Three partly conflicting rewards are trained together with DiffusionNFT (configs/nft_world.yaml): the world
-verifier (compositional), world-cleanliness (artifacts / background drift) and saturation (a style reward: it pays
-for coloured pixels, which the clean white background is not). Each arm trains from the shipped base model for the
+verifier (compositional), world-cleanliness (artifacts / background drift) and a style reward, `--style`: saturation (it pays
+for coloured pixels, which the clean white background is not) or brightness (it pays for white, so for small,
+pale objects). Each arm trains from the shipped base model for the
 same wall-time budget; every `--eval-every` steps all three rewards are measured on held-out compositions with
-fresh seeds. Per step the trainer logs the per-reward gradient cosines; the table reports the fraction of steps in
+fresh seeds (the same at every point, so differences are paired). Per step the trainer logs the per-reward gradient cosines; the table reports the fraction of steps in
 which the worst-aligned reward's gradient has a negative cosine with the applied update, and the mean step time
 relative to single-reward NFT (verifier only) measured in the same run.
 
@@ -31,7 +32,11 @@ from visalign.eval.world_suite import generate_world, score_world, suite_prompts
 from visalign.train import load_train_config, trainer_class
 from visalign.world.grammar import TEMPLATES
 
-REWARDS = "rewards={world-verifier: 1.0, world-cleanliness: 1.0, saturation: 1.0}"
+STYLES = ("saturation", "brightness")  # the third reward (`--style`)
+
+
+def rewards_override(style: str) -> str:
+    return f"rewards={{world-verifier: 1.0, world-cleanliness: 1.0, {style}: 1.0}}"
 ARMS = {
     "sum": ["train.balance=sum"],
     "mgda": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9"],
@@ -42,14 +47,14 @@ ARMS = {
 SINGLE = ["rewards={world-verifier: 1.0}"]
 
 
-def evaluate(trainer, n: int, seed: int) -> dict:
+def evaluate(trainer, n: int, seed: int, style: str) -> dict:
     specs = suite_prompts("heldout", n, 4321, getattr(trainer.source, "templates", None) or TEMPLATES)
     images = generate_world(trainer.adapter, specs, steps=20, guidance=trainer.cfg.sampling.guidance, seed=seed,
                             batch_size=64, progress=False)
     r = score_world(images, specs)
-    sat = rewards_lib.load("saturation")(images=images).mean().item()
+    value = rewards_lib.load(style)(images=images).mean().item()
     return {"verifier": r["overall"], "partial_credit": r["partial_credit"], "cleanliness": r["cleanliness"],
-            "saturation": sat}
+            style: value}
 
 
 def build(extra: list[str], out: str, args):
@@ -61,9 +66,9 @@ def build(extra: list[str], out: str, args):
 
 
 def run_arm(name: str, extra: list[str], args) -> dict:
-    trainer = build([REWARDS, *extra], f"{args.out}/{name}", args)
+    trainer = build([rewards_override(args.style), *extra], f"{args.out}/{name}", args)
     per_step = trainer.cfg.train.prompts_per_step * trainer.cfg.train.group_size
-    curve = [{"step": 0, "rollouts": 0, "minutes": 0.0, **evaluate(trainer, args.n, 777)}]
+    curve = [{"step": 0, "rollouts": 0, "minutes": 0.0, **evaluate(trainer, args.n, 777, args.style)}]
     print(f"[{name}] step 0: {json.dumps(curve[-1])}", flush=True)
     steps, total, step = [], 0.0, 0
     while total < args.minutes * 60:
@@ -79,7 +84,7 @@ def run_arm(name: str, extra: list[str], args) -> dict:
               f"({total / 60:.1f} min)", flush=True)
         if step % args.eval_every == 0 or total >= args.minutes * 60:
             curve.append({"step": step, "rollouts": step * per_step, "minutes": total / 60,
-                          **evaluate(trainer, args.n, 777 + step)})
+                          **evaluate(trainer, args.n, 777, args.style)})
             print(f"[{name}] eval: {json.dumps(curve[-1])}", flush=True)
     # Refresh steps only carry cosines in the amortised arm.
     cos = [s["worst_cos"] for s in steps if s["worst_cos"] is not None]
@@ -98,27 +103,27 @@ def single_reward_time(args) -> dict:
     return {"mean_step": sum(t for t, _ in times) / len(times), "mean_training": sum(t for _, t in times) / len(times)}
 
 
-def table(results: dict, single: dict) -> str:
-    rows = ["| arm | minutes | verifier (held-out) | Δ | cleanliness | Δ | saturation | Δ | worst cos < 0 | "
+def table(results: dict, single: dict, style: str) -> str:
+    rows = [f"| arm | minutes | verifier (held-out) | Δ | cleanliness | Δ | {style} | Δ | worst cos < 0 | "
             "step time × single | training time × single |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, r in results.items():
         a, b = r["curve"][0], r["curve"][-1]
         rows.append(f"| {arm} | {b['minutes']:.1f} | {b['verifier']:.3f} | {b['verifier'] - a['verifier']:+.3f} | "
-                    f"{b['cleanliness']:.3f} | {b['cleanliness'] - a['cleanliness']:+.3f} | {b['saturation']:.3f} | "
-                    f"{b['saturation'] - a['saturation']:+.3f} | {r['negative_fraction']:.2f} "
+                    f"{b['cleanliness']:.3f} | {b['cleanliness'] - a['cleanliness']:+.3f} | {b[style]:.3f} | "
+                    f"{b[style] - a[style]:+.3f} | {r['negative_fraction']:.2f} "
                     f"({r['cos_measured']} steps) | {r['mean_step'] / single['mean_step']:.2f} | "
                     f"{r['mean_training'] / single['mean_training']:.2f} |")
     return "\n".join(rows) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, style: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key in zip(axes, ("verifier", "cleanliness", "saturation")):
+    for ax, key in zip(axes, ("verifier", "cleanliness", style)):
         for arm, r in results.items():
             ax.plot([c["minutes"] for c in r["curve"]], [c[key] for c in r["curve"]], "o-", label=arm)
         ax.set(xlabel="training wall time (min)", ylabel=key, title=f"held-out {key}")
@@ -136,6 +141,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32, help="held-out prompts per template")
     parser.add_argument("--timing-steps", type=int, default=3, help="steps of single-reward NFT for the time ratio")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--style", default="saturation", choices=STYLES, help="the third, style reward")
     parser.add_argument("--out", default="outputs/bench_balance")
     parser.add_argument("overrides", nargs="*", help="config overrides for every arm")
     args = parser.parse_args()
@@ -145,9 +151,9 @@ def main() -> None:
     single = single_reward_time(args)
     results = {arm: run_arm(arm, ARMS[arm], args) for arm in args.arms}
     (out / "results.json").write_text(json.dumps({"single": single, "arms": results}, indent=1))
-    (out / "results.md").write_text(table(results, single))
-    plot(results, out / "curve.png")
-    print(table(results, single))
+    (out / "results.md").write_text(table(results, single, args.style))
+    plot(results, out / "curve.png", args.style)
+    print(table(results, single, args.style))
     print(f"wrote {out}/curve.png, results.md, results.json")
 
 

@@ -74,7 +74,7 @@ def run_arm(name: str, arm: tuple[str | None, list[str]], args, evaluate=evaluat
     curve = [{"step": 0, "rollouts": 0, "minutes": 0.0, **evaluate(trainer, args.n, seed=777)}]
     print(f"[{name}] step 0: {json.dumps(curve[-1])}", flush=True)
     train_time, step = 0.0, 0
-    while train_time < args.minutes * 60:
+    while train_time < args.minutes * 60 and step < cfg.train.max_steps:
         t = time.perf_counter()
         metrics = trainer.step(step)
         trainer.state.step = step + 1
@@ -84,7 +84,7 @@ def run_arm(name: str, arm: tuple[str | None, list[str]], args, evaluate=evaluat
         passed = metrics.get(f"rewards/{first}/passed/mean", float("nan"))
         print(f"[{name}] step {step}: reward {metrics[f'rewards/{first}/mean']:.3f}, rollouts passed {passed:.3f} "
               f"({train_time / 60:.1f} min)", flush=True)
-        if step % args.eval_every == 0 or train_time >= args.minutes * 60:
+        if step % args.eval_every == 0 or train_time >= args.minutes * 60 or step == cfg.train.max_steps:
             curve.append({"step": step, "rollouts": step * samples_per_step, "minutes": train_time / 60,
                           **evaluate(trainer, args.n, seed=777)})
             print(f"[{name}] eval: {json.dumps(curve[-1])}", flush=True)

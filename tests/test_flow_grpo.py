@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from rewards import RewardError
 from trainers.common import step_generator
+from trainers.engine import lr_factor
 from trainers.flow_grpo import FlowGRPOTrainer
 from visalign.config import ConfigError
 from visalign.train import load_train_config
@@ -39,6 +40,24 @@ def test_first_inner_step_is_on_policy(world_ckpt, tmp_path):
     assert history[0]["train/trained_timesteps"] == 3  # 4 SDE steps, the last never trained
 
 
+def test_lr_factor_by_hand():
+    assert [lr_factor(s, "linear", 0, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert lr_factor(2, "cosine", 0, 4) == pytest.approx(0.5) and lr_factor(1, "cosine", 0, 4) == pytest.approx(
+        0.5 * (1 + 2 ** -0.5))
+    # warm-up 2 of 6 steps: 1/3, 2/3, then the decay starts from 1 over the remaining 4
+    assert [lr_factor(s, "linear", 2, 6) for s in range(6)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25])
+    assert lr_factor(9, "constant", 2, 6) == 1.0 and lr_factor(9, "linear", 0, 6) == 0.0
+
+
+def test_scheduled_lr_reaches_the_optimizer(world_ckpt, tmp_path):
+    trainer = FlowGRPOTrainer(small(tmp_path, "train.lr_schedule=linear", path=world_ckpt))
+    history = trainer.train()
+    assert [h["train/lr"] for h in history] == pytest.approx([1e-3, 5e-4])
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match="lr_warmup_steps=2 must be in"):
+        small(tmp_path, "train.lr_warmup_steps=2")
+
+
 def _final_weights(run):
     return load_file(str(run / "checkpoints" / "checkpoint-3" / "model.safetensors"))
 
@@ -49,7 +68,8 @@ def _final_weights(run):
                   "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}"]),  # world-verifier scores images only
 ], ids=["tiny-sd3", "tiny-wan"])
 def test_resume_is_bit_identical(model, request_overrides, tmp_path):
-    extra = ["train.max_steps=3", "train.kl_beta=0.01", "train.ema_decay=0.9", "model.lora_rank=4", *request_overrides]
+    extra = ["train.max_steps=3", "train.kl_beta=0.01", "train.ema_decay=0.9", "model.lora_rank=4",
+             "train.lr_schedule=cosine", "train.lr_warmup_steps=1", *request_overrides]
     FlowGRPOTrainer(small(tmp_path / "a", *extra, model=model)).train()
     FlowGRPOTrainer(small(tmp_path / "b", *extra, model=model)).train(stop_after=1)  # "killed" after step 1
     assert not (tmp_path / "b" / "final").exists()

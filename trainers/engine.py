@@ -160,6 +160,9 @@ class BaseTrainConfig:
     train_batch_size: int = field(default=16, metadata={"help": "samples per training micro-batch (per process)"})
     optimizer_steps_per_rollout: int = field(default=1, metadata={"help": "flow_grpo uses 2"})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate (flow_grpo LoRA: 3e-4)"})
+    lr_schedule: Literal["constant", "linear", "cosine"] = field(default="constant", metadata={
+        "help": "learning-rate decay over train.max_steps (to 0 at the end; trainers.engine.lr_factor)"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up from lr / (warmup + 1)"})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
@@ -199,6 +202,8 @@ class BaseTrainConfig:
         for name in ("max_steps", "prompts_per_step", "group_size", "train_batch_size", "optimizer_steps_per_rollout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.lr_warmup_steps < self.max_steps:
+            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps} must be in [0, max_steps={self.max_steps})")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
         if self.balance_every < 1 or self.balance_refresh_batches < 1 or not 0 <= self.balance_ema < 1 or self.cagrad_c < 0:
@@ -208,6 +213,23 @@ class BaseTrainConfig:
             raise ValueError("balance_amortized needs train.balance (e.g. mgda)")
         if self.balance != "none" and (self.advantage_mode != "sum_then_normalize" or self.constraints):
             raise ValueError("train.balance combines per-reward gradients; it excludes advantage_mode / constraints")
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
+    """Multiplier of the base learning rate at trainer step `step` (0-based) of `total`: linear warm-up over
+    `warmup` steps, then constant, linear or half-cosine decay reaching 0 at step `total` (the shapes of
+    diffusers.optimization's schedules). A pure function of the step, so a resumed run needs no scheduler state
+    and the rate is the same whichever optimizer-step count a recipe takes per rollout."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_schedule {schedule!r}")
 
 
 def accumulation_schedule(n_micro: int, optimizer_steps: int) -> list[tuple[int, bool]]:
@@ -366,6 +388,7 @@ class OnlineTrainer:
             self.drift_rewards = {name: (loaded[name], w) for name, w in drift_weights.items()}
         self.ema = EMA(params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema_decay else None
         self.state = TrainerState()
+        self.lr = cfg.train.lr
         acc.register_for_checkpointing(self.state)
         self.alarm = None
         if cfg.run.alarm_tolerance is not None:
@@ -508,8 +531,13 @@ class OnlineTrainer:
         return self.micro_context(last=False)
 
     def optimizer_step(self) -> float:
-        """Clip gradients, step, zero them; returns the gradient norm before clipping."""
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+        """Clip gradients, set the scheduled learning rate for the current trainer step, step, zero them;
+        returns the gradient norm before clipping."""
+        tc = self.cfg.train
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, tc.max_grad_norm)
+        self.lr = tc.lr * lr_factor(self.state.step, tc.lr_schedule, tc.lr_warmup_steps, tc.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
@@ -651,6 +679,7 @@ class OnlineTrainer:
                    disable=not (cfg.run.progress and acc.is_local_main_process))
         for step in bar:
             metrics = self.step(step)
+            metrics["train/lr"] = self.lr
             self.state.step = step + 1
             stop_for_alarm = False
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
