@@ -3,13 +3,13 @@
     .venv/bin/python bench/balance_world.py --minutes 4 --out outputs/bench_balance
 
 Three partly conflicting rewards are trained together with DiffusionNFT (configs/nft_world.yaml): the world
-verifier (compositional), world-cleanliness (artifacts / background drift) and a style reward, `--style`: saturation (it pays
-for coloured pixels, which the clean white background is not) or brightness (it pays for white, so for small,
-pale objects). Each arm trains from the shipped base model for the
-same wall-time budget; every `--eval-every` steps all three rewards are measured on held-out compositions with
-fresh seeds (the same at every point, so differences are paired). Per step the trainer logs the per-reward gradient cosines; the table reports the fraction of steps in
-which the worst-aligned reward's gradient has a negative cosine with the applied update, and the mean step time
-relative to single-reward NFT (verifier only) measured in the same run.
+verifier (compositional), world-cleanliness (artifacts / background drift) and a style reward, `--style`:
+saturation (it pays for coloured pixels, which the clean white background is not) or brightness (it pays for
+white, so for small, pale objects). Each arm trains from the shipped base model for the same wall-time budget;
+every `--eval-every` steps all three rewards are measured on held-out compositions with fresh seeds (the same at
+every point, so differences are paired). Per step the trainer logs the per-reward gradient cosines; the table
+reports the fraction of steps in which the worst-aligned reward's gradient has a negative cosine with the applied
+update, and the mean step time relative to single-reward NFT (verifier only) measured in the same run.
 
 Arms (all per-reward gradients, so the weighted sum's cosines are measured too; its update equals GDPO's):
   sum      train.balance=sum (weights 1, 1, 1)
@@ -37,6 +37,8 @@ STYLES = ("saturation", "brightness")  # the third reward (`--style`)
 
 def rewards_override(style: str) -> str:
     return f"rewards={{world-verifier: 1.0, world-cleanliness: 1.0, {style}: 1.0}}"
+
+
 ARMS = {
     "sum": ["train.balance=sum"],
     "mgda": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9"],

@@ -388,7 +388,6 @@ class OnlineTrainer:
             self.drift_rewards = {name: (loaded[name], w) for name, w in drift_weights.items()}
         self.ema = EMA(params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema_decay else None
         self.state = TrainerState()
-        self.lr = cfg.train.lr
         acc.register_for_checkpointing(self.state)
         self.alarm = None
         if cfg.run.alarm_tolerance is not None:
@@ -530,14 +529,17 @@ class OnlineTrainer:
         """Per-reward gradients are taken with autograd.grad and reduced by hand: no DDP sync, autocast as usual."""
         return self.micro_context(last=False)
 
-    def optimizer_step(self) -> float:
-        """Clip gradients, set the scheduled learning rate for the current trainer step, step, zero them;
-        returns the gradient norm before clipping."""
+    def scheduled_lr(self, step: int) -> float:
         tc = self.cfg.train
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, tc.max_grad_norm)
-        self.lr = tc.lr * lr_factor(self.state.step, tc.lr_schedule, tc.lr_warmup_steps, tc.max_steps)
+        return tc.lr * lr_factor(step, tc.lr_schedule, tc.lr_warmup_steps, tc.max_steps)
+
+    def optimizer_step(self) -> float:
+        """Clip gradients, set the scheduled learning rate of the current trainer step, step, zero them;
+        returns the gradient norm before clipping."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+        lr = self.scheduled_lr(self.state.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
@@ -679,7 +681,7 @@ class OnlineTrainer:
                    disable=not (cfg.run.progress and acc.is_local_main_process))
         for step in bar:
             metrics = self.step(step)
-            metrics["train/lr"] = self.lr
+            metrics["train/lr"] = self.scheduled_lr(step)
             self.state.step = step + 1
             stop_for_alarm = False
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
