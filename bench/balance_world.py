@@ -14,7 +14,10 @@ update, and the mean step time relative to single-reward NFT (verifier only) mea
 Arms (all per-reward gradients, so the weighted sum's cosines are measured too; its update equals GDPO's):
   sum      train.balance=sum (weights 1, 1, 1)
   mgda     train.balance=mgda, unit-normalised gradients, EMA 0.9, explicit K backwards every micro-batch
-  marble   the same weights amortised: one backward with blended reward weights, Gram refreshed every 4 steps
+  marble   the same weights amortised: one backward with blended reward weights; every step the Gram matrix is
+           estimated from the explicit per-reward gradients of 2 of the step's micro-batches, and the safeguard
+           replaces EMA weights that would conflict on it by the fresh min-norm weights
+  marble4  the earlier amortised arm: Gram from one micro-batch every 4 steps, no safeguard
   pcgrad   train.balance=pcgrad
 """
 
@@ -43,7 +46,10 @@ ARMS = {
     "sum": ["train.balance=sum"],
     "mgda": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9"],
     "marble": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9",
-               "train.balance_amortized=true", "train.balance_every=4"],
+               "train.balance_amortized=true", "train.balance_every=1", "train.balance_refresh_batches=2",
+               "train.balance_safeguard=true"],
+    "marble4": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9",
+                "train.balance_amortized=true", "train.balance_every=4"],
     "pcgrad": ["train.balance=pcgrad"],
 }
 SINGLE = ["rewards={world-verifier: 1.0}"]
@@ -80,7 +86,7 @@ def run_arm(name: str, extra: list[str], args) -> dict:
         total += time.perf_counter() - t
         step += 1
         steps.append({"time": m["time/step"], "training": m["time/training"],
-                      "worst_cos": m.get("balance/worst_cos"),
+                      "worst_cos": m.get("balance/worst_cos"), "safeguard": m.get("balance/safeguard"),
                       "weights": {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("balance/weight/")}})
         print(f"[{name}] step {step}: worst cos {m.get('balance/worst_cos', float('nan')):+.3f} "
               f"({total / 60:.1f} min)", flush=True)
@@ -142,7 +148,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=6)
     parser.add_argument("--n", type=int, default=32, help="held-out prompts per template")
     parser.add_argument("--timing-steps", type=int, default=3, help="steps of single-reward NFT for the time ratio")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=["sum", "mgda", "marble", "pcgrad"], choices=list(ARMS))
     parser.add_argument("--style", default="saturation", choices=STYLES, help="the third, style reward")
     parser.add_argument("--out", default="outputs/bench_balance")
     parser.add_argument("overrides", nargs="*", help="config overrides for every arm")

@@ -131,6 +131,29 @@ def test_balancer_weights_normalisation_and_ema():
     assert torch.equal(c.alpha, b.alpha) and c.refreshes == 2
 
 
+def test_safeguard_replaces_conflicting_smoothed_weights_by_the_fresh_min_norm_ones():
+    b = Balancer("mgda", {"a": 1.0, "b": 1.0}, ema=0.9, safeguard=True)
+    first, logs = b.update(gram([1.0, 0.0], [0.0, 1.0])[1])  # fresh (½, ½), nothing to guard yet
+    assert logs["balance/safeguard"] == 0.0
+    # Next refresh: g_a = (1, 0), g_b = (-0.9, 0.1). Smoothed alpha = 0.9 (½, ½) + 0.1 fresh is still about
+    # (½, ½), whose d = (0.05, 0.05) has g_b·d = -0.04 < 0, so the fresh min-norm weights are used instead.
+    J, G = gram([1.0, 0.0], [-0.9, 0.1])
+    fresh = Balancer("mgda", {"a": 1.0, "b": 1.0}).fresh_weights(G)
+    smoothed = 0.9 * first + 0.1 * fresh
+    assert float((G @ smoothed).min()) < 0  # the EMA alone would conflict
+    alpha, logs = b.update(G)
+    assert logs["balance/safeguard"] == 1.0 and logs["balance/worst_cos"] >= 0
+    torch.testing.assert_close(alpha, fresh)
+    d = alpha @ J  # the min-norm point: g_k·d >= |d|² for both rewards
+    assert float((J @ d).min()) >= float(d @ d) - 1e-7
+    # A third refresh smooths from the fresh weights again (no conflict: the guard stays off).
+    third, logs = b.update(G)
+    assert logs["balance/safeguard"] == 0.0
+    torch.testing.assert_close(third, fresh)
+    with pytest.raises(ValueError, match="never conflicts"):
+        Balancer("sum", {"a": 1.0, "b": 1.0}, safeguard=True)
+
+
 def test_gradient_buffer_collects_per_reward_gradients_and_applies_the_combination():
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 2)
@@ -309,6 +332,7 @@ def test_advantage_space_alternatives_in_a_trainer_step(tmp_path, extra, key):
     ("flow_grpo", ["train.balance=mgda", "train.balance_amortized=true"], "affine"),
     ("flow_rwr", ["train.balance=mgda", "sampling.sde=ode"], "advantage space"),
     ("flow_grpo", ["train.balance=mgda", "train.advantage_mode=cmo"], "excludes"),
+    ("diffusion_nft", ["train.balance=pcgrad", "train.balance_safeguard=true"], "never conflicts"),
     ("flow_grpo", ["train.constraints={tests.helpers.toy_rewards.MeanBrightness: 0.5, "
                    "tests.helpers.toy_rewards.RedChannel: 0.5}"], "some, not all"),
 ])

@@ -187,6 +187,9 @@ class BaseTrainConfig:
                 "this aggregator (flow_grpo, diffusion_nft)"})
     balance_ema: float = field(default=0.0, metadata={"help": "EMA decay of the aggregator's coefficients (MARBLE)"})
     balance_normalize: bool = field(default=False, metadata={"help": "per-reward gradients to unit norm first"})
+    balance_safeguard: bool = field(default=False, metadata={
+        "help": "mgda / upgrad: when the EMA-smoothed coefficients would point the update against a reward's "
+                "gradient (on the refresh's Gram matrix), use the refresh's own coefficients instead"})
     balance_amortized: bool = field(default=False, metadata={
         "help": "diffusion_nft: one backward with blended reward weights (MARBLE); the Gram matrix is refreshed "
                 "on the first balance_refresh_batches micro-batches every balance_every steps"})
@@ -211,6 +214,11 @@ class BaseTrainConfig:
                              "cagrad_c >= 0")
         if self.balance_amortized and self.balance == "none":
             raise ValueError("balance_amortized needs train.balance (e.g. mgda)")
+        from visalign.balance.balancer import SAFE
+
+        if self.balance_safeguard and self.balance not in SAFE:
+            raise ValueError(f"balance_safeguard needs train.balance in {SAFE} (an update that never conflicts), "
+                             f"not {self.balance!r}")
         if self.balance != "none" and (self.advantage_mode != "sum_then_normalize" or self.constraints):
             raise ValueError("train.balance combines per-reward gradients; it excludes advantage_mode / constraints")
 
@@ -358,7 +366,7 @@ class OnlineTrainer:
             from visalign.balance import Balancer, GradientBuffer
 
             self.balancer = Balancer(tc.balance, dict(cfg.rewards), ema=tc.balance_ema, normalize=tc.balance_normalize,
-                                     cagrad_c=tc.cagrad_c, seed=cfg.run.seed)
+                                     cagrad_c=tc.cagrad_c, seed=cfg.run.seed, safeguard=tc.balance_safeguard)
             self.grad_buffer = GradientBuffer(params, len(cfg.rewards))
             acc.register_for_checkpointing(self.balancer)
         if tc.constraints:

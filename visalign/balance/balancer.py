@@ -8,6 +8,8 @@ from torch import Tensor
 
 from visalign.balance.aggregators import AGGREGATORS, aggregator_weights
 
+SAFE = ("mgda", "upgrad")  # aggregators whose fresh update has a non-negative inner product with every gradient
+
 
 def diagnostics(gram: Tensor, alpha: Tensor, names: list[str]) -> dict[str, float]:
     """Everything from the Gram matrix and the applied coefficients (d = Σ alpha_k g_k), no P-sized work:
@@ -37,17 +39,24 @@ class Balancer:
     The configured reward weights w_k scale the rows first (so "sum" is the usual weighted sum); `normalize`
     then rescales each row to unit norm (MARBLE removes reward scale) before the aggregator; the coefficients
     returned apply to the raw g_k. `ema` smooths them across refreshes: alpha <- ema alpha + (1 - ema) alpha_new.
+    `safeguard` (MGDA, UPGrad) keeps the smoothing from ever pointing the update against a reward: when the smoothed
+    alpha gives some g_k a negative inner product with d on this Gram matrix, this refresh's own alpha replaces it
+    (and the smoothing restarts from it); that alpha cannot conflict, since the min-norm point d* of the hull has
+    g_kᵀd* >= |d*|^2 for every k (Désidéri 2012, Sener & Koltun 2018 Thm 1) and UPGrad's d lies in the dual cone.
     """
 
     def __init__(self, method: str, reward_weights: dict[str, float], *, ema: float = 0.0, normalize: bool = False,
-                 cagrad_c: float = 0.4, seed: int = 0):
+                 cagrad_c: float = 0.4, seed: int = 0, safeguard: bool = False):
         if method not in AGGREGATORS:
             raise ValueError(f"unknown balance method {method!r}; allowed: {', '.join(AGGREGATORS)}")
         if not 0 <= ema < 1:
             raise ValueError(f"balance ema={ema} must be in [0, 1)")
+        if safeguard and method not in SAFE:
+            raise ValueError(f"the balance safeguard needs an aggregator whose update never conflicts ({', '.join(SAFE)}), "
+                             f"not {method!r}")
         self.method, self.names = method, list(reward_weights)
         self.w = torch.tensor([float(v) for v in reward_weights.values()], dtype=torch.float64)
-        self.ema, self.normalize, self.cagrad_c, self.seed = ema, normalize, cagrad_c, seed
+        self.ema, self.normalize, self.cagrad_c, self.seed, self.safeguard = ema, normalize, cagrad_c, seed, safeguard
         self.alpha: Tensor | None = None
         self.refreshes = 0
 
@@ -66,8 +75,14 @@ class Balancer:
         """Refresh from a new Gram matrix: the smoothed coefficients [K] and the diagnostics of this update."""
         fresh = self.fresh_weights(gram)
         self.alpha = fresh if self.alpha is None or self.ema == 0 else self.ema * self.alpha + (1 - self.ema) * fresh
+        fired = self.safeguard and bool((gram.double() @ self.alpha < 0).any())
+        if fired:
+            self.alpha = fresh
         self.refreshes += 1
-        return self.alpha.clone(), diagnostics(gram, self.alpha, self.names)
+        logs = diagnostics(gram, self.alpha, self.names)
+        if self.safeguard:
+            logs["balance/safeguard"] = float(fired)
+        return self.alpha.clone(), logs
 
     def state_dict(self) -> dict:
         return {"alpha": self.alpha, "refreshes": self.refreshes}
