@@ -669,7 +669,9 @@ class OnlineTrainer:
         return {"reward": f"{metrics[f'rewards/{main_reward}/mean']:.3f}"}
 
     def train(self, stop_after: int | None = None) -> list[dict]:
-        """Run until max_steps (or until `stop_after` more steps, to simulate an interruption)."""
+        """Run until max_steps (or until `stop_after` more steps, to simulate an interruption). Trackers are
+        finished; the process group is left up, so a distributed script ends with
+        `visalign.train.end_distributed(trainer.accelerator)` (the CLI does)."""
         from visalign.config import save_config
 
         cfg, acc = self.cfg, self.accelerator
@@ -711,8 +713,8 @@ class OnlineTrainer:
                 break
         if self.state.step >= cfg.train.max_steps or rolled_back:
             self.save_final()
-        if cfg.run.log_with != "none":
-            acc.end_training()
+        for tracker in acc.trackers:  # not acc.end_training(): the caller may still gather (see visalign.train.run)
+            tracker.finish()
         return history
 
 

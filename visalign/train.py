@@ -62,7 +62,17 @@ def trainer_class(name: str):
 
 def run(path: str | None, overrides: Sequence[str] = ()):
     cfg = load_train_config(path, overrides)  # every config error surfaces here, before any model loads
-    return trainer_class(cfg.trainer)(cfg).train()
+    trainer = trainer_class(cfg.trainer)(cfg)
+    history = trainer.train()
+    end_distributed(trainer.accelerator)
+    return history
+
+
+def end_distributed(accelerator) -> None:
+    """Let every rank arrive, then tear the process group down: a rank that exits with gloo's threads still
+    live can abort with "terminate called without an active exception" while the others finish."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

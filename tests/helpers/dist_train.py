@@ -8,7 +8,7 @@ import torch
 
 from trainers.common import plan_step
 from trainers.flow_grpo import FlowGRPOTrainer
-from visalign.train import load_train_config
+from visalign.train import end_distributed, load_train_config
 
 
 def main():
@@ -27,6 +27,7 @@ def main():
     records = acc.gather(record.unsqueeze(0))
     if acc.is_main_process:
         json.dump({"records": records.tolist(), "groups": groups.tolist()}, open(f"{out}/dist.json", "w"))
+    end_distributed(acc)
 
 
 if __name__ == "__main__":
