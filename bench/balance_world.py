@@ -14,9 +14,14 @@ update, and the mean step time relative to single-reward NFT (verifier only) mea
 Arms (all per-reward gradients, so the weighted sum's cosines are measured too; its update equals GDPO's):
   sum      train.balance=sum (weights 1, 1, 1)
   mgda     train.balance=mgda, unit-normalised gradients, EMA 0.9, explicit K backwards every micro-batch
-  marble   the same weights amortised: one backward with blended reward weights; every step the Gram matrix is
-           estimated from the explicit per-reward gradients of 2 of the step's micro-batches, and the safeguard
-           replaces EMA weights that would conflict on it by the fresh min-norm weights
+  marble   the same weights amortised (MARBLE): one backward with blended reward weights; every 3rd step the Gram
+           matrix comes from the explicit per-reward gradients of all of that step's micro-batches (the whole step's,
+           as in mgda), the EMA-smoothed weights carry over in between, and the safeguard replaces EMA weights that
+           would conflict on a refresh's Gram matrix by its fresh min-norm weights
+  marble-sub  amortised, refreshed every step from 2 of the step's 8 micro-batches, with the safeguard
+  marble-ub  amortised with the Gram matrix of the per-reward gradients of the predicted velocity over all of the
+           step's micro-batches (MGDA-UB, `train.balance_gram=output`, no extra backward through the network),
+           applied to the next step, with the safeguard; its cosines are measured in that output space
   marble4  the earlier amortised arm: Gram from one micro-batch every 4 steps, no safeguard
   pcgrad   train.balance=pcgrad
 """
@@ -46,8 +51,13 @@ ARMS = {
     "sum": ["train.balance=sum"],
     "mgda": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9"],
     "marble": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9",
-               "train.balance_amortized=true", "train.balance_every=1", "train.balance_refresh_batches=2",
+               "train.balance_amortized=true", "train.balance_every=3", "train.balance_refresh_batches=8",
                "train.balance_safeguard=true"],
+    "marble-sub": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9",
+                   "train.balance_amortized=true", "train.balance_every=1", "train.balance_refresh_batches=2",
+                   "train.balance_safeguard=true"],
+    "marble-ub": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9",
+                  "train.balance_amortized=true", "train.balance_gram=output", "train.balance_safeguard=true"],
     "marble4": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9",
                 "train.balance_amortized=true", "train.balance_every=4"],
     "pcgrad": ["train.balance=pcgrad"],
@@ -104,10 +114,11 @@ def run_arm(name: str, extra: list[str], args) -> dict:
 def single_reward_time(args) -> dict:
     trainer = build(SINGLE, f"{args.out}/single", args)
     times = []
-    for step in range(args.timing_steps):
+    for step in range(args.timing_steps + 1):  # the first step warms the process up (allocations, threads): not timed
         m = trainer.step(step)
         trainer.state.step = step + 1
-        times.append((m["time/step"], m["time/training"]))
+        if step:
+            times.append((m["time/step"], m["time/training"]))
     return {"mean_step": sum(t for t, _ in times) / len(times), "mean_training": sum(t for _, t in times) / len(times)}
 
 

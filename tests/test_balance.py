@@ -16,6 +16,7 @@ from visalign.balance import (
     diagnostics,
     hypervolume_weights,
     min_norm_weights,
+    output_space_gram,
     pareto_mask,
 )
 
@@ -179,6 +180,19 @@ def test_gradient_buffer_collects_per_reward_gradients_and_applies_the_combinati
 # ---- advantage-space alternatives ----------------------------------------------------------------------------
 
 
+def test_output_space_gram_by_hand():
+    # L1 = <c, z> and L2 = |z - t|^2 / 2 have output gradients c and z - t; the graph survives for a backward.
+    w = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]], requires_grad=True)
+    z = 2 * w
+    c = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.0]])
+    t = torch.tensor([[0.5, 1.0, 0.0], [2.0, 0.0, -1.0]])
+    losses = [(c * z).sum(), 0.5 * (z - t).pow(2).sum()]
+    u = torch.stack([c.flatten(), (z - t).detach().flatten()]).double()
+    torch.testing.assert_close(output_space_gram(losses, z), u @ u.T)
+    losses[1].backward()
+    torch.testing.assert_close(w.grad, 2 * (z - t).detach())
+
+
 def test_cmo_weights_by_hand():
     # r1 and r2 perfectly correlated, r3 anti-correlated with both: b = (0, 0, -1)... computed by hand:
     s = torch.tensor([[0.0, 1.0, 1.0], [1.0, 3.0, 0.0], [2.0, 5.0, -1.0]])
@@ -272,6 +286,31 @@ def test_amortised_refresh_over_every_micro_batch_is_the_explicit_update(tmp_pat
     torch.testing.assert_close(amortised, explicit, atol=1e-5 * float(explicit.abs().max()), rtol=1e-5)
 
 
+def test_output_space_gram_applies_the_previous_steps_coefficients(tmp_path):
+    from visalign.train import trainer_class
+
+    # Step 0 has no Gram matrix yet: it applies the configured weights, i.e. the explicit weighted sum.
+    first, m0 = applied_gradients(tiny("diffusion_nft", tmp_path / "a", "train.balance=mgda",
+                                       "train.balance_amortized=true", "train.balance_gram=output",
+                                       "train.train_batch_size=3"))
+    weighted, _ = applied_gradients(tiny("diffusion_nft", tmp_path / "b", "train.balance=sum",
+                                         "train.train_batch_size=3"))
+    torch.testing.assert_close(first, weighted, atol=1e-5 * float(weighted.abs().max()), rtol=1e-5)
+    assert m0["balance/weight/tests.helpers.toy_rewards.RedChannel"] == 0.5
+    # Its Gram matrix (over all three micro-batches) sets the min-norm coefficients the next step applies.
+    t = trainer_class("diffusion_nft")(tiny("diffusion_nft", tmp_path / "c", "train.balance=mgda",
+                                             "train.balance_amortized=true", "train.balance_gram=output",
+                                             "train.train_batch_size=3", "train.max_steps=2"))
+    t.step(0)
+    after_first = t.balancer.alpha.clone()
+    assert not torch.allclose(after_first, torch.tensor([1.0, 0.5], dtype=torch.float64))
+    assert float((after_first / torch.tensor([1.0, 0.5], dtype=torch.float64)).sum()) == pytest.approx(1.0)
+    m1 = t.step(1)
+    assert m1["balance/weight/tests.helpers.toy_rewards.MeanBrightness"] == pytest.approx(float(after_first[0]))
+    assert m1["balance/weight/tests.helpers.toy_rewards.RedChannel"] == pytest.approx(float(after_first[1]))
+    assert t.grad_buffer is None  # no K x P buffer in this form
+
+
 def test_grpo_balanced_sum_equals_normalize_then_sum(tmp_path):
     # On-policy the GRPO loss is linear in the advantage, so Σ_k w_k ∇L(A_k) = ∇L(Σ_k w_k A_k): the per-reward
     # gradient path with the weighted-sum aggregator must reproduce GDPO's single backward.
@@ -294,11 +333,11 @@ def test_grpo_mgda_update_is_the_min_norm_combination(tmp_path):
     assert m["balance/worst_cos"] >= -1e-6
 
 
-def test_balanced_nft_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("gram", [["train.balance_every=2"], ["train.balance_gram=output"]], ids=["params", "output"])
+def test_balanced_nft_resumes_bit_identically(tmp_path, gram):
     from trainers.forward import DiffusionNFTTrainer
 
-    extra = ["train.max_steps=3", "train.balance=mgda", "train.balance_amortized=true", "train.balance_every=2",
-             "train.balance_ema=0.5"]
+    extra = ["train.max_steps=3", "train.balance=mgda", "train.balance_amortized=true", "train.balance_ema=0.5", *gram]
     DiffusionNFTTrainer(tiny("diffusion_nft", tmp_path / "a", *extra)).train()
     DiffusionNFTTrainer(tiny("diffusion_nft", tmp_path / "b", *extra)).train(stop_after=2)
     DiffusionNFTTrainer(tiny("diffusion_nft", tmp_path / "b", *extra)).train()
@@ -333,6 +372,9 @@ def test_advantage_space_alternatives_in_a_trainer_step(tmp_path, extra, key):
     ("flow_rwr", ["train.balance=mgda", "sampling.sde=ode"], "advantage space"),
     ("flow_grpo", ["train.balance=mgda", "train.advantage_mode=cmo"], "excludes"),
     ("diffusion_nft", ["train.balance=pcgrad", "train.balance_safeguard=true"], "never conflicts"),
+    ("diffusion_nft", ["train.balance=mgda", "train.balance_gram=output"], "amortised"),
+    ("diffusion_nft", ["train.balance=mgda", "train.balance_amortized=true", "train.balance_gram=output",
+                       "train.balance_refresh_batches=2"], "every micro-batch"),
     ("flow_grpo", ["train.constraints={tests.helpers.toy_rewards.MeanBrightness: 0.5, "
                    "tests.helpers.toy_rewards.RedChannel: 0.5}"], "some, not all"),
 ])

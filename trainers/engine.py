@@ -193,6 +193,10 @@ class BaseTrainConfig:
     balance_amortized: bool = field(default=False, metadata={
         "help": "diffusion_nft: one backward with blended reward weights (MARBLE); the Gram matrix is refreshed "
                 "on the first balance_refresh_batches micro-batches every balance_every steps"})
+    balance_gram: Literal["params", "output"] = field(default="params", metadata={
+        "help": "amortised form: Gram matrix of the per-reward gradients of the parameters (explicit backwards on "
+                "balance_refresh_batches micro-batches) or of the predicted velocity over every micro-batch of the "
+                "step (MGDA-UB: backward through the loss only), whose coefficients then apply to the next step"})
     balance_every: int = field(default=1, metadata={"help": "steps between Gram refreshes (amortised form)"})
     balance_refresh_batches: int = field(default=1, metadata={
         "help": "amortised form: micro-batches whose per-reward gradients estimate the Gram matrix at a refresh"})
@@ -214,6 +218,11 @@ class BaseTrainConfig:
                              "cagrad_c >= 0")
         if self.balance_amortized and self.balance == "none":
             raise ValueError("balance_amortized needs train.balance (e.g. mgda)")
+        if self.balance_gram == "output" and not self.balance_amortized:
+            raise ValueError("balance_gram=output is a form of the amortised update: set train.balance_amortized=true")
+        if self.balance_gram == "output" and (self.balance_every != 1 or self.balance_refresh_batches != 1):
+            raise ValueError("balance_every and balance_refresh_batches choose the explicit refreshes of "
+                             "balance_gram=params; balance_gram=output refreshes from every micro-batch of every step")
         from visalign.balance.balancer import SAFE
 
         if self.balance_safeguard and self.balance not in SAFE:
@@ -367,7 +376,8 @@ class OnlineTrainer:
 
             self.balancer = Balancer(tc.balance, dict(cfg.rewards), ema=tc.balance_ema, normalize=tc.balance_normalize,
                                      cagrad_c=tc.cagrad_c, seed=cfg.run.seed, safeguard=tc.balance_safeguard)
-            self.grad_buffer = GradientBuffer(params, len(cfg.rewards))
+            if tc.balance_gram == "params":  # K x P floats; the output-space Gram needs none
+                self.grad_buffer = GradientBuffer(params, len(cfg.rewards))
             acc.register_for_checkpointing(self.balancer)
         if tc.constraints:
             from visalign.balance import LagrangeThresholds

@@ -33,6 +33,7 @@ from trainers.engine import (
     check_rewards,
 )
 from trainers.losses import nft_loss, nft_reward_weight, per_sample_mse, rwr_weights
+from visalign.balance import diagnostics, output_space_gram
 
 
 def _ode_sampling() -> SamplingConfig:
@@ -259,6 +260,7 @@ class DiffusionNFTTrainer(ForwardTrainer):
         refresh = cfg.train.balance_amortized and step % cfg.train.balance_every == 0
         n_refresh = min(cfg.train.balance_refresh_batches, len(micro))  # micro-batches that estimate the Gram
         schedule = accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout)
+        gram = torch.zeros(len(cfg.rewards), len(cfg.rewards), dtype=torch.float64)  # balance_gram=output
         for i, ((pos, sigma), (size, last)) in enumerate(zip(micro, schedule)):
             idx = keep[pos]
             noise = torch.randn(x0[idx].shape, generator=g).to(x0.device)
@@ -276,6 +278,24 @@ class DiffusionNFTTrainer(ForwardTrainer):
                 with self.micro_context(last):
                     loss, m = loss_for(self.velocity(x_t, sigma, cond), r)
                     acc.backward(loss / size)
+            elif cfg.train.balance_gram == "output":
+                # MARBLE's blended backward with the coefficients of the previous refresh (the configured weights
+                # before the first); meanwhile the Gram matrix of this step's per-reward gradients of the predicted
+                # velocity accumulates over every micro-batch (MGDA-UB) and refreshes the balancer at the end.
+                alpha = self.balancer.alpha if self.balancer.alpha is not None else self.balancer.w
+                total = alpha.sum()
+                r_bar = ((alpha / total).float()[:, None] * r_k).sum(0)
+                with self.micro_context(last):
+                    v = self.velocity(x_t, sigma, cond)
+                    gram = gram + output_space_gram([loss_for(v, r_k[k])[0] / size for k in range(len(r_k))], v)
+                    loss, m = loss_for(v, r_bar)
+                    acc.backward(float(total) * loss / size)
+                if last:
+                    gram = acc.reduce(gram.to(x0.device), reduction="sum").cpu() if acc.num_processes > 1 else gram
+                    _, balance_logs = self.balancer.update(gram)
+                    # The logged weights and cosines are those of the update just applied, not of the next one.
+                    balance_logs.update(diagnostics(gram, alpha, list(cfg.rewards)))
+                    gram = torch.zeros_like(gram)
             elif cfg.train.balance_amortized and not (refresh and i < n_refresh):
                 # MARBLE: the loss is affine in r, so Σ_k alpha_k L(r_k) = S · L(Σ_k (alpha_k / S) r_k), S = Σ alpha.
                 alpha = self.balancer.alpha

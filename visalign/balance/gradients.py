@@ -44,3 +44,15 @@ class GradientBuffer:
 
     def zero(self) -> None:
         self.J.zero_()
+
+
+def output_space_gram(losses: list[Tensor], output: Tensor) -> Tensor:
+    """Gram matrix [K, K] of the per-reward loss gradients with respect to the network's output instead of its
+    parameters, G_kl = <dL_k/dz, dL_l/dz> (MGDA-UB, Sener & Koltun 2018, arXiv 1810.04650, Sec. 3.3: the
+    min-norm problem on the shared representation z bounds the one on the shared parameters, since
+    |Σ alpha_k dL_k/dθ| <= |dz/dθ| |Σ alpha_k dL_k/dz|). Backpropagates through the loss only, never the network,
+    and keeps the graph for the update's own backward. Outputs of different micro-batches or processes are
+    different coordinates of z, so their Gram matrices add."""
+    grads = [torch.autograd.grad(loss, output, retain_graph=True)[0].reshape(-1).double() for loss in losses]
+    u = torch.stack(grads)
+    return u @ u.T
