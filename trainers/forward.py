@@ -36,6 +36,13 @@ from trainers.losses import nft_loss, nft_reward_weight, per_sample_mse, rwr_wei
 from visalign.balance import diagnostics, output_space_gram
 
 
+def blend_reward_weights(alpha: Tensor, r_k: Tensor) -> tuple[Tensor, float]:
+    """MARBLE's one backward: the NFT loss is affine in the reward weight, so Σ_k alpha_k L(r_k) = S · L(r̄) with
+    r̄ = Σ_k (alpha_k / S) r_k and S = Σ_k alpha_k. Returns (r̄ [n], S)."""
+    total = alpha.sum()
+    return ((alpha / total).float()[:, None] * r_k).sum(0), float(total)
+
+
 def _ode_sampling() -> SamplingConfig:
     return SamplingConfig(sde="ode")
 
@@ -283,13 +290,12 @@ class DiffusionNFTTrainer(ForwardTrainer):
                 # before the first); meanwhile the Gram matrix of this step's per-reward gradients of the predicted
                 # velocity accumulates over every micro-batch (MGDA-UB) and refreshes the balancer at the end.
                 alpha = self.balancer.alpha if self.balancer.alpha is not None else self.balancer.w
-                total = alpha.sum()
-                r_bar = ((alpha / total).float()[:, None] * r_k).sum(0)
+                r_bar, total = blend_reward_weights(alpha, r_k)
                 with self.micro_context(last):
                     v = self.velocity(x_t, sigma, cond)
                     gram = gram + output_space_gram([loss_for(v, r_k[k])[0] / size for k in range(len(r_k))], v)
                     loss, m = loss_for(v, r_bar)
-                    acc.backward(float(total) * loss / size)
+                    acc.backward(total * loss / size)
                 if last:
                     gram = acc.reduce(gram.to(x0.device), reduction="sum").cpu() if acc.num_processes > 1 else gram
                     _, balance_logs = self.balancer.update(gram)
@@ -297,13 +303,10 @@ class DiffusionNFTTrainer(ForwardTrainer):
                     balance_logs.update(diagnostics(gram, alpha, list(cfg.rewards)))
                     gram = torch.zeros_like(gram)
             elif cfg.train.balance_amortized and not (refresh and i < n_refresh):
-                # MARBLE: the loss is affine in r, so Σ_k alpha_k L(r_k) = S · L(Σ_k (alpha_k / S) r_k), S = Σ alpha.
-                alpha = self.balancer.alpha
-                total = alpha.sum()
-                r_bar = ((alpha / total).float()[:, None] * r_k).sum(0)
+                r_bar, total = blend_reward_weights(self.balancer.alpha, r_k)
                 with self.micro_context(last):
                     loss, m = loss_for(self.velocity(x_t, sigma, cond), r_bar)
-                    acc.backward(float(total) * loss / size)
+                    acc.backward(total * loss / size)
             else:
                 # Explicit per-reward gradients (and the amortised form's Gram refresh on its first n_refresh).
                 with self.balance_context():
