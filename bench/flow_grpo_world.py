@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/flow_grpo_world.py --minutes 20 --out outputs/bench_flow_grpo
     .venv/bin/python bench/flow_grpo_world.py --minutes 8 --arms verifier+clean nft rwr dpo --out outputs/bench_trainers
+    .venv/bin/python bench/flow_grpo_world.py --merge A/results.json "seed 1=B/results.json" --out outputs/merged
 
 Arms (each trained from the shipped base model for the same wall-time budget, same prompts per step and group
 size, so equal rollouts per step):
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -117,17 +119,21 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _cell(x: float) -> str:
+    return "—" if math.isnan(x) else f"{x:.3f}"  # NaN: the RL prompt set has no relation prompts
+
+
 def table(results: dict[str, list[dict]]) -> str:
-    rows = ["| arm | minutes | rollouts | RL prompts (seen) | Δ | held-out | Δ | strict (seen) | relation (seen) "
-            "| cleanliness |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [("| arm | minutes | rollouts | RL prompts (seen) | Δ | held-out | Δ | strict (seen) | relation (seen) "
+             "| cleanliness |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, curve in results.items():
         base = curve[0]
-        for c in (curve[0], curve[-1]):
+        for c in curve:  # every evaluation point: the table is the curve
             rows.append(
                 f"| {arm} | {c['minutes']:.1f} | {c['rollouts']} | {c['seen']['whole_prompt']:.3f} | "
                 f"{c['seen']['whole_prompt'] - base['seen']['whole_prompt']:+.3f} | {c['heldout']['whole_prompt']:.3f} | "
                 f"{c['heldout']['whole_prompt'] - base['heldout']['whole_prompt']:+.3f} | {c['seen']['strict']:.3f} | "
-                f"{c['seen']['relation']:.3f} | {c['seen']['cleanliness']:.3f} |")
+                f"{_cell(c['seen']['relation'])} | {c['seen']['cleanliness']:.3f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -139,12 +145,25 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32, help="evaluation prompts per template and split")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", default="outputs/bench_flow_grpo")
+    parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                        help="train nothing: put the arms of earlier runs' results.json files ([LABEL=]PATH; a label is "
+                             "appended to that file's arm names) in one table and plot; an arm name seen twice is an error")
     parser.add_argument("overrides", nargs="*", help="config overrides for every arm")
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {arm: run_arm(arm, ARMS[arm], args) for arm in args.arms}
+    if args.merge:
+        results = {}
+        for entry in args.merge:
+            label, _, path = entry.rpartition("=")
+            for arm, curve in json.loads(Path(path).read_text()).items():
+                arm = f"{arm} ({label})" if label else arm
+                if arm in results:
+                    raise SystemExit(f"arm {arm!r} is in more than one of --merge {' '.join(args.merge)}")
+                results[arm] = curve
+    else:
+        results = {arm: run_arm(arm, ARMS[arm], args) for arm in args.arms}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(table(results))
     plot(results, out / "curve.png")
