@@ -37,6 +37,7 @@ REGISTRY: dict[str, str] = {
     "world-cleanliness": "rewards.world:WorldCleanlinessReward",
     "world-soft": "rewards.world:WorldSoftReward",
     "world-motion": "rewards.world:WorldMotionReward",
+    "world-motion-travel": "rewards.world:WorldMotionTravelReward",
     "saturation": "rewards.style:Saturation",
     "saturation-area": "rewards.style:SaturatedArea",
     "brightness": "rewards.style:Brightness",

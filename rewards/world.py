@@ -51,6 +51,26 @@ class WorldMotionReward(Reward):
         return out
 
 
+class WorldMotionTravelReward(Reward):
+    """The motion verifier's direction concepts, graded (`visalign.world.motion.travel_score`): each object's
+    travel along its stated direction (or its stillness) through a sigmoid around the verdict's threshold,
+    averaged over the prompt's objects, so that clips which all fail the binary verdict still rank. The
+    binary `direction_correct` and pass are returned as sub-scores."""
+
+    name = "world-motion-travel"
+    differentiable = False
+    value_range = (0.0, 1.0)
+    inputs = ("videos",)
+
+    def score(self, *, prompts, images, videos, metadata):
+        from visalign.world.motion import travel_scores, verify_motion
+
+        specs = _specs(prompts, metadata)
+        result = verify_motion(videos, specs)
+        return {"score": travel_scores(result, specs), "direction_correct": result.direction_correct.float(),
+                "passed": result.passed.float()}
+
+
 class WorldStrictReward(WorldVerifierReward):
     """The same with the strict second judge (tighter shape fits, dominant-axis relations)."""
 

@@ -20,6 +20,7 @@ from visalign.world.motion import (
     render_clips,
     sample_motion_specs,
     split_motion_specs,
+    travel_score,
     verify_motion,
 )
 
@@ -178,6 +179,44 @@ def test_motion_reward_and_suite_scores(truth):
     assert summary["overall"]["direction"] >= 0.99 and summary["n"] == len(specs)
     assert math.isnan(summary["templates"]["motion"]["speed"]) and summary["templates"]["speed"]["speed"] >= 0.99
     assert "**motion direction (all templates)**" in markdown_table({"seen": summary})
+
+
+def test_travel_score_by_hand():
+    sig = lambda m: 1 / (1 + math.exp(-m / 2.0))  # TRAVEL_SCALE = 2 px
+    right = MovingObject("red", "circle", "right")
+    # 8 px right, 1 px down: margin = 8 - max(1, MIN_TRAVEL) = 5; a missing middle frame is skipped.
+    track = [(10.0, 10.0), None] + [(10.0 + k, 10.0 + k / 8) for k in range(2, 9)]
+    assert travel_score(right, track) == pytest.approx(sig(8 - MIN_TRAVEL))
+    # Moving the wrong way scores below 0.5 and lower the further it goes.
+    back2 = [(10.0 - k / 4, 10.0) for k in range(9)]
+    back6 = [(10.0 - 3 * k / 4, 10.0) for k in range(9)]
+    assert travel_score(right, back6) < travel_score(right, back2) < 0.5
+    # Across-axis travel that dominates sets the margin: along 4, across 6 -> margin -2.
+    diagonal = [(10.0 + k / 2, 10.0 + 3 * k / 4) for k in range(9)]
+    assert travel_score(right, diagonal) == pytest.approx(sig(-2.0))
+    # "then stopping": only frames 0..STOP_FRAME count.
+    stop = MovingObject("red", "circle", "right", stops=True)
+    stop_track = [(10.0 + 2 * min(k, STOP_FRAME), 10.0) for k in range(9)]
+    assert travel_score(stop, stop_track) == pytest.approx(sig(2 * STOP_FRAME - MIN_TRAVEL))
+    # still: the largest drift from the first position; one detection is not enough to judge.
+    still = MovingObject("red", "circle", "still")
+    assert travel_score(still, [(5.0, 5.0), (5.0, 6.0), (8.0, 9.0)] + [None] * 6) == pytest.approx(sig(1.5 - 5.0))
+    assert travel_score(still, [(5.0, 5.0)] + [None] * 8) == 0.0
+
+
+def test_travel_reward_ranks_true_clips_over_reversed(truth):
+    import rewards
+
+    specs, clips = truth
+    moving = [i for i, s in enumerate(specs) if s.template in ("motion", "speed", "two_motion")]
+    reward = rewards.load("world-motion-travel")
+    prompts = [specs[i].prompt for i in moving]
+    forward = reward(prompts=prompts, videos=clips[moving])
+    backward = reward(prompts=prompts, videos=clips[moving].flip(1))
+    assert (forward["score"] > 0.8).all() and (backward["score"] < 0.2).all()
+    assert torch.equal(forward["direction_correct"], verify_motion(clips[moving], prompts).direction_correct)
+    # Ground truth of every template, standing still and stopping included, scores above the flip point.
+    assert (reward(prompts=[s.prompt for s in specs], videos=clips)["score"] > 0.5).all()
 
 
 def test_directions_and_colours_cover_the_vocabulary():

@@ -407,3 +407,37 @@ def verify_motion(videos: torch.Tensor, specs: list[MotionSpec | str]) -> Motion
     t = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
     return MotionResult(**{g: t(v) for g, v in groups.items()}, direction_correct=t(direction_ok),
                         passed=t(passed), score=t(score), concepts=all_concepts, tracks=all_tracks)
+
+
+TRAVEL_SCALE = 2.0  # px: the width of the graded travel score's sigmoid
+
+
+def travel_score(obj: MovingObject, track: list[tuple[float, float] | None]) -> float:
+    """A graded version of the direction verdict, in [0, 1], for a shaped RL reward: the binary verdict
+    gives a group no signal when every clip fails, while travel towards the threshold is still progress.
+
+    moving: sigmoid((along - max(across, MIN_TRAVEL)) / TRAVEL_SCALE), 0.5 where the verdict flips;
+    still: sigmoid((STILL_RADIUS - max drift) / TRAVEL_SCALE). Displacements are taken between the first
+    and last frames of the judged span where the object was detected ("then stopping": span ends at
+    STOP_FRAME); an object found in fewer than two frames scores 0."""
+    end = STOP_FRAME if obj.stops else len(track) - 1
+    seen = [(t, c) for t, c in enumerate(track[:end + 1]) if c is not None]
+    if len(seen) < 2:
+        return 0.0
+    (_, (x0, y0)), (_, (x1, y1)) = seen[0], seen[-1]
+    if obj.direction == "still":
+        drift = max(math.hypot(x - x0, y - y0) for _, (x, y) in seen)
+        margin = STILL_RADIUS - drift
+    else:
+        ux, uy = DIRECTIONS[obj.direction]
+        along = (x1 - x0) * ux + (y1 - y0) * uy
+        across = abs((x1 - x0) * uy - (y1 - y0) * ux)
+        margin = along - max(across, MIN_TRAVEL)
+    return 1.0 / (1.0 + math.exp(-margin / TRAVEL_SCALE))
+
+
+def travel_scores(result: MotionResult, specs: list[MotionSpec | str]) -> torch.Tensor:
+    """[B]: the mean `travel_score` over each clip's objects, from the tracks `verify_motion` returned."""
+    specs = [parse_motion_prompt(s) if isinstance(s, str) else s for s in specs]
+    return torch.tensor([sum(travel_score(o, tr) for o, tr in zip(spec.objects, tracks)) / len(spec.objects)
+                         for spec, tracks in zip(specs, result.tracks)], dtype=torch.float32)
