@@ -153,6 +153,8 @@ def main() -> None:
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge and args.overrides:
+        parser.error(f"--merge trains nothing, so the overrides {args.overrides} would be ignored")
     if args.merge:
         results = {}
         for entry in args.merge:
