@@ -63,9 +63,9 @@ class WorldMotionTravelReward(Reward):
     inputs = ("videos",)
 
     def score(self, *, prompts, images, videos, metadata):
-        from visalign.world.motion import travel_scores, verify_motion
+        from visalign.world.motion import parse_motion_prompt, travel_scores, verify_motion
 
-        specs = _specs(prompts, metadata)
+        specs = [parse_motion_prompt(s) if isinstance(s, str) else s for s in _specs(prompts, metadata)]  # once
         result = verify_motion(videos, specs)
         return {"score": travel_scores(result, specs), "direction_correct": result.direction_correct.float(),
                 "passed": result.passed.float()}

@@ -322,6 +322,12 @@ def _track(obj: MovingObject, frames: list[list[Detection]]) -> list[Detection |
     return track
 
 
+def _along_across(direction: str, dx: float, dy: float) -> tuple[float, float]:
+    """A displacement's component along the stated direction and its size across it (px)."""
+    ux, uy = DIRECTIONS[direction]
+    return dx * ux + dy * uy, abs(dx * uy - dy * ux)
+
+
 def _motion_concepts(obj: MovingObject, track: list[Detection]) -> dict[str, bool]:
     xs = np.array([d.cx for d in track])
     ys = np.array([d.cy for d in track])
@@ -329,10 +335,8 @@ def _motion_concepts(obj: MovingObject, track: list[Detection]) -> dict[str, boo
     if obj.direction == "still":
         concepts["still"] = bool(np.hypot(xs - xs[0], ys - ys[0]).max() <= STILL_RADIUS)
         return concepts
-    ux, uy = DIRECTIONS[obj.direction]
     end = STOP_FRAME if obj.stops else len(track) - 1
-    along = (xs[end] - xs[0]) * ux + (ys[end] - ys[0]) * uy
-    across = abs((xs[end] - xs[0]) * uy - (ys[end] - ys[0]) * ux)
+    along, across = _along_across(obj.direction, xs[end] - xs[0], ys[end] - ys[0])
     concepts[f"moving {obj.direction}"] = bool(along >= MIN_TRAVEL and along > across)
     if obj.speed == "slowly":
         concepts["slowly"] = bool(along <= SLOW_MAX)
@@ -421,18 +425,15 @@ def travel_score(obj: MovingObject, track: list[tuple[float, float] | None]) -> 
     and last frames of the judged span where the object was detected ("then stopping": span ends at
     STOP_FRAME); an object found in fewer than two frames scores 0."""
     end = STOP_FRAME if obj.stops else len(track) - 1
-    seen = [(t, c) for t, c in enumerate(track[:end + 1]) if c is not None]
+    seen = [c for c in track[:end + 1] if c is not None]
     if len(seen) < 2:
         return 0.0
-    (_, (x0, y0)), (_, (x1, y1)) = seen[0], seen[-1]
+    (x0, y0), (x1, y1) = seen[0], seen[-1]
     if obj.direction == "still":
-        drift = max(math.hypot(x - x0, y - y0) for _, (x, y) in seen)
-        margin = STILL_RADIUS - drift
+        margin = STILL_RADIUS - max(math.hypot(x - x0, y - y0) for x, y in seen)
     else:
-        ux, uy = DIRECTIONS[obj.direction]
-        along = (x1 - x0) * ux + (y1 - y0) * uy
-        across = abs((x1 - x0) * uy - (y1 - y0) * ux)
-        margin = along - max(across, MIN_TRAVEL)
+        along, across = _along_across(obj.direction, x1 - x0, y1 - y0)
+        margin = along - max(across, MIN_TRAVEL)  # the verdict: along >= MIN_TRAVEL and along > across
     return 1.0 / (1.0 + math.exp(-margin / TRAVEL_SCALE))
 
 
