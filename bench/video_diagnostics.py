@@ -11,19 +11,43 @@
 
 Every evaluation samples the same held-out prompts (--n per template) with the same seeds (20 Euler steps unless
 stated), so the rows compare directly; one table of all rows is printed at the end.
+
+`PlaceboReward` is the fourth control, run through the video bench: a reward that ignores what a clip shows
+(a hash of its 8-bit pixels, uniform in [0, 1)), so an update on it carries no signal, only the trainer's noise:
+
+    .venv/bin/python bench/video_world.py --minutes 3.5 --eval-every 10 --arms nft -- \
+        "rewards={video_diagnostics.PlaceboReward: 1.0}"
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 
 import torch
+
+from rewards import Reward
 
 from visalign.eval.motion_suite import generate_clips, motion_suite_prompts, score_motion
 from visalign.models import load_model
 from visalign.world.pretrain import PretrainConfig, batch_for_step, flow_matching_loss
 
 METRICS = ("direction", "whole_prompt", "consistency", "cleanliness")
+
+
+class PlaceboReward(Reward):
+    """A score unrelated to the content: the first 8 bytes of the SHA-256 of the clip's 8-bit pixels, in [0, 1)."""
+
+    name = "placebo"
+    needs_prompts = False
+    inputs = ("images", "videos")
+    value_range = (0.0, 1.0)
+
+    def score(self, *, prompts, images, videos, metadata):
+        x = (images if images is not None else videos).float()
+        q = (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        digests = [hashlib.sha256(clip.numpy().tobytes()).digest()[:8] for clip in q]
+        return torch.tensor([int.from_bytes(d, "little") / 2**64 for d in digests])
 
 
 def evaluate(adapter, n: int, guidance: float = 3.0, steps: int = 20) -> dict:
