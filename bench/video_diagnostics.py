@@ -27,7 +27,6 @@ import hashlib
 import torch
 
 from rewards import Reward
-
 from visalign.eval.motion_suite import generate_clips, motion_suite_prompts, score_motion
 from visalign.models import load_model
 from visalign.world.pretrain import PretrainConfig, batch_for_step, flow_matching_loss

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from video_diagnostics import PlaceboReward  # noqa: E402
+from video_diagnostics import PlaceboReward
 
 
 def test_placebo_is_a_fixed_function_of_the_8bit_pixels():
