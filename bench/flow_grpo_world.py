@@ -150,11 +150,11 @@ def main() -> None:
                              "appended to that file's arm names) in one table and plot; an arm name seen twice is an error")
     parser.add_argument("overrides", nargs="*", help="config overrides for every arm")
     args = parser.parse_args()
+    if args.merge and args.overrides:
+        parser.error(f"--merge trains nothing, so the overrides {args.overrides} would be ignored")
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.merge and args.overrides:
-        parser.error(f"--merge trains nothing, so the overrides {args.overrides} would be ignored")
     if args.merge:
         results = {}
         for entry in args.merge:

@@ -29,7 +29,7 @@ import torch
 from rewards import Reward
 from visalign.eval.motion_suite import generate_clips, motion_suite_prompts, score_motion
 from visalign.models import load_model
-from visalign.world.pretrain import PretrainConfig, batch_for_step, flow_matching_loss
+from visalign.world.pretrain import PretrainConfig, batch_for_step, flow_matching_step
 
 METRICS = ("direction", "whole_prompt", "consistency", "cleanliness")
 
@@ -88,11 +88,7 @@ def sft_rows(n: int, lr: float, steps: int) -> list[tuple[str, dict]]:
     for step in range(steps):
         prompts, x0, noise, sigma = batch_for_step(cfg, 10_000 + step)
         cond = adapter.text_features(prompts)
-        loss, _ = flow_matching_loss(lambda x, s, c=cond: adapter._velocity(x, s, c, 1.0), x0, noise, sigma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        flow_matching_step(lambda x, s, c=cond: adapter._velocity(x, s, c, 1.0), x0, noise, sigma, opt, params)
         if step + 1 in (steps // 2, steps):
             rows.append((f"ground-truth flow matching, lr {lr:g}, {step + 1} steps", evaluate(adapter, n)))
     return rows

@@ -72,6 +72,18 @@ def flow_matching_loss(velocity_fn, x0, noise, sigma):
     return loss, {"loss": loss.item()}
 
 
+def flow_matching_step(velocity_fn, x0, noise, sigma, opt, params, bf16: bool = False, max_norm: float = 1.0) -> dict:
+    """One AdamW step of `flow_matching_loss` (bfloat16 autocast for the forward if asked, gradient norm clipped
+    at max_norm), the step pretraining and the ground-truth control of bench/video_diagnostics.py share."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss, metrics = flow_matching_loss(velocity_fn, x0, noise, sigma)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    return metrics
+
+
 def batch_for_step(cfg: PretrainConfig, step: int):
     """The (prompts, x0, noise, sigma) of one step, a pure function of (seed, step)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -134,12 +146,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         prompts, x0, noise, sigma = batch_for_step(cfg, step)
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, metrics = flow_matching_loss(lambda x, s: velocity(x, s, prompts), x0, noise, sigma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        metrics = flow_matching_step(lambda x, s, p=prompts: velocity(x, s, p), x0, noise, sigma, opt, net.parameters(),
+                                     bf16=cfg.bf16)
         with torch.no_grad():
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up so early EMA is not the init
             for p_ema, p in zip(ema.parameters(), net.parameters()):
