@@ -177,6 +177,33 @@ def test_gradient_buffer_collects_per_reward_gradients_and_applies_the_combinati
                                                                   + 0.7 * (lin(x)[:, 1] - lin(x)[:, 0]).mean(), p)[0])
 
 
+def test_tracked_gradients_follow_moco_and_choose_the_weights():
+    lin = torch.nn.Linear(2, 1, bias=False)
+    buf = GradientBuffer(list(lin.parameters()), 2)
+    buf.J.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    torch.testing.assert_close(buf.track(0.75), gram([1.0, 0.0], [0.0, 1.0])[1])  # the first call starts at J
+    buf.J.copy_(torch.tensor([[1.0, 2.0], [0.4, -1.0]]))
+    y = 0.75 * torch.tensor([[1.0, 0.0], [0.0, 1.0]]) + 0.25 * buf.J  # y <- decay y + (1 - decay) g
+    torch.testing.assert_close(buf.track(0.75), (y.double() @ y.double().T))
+    torch.testing.assert_close(buf.tracked, y)
+    state = buf.state_dict()
+    other = GradientBuffer(list(lin.parameters()), 2)
+    other.load_state_dict(state)
+    assert torch.equal(other.tracked, buf.tracked)
+    # The coefficients come from the tracked Gram matrix; the diagnostics describe the step's own gradients.
+    _, G = gram([1.0, 2.0], [0.4, -1.0])
+    Y = y.double() @ y.double().T
+    alpha, logs = Balancer("mgda", {"a": 1.0, "b": 1.0}).update(G, Y)
+    torch.testing.assert_close(alpha, Balancer("mgda", {"a": 1.0, "b": 1.0}).fresh_weights(Y))
+    assert not torch.allclose(alpha, Balancer("mgda", {"a": 1.0, "b": 1.0}).fresh_weights(G))
+    assert logs == diagnostics(G, alpha, ["a", "b"])
+    # Here those weights conflict with b's step gradient: the safeguard falls back to the step's min-norm ones.
+    assert float((G @ alpha).min()) < 0
+    guarded, logs = Balancer("mgda", {"a": 1.0, "b": 1.0}, safeguard=True).update(G, Y)
+    assert logs["balance/safeguard"] == 1.0
+    torch.testing.assert_close(guarded, Balancer("mgda", {"a": 1.0, "b": 1.0}).fresh_weights(G))
+
+
 # ---- advantage-space alternatives ----------------------------------------------------------------------------
 
 
@@ -333,7 +360,9 @@ def test_grpo_mgda_update_is_the_min_norm_combination(tmp_path):
     assert m["balance/worst_cos"] >= -1e-6
 
 
-@pytest.mark.parametrize("gram", [["train.balance_every=2"], ["train.balance_gram=output"]], ids=["params", "output"])
+@pytest.mark.parametrize("gram", [["train.balance_every=2"], ["train.balance_gram=output"],
+                                  ["train.balance_every=2", "train.balance_track=0.5"]],
+                         ids=["params", "output", "tracked"])
 def test_balanced_nft_resumes_bit_identically(tmp_path, gram):
     from trainers.forward import DiffusionNFTTrainer
 
@@ -372,6 +401,9 @@ def test_advantage_space_alternatives_in_a_trainer_step(tmp_path, extra, key):
     ("flow_rwr", ["train.balance=mgda", "sampling.sde=ode"], "advantage space"),
     ("flow_grpo", ["train.balance=mgda", "train.advantage_mode=cmo"], "excludes"),
     ("diffusion_nft", ["train.balance=pcgrad", "train.balance_safeguard=true"], "never conflicts"),
+    ("diffusion_nft", ["train.balance=mgda", "train.balance_amortized=true", "train.balance_gram=output",
+                       "train.balance_track=0.5"], "balance_gram=params"),
+    ("diffusion_nft", ["train.balance=mgda", "train.balance_track=1.0"], r"\[0, 1\)"),
     ("diffusion_nft", ["train.balance=mgda", "train.balance_gram=output"], "amortised"),
     ("diffusion_nft", ["train.balance=mgda", "train.balance_amortized=true", "train.balance_gram=output",
                        "train.balance_refresh_batches=2"], "every micro-batch"),

@@ -4,6 +4,7 @@ pair files."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,14 @@ from safetensors.torch import load_file
 
 from trainers.dpo import FlowDPOTrainer, group_pairs
 from trainers.engine import accumulation_schedule
-from trainers.forward import DiffusionNFTTrainer, FlowRWRTrainer, noised, sample_sigmas
+from trainers.forward import (
+    DiffusionNFTTrainer,
+    FlowRWRTrainer,
+    ForwardTrainConfig,
+    ForwardTrainer,
+    noised,
+    sample_sigmas,
+)
 from trainers.losses import dpo_loss, nft_loss, nft_reward_weight, per_sample_mse, rwr_weights
 from visalign.pairs import PairFileError, load_video, read_pairs
 from visalign.train import load_train_config
@@ -126,6 +134,11 @@ def test_sigma_sampling_and_interpolation():
 def test_accumulation_schedule_splits_micro_batches():
     assert accumulation_schedule(5, 2) == [(2, False), (2, True), (3, False), (3, False), (3, True)]
     assert accumulation_schedule(2, 4) == [(1, True), (1, True)]
+    # With sizes every sample weighs the same: a short last chunk's mean loss is divided by less.
+    assert accumulation_schedule(3, 1, [3, 3, 2]) == [(8 / 3, False), (8 / 3, False), (4.0, True)]
+    assert accumulation_schedule(4, 2, [4, 4, 4, 4]) == accumulation_schedule(4, 2)
+    with pytest.raises(ValueError, match="sizes"):
+        accumulation_schedule(3, 1, [3, 3])
 
 
 def test_group_pairs_best_and_worst_of_each_group():
@@ -203,6 +216,58 @@ def test_nft_old_policy_follows_softly(tmp_path):
     assert all(torch.equal(s, p) for s, p in zip(t.old.shadow, t.params))
     assert any(not torch.equal(s, p) for s, p in zip(start, t.params))
     assert t.old_decay(1) == 0.5 and t.old_decay(5) == 0.5
+
+
+def _micro(group_noise, batch_size, groups, k=2, step=5):
+    cfg = SimpleNamespace(train=ForwardTrainConfig(group_noise=group_noise, timesteps_per_sample=k,
+                                                   train_batch_size=batch_size, min_sigma=0.5),
+                          run=SimpleNamespace(seed=0))
+    t = ForwardTrainer.__new__(ForwardTrainer)
+    t.cfg, t.accelerator = cfg, SimpleNamespace(process_index=0)
+    micro, draw = t.micro_batches(len(groups), step, torch.linspace(1, 0, 11), groups)
+    sigma, noise = {}, {}
+    for pos, s, j in micro:
+        n = draw(pos, j, (len(pos), 3, 4, 4))
+        for p, si, ni in zip(pos.tolist(), s, n):
+            sigma[p, j], noise[p, j] = float(si), ni
+    return sigma, noise
+
+
+def test_group_noise_shares_levels_and_noise_within_a_group_only():
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    sigma, noise = _micro(True, 3, groups)
+    for j in range(2):
+        for a in range(8):
+            for b in range(8):
+                same = bool(groups[a] == groups[b])
+                assert (sigma[a, j] == sigma[b, j] and torch.equal(noise[a, j], noise[b, j])) or not same
+                assert not torch.equal(noise[a, j], noise[b, j]) or same
+        assert all(s >= 0.5 for s in sigma.values())
+    assert not torch.equal(noise[0, 0], noise[0, 1])  # the two slots of a sample differ
+    # A pure function of (seed, step, group, slot): another chunking (or process split) draws the same.
+    sigma2, noise2 = _micro(True, 5, groups)
+    assert sigma2 == sigma and all(torch.equal(noise[key], noise2[key]) for key in noise)
+    # Off (the default), every sample has its own noise.
+    _, own = _micro(False, 3, groups)
+    assert not torch.equal(own[0, 0], own[1, 0])
+
+
+def test_group_noise_cancels_a_signal_free_nft_gradient(tmp_path):
+    # Identical clips in each group (shared initial noise, ODE) scored differently by their batch position: the
+    # advantages sum to zero per group, so with the group's noise shared the NFT gradient is zero; with each
+    # sample's own noise it is not. 8 samples in micro-batches of 3, 3, 2: it also needs every sample weighed alike.
+    norms = {}
+    for shared in (False, True):
+        cfg = small("diffusion_nft", tmp_path / str(shared), "train.max_steps=1", "sampling.same_noise_per_group=true",
+                    f"train.group_noise={str(shared).lower()}", *REQUESTS["tiny-sd3"],
+                    "rewards={tests.helpers.toy_rewards.BatchPosition: 1.0}")
+        norms[shared] = DiffusionNFTTrainer(cfg).train()[0]["train/grad_norm"]
+    assert norms[False] > 0 and norms[True] < 1e-4 * norms[False]
+
+
+def test_dpo_refuses_group_noise(tmp_path):
+    with pytest.raises(ValueError, match="group_noise"):
+        small("flow_dpo", tmp_path, "train.group_noise=true")
 
 
 # ---- offline DPO ---------------------------------------------------------------------------------------------------

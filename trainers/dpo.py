@@ -62,6 +62,9 @@ class DPOTrainConfig(ForwardTrainConfig):
                 raise ValueError("train.gap_weighting needs rewards: it applies to online DPO only")
         if self.pairs_per_step < 1 or self.ref_update_every < 0:
             raise ValueError("pairs_per_step must be >= 1 and ref_update_every >= 0")
+        if self.group_noise:
+            raise ValueError("train.group_noise is for NFT and RWR: DPO already noises a pair's winner and loser "
+                             "alike")
 
 
 def _ode_sampling() -> SamplingConfig:
@@ -187,11 +190,11 @@ class FlowDPOTrainer(ForwardTrainer):
         logs: dict[str, list[float]] = {}
         if len(x_w):
             grid = self.adapter.sigmas(cfg.sampling.steps, tuple(x_w.shape[1:]))
-            micro, g = self.micro_batches(len(x_w), step, grid)
+            micro, draw = self.micro_batches(len(x_w), step, grid)
             self.model.train()
-            for (idx, sigma), (size, last) in zip(micro, accumulation_schedule(
-                    len(micro), cfg.train.optimizer_steps_per_rollout)):
-                noise = torch.randn(x_w[idx].shape, generator=g).to(x_w.device)  # shared by winner and loser
+            for (idx, sigma, j), (size, last) in zip(micro, accumulation_schedule(
+                    len(micro), cfg.train.optimizer_steps_per_rollout, [len(m[0]) for m in micro])):
+                noise = draw(idx, j, x_w[idx].shape).to(x_w.device)  # shared by winner and loser
                 c = cond.index(idx)
                 with torch.no_grad(), self.reference.swapped():
                     ref_w, ref_l = self.errors(x_w[idx], noise, sigma, c), self.errors(x_l[idx], noise, sigma, c)

@@ -187,6 +187,9 @@ class BaseTrainConfig:
                 "this aggregator (flow_grpo, diffusion_nft)"})
     balance_ema: float = field(default=0.0, metadata={"help": "EMA decay of the aggregator's coefficients (MARBLE)"})
     balance_normalize: bool = field(default=False, metadata={"help": "per-reward gradients to unit norm first"})
+    balance_track: float = field(default=0.0, metadata={
+        "help": "decay of per-reward gradients tracked across refreshes; > 0 takes the coefficients from their "
+                "Gram matrix (MoCo) instead of the step's alone (explicit Gram, balance_gram=params; 0 = off)"})
     balance_safeguard: bool = field(default=False, metadata={
         "help": "mgda / upgrad: when the EMA-smoothed coefficients would point the update against a reward's "
                 "gradient (on the refresh's Gram matrix), use the refresh's own coefficients instead"})
@@ -216,6 +219,11 @@ class BaseTrainConfig:
         if self.balance_every < 1 or self.balance_refresh_batches < 1 or not 0 <= self.balance_ema < 1 or self.cagrad_c < 0:
             raise ValueError("balance_every and balance_refresh_batches must be >= 1, balance_ema in [0, 1), "
                              "cagrad_c >= 0")
+        if not 0 <= self.balance_track < 1:
+            raise ValueError(f"balance_track={self.balance_track} must be in [0, 1)")
+        if self.balance_track > 0 and (self.balance == "none" or self.balance_gram == "output"):
+            raise ValueError("balance_track tracks the per-reward parameter gradients: it needs train.balance and "
+                             "balance_gram=params")
         if self.balance_amortized and self.balance == "none":
             raise ValueError("balance_amortized needs train.balance (e.g. mgda)")
         if self.balance_gram == "output" and not self.balance_amortized:
@@ -249,14 +257,20 @@ def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
     raise ValueError(f"unknown lr_schedule {schedule!r}")
 
 
-def accumulation_schedule(n_micro: int, optimizer_steps: int) -> list[tuple[int, bool]]:
+def accumulation_schedule(n_micro: int, optimizer_steps: int,
+                          sizes: list[int] | None = None) -> list[tuple[float, bool]]:
     """Split n_micro micro-batches into `optimizer_steps` near-equal consecutive optimizer steps. For each
-    micro-batch: (micro-batches in its optimizer step, to divide its loss by; whether it ends the step)."""
+    micro-batch: (what to divide its mean loss by, whether it ends the step). The divisor is the number of
+    micro-batches in its optimizer step, or with `sizes` (samples per micro-batch) the step's samples over the
+    micro-batch's, so that every sample weighs the same when the last chunk is short (equal sizes: the same)."""
     n_opt = max(1, min(optimizer_steps, n_micro))
+    if sizes is not None and len(sizes) != n_micro:
+        raise ValueError(f"{len(sizes)} micro-batch sizes for {n_micro} micro-batches")
     bounds = [round(n_micro * (o + 1) / n_opt) for o in range(n_opt)]
     out, start = [], 0
     for end in bounds:
-        out += [(end - start, i + 1 == end) for i in range(start, end)]
+        total = sum(sizes[start:end]) if sizes is not None else None
+        out += [(end - start if sizes is None else total / sizes[i], i + 1 == end) for i in range(start, end)]
         start = end
     return out
 
@@ -379,6 +393,8 @@ class OnlineTrainer:
             if tc.balance_gram == "params":  # K x P floats; the output-space Gram needs none
                 self.grad_buffer = GradientBuffer(params, len(cfg.rewards))
             acc.register_for_checkpointing(self.balancer)
+            if tc.balance_track > 0:  # the tracked gradients are state: a resumed run must continue them
+                acc.register_for_checkpointing(self.grad_buffer)
         if tc.constraints:
             from visalign.balance import LagrangeThresholds
 
@@ -541,7 +557,9 @@ class OnlineTrainer:
     def balance_update(self) -> tuple[torch.Tensor, dict]:
         """Average the per-reward gradients over processes, refresh the balancer from their Gram matrix."""
         self.grad_buffer.reduce(self.accelerator)
-        return self.balancer.update(self.grad_buffer.gram())
+        track = self.cfg.train.balance_track
+        tracked = self.grad_buffer.track(track) if track > 0 else None
+        return self.balancer.update(self.grad_buffer.gram(), tracked)
 
     def balance_context(self):
         """Per-reward gradients are taken with autograd.grad and reduced by hand: no DDP sync, autocast as usual."""

@@ -133,7 +133,7 @@ class FlowGRPOTrainer(OnlineTrainer):
         chunks = [order[i:i + bs] for i in range(0, n, bs)]
         micro = [(c, j) for c in chunks for j in range(k)]
         # Accumulate over samples × timesteps; each optimizer step averages its micro-steps' losses.
-        schedule = accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout)
+        schedule = accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout, [len(c) for c, _ in micro])
         guidance = cfg.sampling.guidance
         self.model.train()
         logs: dict[str, list[float]] = {}

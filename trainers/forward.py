@@ -63,6 +63,9 @@ def sample_sigmas(kind: str, n: int, k: int, grid: Tensor, generator: torch.Gene
     raise ValueError(f"sigma_sampling {kind!r}: allowed 'grid' or 'logit_normal'")
 
 
+_GROUP_SALT = 1_000_003  # generator salts of group-shared noise, away from the per-process ones (3 + rank)
+
+
 def noised(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
     """Rectified-flow interpolation x_t = (1 - sigma) x0 + sigma eps (velocity target eps - x0)."""
     s = sigma.view(-1, *([1] * (x0.ndim - 1))).to(x0)
@@ -80,6 +83,9 @@ class ForwardTrainConfig(BaseTrainConfig):
     min_sigma: float = field(default=0.0, metadata={
         "help": "train only noise levels >= this: the high-noise steps decide layout and motion, while the low-noise "
                 "steps of self-generated samples teach their residual speckle back to the model"})
+    group_noise: bool = field(default=False, metadata={
+        "help": "every sample of a prompt group is noised with the same levels and noise (common random numbers): "
+                "the advantages sum to zero in a group, so the noise's share of the gradient cancels"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,15 +98,40 @@ class ForwardTrainConfig(BaseTrainConfig):
 class ForwardTrainer(OnlineTrainer):
     """Shared by the forward-process recipes: micro-batches of (sample, noise level, noise) and the velocity."""
 
-    def micro_batches(self, n: int, step: int, grid: Tensor):
-        """[(sample indices, sigma [b], noise seed generator)] over samples × timesteps, in a fixed order."""
+    def micro_batches(self, n: int, step: int, grid: Tensor, groups: Tensor | None = None):
+        """[(sample positions, sigma [b], timestep slot j)] over samples × timesteps in a fixed order, and
+        `noise(pos, j, shape)` that draws the matching noise. With `train.group_noise` and `groups` (the prompt
+        group of each of the n samples) a group shares its levels and, per slot, its noise; both are then pure
+        functions of (seed, step, group, slot), so a group split across processes agrees."""
         cfg = self.cfg.train
         g = step_generator(self.cfg.run.seed, step, 3 + self.accelerator.process_index)
-        sigmas = sample_sigmas(cfg.sigma_sampling, n, cfg.timesteps_per_sample, grid, g, cfg.min_sigma)
+        shared = cfg.group_noise and groups is not None
+        k = cfg.timesteps_per_sample
+        if shared:
+            ids, inverse = torch.unique(groups, return_inverse=True)
+            per_group = torch.stack([sample_sigmas(cfg.sigma_sampling, 1, k, grid,
+                                                   step_generator(self.cfg.run.seed, step, _GROUP_SALT + int(i) * (k + 1)),
+                                                   cfg.min_sigma)[0] for i in ids]) if len(ids) else grid.new_zeros(0, k)
+            sigmas = per_group[inverse]
+        else:
+            sigmas = sample_sigmas(cfg.sigma_sampling, n, k, grid, g, cfg.min_sigma)
         order = torch.randperm(n, generator=g)
         chunks = [order[i:i + cfg.train_batch_size] for i in range(0, n, cfg.train_batch_size)]
-        micro = [(idx, sigmas[idx, j]) for idx in chunks for j in range(cfg.timesteps_per_sample)]
-        return micro, g
+        micro = [(idx, sigmas[idx, j], j) for idx in chunks for j in range(k)]
+        if not shared:
+            return micro, lambda pos, j, shape: torch.randn(shape, generator=g)
+        bank: dict[tuple[int, int], Tensor] = {}
+
+        def noise(pos: Tensor, j: int, shape) -> Tensor:
+            out = []
+            for gid in groups[pos].tolist():
+                if (gid, j) not in bank:  # slot j of group gid: its own stream, independent of the chunking
+                    gen = step_generator(self.cfg.run.seed, step, _GROUP_SALT + gid * (k + 1) + 1 + j)
+                    bank[gid, j] = torch.randn(tuple(shape[1:]), generator=gen)
+                out.append(bank[gid, j])
+            return torch.stack(out) if out else torch.zeros(tuple(shape))
+
+        return micro, noise
 
     def velocity(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
         return self.adapter.predict_velocity(x_t, sigma.to(x_t.device), cond, self.cfg.train.train_guidance)
@@ -153,12 +184,13 @@ class FlowRWRTrainer(ForwardTrainer):
         x0 = rs.ro.traj.final
         keep = torch.nonzero(weights > 0).flatten()  # zero-weight samples contribute nothing
         t_train = time.perf_counter()
-        micro, g = self.micro_batches(len(keep), step, rs.ro.traj.sigmas)
+        micro, draw = self.micro_batches(len(keep), step, rs.ro.traj.sigmas, rs.plan.groups[keep])
         self.model.train()
         logs: dict[str, list[float]] = {}
-        for (pos, sigma), (size, last) in zip(micro, accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout)):
+        for (pos, sigma, j), (size, last) in zip(micro, accumulation_schedule(
+                len(micro), cfg.train.optimizer_steps_per_rollout, [len(m[0]) for m in micro])):
             idx = keep[pos]
-            noise = torch.randn(x0[idx].shape, generator=g).to(x0.device)
+            noise = draw(pos, j, x0[idx].shape).to(x0.device)
             target = noise - x0[idx]
             with self.micro_context(last):
                 v = self.velocity(noised(x0[idx], noise, sigma), sigma, rs.ro.cond.index(idx))
@@ -260,17 +292,17 @@ class DiffusionNFTTrainer(ForwardTrainer):
         keep = torch.nonzero(self.training_mask(rs.gathered, rs.valid)[rs.local]).flatten()  # others: not trained
         x0 = rs.ro.traj.final
         t_train = time.perf_counter()
-        micro, g = self.micro_batches(len(keep), step, rs.ro.traj.sigmas)
+        micro, draw = self.micro_batches(len(keep), step, rs.ro.traj.sigmas, rs.plan.groups[keep])
         self.model.train()
         logs: dict[str, list[float]] = {}
         balance_logs: dict[str, float] = {}
         refresh = cfg.train.balance_amortized and step % cfg.train.balance_every == 0
         n_refresh = min(cfg.train.balance_refresh_batches, len(micro))  # micro-batches that estimate the Gram
-        schedule = accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout)
+        schedule = accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout, [len(m[0]) for m in micro])
         gram = torch.zeros(len(cfg.rewards), len(cfg.rewards), dtype=torch.float64)  # balance_gram=output
-        for i, ((pos, sigma), (size, last)) in enumerate(zip(micro, schedule)):
+        for i, ((pos, sigma, j), (size, last)) in enumerate(zip(micro, schedule)):
             idx = keep[pos]
-            noise = torch.randn(x0[idx].shape, generator=g).to(x0.device)
+            noise = draw(pos, j, x0[idx].shape).to(x0.device)
             x_t = noised(x0[idx], noise, sigma)
             cond = rs.ro.cond.index(idx)
             with torch.no_grad(), self.old.swapped():

@@ -64,3 +64,15 @@ class RedChannel(Reward):
     def score(self, *, prompts, images, videos, metadata):
         x = images if images is not None else videos
         return x.float().select(-3, 0).mean(dim=tuple(range(1, x.ndim - 1)))
+
+
+class BatchPosition(Reward):
+    """The sample's position in its scoring batch: different rewards for identical samples (a pure-noise signal)."""
+
+    name = "test-batch-position"
+    needs_prompts = False
+    inputs = ("images", "videos")
+
+    def score(self, *, prompts, images, videos, metadata):
+        x = images if images is not None else videos
+        return torch.arange(x.shape[0], dtype=torch.float32)

@@ -71,13 +71,15 @@ class Balancer:
         coeff = aggregator_weights(self.method, scaled, cagrad_c=self.cagrad_c, seed=self.seed + self.refreshes)
         return coeff * scale * self.w
 
-    def update(self, gram: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Refresh from a new Gram matrix: the smoothed coefficients [K] and the diagnostics of this update."""
-        fresh = self.fresh_weights(gram)
+    def update(self, gram: Tensor, weights_gram: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Refresh from a new Gram matrix: the smoothed coefficients [K] and the diagnostics of this update.
+        `weights_gram` (of tracked gradients) chooses the coefficients instead of `gram`; the safeguard and the
+        diagnostics stay on `gram`, the gradients the coefficients are applied to."""
+        fresh = self.fresh_weights(gram if weights_gram is None else weights_gram)
         self.alpha = fresh if self.alpha is None or self.ema == 0 else self.ema * self.alpha + (1 - self.ema) * fresh
         fired = self.safeguard and bool((gram.double() @ self.alpha < 0).any())
         if fired:
-            self.alpha = fresh
+            self.alpha = fresh if weights_gram is None else self.fresh_weights(gram)
         self.refreshes += 1
         logs = diagnostics(gram, self.alpha, self.names)
         if self.safeguard:

@@ -14,6 +14,7 @@ class GradientBuffer:
         total = sum(self.sizes)
         device = self.params[0].device if self.params else "cpu"
         self.J = torch.zeros(k, total, dtype=torch.float32, device=device)
+        self.tracked: Tensor | None = None  # per-reward gradients tracked across refreshes (track())
 
     def add(self, k: int, loss: Tensor, retain_graph: bool) -> None:
         """J[k] += d loss / d params (parameters the loss does not reach add nothing)."""
@@ -44,6 +45,24 @@ class GradientBuffer:
 
     def zero(self) -> None:
         self.J.zero_()
+
+    def track(self, decay: float) -> Tensor:
+        """Y <- decay Y + (1 - decay) J (Y = J at the first call) and the Gram matrix of Y. MoCo (Fernando et al.
+        2023, arXiv 2210.12624, Alg. 1, y_k <- y_k - beta (y_k - g_k) with beta = 1 - decay): MGDA's weights
+        from one step's stochastic gradients are biased, from tracked ones they follow the persistent part."""
+        if self.tracked is None:
+            self.tracked = self.J.clone()
+        else:
+            self.tracked.mul_(decay).add_(self.J, alpha=1 - decay)
+        y = self.tracked.double()
+        return (y @ y.T).cpu()
+
+    def state_dict(self) -> dict:
+        return {"tracked": self.tracked.cpu() if self.tracked is not None else torch.zeros(0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        y = state["tracked"]
+        self.tracked = y.to(self.J.device, self.J.dtype) if y.numel() else None
 
 
 def output_space_gram(losses: list[Tensor], output: Tensor) -> Tensor:
