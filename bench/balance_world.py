@@ -75,10 +75,12 @@ def evaluate(trainer, n: int, seed: int, style: str) -> dict:
             style: value}
 
 
-def build(extra: list[str], out: str, args):
+def build(extra: list[str], out: str, args, single: bool = False):
+    # The single-reward baseline has nothing to balance: it takes every override but the train.balance* ones.
+    given = [o for o in args.overrides if not (single and o.startswith("train.balance"))]
     overrides = [f"run.out_dir={out}", "run.resume_from=null", "run.eval_every=0", "run.log_with=none",
                  "run.progress=false", "train.max_steps=100000", "run.checkpoint_every=100000", f"run.seed={args.seed}",
-                 *extra, *args.overrides]
+                 *extra, *given]
     cfg = load_train_config(args.config, overrides)
     return trainer_class(cfg.trainer)(cfg)
 
@@ -112,7 +114,7 @@ def run_arm(name: str, extra: list[str], args) -> dict:
 
 
 def single_reward_time(args) -> dict:
-    trainer = build(SINGLE, f"{args.out}/single", args)
+    trainer = build(SINGLE, f"{args.out}/single", args, single=True)
     times = []
     for step in range(args.timing_steps + 1):  # the first step warms the process up (allocations, threads): not timed
         m = trainer.step(step)

@@ -6,6 +6,7 @@ Arms (each from the shipped video base model, the same training wall-time budget
   nft    DiffusionNFT (configs/nft_world_video.yaml)
   grpo   Flow-GRPO (configs/flow_grpo_world_video.yaml)
   dpo    online Flow-DPO (configs/dpo_world_video.yaml)
+  rwr    reward-filtered SFT, the best clip of each group (configs/rwr_world_video.yaml)
 
 Every `--eval-every` steps (and at step 0) the current weights sample a fixed set of held-out compositions and
 of RL (seen) prompts with fresh seeds; reported: motion-direction accuracy (every object moves the stated way,
@@ -29,6 +30,7 @@ ARMS = {
     "nft": ("configs/nft_world_video.yaml", []),
     "grpo": ("configs/flow_grpo_world_video.yaml", []),
     "dpo": ("configs/dpo_world_video.yaml", []),
+    "rwr": ("configs/rwr_world_video.yaml", []),
 }
 METRICS = ("direction", "whole_prompt", "consistency", "flicker", "cleanliness")
 
