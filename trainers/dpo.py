@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from trainers.common import ParamCopy, step_generator
-from trainers.engine import ModelConfig, RunConfig, SamplingConfig, accumulation_schedule, check_rewards
+from trainers.engine import ModelConfig, RunConfig, SamplingConfig, check_rewards
 from trainers.forward import ForwardTrainConfig, ForwardTrainer, noised
 from trainers.losses import dpo_loss, per_sample_mse
 
@@ -192,8 +192,7 @@ class FlowDPOTrainer(ForwardTrainer):
             grid = self.adapter.sigmas(cfg.sampling.steps, tuple(x_w.shape[1:]))
             micro, draw = self.micro_batches(len(x_w), step, grid)
             self.model.train()
-            for (idx, sigma, j), (size, last) in zip(micro, accumulation_schedule(
-                    len(micro), cfg.train.optimizer_steps_per_rollout, [len(m[0]) for m in micro])):
+            for (idx, sigma, j), (size, last) in zip(micro, self.accumulation(micro)):
                 noise = draw(idx, j, x_w[idx].shape).to(x_w.device)  # shared by winner and loser
                 c = cond.index(idx)
                 with torch.no_grad(), self.reference.swapped():

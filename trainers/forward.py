@@ -133,6 +133,10 @@ class ForwardTrainer(OnlineTrainer):
 
         return micro, noise
 
+    def accumulation(self, micro) -> list[tuple[float, bool]]:
+        """`accumulation_schedule` of these micro-batches, weighing every sample alike."""
+        return accumulation_schedule(len(micro), self.cfg.train.optimizer_steps_per_rollout, [len(m[0]) for m in micro])
+
     def velocity(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
         return self.adapter.predict_velocity(x_t, sigma.to(x_t.device), cond, self.cfg.train.train_guidance)
 
@@ -187,8 +191,7 @@ class FlowRWRTrainer(ForwardTrainer):
         micro, draw = self.micro_batches(len(keep), step, rs.ro.traj.sigmas, rs.plan.groups[keep])
         self.model.train()
         logs: dict[str, list[float]] = {}
-        for (pos, sigma, j), (size, last) in zip(micro, accumulation_schedule(
-                len(micro), cfg.train.optimizer_steps_per_rollout, [len(m[0]) for m in micro])):
+        for (pos, sigma, j), (size, last) in zip(micro, self.accumulation(micro)):
             idx = keep[pos]
             noise = draw(pos, j, x0[idx].shape).to(x0.device)
             target = noise - x0[idx]
@@ -298,7 +301,7 @@ class DiffusionNFTTrainer(ForwardTrainer):
         balance_logs: dict[str, float] = {}
         refresh = cfg.train.balance_amortized and step % cfg.train.balance_every == 0
         n_refresh = min(cfg.train.balance_refresh_batches, len(micro))  # micro-batches that estimate the Gram
-        schedule = accumulation_schedule(len(micro), cfg.train.optimizer_steps_per_rollout, [len(m[0]) for m in micro])
+        schedule = self.accumulation(micro)
         gram = torch.zeros(len(cfg.rewards), len(cfg.rewards), dtype=torch.float64)  # balance_gram=output
         for i, ((pos, sigma, j), (size, last)) in enumerate(zip(micro, schedule)):
             idx = keep[pos]

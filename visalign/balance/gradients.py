@@ -31,7 +31,7 @@ class GradientBuffer:
             self.J = accelerator.reduce(self.J, reduction="mean")
 
     def gram(self) -> Tensor:
-        return (self.J.double() @ self.J.double().T).cpu()
+        return _gram(self.J)
 
     def apply(self, alpha: Tensor) -> Tensor:
         """Write d = Σ_k alpha_k J[k] into the parameters' .grad (added to what is there) and return d."""
@@ -54,8 +54,7 @@ class GradientBuffer:
             self.tracked = self.J.clone()
         else:
             self.tracked.mul_(decay).add_(self.J, alpha=1 - decay)
-        y = self.tracked.double()
-        return (y @ y.T).cpu()
+        return _gram(self.tracked)
 
     def state_dict(self) -> dict:
         return {"tracked": self.tracked.cpu() if self.tracked is not None else torch.zeros(0)}
@@ -63,6 +62,12 @@ class GradientBuffer:
     def load_state_dict(self, state: dict) -> None:
         y = state["tracked"]
         self.tracked = y.to(self.J.device, self.J.dtype) if y.numel() else None
+
+
+def _gram(rows: Tensor) -> Tensor:
+    """Inner products [K, K] of the rows of [K, P], in float64 on the CPU."""
+    m = rows.double()
+    return (m @ m.T).cpu()
 
 
 def output_space_gram(losses: list[Tensor], output: Tensor) -> Tensor:
