@@ -13,5 +13,5 @@ from visalign.sampling.sampler import (
 )
 from visalign.sampling.steps import SDE_KINDS, gaussian_log_prob, sde_mean_std
 
-__all__ = ["ODE", "SDEOptions", "SDE_KINDS", "Trajectory", "Transition", "draw_noise", "gaussian_log_prob",
+__all__ = ["ODE", "SDE_KINDS", "SDEOptions", "Trajectory", "Transition", "draw_noise", "gaussian_log_prob",
            "sample", "sde_mean_std", "share_noise", "trajectory_log_prob", "transition"]

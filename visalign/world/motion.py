@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from visalign.world.grammar import COLORS, SHAPES, choose_heldout, seed_from
-from visalign.world.render import BORDER, CANVAS, MIN_GAP, PlacedShape, _boxes_apart, _jittered_rgb, draw_layout
+from visalign.world.render import BORDER, CANVAS, PlacedShape, _boxes_apart, _jittered_rgb, draw_layout
 from visalign.world.verify import MAIN_JUDGE, Detection, detect_objects
 
 NUM_FRAMES = 9
@@ -408,7 +408,7 @@ def verify_motion(videos: torch.Tensor, specs: list[MotionSpec | str]) -> Motion
         score.append(sum(verdicts) / len(verdicts))
         all_concepts.append(concepts)
         all_tracks.append(tracks)
-    t = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+    t = lambda xs: torch.tensor(xs, dtype=torch.float32)
     return MotionResult(**{g: t(v) for g, v in groups.items()}, direction_correct=t(direction_ok),
                         passed=t(passed), score=t(score), concepts=all_concepts, tracks=all_tracks)
 
