@@ -45,8 +45,9 @@ def evaluate(trainer, n: int, seed: int) -> dict:
             specs = motion_suite_prompts(split, n, 1234)
             videos = generate_clips(trainer.adapter, [s.prompt for s in specs], steps=20,
                                     guidance=trainer.cfg.sampling.guidance, seed=seed, batch_size=32, progress=False)
-            overall = score_motion(videos, specs)["overall"]
-            out[split] = {k: overall[k] for k in METRICS}
+            scores = score_motion(videos, specs)
+            out[split] = {**{k: scores["overall"][k] for k in METRICS},
+                          "direction_by_template": {t: v["direction"] for t, v in scores["templates"].items()}}
     finally:
         if trainer.ema is not None:
             trainer.ema.swap()

@@ -61,8 +61,15 @@ def build_tokenizer(vocab: dict[str, int]):
                                    bos_token="<bos>", eos_token="<eos>", model_max_length=MAX_TOKENS)
 
 
-def build_networks(seed: int = 0, vocab: dict[str, int] | None = None, frames: int | None = None):
-    """Fresh (random) UNet and text encoder; `frames` builds the video variant (frames stacked on channels)."""
+def build_networks(seed: int = 0, vocab: dict[str, int] | None = None, frames: int | None = None,
+                   token_embedding_std: float | None = None):
+    """Fresh (random) UNet and text encoder; `frames` builds the video variant (frames stacked on channels).
+
+    `token_embedding_std` re-draws the word embeddings at that scale (CLIP's own init is 0.02). With CLIP's init the
+    layers' outputs soon dominate the residual stream, and pretraining the video model squashed its direction words
+    together (the trained encoder's states for "moving left" and "moving right" closer than at initialisation) while
+    colours stayed apart; larger word embeddings keep every word's identity in its token's state (README, "The video
+    world")."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -74,6 +81,13 @@ def build_networks(seed: int = 0, vocab: dict[str, int] | None = None, frames: i
     text_config = CLIPTextConfig(vocab_size=len(vocab), pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"],
                                  eos_token_id=vocab["<eos>"], **{k: v for k, v in TEXT_CONFIG.items()})
     text_encoder = CLIPTextModel(text_config)
+    if token_embedding_std is not None:
+        if token_embedding_std <= 0:
+            raise ValueError(f"token_embedding_std={token_embedding_std} must be > 0")
+        weight = text_encoder.embeddings.token_embedding.weight
+        generator = torch.Generator().manual_seed(seed + 7)  # its own: every other weight is drawn as without it
+        with torch.no_grad():
+            weight.copy_(torch.randn(weight.shape, generator=generator) * token_embedding_std)
     return unet, text_encoder
 
 
@@ -99,8 +113,8 @@ class WorldAdapter(FlowModelAdapter):
 
     # ---- construction / persistence ------------------------------------------------------------------
     @classmethod
-    def random(cls, seed: int = 0) -> WorldAdapter:
-        return cls(*build_networks(seed, frames=cls.frames))
+    def random(cls, seed: int = 0, token_embedding_std: float | None = None) -> WorldAdapter:
+        return cls(*build_networks(seed, frames=cls.frames, token_embedding_std=token_embedding_std))
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device="cpu", torch_dtype=torch.float32,

@@ -36,6 +36,8 @@ class PretrainConfig:
     ema_decay: float = field(default=0.998, metadata={"help": "EMA of weights; the EMA is what is saved"})
     cond_dropout: float = field(default=0.1, metadata={"help": "fraction of empty prompts (for CFG)"})
     logit_normal_std: float = field(default=1.0, metadata={"help": "sigma ~ sigmoid(N(0, std))"})
+    token_embedding_std: float | None = field(default=None, metadata={
+        "help": "initial scale of the text encoder's word embeddings (None: CLIP's 0.02); see build_networks"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast (about 1.3x faster on CPU)"})
     video: bool = field(default=False, metadata={"help": "train the moving-shapes video model (world-video)"})
     templates: list[str] = field(default_factory=list, metadata={
@@ -122,7 +124,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapter_cls = WorldVideoAdapter if cfg.video else WorldAdapter
-    adapter = adapter_cls.random(cfg.seed)
+    adapter = adapter_cls.random(cfg.seed, token_embedding_std=cfg.token_embedding_std)
     adapter.text_encoder.requires_grad_(True)
     net = _Trainable(adapter).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
