@@ -118,19 +118,21 @@ def run_arm(name: str, extra: list[str], args) -> dict:
     cos = [s["worst_cos"] for s in steps if s["worst_cos"] is not None]
     train = trainer.cfg.train
     timed = timed_steps(steps, train.balance_every if train.balance_amortized else 1)
+    if not timed:  # the run is kept; only its time ratio is unknown
+        print(f"[{name}] {len(steps)} steps hold no whole refresh cycle after the first: no time ratio "
+              "(train longer)", flush=True)
+    nan = float("nan")
     return {"curve": curve, "steps": steps, "negative_fraction": sum(c < 0 for c in cos) / max(1, len(cos)),
             "cos_measured": len(cos), "timed_steps": len(timed),
-            "mean_step": sum(s["time"] for s in timed) / len(timed),
-            "mean_training": sum(s["training"] for s in timed) / len(timed)}
+            "mean_step": sum(s["time"] for s in timed) / len(timed) if timed else nan,
+            "mean_training": sum(s["training"] for s in timed) / len(timed) if timed else nan}
 
 
 def timed_steps(steps: list, cycle: int) -> list:
     """The steps an arm's time ratio averages: whole refresh cycles after the first one. The first cycle holds the
     process's warm-up step (the single-reward timing skips its own), and a part cycle would over- or under-count
     the expensive refresh steps of an amortised arm."""
-    whole = (len(steps) - cycle) // cycle * cycle
-    if whole < cycle:
-        raise ValueError(f"{len(steps)} steps hold no whole refresh cycle of {cycle} after the first: train longer")
+    whole = max(0, (len(steps) - cycle) // cycle * cycle)
     return steps[cycle:cycle + whole]
 
 

@@ -3,8 +3,6 @@
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from balance_world import timed_steps
 
@@ -17,6 +15,6 @@ def test_timed_steps_skip_the_first_cycle_and_keep_whole_cycles():
     assert sum(s % 3 == 0 for s in timed_steps(steps, 3)) == 2
 
 
-def test_timed_steps_need_one_whole_cycle_after_the_first():
-    with pytest.raises(ValueError, match="no whole refresh cycle"):
-        timed_steps([0, 1, 2, 3, 4], 3)
+def test_too_short_a_run_times_no_step():
+    assert timed_steps([0, 1, 2, 3, 4], 3) == []  # the bench then reports no time ratio instead of a biased one
+    assert timed_steps([0], 1) == []
