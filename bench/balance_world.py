@@ -52,15 +52,13 @@ def rewards_override(style: str) -> str:
     return f"rewards={{world-verifier: 1.0, world-cleanliness: 1.0, {style}: 1.0}}"
 
 
+MARBLE = ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9", "train.balance_amortized=true",
+          "train.balance_every=3", "train.balance_refresh_batches=8", "train.balance_safeguard=true"]
 ARMS = {
     "sum": ["train.balance=sum"],
     "mgda": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9"],
-    "marble": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9",
-               "train.balance_amortized=true", "train.balance_every=3", "train.balance_refresh_batches=8",
-               "train.balance_safeguard=true"],
-    "marble-upgrad": ["train.balance=upgrad", "train.balance_normalize=true", "train.balance_ema=0.9",
-                     "train.balance_amortized=true", "train.balance_every=3", "train.balance_refresh_batches=8",
-                     "train.balance_safeguard=true"],
+    "marble": MARBLE,
+    "marble-upgrad": ["train.balance=upgrad", *MARBLE[1:]],
     "marble-sub": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9",
                    "train.balance_amortized=true", "train.balance_every=1", "train.balance_refresh_batches=2",
                    "train.balance_safeguard=true"],
