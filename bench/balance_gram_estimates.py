@@ -62,7 +62,7 @@ def main() -> None:
         print(f"step {step} ({m} micro-batches; consecutive micro-batches share samples at different noise levels)")
         print(f"  whole step            weights {simplex_weights(whole).numpy().round(3)}")
         for subset in ([0, 1], [0, 2], list(range(m // 2)), list(range(m // 2, m))):
-            print(f"  micro-batches {str(subset):8s} weights {simplex_weights(per_micro[subset].sum(0)).numpy().round(3)}")
+            print(f"  micro-batches {subset!s:8s} weights {simplex_weights(per_micro[subset].sum(0)).numpy().round(3)}")
         unit = whole / whole.norm(dim=1, keepdim=True)
         print("  whole-step cosines\n" + "\n".join("    " + " ".join(f"{x:+.3f}" for x in row)
                                                for row in (unit @ unit.T).tolist()))

@@ -81,8 +81,8 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    rows = ["| arm | minutes | rollouts | held-out direction | Δ | held-out whole prompt | RL-prompt direction | Δ "
-            "| consistency (held-out) | flicker (held-out) | cleanliness |", "|---|" + "---|" * 10]
+    rows = [("| arm | minutes | rollouts | held-out direction | Δ | held-out whole prompt | RL-prompt direction | Δ "
+             "| consistency (held-out) | flicker (held-out) | cleanliness |"), "|---|" + "---|" * 10]
     for arm, curve in results.items():
         base = curve[0]
         for c in (curve[0], curve[-1]):

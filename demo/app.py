@@ -43,7 +43,7 @@ class DemoConfig:
         for label, path in self.checkpoints.items():
             if label in ("base", "steered") or not label:
                 raise ValueError(f"checkpoint label {label!r} is reserved or empty")
-            target = path[len("lora:"):] if path.startswith("lora:") else path
+            target = path.removeprefix("lora:")
             if not Path(target).exists():
                 raise ValueError(f"checkpoint {label}={path}: no such file or directory")
         if self.runs_dir is not None and not Path(self.runs_dir).is_dir():

@@ -291,7 +291,7 @@ def load_artifact_model(path: str | Path) -> ArtifactNet:
                                 "(`visalign rewards train-artifact`)")
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     if "config" not in metadata:
         raise KeyError(f"artifact: {path} has no 'config' in its metadata; save it with save_artifact_model")
     model = ArtifactNet(ArtifactConfig(**json.loads(metadata["config"])))

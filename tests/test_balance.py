@@ -51,7 +51,7 @@ def test_mgda_three_gradients_min_norm_point_is_orthogonal_to_the_face():
     _, G = gram([1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [-1.0, -1.0, 1.0])
     torch.testing.assert_close(min_norm_weights(G), torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-7, rtol=0)
     # And a case with one zero weight: the min-norm point lies on the edge between g1 and g2.
-    J, G = gram([1.0, 0.0], [0.0, 1.0], [3.0, 3.0])
+    _, G = gram([1.0, 0.0], [0.0, 1.0], [3.0, 3.0])
     torch.testing.assert_close(min_norm_weights(G), torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64), atol=1e-7, rtol=0)
 
 
@@ -352,7 +352,7 @@ def test_grpo_balanced_sum_equals_normalize_then_sum(tmp_path):
 
 def test_grpo_mgda_update_is_the_min_norm_combination(tmp_path):
     cfg = tiny("flow_grpo", tmp_path, "train.balance=mgda")
-    grad, m = applied_gradients(cfg)
+    _, m = applied_gradients(cfg)
     w = [m[f"balance/weight/tests.helpers.toy_rewards.{n}"] for n in ("MeanBrightness", "RedChannel")]
     # Coefficients on the raw gradients = simplex weights × the configured reward weights (1, 0.5).
     assert w[0] / 1.0 + w[1] / 0.5 == pytest.approx(1.0) and min(w) >= 0
@@ -407,8 +407,8 @@ def test_advantage_space_alternatives_in_a_trainer_step(tmp_path, extra, key):
     ("diffusion_nft", ["train.balance=mgda", "train.balance_gram=output"], "amortised"),
     ("diffusion_nft", ["train.balance=mgda", "train.balance_amortized=true", "train.balance_gram=output",
                        "train.balance_refresh_batches=2"], "every micro-batch"),
-    ("flow_grpo", ["train.constraints={tests.helpers.toy_rewards.MeanBrightness: 0.5, "
-                   "tests.helpers.toy_rewards.RedChannel: 0.5}"], "some, not all"),
+    ("flow_grpo", [("train.constraints={tests.helpers.toy_rewards.MeanBrightness: 0.5, "
+                    "tests.helpers.toy_rewards.RedChannel: 0.5}")], "some, not all"),
 ])
 def test_balance_config_errors(tmp_path, trainer, extra, match):
     from visalign.config import ConfigError

@@ -10,10 +10,10 @@ from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
 
-import rewards  # noqa: E402
-from demo.app import DemoConfig, launch, wait_idle  # noqa: E402
-from demo.screenshot import chromium, screenshot  # noqa: E402
-from visalign.world.model import WorldAdapter  # noqa: E402
+import rewards
+from demo.app import DemoConfig, launch, wait_idle
+from demo.screenshot import chromium, screenshot
+from visalign.world.model import WorldAdapter
 
 PROMPT = "a red circle to the left of a blue square"
 
@@ -46,7 +46,7 @@ def load(path):
 
 def test_compare_returns_images_and_their_scores(served):
     client, _, _ = served
-    gallery, slider, table, bars, winners, lineage, x0, ess = client.predict(
+    gallery, slider, table, _bars, winners, _lineage, x0, ess = client.predict(
         PROMPT, 5, 6, 3.0, 32, 2, ["aligned"], "fk", 2, 10.0, ["world-verifier", "saturation"], api_name="/compare")
     captions = [g["caption"] for g in gallery]
     assert captions == ["base · seed 5", "base · seed 6", "aligned · seed 5", "aligned · seed 6",
@@ -69,7 +69,7 @@ def test_compare_returns_images_and_their_scores(served):
     for r in rows:
         means.setdefault(r[0], []).append(r[headers.index("saturation")])
     best = max(means, key=lambda c: sum(means[c]) / 2)
-    assert dict((w[0], w[1]) for w in winners["data"])["saturation"] == best
+    assert {w[0]: w[1] for w in winners["data"]}["saturation"] == best
     assert len(ess["data"]) > 0 and len(x0) > 0 and len(slider) == 2
 
 

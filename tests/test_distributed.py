@@ -24,7 +24,7 @@ def test_two_process_flow_grpo(tmp_path, extra):
            "train.group_size=4", "train.train_batch_size=3", "sampling.batch_size=6", "sampling.steps=3",
            "run.eval_every=0", "run.log_with=none", "run.progress=false", "run.checkpoint_every=2",
            "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "dist.json").read_text())
     records = data["records"]

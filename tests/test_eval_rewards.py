@@ -4,12 +4,11 @@ not recomputed), user prompt files, presets, comparison mode."""
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import rewards
 from visalign.cli import main as cli_main
-from visalign.eval.reward_suite import RewardEvalConfig, evaluate_rewards, load_prompts, read_scores
+from visalign.eval.reward_suite import RewardEvalConfig, evaluate_rewards, load_prompts
 from visalign.models import load_model
 
 
@@ -19,8 +18,8 @@ def world():
 
 
 def cfg(out, **kw):
-    base = dict(prompts="world:heldout:single,count", n_per_template=3, seeds=[0, 1], steps=4, batch_size=5,
-                rewards=["world-verifier", "saturation"], out=str(out))
+    base = {"prompts": "world:heldout:single,count", "n_per_template": 3, "seeds": [0, 1], "steps": 4,
+            "batch_size": 5, "rewards": ["world-verifier", "saturation"], "out": str(out)}
     return RewardEvalConfig(**{**base, **kw})
 
 

@@ -7,9 +7,9 @@ from visalign.models import list_models, load_model
 from visalign.sampling import sample
 
 CASES = {  # model -> (request, guidance)
-    "tiny-sd3": (dict(height=32, width=32), 4.5),
-    "tiny-flux": (dict(height=32, width=32), 3.5),
-    "tiny-wan": (dict(height=16, width=16, num_frames=9), 5.0),
+    "tiny-sd3": ({"height": 32, "width": 32}, 4.5),
+    "tiny-flux": ({"height": 32, "width": 32}, 3.5),
+    "tiny-wan": ({"height": 16, "width": 16, "num_frames": 9}, 5.0),
 }
 PROMPTS = ["a red circle", "two blue squares on the left"]
 

@@ -107,7 +107,7 @@ def test_checkpoint_round_trip_registry_and_key_errors(tmp_path):
     torch.testing.assert_close(loaded(images=images)["score"], ArtifactReward(model=model)(images=images)["score"])
     with safe_open(str(tmp_path / "artifact.safetensors"), framework="pt") as f:
         metadata = f.metadata()
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     assert json.loads(metadata["metrics"]) == {"accuracy": 0.5}
     state.pop("head.bias")
     save_file(state, str(tmp_path / "broken.safetensors"), metadata=metadata)

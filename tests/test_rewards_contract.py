@@ -61,11 +61,11 @@ def test_registry_load_list_cache_and_dotted_path():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(images=torch.rand(2, 8, 8)), "B×3×H×W"),
-        (dict(images=torch.rand(2, 3, 8, 8) * 2), r"in \[0, 1\]"),
-        (dict(images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8)), "floating point"),
-        (dict(videos=torch.rand(2, 3, 3, 8, 8)), "not videos"),
-        (dict(), "exactly one of"),
+        ({"images": torch.rand(2, 8, 8)}, "B×3×H×W"),
+        ({"images": torch.rand(2, 3, 8, 8) * 2}, r"in \[0, 1\]"),
+        ({"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8)}, "floating point"),
+        ({"videos": torch.rand(2, 3, 3, 8, 8)}, "not videos"),
+        ({}, "exactly one of"),
     ],
 )
 def test_bad_inputs(kwargs, match):

@@ -74,7 +74,7 @@ def test_unknown_sde_kind():
         SDEOptions("ddim")
 
 
-REQ = dict(height=32, width=32, num_steps=4, guidance_scale=4.5)
+REQ = {"height": 32, "width": 32, "num_steps": 4, "guidance_scale": 4.5}
 
 
 @pytest.mark.parametrize("kind", ["ode", "flow_grpo", "cps", "dance"])

@@ -236,7 +236,8 @@ def test_drift_moves_the_reward_up_and_rescoring_keeps_the_ratio_at_one():
     cond = model.encode_prompts(["p"] * n)
     drift = RewardDrift(scale=1.0, start=5, stop=30)
     fn = drift.bind(model, resolve_rewards(LinearReward()), ["p"] * n)
-    kw = dict(num_steps=40, height=1, width=1, sde=SDEOptions("flow_grpo", 0.7), seeds=list(range(n)))
+    kw = {"num_steps": 40, "height": 1, "width": 1, "sde": SDEOptions("flow_grpo", 0.7),
+          "seeds": list(range(n))}
     plain, drifted = sample(model, cond, **kw), sample(model, cond, **kw, drift=fn)
     # d r / d x0 = 1 for this reward, so each shift is exactly lam * std^2 inside the window and 0 outside.
     expected = torch.zeros(n, 40)

@@ -77,7 +77,8 @@ def _weights(path):
 
 
 def test_pretrain_updates_and_resume_reproduces(tmp_path):
-    common = dict(batch_size=4, steps=4, warmup_steps=1, checkpoint_every=2, threads=1, ema_decay=0.5)
+    common = {"batch_size": 4, "steps": 4, "warmup_steps": 1, "checkpoint_every": 2, "threads": 1,
+              "ema_decay": 0.5}
     straight = pretrain(PretrainConfig(out_dir=str(tmp_path / "a"), **common), progress=False)
     # "Interrupted" after 2 steps: with one warm-up step the lr of steps 0-1 is the peak for any total, so a
     # steps=2 run leaves exactly the state.pt a steps=4 run writes at step 2; then resume to 4.

@@ -49,7 +49,7 @@ class PromptSource:
             parts = spec.split(":")
             self.video = parts[0] == "world-video"
             if self.video:
-                TEMPLATES = MOTION_TEMPLATES  # noqa: N806 (the allowed templates of this source)
+                TEMPLATES = MOTION_TEMPLATES
             self.split = parts[1]
             if self.split not in SPLITS:
                 raise ValueError(f"prompts={spec!r}: allowed world splits are {', '.join(SPLITS)}")

@@ -56,7 +56,7 @@ def quickstart(out: str | Path, steps: int = 10, n_per_template: int = 16, extra
     out = Path(out)
     cfg = load_train_config(None, [*TRAIN_OVERRIDES, f"train.max_steps={steps}", f"run.out_dir={out / 'run'}",
                                    f"run.checkpoint_every={steps}", *extra])
-    eval_cfg = dict(n_per_template=n_per_template, guidance=cfg.sampling.guidance)
+    eval_cfg = {"n_per_template": n_per_template, "guidance": cfg.sampling.guidance}
     before = evaluate_world(load_model("world"), WorldEvalConfig(out=str(out / "base"), **eval_cfg))
     trainer = FlowGRPOTrainer(cfg)
     trainer.train()

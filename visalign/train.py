@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import yaml
 
@@ -34,7 +35,7 @@ def trainer_name(path: str | None, overrides: Sequence[str]) -> str:
         from visalign.config import ConfigError
 
         try:
-            data = yaml.safe_load(open(path)) or {}
+            data = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError as err:
             raise ConfigError(f"config file not found: {path}") from err
         name = data.get("trainer", name)

@@ -26,7 +26,8 @@ def main():
     groups = acc.gather(plan.groups)
     records = acc.gather(record.unsqueeze(0))
     if acc.is_main_process:
-        json.dump({"records": records.tolist(), "groups": groups.tolist()}, open(f"{out}/dist.json", "w"))
+        with open(f"{out}/dist.json", "w") as f:
+            json.dump({"records": records.tolist(), "groups": groups.tolist()}, f)
     end_distributed(acc)
 
 

@@ -80,4 +80,4 @@ def load_model(name: str, path: str | None = None, *, torch_dtype: torch.dtype =
     return factory(path, torch_dtype=torch_dtype, device=device, cpu_offload=cpu_offload, **kwargs)
 
 
-__all__ = ["Conditioning", "FlowModelAdapter", "MODELS", "list_models", "load_model", "resolve_model_path"]
+__all__ = ["MODELS", "Conditioning", "FlowModelAdapter", "list_models", "load_model", "resolve_model_path"]

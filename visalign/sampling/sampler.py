@@ -219,7 +219,7 @@ def sample(adapter: FlowModelAdapter, cond: Conditioning, *, num_steps: int, hei
             noise = draw_noise(shape, batch, gens, generator, device)
         step_drift = None
         if drift is not None and stochastic[i]:
-            step_drift = lambda x0, std, i=i: drift(x0, std, i)  # noqa: E731
+            step_drift = lambda x0, std, i=i: drift(x0, std, i)
         step = transition(adapter, x, sigmas[i], sigmas[i + 1], cond, guidance_scale, sde, sigmas[1],
                           stochastic=bool(stochastic[i]), noise=noise, drift=step_drift)
         if drift is not None:

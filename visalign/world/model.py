@@ -29,16 +29,17 @@ SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>")
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "world" / "base.safetensors"
 SHIPPED_VIDEO = Path(__file__).resolve().parents[1] / "assets" / "world" / "video_base.safetensors"
 
-UNET_CONFIG = dict(
-    sample_size=CANVAS, in_channels=5, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 128),
-    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    cross_attention_dim=64, attention_head_dim=16, norm_num_groups=8,
-    class_embed_type="projection", projection_class_embeddings_input_dim=64,
-)
+UNET_CONFIG = {
+    "sample_size": CANVAS, "in_channels": 5, "out_channels": 3, "layers_per_block": 1,
+    "block_out_channels": (32, 64, 128),
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 64, "attention_head_dim": 16, "norm_num_groups": 8,
+    "class_embed_type": "projection", "projection_class_embeddings_input_dim": 64,
+}
 VIDEO_BLOCK_CHANNELS = (64, 96, 128)  # a wider first level: it carries 27 channels of frames
-TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-                   max_position_embeddings=MAX_TOKENS, projection_dim=64)
+TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
+               "max_position_embeddings": MAX_TOKENS, "projection_dim": 64}
 
 
 def world_vocab(video: bool = False) -> dict[str, int]:
