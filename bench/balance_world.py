@@ -20,9 +20,10 @@ Arms (all per-reward gradients, so the weighted sum's cosines are measured too; 
            matrix comes from the explicit per-reward gradients of all of that step's micro-batches (the whole step's,
            as in mgda), the EMA-smoothed weights carry over in between, and the safeguard replaces EMA weights that
            would conflict on a refresh's Gram matrix by its fresh min-norm weights
+  upgrad   the mgda arm with UPGrad's weights (explicit: K backwards every micro-batch)
   marble-upgrad  the marble arm with UPGrad's weights instead of the min-norm point: each reward's gradient
            projected onto the dual cone and averaged, so a reward whose gradient conflicts with no other keeps about
-           1/K of the update where MGDA can give it far less
+           1/K of the update where MGDA can give it far less (configs/marble_world.yaml)
   marble-sub  amortised, refreshed every step from 2 of the step's 8 micro-batches, with the safeguard
   marble-ub  amortised with the Gram matrix of the per-reward gradients of the predicted velocity over all of the
            step's micro-batches (MGDA-UB, `train.balance_gram=output`, no extra backward through the network),
@@ -58,6 +59,7 @@ ARMS = {
     "sum": ["train.balance=sum"],
     "mgda": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9"],
     "marble": MARBLE,
+    "upgrad": ["train.balance=upgrad", "train.balance_normalize=true", "train.balance_ema=0.9"],
     "marble-upgrad": ["train.balance=upgrad", *MARBLE[1:]],
     "marble-sub": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9",
                    "train.balance_amortized=true", "train.balance_every=1", "train.balance_refresh_batches=2",
@@ -184,7 +186,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=6)
     parser.add_argument("--n", type=int, default=32, help="held-out prompts per template")
     parser.add_argument("--timing-steps", type=int, default=6, help="steps of single-reward NFT for the time ratio")
-    parser.add_argument("--arms", nargs="+", default=["sum", "mgda", "marble", "pcgrad"], choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=["sum", "mgda", "marble", "marble-upgrad", "pcgrad"],
+                        choices=list(ARMS))
     parser.add_argument("--style", default="saturation", choices=STYLES, help="the third, style reward")
     parser.add_argument("--seed", type=int, default=0,
                         help="run.seed of every arm (prompts, rollout noise, shuffles): a run is deterministic for a "
