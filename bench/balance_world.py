@@ -53,21 +53,19 @@ def rewards_override(style: str) -> str:
     return f"rewards={{world-verifier: 1.0, world-cleanliness: 1.0, {style}: 1.0}}"
 
 
-MARBLE = ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9", "train.balance_amortized=true",
-          "train.balance_every=3", "train.balance_refresh_batches=8", "train.balance_safeguard=true"]
+SMOOTHED = ["train.balance_normalize=true", "train.balance_ema=0.9"]  # every arm but sum and pcgrad
+AMORTISED = [*SMOOTHED, "train.balance_amortized=true"]
+MARBLE = [*AMORTISED, "train.balance_every=3", "train.balance_refresh_batches=8", "train.balance_safeguard=true"]
 ARMS = {
     "sum": ["train.balance=sum"],
-    "mgda": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9"],
-    "marble": MARBLE,
-    "upgrad": ["train.balance=upgrad", "train.balance_normalize=true", "train.balance_ema=0.9"],
-    "marble-upgrad": ["train.balance=upgrad", *MARBLE[1:]],
-    "marble-sub": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9",
-                   "train.balance_amortized=true", "train.balance_every=1", "train.balance_refresh_batches=2",
+    "mgda": ["train.balance=mgda", *SMOOTHED],
+    "marble": ["train.balance=mgda", *MARBLE],
+    "upgrad": ["train.balance=upgrad", *SMOOTHED],
+    "marble-upgrad": ["train.balance=upgrad", *MARBLE],
+    "marble-sub": ["train.balance=mgda", *AMORTISED, "train.balance_every=1", "train.balance_refresh_batches=2",
                    "train.balance_safeguard=true"],
-    "marble-ub": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9",
-                  "train.balance_amortized=true", "train.balance_gram=output", "train.balance_safeguard=true"],
-    "marble4": ["train.balance=mgda", "train.balance_normalize=true", "train.balance_ema=0.9",
-                "train.balance_amortized=true", "train.balance_every=4"],
+    "marble-ub": ["train.balance=mgda", *AMORTISED, "train.balance_gram=output", "train.balance_safeguard=true"],
+    "marble4": ["train.balance=mgda", *AMORTISED, "train.balance_every=4"],
     "pcgrad": ["train.balance=pcgrad"],
 }
 SINGLE = ["rewards={world-verifier: 1.0}"]
