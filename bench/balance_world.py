@@ -11,7 +11,8 @@ every point, so differences are paired). Per step the trainer logs the per-rewar
 reports the fraction of steps in which the worst-aligned reward's gradient has a negative cosine with the applied
 update, and the mean step time relative to single-reward NFT (verifier only) measured in the same run (each arm's
 time averages whole refresh cycles after its first, the baseline's every step after its first: both skip the
-process warm-up).
+process warm-up). With `--interleave` one baseline step follows every arm step instead, so each arm's ratio is
+measured under the same machine load as the arm itself.
 
 Arms (all per-reward gradients, so the weighted sum's cosines are measured too; its update equals GDPO's):
   sum      train.balance=sum (weights 1, 1, 1)
@@ -49,8 +50,9 @@ from visalign.world.grammar import TEMPLATES
 STYLES = ("saturation", "brightness")  # the third reward (`--style`)
 
 
-def rewards_override(style: str) -> str:
-    return f"rewards={{world-verifier: 1.0, world-cleanliness: 1.0, {style}: 1.0}}"
+def rewards_override(style: str, weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> str:
+    v, c, s = weights
+    return f"rewards={{world-verifier: {v}, world-cleanliness: {c}, {style}: {s}}}"
 
 
 SMOOTHED = ["train.balance_normalize=true", "train.balance_ema=0.9"]  # every arm but sum and pcgrad
@@ -91,8 +93,10 @@ def build(extra: list[str], out: str, args, single: bool = False):
     return trainer_class(cfg.trainer)(cfg)
 
 
-def run_arm(name: str, extra: list[str], args) -> dict:
-    trainer = build([rewards_override(args.style), *extra], f"{args.out}/{name}", args)
+def run_arm(name: str, extra: list[str], args, single=None) -> dict:
+    """Train one arm for the wall-time budget. With `single` (a single-reward trainer) one step of it follows every
+    step of the arm, outside the arm's budget, so both are timed under the same machine load."""
+    trainer = build([rewards_override(args.style, args.weights), *extra], f"{args.out}/{name}", args)
     per_step = trainer.cfg.train.prompts_per_step * trainer.cfg.train.group_size
     curve = [{"step": 0, "rollouts": 0, "minutes": 0.0, **evaluate(trainer, args.n, 777, args.style)}]
     print(f"[{name}] step 0: {json.dumps(curve[-1])}", flush=True)
@@ -106,6 +110,10 @@ def run_arm(name: str, extra: list[str], args) -> dict:
         steps.append({"time": m["time/step"], "training": m["time/training"],
                       "worst_cos": m.get("balance/worst_cos"), "safeguard": m.get("balance/safeguard"),
                       "weights": {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("balance/weight/")}})
+        if single is not None:
+            s = single.step(single.state.step)
+            single.state.step += 1
+            steps[-1].update(single_time=s["time/step"], single_training=s["time/training"])
         print(f"[{name}] step {step}: worst cos {m.get('balance/worst_cos', float('nan')):+.3f} "
               f"({total / 60:.1f} min)", flush=True)
         if step % args.eval_every == 0 or total >= args.minutes * 60:
@@ -120,10 +128,16 @@ def run_arm(name: str, extra: list[str], args) -> dict:
         print(f"[{name}] {len(steps)} steps hold no whole refresh cycle after the first: no time ratio "
               "(train longer)", flush=True)
     nan = float("nan")
-    return {"curve": curve, "steps": steps, "negative_fraction": sum(c < 0 for c in cos) / max(1, len(cos)),
-            "cos_measured": len(cos), "timed_steps": len(timed),
-            "mean_step": sum(s["time"] for s in timed) / len(timed) if timed else nan,
-            "mean_training": sum(s["training"] for s in timed) / len(timed) if timed else nan}
+
+    def mean(key: str) -> float:
+        return sum(s[key] for s in timed) / len(timed) if timed else nan
+
+    out = {"curve": curve, "steps": steps, "negative_fraction": sum(c < 0 for c in cos) / max(1, len(cos)),
+           "cos_measured": len(cos), "timed_steps": len(timed), "mean_step": mean("time"),
+           "mean_training": mean("training")}
+    if single is not None:  # the baseline steps run beside the arm's timed steps
+        out["single"] = {"mean_step": mean("single_time"), "mean_training": mean("single_training")}
+    return out
 
 
 def timed_steps(steps: list, cycle: int) -> list:
@@ -134,15 +148,19 @@ def timed_steps(steps: list, cycle: int) -> list:
     return steps[cycle:cycle + whole]
 
 
-def single_reward_time(args) -> dict:
-    trainer = build(SINGLE, f"{args.out}/single", args, single=True)
+def single_reward_trainer(args):
+    return build(SINGLE, f"{args.out}/single", args, single=True)
+
+
+def single_reward_time(trainer, steps: int) -> dict:
     times = []
-    for step in range(args.timing_steps + 1):  # the first step warms the process up (allocations, threads): not timed
-        m = trainer.step(step)
-        trainer.state.step = step + 1
+    for step in range(steps + 1):  # the first step warms the process up (allocations, threads): not timed
+        m = trainer.step(trainer.state.step)
+        trainer.state.step += 1
         if step:
             times.append((m["time/step"], m["time/training"]))
-    return {"mean_step": sum(t for t, _ in times) / len(times), "mean_training": sum(t for _, t in times) / len(times)}
+    n = len(times) or float("nan")  # warm-up only (interleaved timing)
+    return {"mean_step": sum(t for t, _ in times) / n, "mean_training": sum(t for _, t in times) / n}
 
 
 def table(results: dict, single: dict, style: str) -> str:
@@ -152,11 +170,12 @@ def table(results: dict, single: dict, style: str) -> str:
              "worst cos < 0 | step time × single | training time × single |"),
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, r in results.items():
+        base = r.get("single", single)  # interleaved runs time the baseline beside each arm
         a, b = r["curve"][0], r["curve"][-1]
         cells = [f"{b[k]:.3f} | {b[k] - a[k]:+.3f}" for k in ("partial_credit", "verifier", "cleanliness", style)]
         rows.append(f"| {arm} | {b['minutes']:.1f} | {' | '.join(cells)} | {r['negative_fraction']:.2f} "
-                    f"({r['cos_measured']} steps) | {r['mean_step'] / single['mean_step']:.2f} | "
-                    f"{r['mean_training'] / single['mean_training']:.2f} |")
+                    f"({r['cos_measured']} steps) | {r['mean_step'] / base['mean_step']:.2f} | "
+                    f"{r['mean_training'] / base['mean_training']:.2f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -184,9 +203,15 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=6)
     parser.add_argument("--n", type=int, default=32, help="held-out prompts per template")
     parser.add_argument("--timing-steps", type=int, default=6, help="steps of single-reward NFT for the time ratio")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the single-reward baseline by one step after each arm step instead of on its own "
+                             "beforehand, so drift in machine speed between runs cannot skew the ratio (slower)")
     parser.add_argument("--arms", nargs="+", default=["sum", "mgda", "marble", "marble-upgrad", "pcgrad"],
                         choices=list(ARMS))
     parser.add_argument("--style", default="saturation", choices=STYLES, help="the third, style reward")
+    parser.add_argument("--weights", nargs=3, type=float, default=[1.0, 1.0, 1.0], metavar=("VERIFIER", "CLEAN", "STYLE"),
+                        help="reward weights; with normalised gradients (every arm but sum and pcgrad) a preference "
+                             "among the unit gradients, which only upgrad and sum can take")
     parser.add_argument("--seed", type=int, default=0,
                         help="run.seed of every arm (prompts, rollout noise, shuffles): a run is deterministic for a "
                              "given number of steps, so repeat runs need different seeds")
@@ -196,8 +221,9 @@ def main() -> None:
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    single = single_reward_time(args)
-    results = {arm: run_arm(arm, ARMS[arm], args) for arm in args.arms}
+    baseline = single_reward_trainer(args)
+    single = single_reward_time(baseline, 0 if args.interleave else args.timing_steps)
+    results = {arm: run_arm(arm, ARMS[arm], args, baseline if args.interleave else None) for arm in args.arms}
     (out / "results.json").write_text(json.dumps({"single": single, "arms": results}, indent=1))
     (out / "results.md").write_text(table(results, single, args.style))
     plot(results, out / "curve.png", args.style)

@@ -132,6 +132,29 @@ def test_balancer_weights_normalisation_and_ema():
     assert torch.equal(c.alpha, b.alpha) and c.refreshes == 2
 
 
+def test_normalised_weights_are_a_preference_among_unit_gradients():
+    # Unit rows u1 = (1, 0), u2 = (-0.6, 0.8) (u1·u2 = -0.6), given at scales 5 and 0.5. UPGrad projects each onto
+    # the dual cone: u1 -> u1 + 0.6 u2 = (0.64, 0.48), u2 -> u2 + 0.6 u1 = (0, 0.8). Preference (3, 1) / 4 gives
+    # d = 0.75 (0.64, 0.48) + 0.25 (0, 0.8) = (0.48, 0.56); equal weights give the mean (0.32, 0.64).
+    J, G = gram([5.0, 0.0], [-0.3, 0.4])
+    d = Balancer("upgrad", {"a": 3.0, "b": 1.0}, normalize=True).fresh_weights(G) @ J
+    # (torchjd's dual-cone QP solves to about 1e-4)
+    torch.testing.assert_close(d, torch.tensor([0.48, 0.56], dtype=torch.float64), atol=2e-4, rtol=0)
+    assert float((J @ d).min()) >= 0  # a preference keeps the update in the dual cone
+    d = Balancer("upgrad", {"a": 2.0, "b": 2.0}, normalize=True).fresh_weights(G) @ J
+    torch.testing.assert_close(d, torch.tensor([0.32, 0.64], dtype=torch.float64), atol=2e-4, rtol=0)
+    # The weighted sum of unit gradients: 3 u1 + 1 u2.
+    d = Balancer("sum", {"a": 3.0, "b": 1.0}, normalize=True).fresh_weights(G) @ J
+    torch.testing.assert_close(d, torch.tensor([2.4, 0.8], dtype=torch.float64))
+    # The min-norm point has no preference: unequal weights would be silently ignored, so they are refused.
+    for method in ("mgda", "pcgrad", "cagrad"):
+        with pytest.raises(ValueError, match="ignores reward weights"):
+            Balancer(method, {"a": 3.0, "b": 1.0}, normalize=True)
+    Balancer("mgda", {"a": 3.0, "b": 1.0})  # without normalisation the weights scale the rows: allowed
+    with pytest.raises(ValueError, match="must be > 0"):
+        Balancer("upgrad", {"a": 1.0, "b": 0.0}, normalize=True)
+
+
 def test_safeguard_replaces_conflicting_smoothed_weights_by_the_fresh_min_norm_ones():
     b = Balancer("mgda", {"a": 1.0, "b": 1.0}, ema=0.9, safeguard=True)
     first, logs = b.update(gram([1.0, 0.0], [0.0, 1.0])[1])  # fresh (½, ½), nothing to guard yet

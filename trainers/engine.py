@@ -186,7 +186,9 @@ class BaseTrainConfig:
         "help": "multi-reward balancing in gradient space (visalign.balance): one gradient per reward, combined by "
                 "this aggregator (flow_grpo, diffusion_nft)"})
     balance_ema: float = field(default=0.0, metadata={"help": "EMA decay of the aggregator's coefficients (MARBLE)"})
-    balance_normalize: bool = field(default=False, metadata={"help": "per-reward gradients to unit norm first"})
+    balance_normalize: bool = field(default=False, metadata={
+        "help": "per-reward gradients to unit norm first; the reward weights then become a preference among them "
+                "(sum, upgrad; mgda / pcgrad / cagrad need equal weights)"})
     balance_track: float = field(default=0.0, metadata={
         "help": "decay of per-reward gradients tracked across refreshes; > 0 takes the coefficients from their "
                 "Gram matrix (MoCo) instead of the step's alone (explicit Gram, balance_gram=params; 0 = off)"})

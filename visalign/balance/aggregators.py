@@ -11,7 +11,7 @@ per reward out, so the update is d = Σ_k alpha_k g_k and nothing of size P (the
 - cagrad: Liu et al. 2021, through torchjd's `CAGradWeighting` (cvxpy / Clarabel): d = g0 + c ||g0|| g_w / ||g_w||,
           g0 the mean gradient, w = argmin_{simplex} g_wᵀ g0 + c ||g0|| ||g_w||.
 - upgrad: torchjd's `UPGradWeighting` (Quinton & Rey 2024): each g_k projected onto the dual cone of the rows,
-          then averaged.
+          then averaged, or weighted by a preference vector (any non-negative preference keeps d in the cone).
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ def min_norm_weights(gram: Tensor) -> Tensor:
     return torch.from_numpy(alpha / alpha.sum())
 
 
-def aggregator_weights(name: str, gram: Tensor, *, cagrad_c: float = 0.4, seed: int = 0) -> Tensor:
-    """Coefficients alpha [K] (float64) of the aggregator `name` for the Gram matrix `gram` [K, K]."""
+def aggregator_weights(name: str, gram: Tensor, *, cagrad_c: float = 0.4, seed: int = 0,
+                       pref: Tensor | None = None) -> Tensor:
+    """Coefficients alpha [K] (float64) of the aggregator `name` for the Gram matrix `gram` [K, K]. `pref` [K]
+    (upgrad only; non-negative, summing to 1) weights the projected gradients instead of their mean."""
     gram = gram.detach().double().cpu()
     k = gram.shape[0]
     if name == "sum":
@@ -58,5 +60,5 @@ def aggregator_weights(name: str, gram: Tensor, *, cagrad_c: float = 0.4, seed: 
     if name == "cagrad":
         return tjd.CAGradWeighting(c=cagrad_c)(gram).double()
     if name == "upgrad":
-        return tjd.UPGradWeighting()(gram).double()
+        return tjd.UPGradWeighting(pref_vector=None if pref is None else pref.double())(gram).double()
     raise ValueError(f"unknown aggregator {name!r}; allowed: {', '.join(AGGREGATORS)}")

@@ -9,6 +9,7 @@ from torch import Tensor
 from visalign.balance.aggregators import AGGREGATORS, aggregator_weights
 
 SAFE = ("mgda", "upgrad")  # aggregators whose fresh update has a non-negative inner product with every gradient
+PREFERENCE = ("sum", "upgrad")  # aggregators that can take the reward weights as a preference among unit gradients
 
 
 def diagnostics(gram: Tensor, alpha: Tensor, names: list[str]) -> dict[str, float]:
@@ -38,7 +39,11 @@ class Balancer:
 
     The configured reward weights w_k scale the rows first (so "sum" is the usual weighted sum); `normalize`
     then rescales each row to unit norm (MARBLE removes reward scale) before the aggregator; the coefficients
-    returned apply to the raw g_k. `ema` smooths them across refreshes: alpha <- ema alpha + (1 - ema) alpha_new.
+    returned apply to the raw g_k. Normalising would cancel the weights, so with `normalize` they become the
+    preference among the unit gradients instead: "sum" adds w_k g_k/|g_k|, and "upgrad" weights the projected
+    unit gradients by w_k / Σw (torchjd's pref_vector; equal weights give its default mean). MGDA, PCGrad and
+    CAGrad have no such preference, so unequal weights with `normalize` are an error for them rather than
+    silently ignored. `ema` smooths them across refreshes: alpha <- ema alpha + (1 - ema) alpha_new.
     `safeguard` (MGDA, UPGrad) keeps the smoothing from ever pointing the update against a reward: when the smoothed
     alpha gives some g_k a negative inner product with d on this Gram matrix, this refresh's own alpha replaces it
     (and the smoothing restarts from it); that alpha cannot conflict, since the min-norm point d* of the hull has
@@ -56,6 +61,13 @@ class Balancer:
                              f"not {method!r}")
         self.method, self.names = method, list(reward_weights)
         self.w = torch.tensor([float(v) for v in reward_weights.values()], dtype=torch.float64)
+        if normalize and method not in PREFERENCE and not torch.all(self.w == self.w[0]):
+            raise ValueError(f"balance {method!r} with normalised gradients ignores reward weights, but they differ "
+                             f"({dict(reward_weights)}); use equal weights, or {' / '.join(PREFERENCE)}, where they "
+                             "are a preference among the unit gradients")
+        if normalize and (self.w <= 0).any():
+            raise ValueError(f"with normalised gradients the reward weights are a preference and must be > 0, got "
+                             f"{dict(reward_weights)}")
         self.ema, self.normalize, self.cagrad_c, self.seed, self.safeguard = ema, normalize, cagrad_c, seed, safeguard
         self.alpha: Tensor | None = None
         self.refreshes = 0
@@ -64,11 +76,15 @@ class Balancer:
         """Coefficients on the raw gradients for this Gram matrix, before smoothing (pure apart from the seed)."""
         gram = gram.detach().double().cpu()
         scaled = self.w[:, None] * gram * self.w[None, :]
-        scale = torch.ones_like(self.w)
+        scale, pref = torch.ones_like(self.w), None
         if self.normalize:
             scale = 1.0 / scaled.diagonal().clamp(min=1e-30).sqrt()
             scaled = scale[:, None] * scaled * scale[None, :]
-        coeff = aggregator_weights(self.method, scaled, cagrad_c=self.cagrad_c, seed=self.seed + self.refreshes)
+            pref = self.w / self.w.sum()
+        if self.normalize and self.method == "sum":
+            return self.w * scale * self.w  # coefficient w_k on the unit row g_k w_k scale_k
+        coeff = aggregator_weights(self.method, scaled, cagrad_c=self.cagrad_c, seed=self.seed + self.refreshes,
+                                   pref=pref if self.method == "upgrad" else None)
         return coeff * scale * self.w
 
     def update(self, gram: Tensor, weights_gram: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
