@@ -432,6 +432,9 @@ def test_advantage_space_alternatives_in_a_trainer_step(tmp_path, extra, key):
                        "train.balance_refresh_batches=2"], "every micro-batch"),
     ("flow_grpo", [("train.constraints={tests.helpers.toy_rewards.MeanBrightness: 0.5, "
                     "tests.helpers.toy_rewards.RedChannel: 0.5}")], "some, not all"),
+    ("diffusion_nft", ["train.balance=mgda", "train.balance_normalize=true",
+                       "rewards={tests.helpers.toy_rewards.MeanBrightness: 2.0, tests.helpers.toy_rewards.RedChannel: 1.0}"],
+     "ignores reward weights"),
 ])
 def test_balance_config_errors(tmp_path, trainer, extra, match):
     from visalign.config import ConfigError

@@ -294,6 +294,10 @@ def check_rewards(trained: dict[str, float], heldout: list[str], required: bool 
             if unknown or len(train.constraints) >= len(trained):
                 raise ValueError(f"train.constraints must name some, not all, trained rewards; got {list(train.constraints)} "
                                  f"for rewards {list(trained)}")
+        if train.balance != "none":
+            from visalign.balance.balancer import check_weights
+
+            check_weights(train.balance, trained, train.balance_normalize)
         if train.hypervolume_reference is not None and set(train.hypervolume_reference) != set(trained):
             raise ValueError("train.hypervolume_reference must give one value per trained reward")
     drift = drift_reward_weights(sampling, trained) if sampling is not None else {}

@@ -12,6 +12,21 @@ SAFE = ("mgda", "upgrad")  # aggregators whose fresh update has a non-negative i
 PREFERENCE = ("sum", "upgrad")  # aggregators that can take the reward weights as a preference among unit gradients
 
 
+def check_weights(method: str, reward_weights: dict[str, float], normalize: bool) -> None:
+    """With normalised gradients the reward weights are a preference: positive, and only for aggregators that take
+    one (config-time check as well as the Balancer's)."""
+    if not normalize:
+        return
+    values = [float(v) for v in reward_weights.values()]
+    if method not in PREFERENCE and len(set(values)) > 1:
+        raise ValueError(f"balance {method!r} with normalised gradients ignores reward weights, but they differ "
+                         f"({dict(reward_weights)}); use equal weights, or {' / '.join(PREFERENCE)}, where they "
+                         "are a preference among the unit gradients")
+    if any(v <= 0 for v in values):
+        raise ValueError(f"with normalised gradients the reward weights are a preference and must be > 0, got "
+                         f"{dict(reward_weights)}")
+
+
 def diagnostics(gram: Tensor, alpha: Tensor, names: list[str]) -> dict[str, float]:
     """Everything from the Gram matrix and the applied coefficients (d = Σ alpha_k g_k), no P-sized work:
     per-reward gradient norms, pairwise cosines, each reward's cosine with the update d (the worst of them is
@@ -59,15 +74,9 @@ class Balancer:
         if safeguard and method not in SAFE:
             raise ValueError(f"the balance safeguard needs an aggregator whose update never conflicts ({', '.join(SAFE)}), "
                              f"not {method!r}")
+        check_weights(method, reward_weights, normalize)
         self.method, self.names = method, list(reward_weights)
         self.w = torch.tensor([float(v) for v in reward_weights.values()], dtype=torch.float64)
-        if normalize and method not in PREFERENCE and not torch.all(self.w == self.w[0]):
-            raise ValueError(f"balance {method!r} with normalised gradients ignores reward weights, but they differ "
-                             f"({dict(reward_weights)}); use equal weights, or {' / '.join(PREFERENCE)}, where they "
-                             "are a preference among the unit gradients")
-        if normalize and (self.w <= 0).any():
-            raise ValueError(f"with normalised gradients the reward weights are a preference and must be > 0, got "
-                             f"{dict(reward_weights)}")
         self.ema, self.normalize, self.cagrad_c, self.seed, self.safeguard = ema, normalize, cagrad_c, seed, safeguard
         self.alpha: Tensor | None = None
         self.refreshes = 0
