@@ -58,7 +58,7 @@ class Balancer:
     preference among the unit gradients instead: "sum" adds w_k g_k/|g_k|, and "upgrad" weights the projected
     unit gradients by w_k / Σw (torchjd's pref_vector; equal weights give its default mean). MGDA, PCGrad and
     CAGrad have no such preference, so unequal weights with `normalize` are an error for them rather than
-    silently ignored. `ema` smooths them across refreshes: alpha <- ema alpha + (1 - ema) alpha_new.
+    silently ignored. `ema` smooths the coefficients across refreshes: alpha <- ema alpha + (1 - ema) alpha_new.
     `safeguard` (MGDA, UPGrad) keeps the smoothing from ever pointing the update against a reward: when the smoothed
     alpha gives some g_k a negative inner product with d on this Gram matrix, this refresh's own alpha replaces it
     (and the smoothing restarts from it); that alpha cannot conflict, since the min-norm point d* of the hull has
