@@ -27,12 +27,12 @@ stated), so the rows compare directly; one table of all rows is printed at the e
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 
 import torch
 
 from rewards import Reward
+from trainers.common import ParamCopy
 from visalign.eval.motion_suite import generate_clips, motion_suite_prompts, score_motion
 from visalign.models import load_model
 from visalign.world.pretrain import PretrainConfig, batch_for_step, flow_matching_step
@@ -92,28 +92,31 @@ def sft_rows(n: int, lr: float, steps: int, *, eval_every: int | None = None, em
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    # The EMA (as pretraining keeps one) is what is evaluated; without one, the trained weights themselves.
-    averaged = copy.deepcopy(adapter) if ema else adapter
-    ema_params = [p for m in ([averaged.denoiser, averaged.text_encoder] if text_encoder else [averaged.denoiser])
-                  for p in m.parameters()]
+    # The EMA (as pretraining keeps one) is what is evaluated, swapped in; without one, the trained weights.
+    averaged = ParamCopy(params) if ema else None
+
+    def evaluate_now() -> dict:
+        if averaged is None:
+            return evaluate(adapter, n)
+        with averaged.swapped():
+            return evaluate(adapter, n)
+
     # Batches the pretraining never drew (other seed and steps), the same losses and clipping as pretraining.
     cfg = PretrainConfig(video=True, batch_size=32, seed=5, templates=list(templates or []))
     label = f"ground-truth flow matching, lr {lr:g}" + (f", EMA {ema:g}" if ema else "") + (
         ", text encoder too" if text_encoder else "") + (f", templates {'/'.join(templates)}" if templates else "")
     checkpoints = {steps // 2, steps} if eval_every is None else set(range(eval_every, steps + 1, eval_every))
-    rows = [(f"{label}, 0 steps", evaluate(averaged, n))]
+    rows = [(f"{label}, 0 steps", evaluate_now())]
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
         prompts, x0, noise, sigma = batch_for_step(cfg, 10_000 + step)
         flow_matching_step(lambda x, s, p=prompts: adapter._velocity(x, s, adapter.text_features(p), 1.0), x0, noise,
                            sigma, opt, params)
-        if ema:
-            with torch.no_grad():
-                for p_ema, p in zip(ema_params, params):
-                    p_ema.lerp_(p, 1 - ema)
+        if averaged is not None:
+            averaged.blend(ema)
         if step + 1 in checkpoints:
-            rows.append((f"{label}, {step + 1} steps", evaluate(averaged, n)))
+            rows.append((f"{label}, {step + 1} steps", evaluate_now()))
     return rows
 
 

@@ -4,12 +4,11 @@ shipped configs/marble_world.yaml."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 from balance_world import ARMS, rewards_override, timed_steps
 
 from visalign.train import load_train_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_timed_steps_skip_the_first_cycle_and_keep_whole_cycles():
