@@ -62,6 +62,35 @@ def _final_weights(run):
     return load_file(str(run / "checkpoints" / "checkpoint-3" / "model.safetensors"))
 
 
+def test_reward_options_reach_the_reward_and_bad_ones_fail_at_config_time(world_ckpt, tmp_path):
+    from rewards.artifact import ArtifactReward, save_artifact_model
+    from rewards.quality import dead_leaves, fit_pristine, save_pristine
+
+    pristine = fit_pristine(dead_leaves(16, size=32, seed=5))
+    save_pristine(pristine, tmp_path / "pristine.safetensors")
+    detector = ArtifactReward.tiny(seed=3).model
+    weights = tmp_path / "artifact.safetensors"
+    save_artifact_model(detector, weights, {})
+    trained = "rewards={world-verifier: 1.0, artifact: 0.5}"
+    cfg = small(tmp_path / "run", "train.max_steps=1", trained, "eval_rewards=[quality-nss]",
+                f"reward_options={{artifact: {{weights: {weights}, batch_size: 7}}, "
+                f"quality-nss: {{pristine: {tmp_path / 'pristine.safetensors'}}}}}", path=world_ckpt)
+    trainer = FlowGRPOTrainer(cfg)
+    reward = trainer.rewards["artifact"]
+    assert reward.batch_size == 7  # an option of the Reward base class, passed on through **kwargs
+    images = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(reward(images=images)["score"], ArtifactReward(model=detector)(images=images)["score"])
+    # Held-out rewards take their options too.
+    torch.testing.assert_close(trainer.eval_rewards["quality-nss"].pristine["mean"], pristine["mean"].double())
+    # Misspelt reward names and options fail before any model loads, naming what is allowed.
+    with pytest.raises(ValueError, match="'artifcat', which this recipe does not use"):
+        small(tmp_path, trained, f"reward_options={{artifcat: {{weights: {weights}}}}}")
+    with pytest.raises(ValueError, match=r"ArtifactReward takes no option \['weight'\]; it takes \['weights', 'model'"):
+        small(tmp_path, trained, f"reward_options={{artifact: {{weight: {weights}}}}}")
+    with pytest.raises(ConfigError, match=r"reward_options.artifact: expected dict\[str, Any\]"):
+        small(tmp_path, trained, "reward_options={artifact: 3}")
+
+
 @pytest.mark.parametrize("model, request_overrides", [
     ("tiny-sd3", []),
     ("tiny-wan", ["model.height=16", "model.width=16", "model.num_frames=5",

@@ -114,8 +114,10 @@ def plan_step(source: PromptSource, *, seed: int, step: int, prompts_per_step: i
 # ---------------------------------------------------------------------------------------------- rewards
 
 
-def load_rewards(names: dict[str, float] | list[str]) -> dict[str, Reward]:
-    return {name: rewards_lib.load(name) for name in names}
+def load_rewards(names: dict[str, float] | list[str], options: dict[str, dict] | None = None) -> dict[str, Reward]:
+    """The named rewards, each built with its constructor options from `options` (a config's `reward_options`)."""
+    options = options or {}
+    return {name: rewards_lib.load(name, **options.get(name, {})) for name in names}
 
 
 def score_rewards(reward_fns: dict[str, Reward], images: Tensor, items: list[dict]) -> dict[str, Tensor]:

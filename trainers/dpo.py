@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from trainers.common import ParamCopy, step_generator
-from trainers.engine import ModelConfig, RunConfig, SamplingConfig, check_rewards
+from trainers.engine import REWARD_OPTIONS_HELP, ModelConfig, RunConfig, SamplingConfig, check_rewards
 from trainers.forward import ForwardTrainConfig, ForwardTrainer, noised
 from trainers.losses import dpo_loss, per_sample_mse
 
@@ -83,10 +83,11 @@ class FlowDPOConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
                                       metadata={"help": "online: rewards that rank each group (weighted sum)"})
     eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
 
     def __post_init__(self):
         check_rewards(self.rewards, self.eval_rewards, required=self.train.mode == "online",
-                      sampling=self.sampling)
+                      sampling=self.sampling, options=self.reward_options)
 
 
 def group_pairs(total: Tensor, groups: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:

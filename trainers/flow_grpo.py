@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from trainers.advantages import best_of_n_mask
 from trainers.common import checkpoint_dirs, num_trained_steps, step_generator
 from trainers.engine import (
+    REWARD_OPTIONS_HELP,
     BaseTrainConfig,
     ModelConfig,
     OnlineTrainer,
@@ -68,9 +69,11 @@ class FlowGRPOConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
                                       metadata={"help": "trained rewards and their weights"})
     eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
 
     def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train)
+        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train,
+                      options=self.reward_options)
         if self.sampling.sde == "ode":
             raise ValueError("sampling.sde=ode: Flow-GRPO needs a stochastic sampler (flow_grpo, cps or dance)")
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from trainers.common import ParamCopy, step_generator
 from trainers.engine import (
+    REWARD_OPTIONS_HELP,
     BaseTrainConfig,
     ModelConfig,
     OnlineTrainer,
@@ -170,9 +171,11 @@ class FlowRWRConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
                                       metadata={"help": "trained rewards and their weights"})
     eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
 
     def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train)
+        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train,
+                      options=self.reward_options)
 
 
 class FlowRWRTrainer(ForwardTrainer):
@@ -245,9 +248,11 @@ class DiffusionNFTConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
                                       metadata={"help": "trained rewards and their weights"})
     eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
 
     def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train)
+        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train,
+                      options=self.reward_options)
 
 
 class DiffusionNFTTrainer(ForwardTrainer):

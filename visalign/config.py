@@ -11,7 +11,8 @@ every value against its annotation while loading, so a typo fails before any mod
 
 Supported annotations: `int`, `float` (ints accepted), `bool` (no 0/1), `str`, `Path`, `X | None`,
 other unions (first arm that fits), `Literal[...]`, `list[T]`, `tuple[T, ...]`, `tuple[A, B]`,
-`dict[K, V]` and nested dataclasses. Dataclasses must be defined at module level, since string
+`dict[K, V]`, nested dataclasses and `Any` (any YAML value, kept as read; for options passed on to a
+constructor that checks them itself). Dataclasses must be defined at module level, since string
 annotations (`from __future__ import annotations`) are resolved with `typing.get_type_hints`.
 
 YAML is read with YAML 1.2 scalars: `1e-4` is a float (YAML 1.1 reads it as a string), only
@@ -254,6 +255,8 @@ def _mismatch(tp: Any, value: Any, path: str) -> ConfigError:
 def _convert(tp: Any, value: Any, path: str) -> Any:
     """Check `value` against the annotation `tp` and build the typed value (dataclass, tuple, Path)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return copy.deepcopy(value)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if origin in (Union, types.UnionType):
