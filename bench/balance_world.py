@@ -3,9 +3,11 @@
     .venv/bin/python bench/balance_world.py --minutes 4 --out outputs/bench_balance
 
 Three partly conflicting rewards are trained together with DiffusionNFT (configs/nft_world.yaml): the world
-verifier (compositional), world-cleanliness (artifacts / background drift) and a style reward, `--style`:
-saturation (it pays for coloured pixels, which the clean white background is not) or brightness (it pays for
-white, so for small, pale objects). Each arm trains from the shipped base model for the same wall-time budget;
+verifier (compositional), a quality reward, `--quality`: world-cleanliness (artifacts / background drift),
+quality-nss (natural-scene statistics, no weights) or artifact (the learned detector, trained at the start of the
+run on the default world artifact set, ~15 s, unless `--artifact-weights` names one), and a style reward, `--style`: saturation (it pays for coloured
+pixels, which the clean white background is not) or brightness (it pays for white, so for small, pale objects).
+Cleanliness is measured held-out whichever quality reward is trained. Each arm trains from the shipped base model for the same wall-time budget;
 every `--eval-every` steps all three rewards are measured on held-out compositions with fresh seeds (the same at
 every point, so differences are paired). Per step the trainer logs the per-reward gradient cosines; the table
 reports the fraction of steps in which the worst-aligned reward's gradient has a negative cosine with the applied
@@ -48,11 +50,42 @@ from visalign.train import load_train_config, trainer_class
 from visalign.world.grammar import TEMPLATES
 
 STYLES = ("saturation", "brightness")  # the third reward (`--style`)
+QUALITIES = ("world-cleanliness", "quality-nss", "artifact")  # the second reward (`--quality`)
 
 
-def rewards_override(style: str, weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> str:
-    v, c, s = weights
-    return f"rewards={{world-verifier: {v}, world-cleanliness: {c}, {style}: {s}}}"
+def rewards_override(style: str, weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                     quality: str = "world-cleanliness") -> str:
+    v, q, s = weights
+    return f"rewards={{world-verifier: {v}, {quality}: {q}, {style}: {s}}}"
+
+
+def metric_keys(args) -> list[str]:
+    """The held-out columns: partial credit (the trained verifier reward), whole-prompt accuracy, cleanliness,
+    the trained quality reward when it is another one, and the style reward."""
+    extra = [] if args.quality == "world-cleanliness" else [args.quality]
+    return ["partial_credit", "verifier", "cleanliness", *extra, args.style]
+
+
+def artifact_weights(args) -> Path:
+    """`--artifact-weights`, else a detector trained (seed 0) on the default world artifact set in the run's folder."""
+    if args.artifact_weights:
+        return Path(args.artifact_weights)
+    path = Path(args.out) / "artifact.safetensors"
+    if not path.is_file():
+        from rewards.artifact import train_artifact, write_artifact_set
+
+        clean, artifact = write_artifact_set(Path(args.out) / "artifact_set")
+        train_artifact(clean, artifact, path, progress=False)
+    return path
+
+
+def reward_options(args) -> dict:
+    return {"artifact": {"weights": str(artifact_weights(args))}} if args.quality == "artifact" else {}
+
+
+def score_mean(reward: str, images, options: dict) -> float:
+    out = rewards_lib.load(reward, **options.get(reward, {}))(images=images)
+    return (out["score"] if isinstance(out, dict) else out).mean().item()
 
 
 SMOOTHED = ["train.balance_normalize=true", "train.balance_ema=0.9"]  # every arm but sum and pcgrad
@@ -73,14 +106,15 @@ ARMS = {
 SINGLE = ["rewards={world-verifier: 1.0}"]
 
 
-def evaluate(trainer, n: int, seed: int, style: str) -> dict:
+def evaluate(trainer, n: int, seed: int, args) -> dict:
     specs = suite_prompts("heldout", n, 4321, getattr(trainer.source, "templates", None) or TEMPLATES)
     images = generate_world(trainer.adapter, specs, steps=20, guidance=trainer.cfg.sampling.guidance, seed=seed,
                             batch_size=64, progress=False)
     r = score_world(images, specs)
-    value = rewards_lib.load(style)(images=images).mean().item()
-    return {"verifier": r["overall"], "partial_credit": r["partial_credit"], "cleanliness": r["cleanliness"],
-            style: value}
+    out = {"verifier": r["overall"], "partial_credit": r["partial_credit"], "cleanliness": r["cleanliness"]}
+    for reward in metric_keys(args)[3:]:
+        out[reward] = score_mean(reward, images, reward_options(args))
+    return out
 
 
 def build(extra: list[str], out: str, args, single: bool = False):
@@ -96,9 +130,11 @@ def build(extra: list[str], out: str, args, single: bool = False):
 def run_arm(name: str, extra: list[str], args, single=None) -> dict:
     """Train one arm for the wall-time budget. With `single` (a single-reward trainer) one step of it follows every
     step of the arm, outside the arm's budget, so both are timed under the same machine load."""
-    trainer = build([rewards_override(args.style, args.weights), *extra], f"{args.out}/{name}", args)
+    options = [f"reward_options={json.dumps(reward_options(args))}"]
+    trainer = build([rewards_override(args.style, args.weights, args.quality), *options, *extra], f"{args.out}/{name}",
+                    args)
     per_step = trainer.cfg.train.prompts_per_step * trainer.cfg.train.group_size
-    curve = [{"step": 0, "rollouts": 0, "minutes": 0.0, **evaluate(trainer, args.n, 777, args.style)}]
+    curve = [{"step": 0, "rollouts": 0, "minutes": 0.0, **evaluate(trainer, args.n, 777, args)}]
     print(f"[{name}] step 0: {json.dumps(curve[-1])}", flush=True)
     steps, total, step = [], 0.0, 0
     while total < args.minutes * 60:
@@ -109,7 +145,8 @@ def run_arm(name: str, extra: list[str], args, single=None) -> dict:
         step += 1
         steps.append({"time": m["time/step"], "training": m["time/training"],
                       "worst_cos": m.get("balance/worst_cos"), "safeguard": m.get("balance/safeguard"),
-                      "weights": {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("balance/weight/")}})
+                      "weights": {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("balance/weight/")},
+                      "cos": {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("balance/cos/")}})
         if single is not None:
             s = single.step(single.state.step)
             single.state.step += 1
@@ -118,7 +155,7 @@ def run_arm(name: str, extra: list[str], args, single=None) -> dict:
               f"({total / 60:.1f} min)", flush=True)
         if step % args.eval_every == 0 or total >= args.minutes * 60:
             curve.append({"step": step, "rollouts": step * per_step, "minutes": total / 60,
-                          **evaluate(trainer, args.n, 777, args.style)})
+                          **evaluate(trainer, args.n, 777, args)})
             print(f"[{name}] eval: {json.dumps(curve[-1])}", flush=True)
     # Refresh steps only carry cosines in the amortised arm.
     cos = [s["worst_cos"] for s in steps if s["worst_cos"] is not None]
@@ -132,7 +169,9 @@ def run_arm(name: str, extra: list[str], args, single=None) -> dict:
     def mean(key: str) -> float:
         return sum(s[key] for s in timed) / len(timed) if timed else nan
 
+    pairs = [s["cos"] for s in steps if s["cos"]]  # per-reward gradient cosines, on the steps that measure them
     out = {"curve": curve, "steps": steps, "negative_fraction": sum(c < 0 for c in cos) / max(1, len(cos)),
+           "pair_cos": {k: sum(p[k] for p in pairs) / len(pairs) for k in pairs[0]} if pairs else {},
            "cos_measured": len(cos), "timed_steps": len(timed), "mean_step": mean("time"),
            "mean_training": mean("training")}
     if single is not None:  # the baseline steps run beside the arm's timed steps
@@ -163,30 +202,37 @@ def single_reward_time(trainer, steps: int) -> dict:
     return {"mean_step": sum(t for t, _ in times) / n, "mean_training": sum(t for _, t in times) / n}
 
 
-def table(results: dict, single: dict, style: str) -> str:
+def table(results: dict, single: dict, keys: list[str]) -> str:
     # The trained verifier reward is partial credit (the fraction of concepts satisfied); whole-prompt accuracy is
     # the all-or-nothing verdict. Both are shown, held-out.
-    rows = [(f"| arm | minutes | verifier partial credit | Δ | whole-prompt | Δ | cleanliness | Δ | {style} | Δ | "
-             "worst cos < 0 | step time × single | training time × single |"),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    names = {"partial_credit": "verifier partial credit", "verifier": "whole-prompt"}
+    head = " | ".join(f"{names.get(k, k)} | Δ" for k in keys)
+    rows = [f"| arm | minutes | {head} | worst cos < 0 | step time × single | training time × single |",
+            "|---|---|" + "---|---|" * len(keys) + "---|---|---|"]
     for arm, r in results.items():
         base = r.get("single", single)  # interleaved runs time the baseline beside each arm
         a, b = r["curve"][0], r["curve"][-1]
-        cells = [f"{b[k]:.3f} | {b[k] - a[k]:+.3f}" for k in ("partial_credit", "verifier", "cleanliness", style)]
+        cells = [f"{b[k]:.3f} | {b[k] - a[k]:+.3f}" for k in keys]
         rows.append(f"| {arm} | {b['minutes']:.1f} | {' | '.join(cells)} | {r['negative_fraction']:.2f} "
                     f"({r['cos_measured']} steps) | {r['mean_step'] / base['mean_step']:.2f} | "
                     f"{r['mean_training'] / base['mean_training']:.2f} |")
+    pairs = sorted({k for r in results.values() for k in r.get("pair_cos", {})})
+    if pairs:  # how much the rewards conflict: the mean cosine of each pair's gradients over the measured steps
+        rows += ["", "| arm | " + " | ".join(f"cos {k}" for k in pairs) + " |", "|---|" + "---|" * len(pairs)]
+        rows += [f"| {arm} | " + " | ".join(f"{r['pair_cos'][k]:+.2f}" if k in r.get("pair_cos", {}) else "—"
+                                          for k in pairs) + " |" for arm, r in results.items()]
     return "\n".join(rows) + "\n"
 
 
-def plot(results: dict, path: Path, style: str) -> None:
+def plot(results: dict, path: Path, keys: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key in zip(axes, ("partial_credit", "cleanliness", style)):
+    keys = [k for k in keys if k != "verifier"]  # whole-prompt accuracy is in the table
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
+    for ax, key in zip(axes, keys):
         for arm, r in results.items():
             ax.plot([c["minutes"] for c in r["curve"]], [c[key] for c in r["curve"]], "o-", label=arm)
         ax.set(xlabel="training wall time (min)", ylabel=key, title=f"held-out {key}")
@@ -209,7 +255,10 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["sum", "mgda", "marble", "marble-upgrad", "pcgrad"],
                         choices=list(ARMS))
     parser.add_argument("--style", default="saturation", choices=STYLES, help="the third, style reward")
-    parser.add_argument("--weights", nargs=3, type=float, default=[1.0, 1.0, 1.0], metavar=("VERIFIER", "CLEAN", "STYLE"),
+    parser.add_argument("--quality", default="world-cleanliness", choices=QUALITIES,
+                        help="the second, quality reward")
+    parser.add_argument("--artifact-weights", help="with --quality artifact: a detector from `rewards train-artifact`")
+    parser.add_argument("--weights", nargs=3, type=float, default=[1.0, 1.0, 1.0], metavar=("VERIFIER", "QUALITY", "STYLE"),
                         help="reward weights; with normalised gradients (every arm but sum and pcgrad) a preference "
                              "among the unit gradients, which only upgrad and sum can take")
     parser.add_argument("--seed", type=int, default=0,
@@ -218,6 +267,8 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/bench_balance")
     parser.add_argument("overrides", nargs="*", help="config overrides for every arm")
     args = parser.parse_args()
+    if args.artifact_weights and args.quality != "artifact":
+        parser.error("--artifact-weights applies to --quality artifact only")
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,9 +276,10 @@ def main() -> None:
     single = single_reward_time(baseline, 0 if args.interleave else args.timing_steps)
     results = {arm: run_arm(arm, ARMS[arm], args, baseline if args.interleave else None) for arm in args.arms}
     (out / "results.json").write_text(json.dumps({"single": single, "arms": results}, indent=1))
-    (out / "results.md").write_text(table(results, single, args.style))
-    plot(results, out / "curve.png", args.style)
-    print(table(results, single, args.style))
+    keys = metric_keys(args)
+    (out / "results.md").write_text(table(results, single, keys))
+    plot(results, out / "curve.png", keys)
+    print(table(results, single, keys))
     print(f"wrote {out}/curve.png, results.md, results.json")
 
 

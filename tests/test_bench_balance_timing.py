@@ -1,12 +1,13 @@
-"""bench/balance_world.py: which steps an arm's mean step time averages, and that its marble-upgrad arm is the
-shipped configs/marble_world.yaml."""
+"""bench/balance_world.py: which steps an arm's mean step time averages, that its marble-upgrad arm is the
+shipped configs/marble_world.yaml, and its table's columns."""
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from balance_world import ARMS, rewards_override, timed_steps
+from balance_world import ARMS, metric_keys, rewards_override, table, timed_steps
 
 from visalign.train import load_train_config
 
@@ -35,3 +36,21 @@ def test_marble_upgrad_arm_is_the_shipped_marble_config():
     assert list(shipped.rewards) == ["world-verifier", "world-cleanliness", "brightness"]
     assert dict(bench.rewards) == dict(shipped.rewards)
     assert bench.train == shipped.train and bench.sampling == shipped.sampling and bench.model == shipped.model
+
+
+def test_table_has_a_column_per_trained_reward_and_the_pair_cosines():
+    args = SimpleNamespace(quality="quality-nss", style="brightness")
+    keys = metric_keys(args)
+    assert keys == ["partial_credit", "verifier", "cleanliness", "quality-nss", "brightness"]  # cleanliness: held-out
+    start = dict(zip(keys, [0.7, 0.3, 0.9, -32.0, 0.8]))
+    end = dict(zip(keys, [0.75, 0.35, 0.6, -29.5, 0.9]))
+    arm = {"curve": [{"minutes": 0.0, **start}, {"minutes": 4.2, **end}], "negative_fraction": 0.25, "cos_measured": 4,
+           "mean_step": 3.0, "mean_training": 2.0, "pair_cos": {"a|b": -0.5, "a|c": 0.25}}
+    lines = table({"marble": arm}, {"mean_step": 2.0, "mean_training": 2.0}, keys).splitlines()
+    assert lines[0].split(" | ")[2:12:2] == ["verifier partial credit", "whole-prompt", "cleanliness", "quality-nss",
+                                             "brightness"]
+    assert "| marble | 4.2 | 0.750 | +0.050 | 0.350 | +0.050 | 0.600 | -0.300 | -29.500 | +2.500 | 0.900 | +0.100 | " \
+           "0.25 (4 steps) | 1.50 | 1.00 |" in lines
+    assert lines[-3:] == ["| arm | cos a|b | cos a|c |", "|---|---|---|", "| marble | -0.50 | +0.25 |"]
+    assert rewards_override("saturation", (1, 2, 3), "artifact") == \
+        "rewards={world-verifier: 1, artifact: 2, saturation: 3}"
