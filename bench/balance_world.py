@@ -2,19 +2,19 @@
 
     .venv/bin/python bench/balance_world.py --minutes 4 --out outputs/bench_balance
 
-Three partly conflicting rewards are trained together with DiffusionNFT (configs/nft_world.yaml): the world
-verifier (compositional), a quality reward, `--quality`: world-cleanliness (artifacts / background drift),
-quality-nss (natural-scene statistics, no weights) or artifact (the learned detector, trained at the start of the
-run on the default world artifact set, ~15 s, unless `--artifact-weights` names one), and a style reward, `--style`: saturation (it pays for coloured
-pixels, which the clean white background is not) or brightness (it pays for white, so for small, pale objects).
-Cleanliness is measured held-out whichever quality reward is trained. Each arm trains from the shipped base model for the same wall-time budget;
-every `--eval-every` steps all three rewards are measured on held-out compositions with fresh seeds (the same at
-every point, so differences are paired). Per step the trainer logs the per-reward gradient cosines; the table
-reports the fraction of steps in which the worst-aligned reward's gradient has a negative cosine with the applied
-update, and the mean step time relative to single-reward NFT (verifier only) measured in the same run (each arm's
-time averages whole refresh cycles after its first, the baseline's every step after its first: both skip the
-process warm-up). With `--interleave` one baseline step follows every arm step instead, so each arm's ratio is
-measured under the same machine load as the arm itself.
+Three partly conflicting rewards are trained together with DiffusionNFT (configs/nft_world.yaml): the world verifier
+(compositional), a quality reward, `--quality`: world-cleanliness (artifacts / background drift), quality-nss
+(natural-scene statistics, no weights) or artifact (the learned detector, trained at the start of the run on the
+default world artifact set, ~15 s, unless `--artifact-weights` names one), and a style reward, `--style`: saturation
+(it pays for coloured pixels, which the clean white background is not) or brightness (it pays for white, so for
+small, pale objects). Cleanliness is measured held-out whichever quality reward is trained. Each arm trains from the
+shipped base model for the same wall-time budget; every `--eval-every` steps all three rewards are measured on
+held-out compositions with fresh seeds (the same at every point, so differences are paired). Per step the trainer
+logs the per-reward gradient cosines; the table reports the fraction of steps in which the worst-aligned reward's
+gradient has a negative cosine with the applied update, and the mean step time relative to single-reward NFT
+(verifier only) measured in the same run (each arm's time averages whole refresh cycles after its first, the
+baseline's every step after its first: both skip the process warm-up). With `--interleave` one baseline step follows
+every arm step instead, so each arm's ratio is measured under the same machine load as the arm itself.
 
 Arms (all per-reward gradients, so the weighted sum's cosines are measured too; its update equals GDPO's):
   sum      train.balance=sum (weights 1, 1, 1)
@@ -33,6 +33,8 @@ Arms (all per-reward gradients, so the weighted sum's cosines are measured too; 
            applied to the next step, with the safeguard; its cosines are measured in that output space
   marble4  the earlier amortised arm: Gram from one micro-batch every 4 steps, no safeguard
   pcgrad   train.balance=pcgrad
+  alone-verifier, alone-quality, alone-style  that reward trained alone (no balancing): how far each can rise in
+           the budget on its own, and what it does to the other two
 """
 
 from __future__ import annotations
@@ -79,8 +81,10 @@ def artifact_weights(args) -> Path:
     return path
 
 
-def reward_options(args) -> dict:
-    return {"artifact": {"weights": str(artifact_weights(args))}} if args.quality == "artifact" else {}
+def reward_options(args, used: tuple[str, ...]) -> dict:
+    """The config's `reward_options` for the rewards in `used`: the artifact detector's weights."""
+    use = args.quality == "artifact" and "artifact" in used
+    return {"artifact": {"weights": str(artifact_weights(args))}} if use else {}
 
 
 def score_mean(reward: str, images, options: dict) -> float:
@@ -104,6 +108,18 @@ ARMS = {
     "pcgrad": ["train.balance=pcgrad"],
 }
 SINGLE = ["rewards={world-verifier: 1.0}"]
+ALONE = ("alone-verifier", "alone-quality", "alone-style")  # one of the three rewards trained alone: its ceiling
+
+
+def arm_overrides(name: str, args) -> list[str]:
+    """The config overrides of arm `name` (before the command line's): its rewards, their options, its balancing."""
+    rewards = rewards_override(args.style, args.weights, args.quality)
+    used: tuple[str, ...] = (args.quality,)
+    extra = ARMS.get(name, [])
+    if name in ALONE:  # one reward, no balancing
+        reward = {"verifier": "world-verifier", "quality": args.quality, "style": args.style}[name.split("-", 1)[1]]
+        rewards, used = f"rewards={{{reward}: 1.0}}", (reward,)
+    return [rewards, f"reward_options={json.dumps(reward_options(args, used))}", *extra]
 
 
 def evaluate(trainer, n: int, seed: int, args) -> dict:
@@ -113,7 +129,7 @@ def evaluate(trainer, n: int, seed: int, args) -> dict:
     r = score_world(images, specs)
     out = {"verifier": r["overall"], "partial_credit": r["partial_credit"], "cleanliness": r["cleanliness"]}
     for reward in metric_keys(args)[3:]:
-        out[reward] = score_mean(reward, images, reward_options(args))
+        out[reward] = score_mean(reward, images, reward_options(args, (reward,)))
     return out
 
 
@@ -127,12 +143,11 @@ def build(extra: list[str], out: str, args, single: bool = False):
     return trainer_class(cfg.trainer)(cfg)
 
 
-def run_arm(name: str, extra: list[str], args, single=None) -> dict:
+def run_arm(name: str, args, single=None) -> dict:
     """Train one arm for the wall-time budget. With `single` (a single-reward trainer) one step of it follows every
     step of the arm, outside the arm's budget, so both are timed under the same machine load."""
-    options = [f"reward_options={json.dumps(reward_options(args))}"]
-    trainer = build([rewards_override(args.style, args.weights, args.quality), *options, *extra], f"{args.out}/{name}",
-                    args)
+    # An arm training one reward alone has nothing to balance: it takes no train.balance* overrides.
+    trainer = build(arm_overrides(name, args), f"{args.out}/{name}", args, single=name in ALONE)
     per_step = trainer.cfg.train.prompts_per_step * trainer.cfg.train.group_size
     curve = [{"step": 0, "rollouts": 0, "minutes": 0.0, **evaluate(trainer, args.n, 777, args)}]
     print(f"[{name}] step 0: {json.dumps(curve[-1])}", flush=True)
@@ -213,8 +228,9 @@ def table(results: dict, single: dict, keys: list[str]) -> str:
         base = r.get("single", single)  # interleaved runs time the baseline beside each arm
         a, b = r["curve"][0], r["curve"][-1]
         cells = [f"{b[k]:.3f} | {b[k] - a[k]:+.3f}" for k in keys]
-        rows.append(f"| {arm} | {b['minutes']:.1f} | {' | '.join(cells)} | {r['negative_fraction']:.2f} "
-                    f"({r['cos_measured']} steps) | {r['mean_step'] / base['mean_step']:.2f} | "
+        negative = f"{r['negative_fraction']:.2f} ({r['cos_measured']} steps)" if r["cos_measured"] else "—"
+        rows.append(f"| {arm} | {b['minutes']:.1f} | {' | '.join(cells)} | {negative} | "
+                    f"{r['mean_step'] / base['mean_step']:.2f} | "
                     f"{r['mean_training'] / base['mean_training']:.2f} |")
     pairs = sorted({k for r in results.values() for k in r.get("pair_cos", {})})
     if pairs:  # how much the rewards conflict: the mean cosine of each pair's gradients over the measured steps
@@ -253,7 +269,7 @@ def main() -> None:
                         help="time the single-reward baseline by one step after each arm step instead of on its own "
                              "beforehand, so drift in machine speed between runs cannot skew the ratio (slower)")
     parser.add_argument("--arms", nargs="+", default=["sum", "mgda", "marble", "marble-upgrad", "pcgrad"],
-                        choices=list(ARMS))
+                        choices=[*ARMS, *ALONE])
     parser.add_argument("--style", default="saturation", choices=STYLES, help="the third, style reward")
     parser.add_argument("--quality", default="world-cleanliness", choices=QUALITIES,
                         help="the second, quality reward")
@@ -274,7 +290,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     baseline = single_reward_trainer(args)
     single = single_reward_time(baseline, 0 if args.interleave else args.timing_steps)
-    results = {arm: run_arm(arm, ARMS[arm], args, baseline if args.interleave else None) for arm in args.arms}
+    results = {arm: run_arm(arm, args, baseline if args.interleave else None) for arm in args.arms}
     (out / "results.json").write_text(json.dumps({"single": single, "arms": results}, indent=1))
     keys = metric_keys(args)
     (out / "results.md").write_text(table(results, single, keys))

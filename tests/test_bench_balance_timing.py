@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from balance_world import ARMS, metric_keys, rewards_override, table, timed_steps
+from balance_world import ARMS, arm_overrides, metric_keys, rewards_override, table, timed_steps
 
 from visalign.train import load_train_config
 
@@ -54,3 +54,19 @@ def test_table_has_a_column_per_trained_reward_and_the_pair_cosines():
     assert lines[-3:] == ["| arm | cos a|b | cos a|c |", "|---|---|---|", "| marble | -0.50 | +0.25 |"]
     assert rewards_override("saturation", (1, 2, 3), "artifact") == \
         "rewards={world-verifier: 1, artifact: 2, saturation: 3}"
+
+
+def test_arm_overrides_build_valid_configs_and_alone_arms_train_one_reward(tmp_path):
+    weights = tmp_path / "artifact.safetensors"
+    weights.touch()  # reward_options only names the file here; no reward loads
+    args = SimpleNamespace(quality="artifact", style="saturation", weights=(1.0, 2.0, 1.0), artifact_weights=str(weights),
+                           out=str(tmp_path))
+    nft = str(ROOT / "configs/nft_world.yaml")
+    marble = load_train_config(nft, arm_overrides("marble-upgrad", args))
+    assert marble.rewards == {"world-verifier": 1.0, "artifact": 2.0, "saturation": 1.0}
+    assert marble.reward_options == {"artifact": {"weights": str(weights)}} and marble.train.balance == "upgrad"
+    alone = load_train_config(nft, arm_overrides("alone-quality", args))
+    assert alone.rewards == {"artifact": 1.0} and alone.reward_options == {"artifact": {"weights": str(weights)}}
+    assert alone.train.balance == "none"
+    style = load_train_config(nft, arm_overrides("alone-style", args))  # the detector is not used: no options
+    assert style.rewards == {"saturation": 1.0} and style.reward_options == {}
