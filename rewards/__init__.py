@@ -87,6 +87,30 @@ def _resolve(name: str) -> type[Reward]:
     return cls
 
 
+def check_options(name: str, options: dict) -> None:
+    """Raise ValueError naming the `options` that reward `name`'s constructor does not take, without building it.
+
+    A constructor's `**kwargs` are taken to go on to its base class's (every shipped reward does so), so the
+    allowed names are collected up the class hierarchy; a chain that never lists its parameters accepts anything
+    here, and the constructor checks them when the reward loads."""
+    import inspect
+
+    cls, allowed = _resolve(name), []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        allowed += [p.name for p in params
+                    if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name != "self" and p.name not in allowed]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    else:
+        return
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"reward {name!r}: {cls.__name__} takes no option {unknown}; it takes {allowed}")
+
+
 def load(name: str, **kwargs) -> Reward:
     """The reward `name` (registered, "frames/<image reward>", or a dotted path to a Reward subclass) built
     with kwargs.
@@ -100,4 +124,5 @@ def load(name: str, **kwargs) -> Reward:
     return _CACHE[key]
 
 
-__all__ = ["REGISTRY", "Reward", "RewardError", "RewardOutput", "combined", "describe", "list_rewards", "load", "register"]
+__all__ = ["REGISTRY", "Reward", "RewardError", "RewardOutput", "check_options", "combined", "describe", "list_rewards",
+           "load", "register"]

@@ -95,6 +95,15 @@ def test_bad_outputs_name_the_reward(out, match):
         Broken(out)(images=torch.rand(2, 3, 4, 4))
 
 
+def test_check_options_follows_kwargs_up_to_the_base_class():
+    # PickScore's **kwargs go to the CLIP base class and on to Reward: options of all three are accepted.
+    rewards.check_options("pickscore", {"model": "/ckpt", "divide_by_26": True, "device": "cpu"})
+    with pytest.raises(ValueError, match=r"PickScore takes no option \['modle'\]; it takes \['model', 'tokenizer'"):
+        rewards.check_options("pickscore", {"modle": "/ckpt"})
+    with pytest.raises(ValueError, match=r"FrameReward takes no option \['segments'\].*'num_segments'"):
+        rewards.check_options("frames/pickscore", {"segments": 4})
+
+
 def test_non_differentiable_refuses_grad_inputs():
     r = rewards.load("world-cleanliness")
     assert not r.differentiable

@@ -284,32 +284,6 @@ REWARD_OPTIONS_HELP = {
             "artifact.safetensors}}; applies wherever that reward is used (trained, held-out, drift)"}
 
 
-def check_reward_options(options: dict[str, dict[str, Any]], used: list[str]) -> None:
-    """Every `reward_options` entry must name a reward the recipe uses and, where the reward's constructor lists
-    its parameters, only parameters it takes: a misspelt name or option fails before any model loads."""
-    import inspect
-
-    import rewards as rewards_lib
-
-    for name, opts in options.items():
-        if name not in used:
-            raise ValueError(f"reward_options names {name!r}, which this recipe does not use; its rewards: {used}")
-        cls, allowed = rewards_lib._resolve(name), []
-        for klass in cls.__mro__:  # a constructor's **kwargs go on to its base class's (the rewards' convention)
-            if "__init__" not in vars(klass):
-                continue
-            params = inspect.signature(klass.__init__).parameters.values()
-            allowed += [p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name != "self"
-                        and p.name not in allowed]
-            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-                break
-        else:
-            continue  # no constructor lists its parameters: they are checked when the reward loads
-        unknown = sorted(set(opts) - set(allowed))
-        if unknown:
-            raise ValueError(f"reward_options.{name}: {cls.__name__} takes no option {unknown}; it takes {allowed}")
-
-
 def check_rewards(trained: dict[str, float], heldout: list[str], required: bool = True,
                   sampling: SamplingConfig | None = None, train: BaseTrainConfig | None = None,
                   options: dict[str, dict[str, Any]] | None = None) -> None:
@@ -346,7 +320,11 @@ def check_rewards(trained: dict[str, float], heldout: list[str], required: bool 
         if not rewards_lib.describe(name)["differentiable"]:
             raise ValueError(f"sampling.drift needs differentiable rewards; {name} is not (set "
                              "sampling.drift_rewards to differentiable ones, e.g. world-soft)")
-    check_reward_options(options or {}, list(dict.fromkeys([*trained, *heldout, *drift])))
+    used = list(dict.fromkeys([*trained, *heldout, *drift]))
+    for name, opts in (options or {}).items():
+        if name not in used:
+            raise ValueError(f"reward_options names {name!r}, which this recipe does not use; its rewards: {used}")
+        rewards_lib.check_options(name, opts)
 
 
 def drift_reward_weights(sampling: SamplingConfig, trained: dict[str, float]) -> dict[str, float]:
@@ -460,7 +438,8 @@ class OnlineTrainer:
             start, stop = cfg.sampling.drift_window or (0, None)
             self.drift = RewardDrift(cfg.sampling.drift_scale, cfg.sampling.drift_mode, cfg.sampling.drift_normalize,
                                      start, stop)
-            loaded = load_rewards(drift_weights, cfg.reward_options)  # rewards.load caches: trained rewards are the same objects
+            # rewards.load caches: the trained rewards are the same objects
+            loaded = load_rewards(drift_weights, cfg.reward_options)
             self.drift_rewards = {name: (loaded[name], w) for name, w in drift_weights.items()}
         self.ema = EMA(params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema_decay else None
         self.state = TrainerState()
