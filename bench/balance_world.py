@@ -3,18 +3,19 @@
     .venv/bin/python bench/balance_world.py --minutes 4 --out outputs/bench_balance
 
 Three partly conflicting rewards are trained together with DiffusionNFT (configs/nft_world.yaml): the world verifier
-(compositional), a quality reward, `--quality`: world-cleanliness (artifacts / background drift), quality-nss
-(natural-scene statistics, no weights) or artifact (the learned detector, trained at the start of the run on the
-default world artifact set, ~15 s, unless `--artifact-weights` names one), and a style reward, `--style`: saturation
-(it pays for coloured pixels, which the clean white background is not) or brightness (it pays for white, so for
-small, pale objects). Cleanliness is measured held-out whichever quality reward is trained. Each arm trains from the
-shipped base model for the same wall-time budget; every `--eval-every` steps all three rewards are measured on
-held-out compositions with fresh seeds (the same at every point, so differences are paired). Per step the trainer
-logs the per-reward gradient cosines; the table reports the fraction of steps in which the worst-aligned reward's
-gradient has a negative cosine with the applied update, and the mean step time relative to single-reward NFT
-(verifier only) measured in the same run (each arm's time averages whole refresh cycles after its first, the
-baseline's every step after its first: both skip the process warm-up). With `--interleave` one baseline step follows
-every arm step instead, so each arm's ratio is measured under the same machine load as the arm itself.
+(compositional), a quality reward, `--quality`: world-cleanliness (artifacts / background drift),
+world-shape-fidelity (deformed, merged or smeared objects), quality-nss (natural-scene statistics, no weights) or
+artifact (the learned detector, trained at the start of the run on the default world artifact set, ~15 s, unless
+`--artifact-weights` names one), and a style reward, `--style`: saturation (it pays for coloured pixels, which the
+clean white background is not) or brightness (it pays for white, so for small, pale objects). Cleanliness is
+measured held-out whichever quality reward is trained. Each arm trains from the shipped base model for the same
+wall-time budget; every `--eval-every` steps all three rewards are measured on held-out compositions with fresh
+seeds (the same at every point, so differences are paired). Per step the trainer logs the per-reward gradient
+cosines; the table reports the fraction of steps in which the worst-aligned reward's gradient has a negative cosine
+with the applied update, and the mean step time relative to single-reward NFT (verifier only) measured in the same
+run (each arm's time averages whole refresh cycles after its first, the baseline's every step after its first: both
+skip the process warm-up). With `--interleave` one baseline step follows every arm step instead, so each arm's ratio
+is measured under the same machine load as the arm itself.
 
 Arms (all per-reward gradients, so the weighted sum's cosines are measured too; its update equals GDPO's):
   sum      train.balance=sum (weights 1, 1, 1)
@@ -52,7 +53,7 @@ from visalign.train import load_train_config, trainer_class
 from visalign.world.grammar import TEMPLATES
 
 STYLES = ("saturation", "brightness")  # the third reward (`--style`)
-QUALITIES = ("world-cleanliness", "quality-nss", "artifact")  # the second reward (`--quality`)
+QUALITIES = ("world-cleanliness", "world-shape-fidelity", "quality-nss", "artifact")  # the second reward (`--quality`)
 
 
 def rewards_override(style: str, weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
@@ -274,7 +275,8 @@ def main() -> None:
     parser.add_argument("--quality", default="world-cleanliness", choices=QUALITIES,
                         help="the second, quality reward")
     parser.add_argument("--artifact-weights", help="with --quality artifact: a detector from `rewards train-artifact`")
-    parser.add_argument("--weights", nargs=3, type=float, default=[1.0, 1.0, 1.0], metavar=("VERIFIER", "QUALITY", "STYLE"),
+    parser.add_argument("--weights", nargs=3, type=float, default=[1.0, 1.0, 1.0],
+                        metavar=("VERIFIER", "QUALITY", "STYLE"),
                         help="reward weights; with normalised gradients (every arm but sum and pcgrad) a preference "
                              "among the unit gradients, which only upgrad and sum can take")
     parser.add_argument("--seed", type=int, default=0,

@@ -35,6 +35,7 @@ REGISTRY: dict[str, str] = {
     "world-verifier": "rewards.world:WorldVerifierReward",
     "world-strict": "rewards.world:WorldStrictReward",
     "world-cleanliness": "rewards.world:WorldCleanlinessReward",
+    "world-shape-fidelity": "rewards.world:WorldShapeFidelityReward",
     "world-soft": "rewards.world:WorldSoftReward",
     "world-motion": "rewards.world:WorldMotionReward",
     "world-motion-travel": "rewards.world:WorldMotionTravelReward",

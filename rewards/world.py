@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from rewards.base import Reward
-from visalign.world.verify import cleanliness, verify
+from visalign.world.verify import cleanliness, shape_fidelity, verify
 
 
 def _specs(prompts, metadata):
@@ -92,6 +92,19 @@ class WorldCleanlinessReward(Reward):
         if videos is not None:
             return _frame_cleanliness(videos)
         return cleanliness(images).float()
+
+
+class WorldShapeFidelityReward(Reward):
+    """Artifact reward for deformed objects: the mean best shape fit of the detected objects (colourless blobs
+    count 0), in [0, 1]; needs no prompt (`visalign.world.verify.shape_fidelity`)."""
+
+    name = "world-shape-fidelity"
+    differentiable = False
+    value_range = (0.0, 1.0)
+    needs_prompts = False
+
+    def score(self, *, prompts, images, videos, metadata):
+        return shape_fidelity(images)
 
 
 def _frame_cleanliness(videos):

@@ -59,8 +59,8 @@ def test_table_has_a_column_per_trained_reward_and_the_pair_cosines():
 def test_arm_overrides_build_valid_configs_and_alone_arms_train_one_reward(tmp_path):
     weights = tmp_path / "artifact.safetensors"
     weights.touch()  # reward_options only names the file here; no reward loads
-    args = SimpleNamespace(quality="artifact", style="saturation", weights=(1.0, 2.0, 1.0), artifact_weights=str(weights),
-                           out=str(tmp_path))
+    args = SimpleNamespace(quality="artifact", style="saturation", weights=(1.0, 2.0, 1.0),
+                           artifact_weights=str(weights), out=str(tmp_path))
     nft = str(ROOT / "configs/nft_world.yaml")
     marble = load_train_config(nft, arm_overrides("marble-upgrad", args))
     assert marble.rewards == {"world-verifier": 1.0, "artifact": 2.0, "saturation": 1.0}

@@ -15,7 +15,14 @@ from visalign.world.grammar import (
     parse_prompt,
 )
 from visalign.world.render import BACKGROUND, CANVAS, PlacedShape, draw_layout, render, render_batch
-from visalign.world.verify import VerifyResult, cleanliness, detect_objects, verify, verify_strict
+from visalign.world.verify import (
+    VerifyResult,
+    cleanliness,
+    detect_objects,
+    shape_fidelity,
+    verify,
+    verify_strict,
+)
 
 torch.set_num_threads(1)
 
@@ -327,6 +334,27 @@ def test_cleanliness_counts_unexplained_marks():
     assert cleanliness(image).item() == pytest.approx(1.0)
     assert cleanliness(marked).item() < 0.9
     assert verify(marked, ["a red circle"]).passed.item() == 1.0  # the dots are not objects
+
+
+def test_shape_fidelity_of_renders_and_of_deformed_objects(clean):
+    _, images = clean
+    assert shape_fidelity(images).min().item() >= 0.98  # every rendered object is its ideal shape
+    crisp = scene(("red", "circle", 10, 16, 10), ("blue", "square", 24, 16, 8))
+    fits = [max(d.fits.values()) for d in detect_objects(crisp)[0]]
+    assert shape_fidelity(crisp).item() == pytest.approx(sum(fits) / 2)
+    # Two touching circles of one colour are one object that is no shape; smearing lowers the fit too.
+    merged = scene(("red", "circle", 12, 16, 10), ("red", "circle", 19, 16, 10))
+    assert shape_fidelity(merged).item() < 0.85
+    assert shape_fidelity(gaussian_blur(crisp, 2.0)).item() < shape_fidelity(crisp).item() - 0.05
+    # A colourless blob counts 0 in the mean; an image with no object scores 0.
+    blob = crisp.clone()
+    blob[0, :, 2:8, 2:8] = 0.1
+    assert shape_fidelity(blob).item() == pytest.approx(sum(fits) / 3)
+    assert shape_fidelity(torch.full((1, 3, 32, 32), BACKGROUND[0])).item() == 0.0
+    # The registered reward is this function, and needs no prompt.
+    import rewards
+
+    torch.testing.assert_close(rewards.load("world-shape-fidelity")(images=blob), shape_fidelity(blob))
 
 
 # ------------------------------------------------------------------------------------------ slow checks

@@ -391,3 +391,18 @@ def cleanliness(images: torch.Tensor) -> torch.Tensor:
         plain = max(0.0, 1.0 - background_deviation / BACKGROUND_DEVIATION_SCALE)
         scores.append(float(explained) * plain)
     return torch.tensor(scores, dtype=torch.float32)
+
+
+def shape_fidelity(images: torch.Tensor) -> torch.Tensor:
+    """How well-formed the drawn objects of each image [B, 3, H, H] in [0, 1] are, in [0, 1]: the mean over its
+    detected objects of the best shape fit (soft IoU with the ideal circle, square or triangle of the same area and
+    centroid, sharp or through a template blur; `Detection.fits`). A colourless blob counts 0 (it has no shape), and
+    an image with no object at all scores 0. Merged, broken or smeared shapes lower it; what the prompt asked for
+    does not enter (that is the verifier's job), so on its own it can be raised by drawing fewer, cleaner shapes.
+    """
+    _check_images(images)
+    scores = []
+    for detections, _ in _detect_batch(images):
+        fits = [max(d.fits.values()) if d.fits else 0.0 for d in detections]
+        scores.append(sum(fits) / len(fits) if fits else 0.0)
+    return torch.tensor(scores, dtype=torch.float32)
