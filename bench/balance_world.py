@@ -15,7 +15,9 @@ cosines; the table reports the fraction of steps in which the worst-aligned rewa
 with the applied update, and the mean step time relative to single-reward NFT (verifier only) measured in the same
 run (each arm's time averages whole refresh cycles after its first, the baseline's every step after its first: both
 skip the process warm-up). With `--interleave` one baseline step follows every arm step instead, so each arm's ratio
-is measured under the same machine load as the arm itself.
+is measured under the same machine load as the arm itself. Each arm's folder gets grids of its first and last
+held-out samples (samples_start.png, samples_end.png), and results.json also records the median pixel level
+("background"; 0.90 on renders), which tells a shifted background from speckle when cleanliness falls.
 
 Arms (all per-reward gradients, so the weighted sum's cosines are measured too; its update equals GDPO's):
   sum      train.balance=sum (weights 1, 1, 1)
@@ -123,12 +125,20 @@ def arm_overrides(name: str, args) -> list[str]:
     return [rewards, f"reward_options={json.dumps(reward_options(args, used))}", *extra]
 
 
-def evaluate(trainer, n: int, seed: int, args) -> dict:
+def evaluate(trainer, n: int, seed: int, args, save: Path | None = None) -> dict:
+    """Held-out metrics; `save` writes a grid of the first 64 samples there."""
     specs = suite_prompts("heldout", n, 4321, getattr(trainer.source, "templates", None) or TEMPLATES)
     images = generate_world(trainer.adapter, specs, steps=20, guidance=trainer.cfg.sampling.guidance, seed=seed,
                             batch_size=64, progress=False)
+    if save is not None:
+        from torchvision.utils import save_image
+
+        save_image(images[:64], save, nrow=16, padding=1)
     r = score_world(images, specs)
-    out = {"verifier": r["overall"], "partial_credit": r["partial_credit"], "cleanliness": r["cleanliness"]}
+    # "background": the mean over images of the median pixel level (most pixels are background; renders give 0.90),
+    # logged to results.json to tell a shifted background from speckle when cleanliness falls.
+    out = {"verifier": r["overall"], "partial_credit": r["partial_credit"], "cleanliness": r["cleanliness"],
+           "background": images.mean(dim=1).flatten(1).median(dim=1).values.mean().item()}
     for reward in metric_keys(args)[3:]:
         out[reward] = score_mean(reward, images, reward_options(args, (reward,)))
     return out
@@ -150,7 +160,10 @@ def run_arm(name: str, args, single=None) -> dict:
     # An arm training one reward alone has nothing to balance: it takes no train.balance* overrides.
     trainer = build(arm_overrides(name, args), f"{args.out}/{name}", args, single=name in ALONE)
     per_step = trainer.cfg.train.prompts_per_step * trainer.cfg.train.group_size
-    curve = [{"step": 0, "rollouts": 0, "minutes": 0.0, **evaluate(trainer, args.n, 777, args)}]
+    folder = Path(args.out) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    curve = [{"step": 0, "rollouts": 0, "minutes": 0.0,
+              **evaluate(trainer, args.n, 777, args, folder / "samples_start.png")}]
     print(f"[{name}] step 0: {json.dumps(curve[-1])}", flush=True)
     steps, total, step = [], 0.0, 0
     while total < args.minutes * 60:
@@ -171,7 +184,8 @@ def run_arm(name: str, args, single=None) -> dict:
               f"({total / 60:.1f} min)", flush=True)
         if step % args.eval_every == 0 or total >= args.minutes * 60:
             curve.append({"step": step, "rollouts": step * per_step, "minutes": total / 60,
-                          **evaluate(trainer, args.n, 777, args)})
+                          **evaluate(trainer, args.n, 777, args,
+                                     folder / "samples_end.png" if total >= args.minutes * 60 else None)})
             print(f"[{name}] eval: {json.dumps(curve[-1])}", flush=True)
     # Refresh steps only carry cosines in the amortised arm.
     cos = [s["worst_cos"] for s in steps if s["worst_cos"] is not None]
