@@ -91,8 +91,7 @@ def reward_options(args, used: tuple[str, ...]) -> dict:
 
 
 def score_mean(reward: str, images, options: dict) -> float:
-    out = rewards_lib.load(reward, **options.get(reward, {}))(images=images)
-    return (out["score"] if isinstance(out, dict) else out).mean().item()
+    return rewards_lib.combined(rewards_lib.load(reward, **options.get(reward, {}))(images=images)).mean().item()
 
 
 SMOOTHED = ["train.balance_normalize=true", "train.balance_ema=0.9"]  # every arm but sum and pcgrad

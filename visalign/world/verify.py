@@ -400,9 +400,8 @@ def shape_fidelity(images: torch.Tensor) -> torch.Tensor:
     an image with no object at all scores 0. Merged, broken or smeared shapes lower it; what the prompt asked for
     does not enter (that is the verifier's job), so on its own it can be raised by drawing fewer, cleaner shapes.
     """
-    _check_images(images)
     scores = []
-    for detections, _ in _detect_batch(images):
+    for detections in detect_objects(images):
         fits = [max(d.fits.values()) if d.fits else 0.0 for d in detections]
         scores.append(sum(fits) / len(fits) if fits else 0.0)
     return torch.tensor(scores, dtype=torch.float32)
