@@ -31,9 +31,9 @@ def test_marble_upgrad_arm_is_the_shipped_marble_config():
     shipped = load_train_config(str(ROOT / "configs/marble_world.yaml"))
     weights = tuple(shipped.rewards.values())
     bench = load_train_config(str(ROOT / "configs/nft_world.yaml"),
-                              [rewards_override("brightness", weights), *ARMS["marble-upgrad"],
+                              [rewards_override("brightness", weights, "world-shape-fidelity"), *ARMS["marble-upgrad"],
                                f"train.lr={shipped.train.lr}"])
-    assert list(shipped.rewards) == ["world-verifier", "world-cleanliness", "brightness"]
+    assert list(shipped.rewards) == ["world-verifier", "world-shape-fidelity", "brightness"]
     assert dict(bench.rewards) == dict(shipped.rewards)
     assert bench.train == shipped.train and bench.sampling == shipped.sampling and bench.model == shipped.model
 
