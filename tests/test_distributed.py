@@ -34,3 +34,24 @@ def test_two_process_flow_grpo(tmp_path, extra):
     assert data["groups"] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]  # gathered in rank order: groups whole
     assert records[0][4:] == records[1][4:]  # identical parameters on both ranks
     assert (tmp_path / "checkpoints" / "checkpoint-2" / "manifest.json").exists()
+
+
+def test_end_distributed_frees_the_prepared_models_before_the_process_group():
+    # A DDP wrapper still alive after destroy_process_group keeps gloo's threads until interpreter exit, where a
+    # rank could abort ("terminate called without an active exception"); end_distributed must release it first.
+    import gc
+    import weakref
+
+    import torch
+    from accelerate import Accelerator
+
+    from visalign.train import end_distributed
+
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(torch.nn.Linear(2, 2))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is not None  # the accelerator holds it until the end
+    end_distributed(acc)
+    assert alive() is None

@@ -719,8 +719,8 @@ class OnlineTrainer:
 
     def train(self, stop_after: int | None = None) -> list[dict]:
         """Run until max_steps (or until `stop_after` more steps, to simulate an interruption). Trackers are
-        finished; the process group is left up, so a distributed script ends with
-        `visalign.train.end_distributed(trainer.accelerator)` (the CLI does)."""
+        finished; the process group is left up, so a distributed script keeps `acc = trainer.accelerator`, drops
+        the trainer and ends with `visalign.train.end_distributed(acc)` (the CLI does)."""
         from visalign.config import save_config
 
         cfg, acc = self.cfg, self.accelerator

@@ -65,14 +65,22 @@ def run(path: str | None, overrides: Sequence[str] = ()):
     cfg = load_train_config(path, overrides)  # every config error surfaces here, before any model loads
     trainer = trainer_class(cfg.trainer)(cfg)
     history = trainer.train()
-    end_distributed(trainer.accelerator)
+    accelerator = trainer.accelerator
+    del trainer  # its DDP wrapper holds the process group; end_distributed must be able to free it
+    end_distributed(accelerator)
     return history
 
 
 def end_distributed(accelerator) -> None:
     """Let every rank arrive, then tear the process group down: a rank that exits with gloo's threads still
-    live can abort with "terminate called without an active exception" while the others finish."""
+    live can abort with "terminate called without an active exception" while the others finish. The prepared
+    (DDP-wrapped) models keep the process group alive after `destroy_process_group` until they are collected,
+    at interpreter exit, so the accelerator drops them first; callers drop their own references before."""
+    import gc
+
     accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
 
 

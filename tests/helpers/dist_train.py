@@ -28,6 +28,7 @@ def main():
     if acc.is_main_process:
         with open(f"{out}/dist.json", "w") as f:
             json.dump({"records": records.tolist(), "groups": groups.tolist()}, f)
+    del trainer  # as visalign.train.run does: the DDP wrapper must be freed before the process group
     end_distributed(acc)
 
 
