@@ -181,10 +181,10 @@ def run_arm(name: str, args, single=None) -> dict:
             steps[-1].update(single_time=s["time/step"], single_training=s["time/training"])
         print(f"[{name}] step {step}: worst cos {m.get('balance/worst_cos', float('nan')):+.3f} "
               f"({total / 60:.1f} min)", flush=True)
-        if step % args.eval_every == 0 or total >= args.minutes * 60:
+        last = total >= args.minutes * 60  # the loop's own end condition: this step is the arm's last
+        if step % args.eval_every == 0 or last:
             curve.append({"step": step, "rollouts": step * per_step, "minutes": total / 60,
-                          **evaluate(trainer, args.n, 777, args,
-                                     folder / "samples_end.png" if total >= args.minutes * 60 else None)})
+                          **evaluate(trainer, args.n, 777, args, folder / "samples_end.png" if last else None)})
             print(f"[{name}] eval: {json.dumps(curve[-1])}", flush=True)
     # Refresh steps only carry cosines in the amortised arm.
     cos = [s["worst_cos"] for s in steps if s["worst_cos"] is not None]

@@ -76,11 +76,8 @@ def end_distributed(accelerator) -> None:
     live can abort with "terminate called without an active exception" while the others finish. The prepared
     (DDP-wrapped) models keep the process group alive after `destroy_process_group` until they are collected,
     at interpreter exit, so the accelerator drops them first; callers drop their own references before."""
-    import gc
-
     accelerator.wait_for_everyone()
     accelerator.free_memory()
-    gc.collect()
     accelerator.end_training()
 
 
