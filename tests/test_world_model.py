@@ -10,7 +10,7 @@ from visalign.eval.world_suite import markdown_table, score_world, suite_prompts
 from visalign.sampling import SDEOptions, sample, trajectory_log_prob
 from visalign.world.grammar import TEMPLATES
 from visalign.world.model import SHIPPED, WorldAdapter
-from visalign.world.pretrain import PretrainConfig, _Trainable, flow_matching_loss, pretrain
+from visalign.world.pretrain import PretrainConfig, _Trainable, batch_for_step, flow_matching_loss, pretrain
 from visalign.world.render import render_batch
 
 
@@ -96,6 +96,30 @@ def test_pretrain_updates_and_resume_reproduces(tmp_path):
 def test_pretrain_config_validation():
     with pytest.raises(ValueError, match="templates .*colour.* not allowed"):
         PretrainConfig(templates=["colour"])
+    with pytest.raises(ValueError, match="caption_noise=1.5 must be in"):
+        PretrainConfig(video=True, caption_noise=1.5)
+    with pytest.raises(ValueError, match="caption_noise applies to the video world only"):
+        PretrainConfig(caption_noise=0.5)
+
+
+def test_caption_noise_misdescribes_directions_only():
+    from visalign.world.motion import parse_motion_prompt
+
+    clean = PretrainConfig(video=True, batch_size=64, cond_dropout=0.0)
+    noisy = PretrainConfig(video=True, batch_size=64, cond_dropout=0.0, caption_noise=1.0)
+    (p0, x0, n0, s0), (p1, x1, n1, s1) = batch_for_step(clean, 5), batch_for_step(noisy, 5)
+    # Same clips, noise and levels: only the captions change, and the clean run's batches are untouched by the option.
+    assert torch.equal(x0, x1) and torch.equal(n0, n1) and torch.equal(s0, s1)
+    assert batch_for_step(noisy, 5)[0] == p1  # reproducible per (seed, step)
+    changed = 0
+    for a, b in zip(p0, p1):
+        sa, sb = parse_motion_prompt(a), parse_motion_prompt(b)
+        assert sa.template == sb.template
+        assert [(o.color, o.shape, o.speed, o.stops) for o in sa.objects] == \
+               [(o.color, o.shape, o.speed, o.stops) for o in sb.objects]
+        changed += a != b
+    # Every moving object's direction is redrawn among its seen variants, so most captions change.
+    assert 0.4 < changed / len(p0) < 0.9
 
 
 def test_score_world_on_ground_truth():

@@ -15,6 +15,7 @@ from visalign.world.motion import (
     MotionSpec,
     MovingObject,
     all_motion_specs,
+    misdescribe_direction,
     parse_motion_prompt,
     render_clip,
     render_clips,
@@ -59,6 +60,26 @@ def test_split_is_disjoint_fixed_and_keeps_every_word_seen():
     for spec in split_motion_specs("two_motion", "seen")[:300]:
         assert MotionSpec("two_motion", spec.objects[::-1]) not in held
     assert sample_motion_specs(5, "heldout", generator=3) == sample_motion_specs(5, "heldout", generator=3)
+
+
+def test_misdescribed_captions_change_only_directions_and_stay_seen():
+    import random
+
+    rng = random.Random(0)
+    still = split_motion_specs("still", "seen")[0]
+    assert misdescribe_direction(still, rng) == still
+    for template in ("motion", "speed", "stop", "two_motion"):
+        seen = set(split_motion_specs(template, "seen"))
+        spec = split_motion_specs(template, "seen")[7]
+        draws = [misdescribe_direction(spec, rng) for _ in range(400)]
+        assert all(d in seen for d in draws)  # never a held-out composition
+        for d in draws:
+            assert [(o.color, o.shape, o.speed, o.stops) for o in d.objects] == \
+                   [(o.color, o.shape, o.speed, o.stops) for o in spec.objects]
+        variants = {d for d in draws}
+        assert spec in variants and len(variants) >= 3  # uniform over the variants, the true one included
+        share = draws.count(spec) / len(draws)
+        assert abs(share - 1 / len(variants)) < 0.1, (template, share, len(variants))
 
 
 def test_renders_move_as_stated_and_are_deterministic():

@@ -229,6 +229,27 @@ def sample_motion_specs(n: int, split: str = "seen", templates: tuple[str, ...] 
     return [rng.choice(rng.choice(pools)) for _ in range(n)]
 
 
+@cache
+def _seen_direction_variants(template: str) -> dict[tuple, tuple[MotionSpec, ...]]:
+    """The seen specs of a template grouped by everything but their objects' directions."""
+    groups: dict[tuple, list[MotionSpec]] = {}
+    for spec in split_motion_specs(template, "seen"):
+        key = tuple((o.color, o.shape, o.speed, o.stops) for o in spec.objects)
+        groups.setdefault(key, []).append(spec)
+    return {k: tuple(v) for k, v in groups.items()}
+
+
+def misdescribe_direction(spec: MotionSpec, rng: random.Random) -> MotionSpec:
+    """A caption for `spec`'s clip whose directions are drawn uniformly from the seen specs that differ from it
+    only in direction (the true one included): web-video captions often misstate motion, and a base pretrained on
+    such captions moves objects cleanly but follows the stated direction only partly. "standing still" is kept,
+    and the result stays in the seen split, so held-out compositions are never shown."""
+    if spec.template == "still":
+        return spec
+    key = tuple((o.color, o.shape, o.speed, o.stops) for o in spec.objects)
+    return rng.choice(_seen_direction_variants(spec.template)[key])
+
+
 # -------------------------------------------------------------------------------------------- rendering
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from visalign.world.grammar import TEMPLATES, sample_specs
 from visalign.world.model import WorldAdapter, WorldVideoAdapter
-from visalign.world.motion import MOTION_TEMPLATES, render_clips, sample_motion_specs
+from visalign.world.motion import MOTION_TEMPLATES, misdescribe_direction, render_clips, sample_motion_specs
 from visalign.world.render import render_batch
 
 
@@ -40,6 +41,8 @@ class PretrainConfig:
         "help": "initial scale of the text encoder's word embeddings (None: CLIP's 0.02); see build_networks"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast (about 1.3x faster on CPU)"})
     video: bool = field(default=False, metadata={"help": "train the moving-shapes video model (world-video)"})
+    caption_noise: float = field(default=0.0, metadata={
+        "help": "video: fraction of clips captioned with directions drawn at random (motion.misdescribe_direction)"})
     templates: list[str] = field(default_factory=list, metadata={
         "help": "prompt templates; empty: all of the world's (image or motion templates)"})
     seed: int = field(default=0, metadata={"help": "seeds weights, data and noise"})
@@ -53,6 +56,10 @@ class PretrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout={self.cond_dropout} must be in [0, 1)")
+        if not 0 <= self.caption_noise <= 1:
+            raise ValueError(f"caption_noise={self.caption_noise} must be in [0, 1]")
+        if self.caption_noise and not self.video:
+            raise ValueError("caption_noise applies to the video world only (video: true)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
         allowed = MOTION_TEMPLATES if self.video else TEMPLATES
@@ -92,6 +99,9 @@ def batch_for_step(cfg: PretrainConfig, step: int):
     if cfg.video:
         specs = sample_motion_specs(cfg.batch_size, "seen", cfg.template_names, generator=g)
         x0 = render_clips(specs, g).transpose(1, 2) * 2 - 1  # [B, 3, F, H, W], the adapter's latent layout
+        if cfg.caption_noise:  # own stream, so caption_noise=0 draws exactly the batches it always did
+            rng = random.Random(f"caption-noise/{cfg.seed}/{step}")
+            specs = [misdescribe_direction(s, rng) if rng.random() < cfg.caption_noise else s for s in specs]
     else:
         specs = sample_specs(cfg.batch_size, "seen", cfg.template_names, generator=g)
         x0 = render_batch(specs, g) * 2 - 1
