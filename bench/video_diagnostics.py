@@ -14,6 +14,10 @@
             two objects (a template listed k times is drawn k times as often), it is continued pretraining: does
             more two-object data teach the base to move two objects differently?
 
+`--model-path` runs them on another video checkpoint; `--sft-batch 64` matches an RL step's clips and
+`--sft-lora-rank 16` trains only the RL runs' conditioning-pathway LoRA: together, the oracle that replaces every
+rollout with a correct ground-truth clip, the most any reward could teach from that many clips.
+
 Every evaluation samples the same held-out prompts (--n per template) with the same seeds (20 Euler steps unless
 stated), so the rows compare directly; one table of all rows is printed at the end.
 
@@ -66,16 +70,16 @@ def evaluate(adapter, n: int, guidance: float = 3.0, steps: int = 20) -> dict:
             "two objects": scores["templates"]["two_motion"]["direction"]}
 
 
-def guidance_rows(n: int, scales: list[float], steps: list[int]) -> list[tuple[str, dict]]:
-    adapter = load_model("world-video")
+def guidance_rows(n: int, scales: list[float], steps: list[int], path: str | None = None) -> list[tuple[str, dict]]:
+    adapter = load_model("world-video", path)
     return ([(f"base, CFG {g:g}", evaluate(adapter, n, g)) for g in scales]
             + [(f"base, {k} Euler steps", evaluate(adapter, n, steps=k)) for k in steps])
 
 
-def perturb_rows(n: int, stds: list[float]) -> list[tuple[str, dict]]:
+def perturb_rows(n: int, stds: list[float], path: str | None = None) -> list[tuple[str, dict]]:
     rows = []
     for std in stds:
-        adapter = load_model("world-video")
+        adapter = load_model("world-video", path)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in [*adapter.denoiser.parameters(), *adapter.text_encoder.parameters()]:
@@ -84,13 +88,23 @@ def perturb_rows(n: int, stds: list[float]) -> list[tuple[str, dict]]:
     return rows
 
 
+# The RL runs' conditioning-pathway LoRA targets (README, "Video: is the gain real?").
+CONDITIONING_LORA = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "time_emb_proj",
+                     "class_embedding.linear_1", "class_embedding.linear_2")
+
+
 def sft_rows(n: int, lr: float, steps: int, *, eval_every: int | None = None, ema: float = 0.0,
-             text_encoder: bool = False, templates: list[str] | None = None, warmup: int = 0) -> list[tuple[str, dict]]:
-    adapter = load_model("world-video")
-    modules = [adapter.denoiser, adapter.text_encoder] if text_encoder else [adapter.denoiser]
-    params = [p for m in modules for p in m.parameters()]
-    for p in params:
-        p.requires_grad_(True)
+             text_encoder: bool = False, templates: list[str] | None = None, warmup: int = 0,
+             path: str | None = None, batch_size: int = 32, lora_rank: int = 0) -> list[tuple[str, dict]]:
+    adapter = load_model("world-video", path)
+    if lora_rank:  # the conditioning-pathway LoRA of the RL runs (README), trained on ground truth instead
+        adapter.add_lora(rank=lora_rank, alpha=lora_rank, target_modules=list(CONDITIONING_LORA))
+        params = [p for p in adapter.denoiser.parameters() if p.requires_grad]
+    else:
+        modules = [adapter.denoiser, adapter.text_encoder] if text_encoder else [adapter.denoiser]
+        params = [p for m in modules for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     # The EMA (as pretraining keeps one) is what is evaluated, swapped in; without one, the trained weights.
     averaged = ParamCopy(params) if ema else None
@@ -102,9 +116,10 @@ def sft_rows(n: int, lr: float, steps: int, *, eval_every: int | None = None, em
             return evaluate(adapter, n)
 
     # Batches the pretraining never drew (other seed and steps), the same losses and clipping as pretraining.
-    cfg = PretrainConfig(video=True, batch_size=32, seed=5, templates=list(templates or []))
+    cfg = PretrainConfig(video=True, batch_size=batch_size, seed=5, templates=list(templates or []))
     label = f"ground-truth flow matching, lr {lr:g}" + (f", EMA {ema:g}" if ema else "") + (
-        ", text encoder too" if text_encoder else "") + (f", templates {'/'.join(templates)}" if templates else "")
+        ", text encoder too" if text_encoder else "") + (f", conditioning LoRA r{lora_rank}" if lora_rank else "") + (
+        f", {batch_size} clips per step" if batch_size != 32 else "") + (f", templates {'/'.join(templates)}" if templates else "")
     checkpoints = {steps // 2, steps} if eval_every is None else set(range(eval_every, steps + 1, eval_every))
     rows = [(f"{label}, 0 steps", evaluate_now())]
     for step in range(steps):
@@ -125,6 +140,7 @@ def main(argv=None) -> None:
     parser.add_argument("--only", choices=("guidance", "perturb", "sft"), nargs="+",
                         default=["guidance", "perturb", "sft"])
     parser.add_argument("--n", type=int, default=16, help="held-out prompts per template")
+    parser.add_argument("--model-path", default=None, help="video checkpoint (default: the shipped base)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 5.0])
     parser.add_argument("--sample-steps", type=int, nargs="+", default=[10], help="also sample the base with these")
     parser.add_argument("--stds", type=float, nargs="+", default=[1.6e-4, 5e-4, 1.5e-3])
@@ -135,11 +151,16 @@ def main(argv=None) -> None:
     parser.add_argument("--sft-ema", type=float, default=0.0, help="evaluate an EMA of the weights (0: off)")
     parser.add_argument("--sft-warmup", type=int, default=0, help="linear learning-rate warm-up steps (0: off)")
     parser.add_argument("--sft-text-encoder", action="store_true", help="train the text encoder too, as pretraining")
+    parser.add_argument("--sft-batch", type=int, default=32, help="ground-truth clips per step (an RL step samples 64)")
+    parser.add_argument("--sft-lora-rank", type=int, default=0,
+                        help="train only a LoRA of this rank on the conditioning pathway (0: the full denoiser)")
     parser.add_argument("--sft-templates", nargs="+", default=None,
                         help="motion templates of the ground-truth clips; repeat one to draw it more often")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.sft_steps < 2:
-        parser.error("--n must be >= 1 and --sft-steps >= 2")
+    if args.n < 1 or args.sft_steps < 2 or args.sft_batch < 1 or args.sft_lora_rank < 0:
+        parser.error("--n and --sft-batch must be >= 1, --sft-steps >= 2 and --sft-lora-rank >= 0")
+    if args.sft_lora_rank and args.sft_text_encoder:
+        parser.error("--sft-lora-rank trains the denoiser's LoRA only; drop --sft-text-encoder")
     if args.sft_eval_every is not None and not 1 <= args.sft_eval_every <= args.sft_steps:
         parser.error("--sft-eval-every must be in [1, --sft-steps]")
     if not 0 <= args.sft_ema < 1 or args.sft_warmup < 0:
@@ -147,12 +168,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(2)
     rows = []
     if "guidance" in args.only:
-        rows += guidance_rows(args.n, args.scales, args.sample_steps)
+        rows += guidance_rows(args.n, args.scales, args.sample_steps, args.model_path)
     if "perturb" in args.only:
-        rows += perturb_rows(args.n, args.stds)
+        rows += perturb_rows(args.n, args.stds, args.model_path)
     if "sft" in args.only:
         rows += sft_rows(args.n, args.sft_lr, args.sft_steps, eval_every=args.sft_eval_every, ema=args.sft_ema,
-                         text_encoder=args.sft_text_encoder, templates=args.sft_templates, warmup=args.sft_warmup)
+                         text_encoder=args.sft_text_encoder, templates=args.sft_templates, warmup=args.sft_warmup, path=args.model_path,
+                         batch_size=args.sft_batch, lora_rank=args.sft_lora_rank)
     print("| held-out, CFG 3 unless stated | " + " | ".join(METRICS) + " |")
     print("|---|" + "---|" * len(METRICS))
     for label, m in rows:

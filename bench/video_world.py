@@ -12,12 +12,15 @@ Every `--eval-every` steps (and at step 0) the current weights sample a fixed se
 of RL (seen) prompts with fresh seeds; reported: motion-direction accuracy (every object moves the stated way,
 or stays still), whole-prompt pass rate, the verifier's temporal-consistency group and VBench temporal
 flickering (1 = no frame-to-frame change; a model that stops moving objects scores higher, so it is read with
-direction accuracy). Writes curve.png, results.md and results.json, all measured in this one run.
+direction accuracy). Evaluation is at CFG 3 (`--eval-guidance`), whatever CFG the rollouts use
+(`sampling.guidance=1.0` gives DiffusionNFT's CFG-free rollouts). Writes curve.png, results.md and results.json,
+all measured in this one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -35,8 +38,9 @@ ARMS = {
 METRICS = ("direction", "whole_prompt", "consistency", "flicker", "cleanliness")
 
 
-def evaluate(trainer, n: int, seed: int) -> dict:
-    """Motion metrics on held-out compositions and RL prompts, n per template, fresh seeds."""
+def evaluate(trainer, n: int, seed: int, guidance: float = 3.0) -> dict:
+    """Motion metrics on held-out compositions and RL prompts, n per template, fresh seeds, at CFG `guidance`
+    (the world-video eval suite's 3.0 by default, whatever CFG the rollouts use)."""
     out = {}
     if trainer.ema is not None:
         trainer.ema.swap()
@@ -44,7 +48,7 @@ def evaluate(trainer, n: int, seed: int) -> dict:
         for split in ("heldout", "seen"):
             specs = motion_suite_prompts(split, n, 1234)
             videos = generate_clips(trainer.adapter, [s.prompt for s in specs], steps=20,
-                                    guidance=trainer.cfg.sampling.guidance, seed=seed, batch_size=32, progress=False)
+                                    guidance=guidance, seed=seed, batch_size=32, progress=False)
             scores = score_motion(videos, specs)
             out[split] = {**{k: scores["overall"][k] for k in METRICS},
                           "direction_by_template": {t: v["direction"] for t, v in scores["templates"].items()}}
@@ -100,13 +104,17 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10, help="steps between evaluations")
     parser.add_argument("--n", type=int, default=16, help="evaluation prompts per template and split")
     parser.add_argument("--arms", nargs="+", default=["nft"], choices=list(ARMS))
+    parser.add_argument("--eval-guidance", type=float, default=3.0,
+                        help="CFG of the evaluation (configs/eval_world_video.yaml's), independent of the rollouts'")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", default="outputs/bench_video")
     parser.add_argument("overrides", nargs="*", help="config overrides for every arm")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {arm: run_arm(arm, ARMS[arm], args, evaluate=evaluate) for arm in args.arms}
+    results = {arm: run_arm(arm, ARMS[arm], args,
+                                      evaluate=functools.partial(evaluate, guidance=args.eval_guidance)) for arm in args.arms}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(table(results))
     plot(results, out / "curve.png")
