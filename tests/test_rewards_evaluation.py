@@ -141,6 +141,9 @@ def test_cli_rewards_list_score_and_eval(tmp_path, capsys):
     assert main(["rewards", "score", "--reward", "world-verifier", "--option", "pickscore.model=x",
                  "--prompt", "a", str(tmp_path / "a.png")]) == 2
     assert "not among --reward" in capsys.readouterr().err
+    assert main(["rewards", "score", "--reward", "world-verifier", "--option", "world-verifier.modle=x",
+                 "--prompt", "a", str(tmp_path / "a.png")]) == 2
+    assert "takes no option ['modle']" in capsys.readouterr().err
 
 
 def test_cli_train_artifact_from_a_generated_set(tmp_path, capsys):

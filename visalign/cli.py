@@ -247,6 +247,8 @@ def _load_rewards(args: argparse.Namespace) -> dict:
     import rewards
 
     options = _reward_options(args.option or [], args.reward)
+    for name in args.reward:  # name the unknown option before any model loads, as trainer configs do
+        rewards.check_options(name, options[name])
     return {name: rewards.load(name, **options[name]) for name in args.reward}
 
 
