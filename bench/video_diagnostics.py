@@ -117,9 +117,11 @@ def sft_rows(n: int, lr: float, steps: int, *, eval_every: int | None = None, em
 
     # Batches the pretraining never drew (other seed and steps), the same losses and clipping as pretraining.
     cfg = PretrainConfig(video=True, batch_size=batch_size, seed=5, templates=list(templates or []))
-    label = f"ground-truth flow matching, lr {lr:g}" + (f", EMA {ema:g}" if ema else "") + (
-        ", text encoder too" if text_encoder else "") + (f", conditioning LoRA r{lora_rank}" if lora_rank else "") + (
-        f", {batch_size} clips per step" if batch_size != 32 else "") + (f", templates {'/'.join(templates)}" if templates else "")
+    label = "".join([f"ground-truth flow matching, lr {lr:g}", f", EMA {ema:g}" if ema else "",
+                     ", text encoder too" if text_encoder else "",
+                     f", conditioning LoRA r{lora_rank}" if lora_rank else "",
+                     f", {batch_size} clips per step" if batch_size != 32 else "",
+                     f", templates {'/'.join(templates)}" if templates else ""])
     checkpoints = {steps // 2, steps} if eval_every is None else set(range(eval_every, steps + 1, eval_every))
     rows = [(f"{label}, 0 steps", evaluate_now())]
     for step in range(steps):
@@ -173,8 +175,8 @@ def main(argv=None) -> None:
         rows += perturb_rows(args.n, args.stds, args.model_path)
     if "sft" in args.only:
         rows += sft_rows(args.n, args.sft_lr, args.sft_steps, eval_every=args.sft_eval_every, ema=args.sft_ema,
-                         text_encoder=args.sft_text_encoder, templates=args.sft_templates, warmup=args.sft_warmup, path=args.model_path,
-                         batch_size=args.sft_batch, lora_rank=args.sft_lora_rank)
+                         text_encoder=args.sft_text_encoder, templates=args.sft_templates, warmup=args.sft_warmup,
+                         path=args.model_path, batch_size=args.sft_batch, lora_rank=args.sft_lora_rank)
     print("| held-out, CFG 3 unless stated | " + " | ".join(METRICS) + " |")
     print("|---|" + "---|" * len(METRICS))
     for label, m in rows:

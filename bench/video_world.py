@@ -113,8 +113,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {arm: run_arm(arm, ARMS[arm], args,
-                                      evaluate=functools.partial(evaluate, guidance=args.eval_guidance)) for arm in args.arms}
+    evaluate_at = functools.partial(evaluate, guidance=args.eval_guidance)
+    results = {arm: run_arm(arm, ARMS[arm], args, evaluate=evaluate_at) for arm in args.arms}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(table(results))
     plot(results, out / "curve.png")

@@ -10,6 +10,7 @@ from visalign.eval.world_suite import markdown_table, score_world, suite_prompts
 from visalign.sampling import SDEOptions, sample, trajectory_log_prob
 from visalign.world.grammar import TEMPLATES
 from visalign.world.model import SHIPPED, WorldAdapter
+from visalign.world.motion import parse_motion_prompt
 from visalign.world.pretrain import PretrainConfig, _Trainable, batch_for_step, flow_matching_loss, pretrain
 from visalign.world.render import render_batch
 
@@ -103,8 +104,6 @@ def test_pretrain_config_validation():
 
 
 def test_caption_noise_misdescribes_directions_only():
-    from visalign.world.motion import parse_motion_prompt
-
     clean = PretrainConfig(video=True, batch_size=64, cond_dropout=0.0)
     noisy = PretrainConfig(video=True, batch_size=64, cond_dropout=0.0, caption_noise=1.0)
     (p0, x0, n0, s0), (p1, x1, n1, s1) = batch_for_step(clean, 5), batch_for_step(noisy, 5)

@@ -1,6 +1,7 @@
 """The moving-shapes world: grammar and split, renderer, exact motion verifier, video model, reward and suite."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -63,8 +64,6 @@ def test_split_is_disjoint_fixed_and_keeps_every_word_seen():
 
 
 def test_misdescribed_captions_change_only_directions_and_stay_seen():
-    import random
-
     rng = random.Random(0)
     still = split_motion_specs("still", "seen")[0]
     assert misdescribe_direction(still, rng) == still
@@ -76,7 +75,7 @@ def test_misdescribed_captions_change_only_directions_and_stay_seen():
         for d in draws:
             assert [(o.color, o.shape, o.speed, o.stops) for o in d.objects] == \
                    [(o.color, o.shape, o.speed, o.stops) for o in spec.objects]
-        variants = {d for d in draws}
+        variants = set(draws)
         assert spec in variants and len(variants) >= 3  # uniform over the variants, the true one included
         share = draws.count(spec) / len(draws)
         assert abs(share - 1 / len(variants)) < 0.1, (template, share, len(variants))
