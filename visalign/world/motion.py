@@ -229,13 +229,17 @@ def sample_motion_specs(n: int, split: str = "seen", templates: tuple[str, ...] 
     return [rng.choice(rng.choice(pools)) for _ in range(n)]
 
 
+def _without_directions(spec: MotionSpec) -> tuple:
+    """Everything a spec states but its objects' directions, in object order."""
+    return tuple((o.color, o.shape, o.speed, o.stops) for o in spec.objects)
+
+
 @cache
 def _seen_direction_variants(template: str) -> dict[tuple, tuple[MotionSpec, ...]]:
-    """The seen specs of a template grouped by everything but their objects' directions."""
+    """The seen specs of a template grouped by `_without_directions`."""
     groups: dict[tuple, list[MotionSpec]] = {}
     for spec in split_motion_specs(template, "seen"):
-        key = tuple((o.color, o.shape, o.speed, o.stops) for o in spec.objects)
-        groups.setdefault(key, []).append(spec)
+        groups.setdefault(_without_directions(spec), []).append(spec)
     return {k: tuple(v) for k, v in groups.items()}
 
 
@@ -246,8 +250,7 @@ def misdescribe_direction(spec: MotionSpec, rng: random.Random) -> MotionSpec:
     and the result stays in the seen split, so held-out compositions are never shown."""
     if spec.template == "still":
         return spec
-    key = tuple((o.color, o.shape, o.speed, o.stops) for o in spec.objects)
-    return rng.choice(_seen_direction_variants(spec.template)[key])
+    return rng.choice(_seen_direction_variants(spec.template)[_without_directions(spec)])
 
 
 # -------------------------------------------------------------------------------------------- rendering
