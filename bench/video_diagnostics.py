@@ -95,7 +95,8 @@ CONDITIONING_LORA = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
 
 def sft_rows(n: int, lr: float, steps: int, *, eval_every: int | None = None, ema: float = 0.0,
              text_encoder: bool = False, templates: list[str] | None = None, warmup: int = 0,
-             path: str | None = None, batch_size: int = 32, lora_rank: int = 0) -> list[tuple[str, dict]]:
+             path: str | None = None, batch_size: int = 32, lora_rank: int = 0,
+             min_sigma: float = 0.0) -> list[tuple[str, dict]]:
     adapter = load_model("world-video", path)
     if lora_rank:  # the conditioning-pathway LoRA of the RL runs (README), trained on ground truth instead
         adapter.add_lora(rank=lora_rank, alpha=lora_rank, target_modules=list(CONDITIONING_LORA))
@@ -121,6 +122,7 @@ def sft_rows(n: int, lr: float, steps: int, *, eval_every: int | None = None, em
                      ", text encoder too" if text_encoder else "",
                      f", conditioning LoRA r{lora_rank}" if lora_rank else "",
                      f", {batch_size} clips per step" if batch_size != 32 else "",
+                     f", noise levels >= {min_sigma:g}" if min_sigma else "",
                      f", templates {'/'.join(templates)}" if templates else ""])
     checkpoints = {steps // 2, steps} if eval_every is None else set(range(eval_every, steps + 1, eval_every))
     rows = [(f"{label}, 0 steps", evaluate_now())]
@@ -128,6 +130,8 @@ def sft_rows(n: int, lr: float, steps: int, *, eval_every: int | None = None, em
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
         prompts, x0, noise, sigma = batch_for_step(cfg, 10_000 + step)
+        # Levels squeezed into [min_sigma, 1]: where the clip's layout, and so its motion, is still undecided.
+        sigma = min_sigma + (1 - min_sigma) * sigma
         flow_matching_step(lambda x, s, p=prompts: adapter._velocity(x, s, adapter.text_features(p), 1.0), x0, noise,
                            sigma, opt, params)
         if averaged is not None:
@@ -158,7 +162,12 @@ def main(argv=None) -> None:
                         help="train only a LoRA of this rank on the conditioning pathway (0: the full denoiser)")
     parser.add_argument("--sft-templates", nargs="+", default=None,
                         help="motion templates of the ground-truth clips; repeat one to draw it more often")
+    parser.add_argument("--sft-min-sigma", type=float, default=0.0,
+                        help="train only on noise levels in [this, 1] (the pretraining draw, rescaled)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
+    if not 0 <= args.sft_min_sigma < 1 or args.threads < 1:
+        parser.error("--sft-min-sigma must be in [0, 1) and --threads >= 1")
     if args.n < 1 or args.sft_steps < 2 or args.sft_batch < 1 or args.sft_lora_rank < 0:
         parser.error("--n and --sft-batch must be >= 1, --sft-steps >= 2 and --sft-lora-rank >= 0")
     if args.sft_lora_rank and args.sft_text_encoder:
@@ -167,7 +176,7 @@ def main(argv=None) -> None:
         parser.error("--sft-eval-every must be in [1, --sft-steps]")
     if not 0 <= args.sft_ema < 1 or args.sft_warmup < 0:
         parser.error("--sft-ema must be in [0, 1) and --sft-warmup >= 0")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     if "guidance" in args.only:
         rows += guidance_rows(args.n, args.scales, args.sample_steps, args.model_path)
@@ -176,7 +185,8 @@ def main(argv=None) -> None:
     if "sft" in args.only:
         rows += sft_rows(args.n, args.sft_lr, args.sft_steps, eval_every=args.sft_eval_every, ema=args.sft_ema,
                          text_encoder=args.sft_text_encoder, templates=args.sft_templates, warmup=args.sft_warmup,
-                         path=args.model_path, batch_size=args.sft_batch, lora_rank=args.sft_lora_rank)
+                         path=args.model_path, batch_size=args.sft_batch, lora_rank=args.sft_lora_rank,
+                         min_sigma=args.sft_min_sigma)
     print("| held-out, CFG 3 unless stated | " + " | ".join(METRICS) + " |")
     print("|---|" + "---|" * len(METRICS))
     for label, m in rows:
