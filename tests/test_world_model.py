@@ -101,6 +101,23 @@ def test_pretrain_config_validation():
         PretrainConfig(video=True, caption_noise=1.5)
     with pytest.raises(ValueError, match="caption_noise applies to the video world only"):
         PretrainConfig(caption_noise=0.5)
+    with pytest.raises(ValueError, match="denoiser='dit' not allowed; choose from unet, wan"):
+        PretrainConfig(video=True, denoiser="dit")
+    with pytest.raises(ValueError, match="denoiser='wan' applies to the video world only"):
+        PretrainConfig(denoiser="wan")
+
+
+def test_pretrain_trains_the_wan_video_denoiser(tmp_path):
+    from visalign.world.model import WorldVideoAdapter
+
+    cfg = PretrainConfig(out_dir=str(tmp_path), video=True, denoiser="wan", batch_size=2, steps=2, warmup_steps=1,
+                         threads=1, ema_decay=0.0)
+    trained = WorldVideoAdapter.from_pretrained(pretrain(cfg, progress=False))
+    assert trained.denoiser_kind == "wan"
+    init = WorldVideoAdapter.random(0, denoiser="wan").denoiser.state_dict()
+    after = trained.denoiser.state_dict()
+    changed = [k for k in init if not torch.allclose(init[k], after[k].float(), atol=1e-3)]
+    assert any(".attn1." in k for k in changed) and any(".ffn." in k for k in changed)
 
 
 def test_caption_noise_misdescribes_directions_only():

@@ -38,6 +38,12 @@ UNET_CONFIG = {
     "class_embed_type": "projection", "projection_class_embeddings_input_dim": 64,
 }
 VIDEO_BLOCK_CHANNELS = (64, 96, 128)  # a wider first level: it carries 27 channels of frames
+# A tiny Wan video transformer over pixels (the same class as Wan2.1): 4x4-pixel patches of every frame are tokens,
+# and 3-D RoPE gives attention a bias for where a patch was in the previous frames (README, "The video world").
+WAN_VIDEO_CONFIG = {"patch_size": (1, 4, 4), "num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 3,
+                    "out_channels": 3, "text_dim": 64, "freq_dim": 64, "ffn_dim": 384, "num_layers": 4,
+                    "rope_max_seq_len": 64}
+DENOISERS = ("unet", "wan")
 TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
                "max_position_embeddings": MAX_TOKENS, "projection_dim": 64}
 
@@ -63,22 +69,30 @@ def build_tokenizer(vocab: dict[str, int]):
 
 
 def build_networks(seed: int = 0, vocab: dict[str, int] | None = None, frames: int | None = None,
-                   token_embedding_std: float | None = None):
-    """Fresh (random) UNet and text encoder; `frames` builds the video variant (frames stacked on channels).
+                   token_embedding_std: float | None = None, denoiser: str = "unet"):
+    """Fresh (random) denoiser and text encoder; `frames` builds the video variant: frames stacked on the UNet's
+    channels, or with `denoiser="wan"` a tiny `WanTransformer3DModel` that sees every frame's patches as tokens.
 
     `token_embedding_std` re-draws the word embeddings at that scale (CLIP's own init is 0.02). With CLIP's init the
     layers' outputs soon dominate the residual stream, and pretraining the video model squashed its direction words
     together (the trained encoder's states for "moving left" and "moving right" closer than at initialisation) while
     colours stayed apart; larger word embeddings keep every word's identity in its token's state (README, "The video
     world")."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel, WanTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if denoiser not in DENOISERS:
+        raise ValueError(f"denoiser={denoiser!r} not allowed; choose from {', '.join(DENOISERS)}")
+    if denoiser == "wan" and frames is None:
+        raise ValueError("denoiser='wan' is a video denoiser: give frames")
     vocab = vocab or world_vocab(video=frames is not None)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**(UNET_CONFIG if frames is None else {
-        **UNET_CONFIG, "in_channels": 3 * frames + 2, "out_channels": 3 * frames,
-        "block_out_channels": VIDEO_BLOCK_CHANNELS}))
+    if denoiser == "wan":
+        unet = WanTransformer3DModel(**WAN_VIDEO_CONFIG)
+    else:
+        unet = UNet2DConditionModel(**(UNET_CONFIG if frames is None else {
+            **UNET_CONFIG, "in_channels": 3 * frames + 2, "out_channels": 3 * frames,
+            "block_out_channels": VIDEO_BLOCK_CHANNELS}))
     text_config = CLIPTextConfig(vocab_size=len(vocab), pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"],
                                  eos_token_id=vocab["<eos>"], **{k: v for k, v in TEXT_CONFIG.items()})
     text_encoder = CLIPTextModel(text_config)
@@ -98,7 +112,6 @@ class WorldAdapter(FlowModelAdapter):
     name = "world"
     guidance = "cfg"
     cfg_batched = True
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out")
     frames: int | None = None
     shipped = SHIPPED
 
@@ -114,8 +127,20 @@ class WorldAdapter(FlowModelAdapter):
 
     # ---- construction / persistence ------------------------------------------------------------------
     @classmethod
-    def random(cls, seed: int = 0, token_embedding_std: float | None = None) -> WorldAdapter:
-        return cls(*build_networks(seed, frames=cls.frames, token_embedding_std=token_embedding_std))
+    def random(cls, seed: int = 0, token_embedding_std: float | None = None, denoiser: str = "unet") -> WorldAdapter:
+        return cls(*build_networks(seed, frames=cls.frames, token_embedding_std=token_embedding_std,
+                                   denoiser=denoiser))
+
+    @property
+    def denoiser_kind(self) -> str:
+        """"wan" for the Wan transformer, "unet" otherwise (what checkpoints record and loading rebuilds)."""
+        return "wan" if type(self.denoiser).__name__ == "WanTransformer3DModel" else "unet"
+
+    @property
+    def default_lora_targets(self) -> tuple[str, ...]:
+        if self.denoiser_kind == "wan":  # attention and feed-forward projections of every block
+            return ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+        return ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out")
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device="cpu", torch_dtype=torch.float32,
@@ -137,26 +162,29 @@ class WorldAdapter(FlowModelAdapter):
             raise ValueError(f"world checkpoint {str(path)!r} holds {kind}: load it with "
                              f"{'WorldVideoAdapter (model world-video)' if frames else 'WorldAdapter (model world)'}")
         vocab = json.loads(meta["vocab"]) if "vocab" in meta else world_vocab(video=frames is not None)
-        unet, text_encoder = build_networks(0, vocab, frames)
+        kind = meta.get("denoiser", "unet")  # checkpoints before the Wan option hold a UNet
+        unet, text_encoder = build_networks(0, vocab, frames, denoiser=kind)
         state = load_file(str(path))
-        unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+        prefix = f"{kind}."
+        unet.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
         adapter = cls(unet.to(device, torch_dtype).eval(), text_encoder.to(device, torch_dtype).eval(), vocab)
         return adapter
 
     def save_pretrained(self, path: str | Path, metadata: dict[str, str] | None = None,
                         dtype: torch.dtype | None = None) -> Path:
-        """One safetensors file: UNet and text-encoder weights (cast to `dtype` if given; loading casts back to the
-        model's dtype) plus the vocabulary in its metadata."""
+        """One safetensors file: denoiser and text-encoder weights (cast to `dtype` if given; loading casts back to
+        the model's dtype) plus the vocabulary and the denoiser's kind in its metadata."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {f"unet.{k}": v for k, v in self.denoiser.state_dict().items()}
+        state = {f"{self.denoiser_kind}.{k}": v for k, v in self.denoiser.state_dict().items()}
         state.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
         state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
                  .contiguous() for k, v in state.items()}
-        meta = {"vocab": json.dumps(self.vocab), **({"frames": str(self.frames)} if self.frames else {})}
+        meta = {"vocab": json.dumps(self.vocab), "denoiser": self.denoiser_kind,
+                **({"frames": str(self.frames)} if self.frames else {})}
         save_file(state, str(path), metadata={**meta, **(metadata or {})})
         return path
 
@@ -257,6 +285,13 @@ class WorldVideoAdapter(WorldAdapter):
 
     def _velocity(self, latents, sigma, embeds, guidance_scale):
         b = latents.shape[0]
+        if self.denoiser_kind == "wan":
+            # Wan cross-attends to every text position (no mask argument), so padding states are zeroed, as
+            # Wan2.1's own pipeline pads its T5 states with zeros.
+            mask = embeds["encoder_attention_mask"][..., None].to(latents.dtype)
+            return self.net(hidden_states=latents, timestep=sigma * 1000,
+                            encoder_hidden_states=embeds["encoder_hidden_states"].to(latents.dtype) * mask,
+                            return_dict=False)[0]
         stacked = latents.transpose(1, 2).reshape(b, 3 * self.frames, CANVAS, CANVAS)  # frame-major channels
         v = super()._velocity(stacked, sigma, embeds, guidance_scale)
         return v.reshape(b, self.frames, 3, CANVAS, CANVAS).transpose(1, 2)

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from visalign.world.grammar import TEMPLATES, sample_specs
-from visalign.world.model import WorldAdapter, WorldVideoAdapter
+from visalign.world.model import DENOISERS, WorldAdapter, WorldVideoAdapter
 from visalign.world.motion import MOTION_TEMPLATES, misdescribe_direction, render_clips, sample_motion_specs
 from visalign.world.render import render_batch
 
@@ -41,6 +41,8 @@ class PretrainConfig:
         "help": "initial scale of the text encoder's word embeddings (None: CLIP's 0.02); see build_networks"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast (about 1.3x faster on CPU)"})
     video: bool = field(default=False, metadata={"help": "train the moving-shapes video model (world-video)"})
+    denoiser: str = field(default="unet", metadata={
+        "help": "video: unet (frames stacked on channels, the shipped model) or wan (a tiny WanTransformer3DModel)"})
     caption_noise: float = field(default=0.0, metadata={
         "help": "video: fraction of clips captioned with directions drawn at random (motion.misdescribe_direction)"})
     templates: list[str] = field(default_factory=list, metadata={
@@ -58,6 +60,10 @@ class PretrainConfig:
             raise ValueError(f"cond_dropout={self.cond_dropout} must be in [0, 1)")
         if not 0 <= self.caption_noise <= 1:
             raise ValueError(f"caption_noise={self.caption_noise} must be in [0, 1]")
+        if self.denoiser not in DENOISERS:
+            raise ValueError(f"denoiser={self.denoiser!r} not allowed; choose from {', '.join(DENOISERS)}")
+        if self.denoiser != "unet" and not self.video:
+            raise ValueError(f"denoiser={self.denoiser!r} applies to the video world only (video: true)")
         if self.caption_noise and not self.video:
             raise ValueError("caption_noise applies to the video world only (video: true)")
         if not 0 <= self.ema_decay < 1:
@@ -134,7 +140,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapter_cls = WorldVideoAdapter if cfg.video else WorldAdapter
-    adapter = adapter_cls.random(cfg.seed, token_embedding_std=cfg.token_embedding_std)
+    adapter = adapter_cls.random(cfg.seed, token_embedding_std=cfg.token_embedding_std, denoiser=cfg.denoiser)
     adapter.text_encoder.requires_grad_(True)
     net = _Trainable(adapter).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
