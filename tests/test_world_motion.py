@@ -184,33 +184,43 @@ def test_video_adapter_layout_and_checkpoints(tmp_path):
         adapter.encode_prompts(["a red circle on the left"])
 
 
-def test_wan_video_denoiser_checkpoints_masks_padding_and_takes_lora(tmp_path):
-    from diffusers import WanTransformer3DModel
-
+@pytest.mark.parametrize("kind, lora_module", [("wan", ".ffn.net.0.proj.lora_A"),
+                                               ("motion", ".motion_modules.0.transformer_blocks.0.attn1.to_q.lora_A")])
+def test_video_denoisers_checkpoint_sample_and_take_lora(tmp_path, kind, lora_module):
     from visalign.world.model import WorldVideoAdapter
 
-    adapter = WorldVideoAdapter.random(0, denoiser="wan")
-    assert isinstance(adapter.denoiser, WanTransformer3DModel) and adapter.denoiser_kind == "wan"
+    adapter = WorldVideoAdapter.random(0, denoiser=kind)
+    assert adapter.denoiser_kind == kind
     latents = adapter.encode(render_clips(sample_motion_specs(2, generator=0), 0))
     cond = adapter.encode_prompts(["a red circle moving left", "a blue square moving up quickly"])
     sigma = torch.full((2,), 0.7)
     with torch.no_grad():
         v = adapter.predict_velocity(latents, sigma, cond, 3.0)
-        again = WorldVideoAdapter.from_pretrained(adapter.save_pretrained(tmp_path / "wan.safetensors"))
-        assert again.denoiser_kind == "wan" and torch.equal(v, again.predict_velocity(latents, sigma, cond, 3.0))
-        # Wan has no text mask: the states at padding positions are zeroed, so whatever they hold cannot matter.
-        embeds = dict(cond.cond)
-        pad = ~embeds["encoder_attention_mask"].bool()
-        assert pad.any()
-        noisy = embeds["encoder_hidden_states"].masked_fill(pad[..., None], 5.0)
-        v1 = adapter._velocity(latents, sigma, embeds, 1.0)
-        v2 = adapter._velocity(latents, sigma, {**embeds, "encoder_hidden_states": noisy}, 1.0)
-        assert torch.equal(v1, v2) and v1.shape == latents.shape
+        again = WorldVideoAdapter.from_pretrained(adapter.save_pretrained(tmp_path / f"{kind}.safetensors"))
+        assert again.denoiser_kind == kind and torch.equal(v, again.predict_velocity(latents, sigma, cond, 3.0))
+        # one clip's prompt does not leak into the other's velocity (the per-frame repeat keeps clips apart)
+        alone = adapter.predict_velocity(latents[:1], sigma[:1], adapter.encode_prompts(cond.prompts[:1]), 3.0)
+        assert torch.allclose(alone, v[:1], atol=1e-5) and v.shape == latents.shape
     adapter.add_lora(rank=4)
     trainable = [n for n, p in adapter.denoiser.named_parameters() if p.requires_grad]
-    assert any(".ffn.net.0.proj.lora_A" in n for n in trainable)
-    assert any(".attn2.to_k.lora_A" in n for n in trainable)
-    assert all("lora_" in n for n in trainable)
+    assert any(lora_module in n for n in trainable) and all("lora_" in n for n in trainable)
+
+
+def test_wan_denoiser_ignores_text_padding():
+    from visalign.world.model import WorldVideoAdapter
+
+    adapter = WorldVideoAdapter.random(0, denoiser="wan")
+    latents = adapter.encode(render_clips(sample_motion_specs(2, generator=1), 1))
+    embeds = dict(adapter.encode_prompts(["a red circle moving left", "a green triangle standing still"]).cond)
+    # Wan has no text mask: the states at padding positions are zeroed, so whatever they hold cannot matter.
+    pad = ~embeds["encoder_attention_mask"].bool()
+    assert pad.any()
+    noisy = embeds["encoder_hidden_states"].masked_fill(pad[..., None], 5.0)
+    sigma = torch.full((2,), 0.4)
+    with torch.no_grad():
+        v1 = adapter._velocity(latents, sigma, embeds, 1.0)
+        v2 = adapter._velocity(latents, sigma, {**embeds, "encoder_hidden_states": noisy}, 1.0)
+    assert torch.equal(v1, v2)
 
 
 def test_motion_reward_and_suite_scores(truth):

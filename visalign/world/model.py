@@ -43,7 +43,16 @@ VIDEO_BLOCK_CHANNELS = (64, 96, 128)  # a wider first level: it carries 27 chann
 WAN_VIDEO_CONFIG = {"patch_size": (1, 4, 4), "num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 3,
                     "out_channels": 3, "text_dim": 64, "freq_dim": 64, "ffn_dim": 384, "num_layers": 4,
                     "rope_max_seq_len": 64}
-DENOISERS = ("unet", "wan")
+# AnimateDiff's layout (diffusers UNetMotionModel): the image model's UNet run on every frame, with cross-attention on
+# the two lower levels, plus a temporal-attention motion module after every block; coordinates per frame as before.
+MOTION_UNET_CONFIG = {**{k: v for k, v in UNET_CONFIG.items()
+                         if k not in ("class_embed_type", "projection_class_embeddings_input_dim")},
+                      "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")}
+MOTION_ADAPTER_CONFIG = {"block_out_channels": UNET_CONFIG["block_out_channels"], "motion_layers_per_block": 1,
+                         "motion_num_attention_heads": 4, "motion_norm_num_groups": 8, "motion_max_seq_length": 16,
+                         "use_motion_mid_block": True}
+DENOISERS = ("unet", "wan", "motion")
 TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
                "max_position_embeddings": MAX_TOKENS, "projection_dim": 64}
 
@@ -71,24 +80,28 @@ def build_tokenizer(vocab: dict[str, int]):
 def build_networks(seed: int = 0, vocab: dict[str, int] | None = None, frames: int | None = None,
                    token_embedding_std: float | None = None, denoiser: str = "unet"):
     """Fresh (random) denoiser and text encoder; `frames` builds the video variant: frames stacked on the UNet's
-    channels, or with `denoiser="wan"` a tiny `WanTransformer3DModel` that sees every frame's patches as tokens.
+    channels, or with `denoiser="wan"` a tiny `WanTransformer3DModel` that sees every frame's patches as tokens, or
+    with `denoiser="motion"` a per-frame UNet with temporal attention (`UNetMotionModel`, AnimateDiff's layout).
 
     `token_embedding_std` re-draws the word embeddings at that scale (CLIP's own init is 0.02). With CLIP's init the
     layers' outputs soon dominate the residual stream, and pretraining the video model squashed its direction words
     together (the trained encoder's states for "moving left" and "moving right" closer than at initialisation) while
     colours stayed apart; larger word embeddings keep every word's identity in its token's state (README, "The video
     world")."""
-    from diffusers import UNet2DConditionModel, WanTransformer3DModel
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel, WanTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if denoiser not in DENOISERS:
         raise ValueError(f"denoiser={denoiser!r} not allowed; choose from {', '.join(DENOISERS)}")
-    if denoiser == "wan" and frames is None:
-        raise ValueError("denoiser='wan' is a video denoiser: give frames")
+    if denoiser != "unet" and frames is None:
+        raise ValueError(f"denoiser={denoiser!r} is a video denoiser: give frames")
     vocab = vocab or world_vocab(video=frames is not None)
     torch.manual_seed(seed)
     if denoiser == "wan":
         unet = WanTransformer3DModel(**WAN_VIDEO_CONFIG)
+    elif denoiser == "motion":
+        unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**MOTION_UNET_CONFIG),
+                                           MotionAdapter(**MOTION_ADAPTER_CONFIG))
     else:
         unet = UNet2DConditionModel(**(UNET_CONFIG if frames is None else {
             **UNET_CONFIG, "in_channels": 3 * frames + 2, "out_channels": 3 * frames,
@@ -133,13 +146,15 @@ class WorldAdapter(FlowModelAdapter):
 
     @property
     def denoiser_kind(self) -> str:
-        """"wan" for the Wan transformer, "unet" otherwise (what checkpoints record and loading rebuilds)."""
-        return "wan" if type(self.denoiser).__name__ == "WanTransformer3DModel" else "unet"
+        """Which of `DENOISERS` this is (what checkpoints record and loading rebuilds)."""
+        return {"WanTransformer3DModel": "wan", "UNetMotionModel": "motion"}.get(type(self.denoiser).__name__, "unet")
 
     @property
     def default_lora_targets(self) -> tuple[str, ...]:
         if self.denoiser_kind == "wan":  # attention and feed-forward projections of every block
             return ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+        if self.denoiser_kind == "motion":  # spatial and temporal attention, and the per-frame convolutions
+            return ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
         return ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out")
 
     @classmethod
@@ -291,6 +306,13 @@ class WorldVideoAdapter(WorldAdapter):
             mask = embeds["encoder_attention_mask"][..., None].to(latents.dtype)
             return self.net(hidden_states=latents, timestep=sigma * 1000,
                             encoder_hidden_states=embeds["encoder_hidden_states"].to(latents.dtype) * mask,
+                            return_dict=False)[0]
+        if self.denoiser_kind == "motion":
+            # Every frame with its coordinates; the prompt's states repeated per frame, unmasked, as AnimateDiff's
+            # pipeline passes SD's CLIP states (diffusers pipelines/animatediff/pipeline_animatediff.py).
+            coords = self.coords(b, latents.device, latents.dtype)[:, :, None].expand(b, 2, self.frames, CANVAS, CANVAS)
+            states = embeds["encoder_hidden_states"].to(latents.dtype).repeat_interleave(self.frames, 0)
+            return self.net(torch.cat([latents, coords], dim=1), sigma * 1000, encoder_hidden_states=states,
                             return_dict=False)[0]
         stacked = latents.transpose(1, 2).reshape(b, 3 * self.frames, CANVAS, CANVAS)  # frame-major channels
         v = super()._velocity(stacked, sigma, embeds, guidance_scale)

@@ -42,7 +42,8 @@ class PretrainConfig:
     bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast (about 1.3x faster on CPU)"})
     video: bool = field(default=False, metadata={"help": "train the moving-shapes video model (world-video)"})
     denoiser: str = field(default="unet", metadata={
-        "help": "video: unet (frames stacked on channels, the shipped model) or wan (a tiny WanTransformer3DModel)"})
+        "help": "video: unet (frames stacked on channels, the shipped model), wan (a tiny WanTransformer3DModel) or "
+                "motion (a per-frame UNet with temporal attention, diffusers UNetMotionModel)"})
     caption_noise: float = field(default=0.0, metadata={
         "help": "video: fraction of clips captioned with directions drawn at random (motion.misdescribe_direction)"})
     templates: list[str] = field(default_factory=list, metadata={
