@@ -10,6 +10,8 @@ The video variant (`WorldVideoAdapter`) is the same UNet class over frames stack
 colours in, 27 out): on 2 CPU cores one step costs about the same as the image model's, where a 3-D UNet
 (`UNet3DConditionModel`) or a tiny `WanTransformer3DModel` pays per frame (about 9x) or per token; at 9
 frames of 32x32 every frame fits in the receptive field, so motion is a per-pixel pattern across channels.
+`build_networks(..., denoiser="wan" | "motion")` builds those alternatives (a tiny Wan transformer over pixel
+patches, AnimateDiff's per-frame UNet with temporal attention) for pretraining experiments; none is shipped.
 """
 
 from __future__ import annotations
