@@ -7,9 +7,10 @@ minutes, while a DiT of similar size still drew patch noise after 20 minutes; at
 Two coordinate channels are appended to the input so the network can tell left from right cheaply.
 
 The video variant (`WorldVideoAdapter`) is the same UNet class over frames stacked on channels (9 frames x 3
-colours in, 27 out): on 2 CPU cores one step costs about the same as the image model's, where a 3-D UNet
-(`UNet3DConditionModel`) or a tiny `WanTransformer3DModel` pays per frame (about 9x) or per token; at 9
-frames of 32x32 every frame fits in the receptive field, so motion is a per-pixel pattern across channels.
+colours in, 27 out): on 2 CPU cores one step costs about the same as the image model's, where a tiny
+`WanTransformer3DModel` costs 2.5x, AnimateDiff's per-frame UNet about 26x per clip and a 3-D UNet
+(`UNet3DConditionModel`) about 30x (measured; README); at 9 frames of 32x32 every frame fits in the receptive
+field, so motion is a per-pixel pattern across channels.
 `build_networks(..., denoiser="wan" | "motion")` builds those alternatives (a tiny Wan transformer over pixel
 patches, AnimateDiff's per-frame UNet with temporal attention) for pretraining experiments; none is shipped.
 """
@@ -41,7 +42,7 @@ UNET_CONFIG = {
 }
 VIDEO_BLOCK_CHANNELS = (64, 96, 128)  # a wider first level: it carries 27 channels of frames
 # A tiny Wan video transformer over pixels (the same class as Wan2.1): 4x4-pixel patches of every frame are tokens,
-# and 3-D RoPE gives attention a bias for where a patch was in the previous frames (README, "The video world").
+# and 3-D RoPE gives attention a bias for where a patch was in the previous frames (README, "Video: is the gain real?").
 WAN_VIDEO_CONFIG = {"patch_size": (1, 4, 4), "num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 3,
                     "out_channels": 3, "text_dim": 64, "freq_dim": 64, "ffn_dim": 384, "num_layers": 4,
                     "rope_max_seq_len": 64}
