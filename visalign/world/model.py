@@ -186,8 +186,9 @@ class WorldAdapter(FlowModelAdapter):
         prefix = f"{kind}."
         unet.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
-        adapter = cls(unet.to(device, torch_dtype).eval(), text_encoder.to(device, torch_dtype).eval(), vocab)
-        return adapter
+        if torch_dtype != torch.float32:  # built in float32; casting (which diffusers warns about) only when asked
+            unet, text_encoder = unet.to(torch_dtype), text_encoder.to(torch_dtype)
+        return cls(unet.to(device).eval(), text_encoder.to(device).eval(), vocab)
 
     def save_pretrained(self, path: str | Path, metadata: dict[str, str] | None = None,
                         dtype: torch.dtype | None = None) -> Path:
