@@ -64,11 +64,19 @@ def rewards_override(style: str, weights: tuple[float, float, float] = (1.0, 1.0
     return f"rewards={{world-verifier: {v}, {quality}: {q}, {style}: {s}}}"
 
 
+# Held-out columns the world's own verifier gives: partial credit (the trained verifier reward), whole-prompt
+# accuracy and cleanliness.
+WORLD_COLUMNS = ("partial_credit", "verifier", "cleanliness")
+
+
+def reward_columns(args) -> list[str]:
+    """The held-out columns a reward model scores: the trained quality reward when it is not cleanliness, and the
+    style reward."""
+    return ([] if args.quality == "world-cleanliness" else [args.quality]) + [args.style]
+
+
 def metric_keys(args) -> list[str]:
-    """The held-out columns: partial credit (the trained verifier reward), whole-prompt accuracy, cleanliness,
-    the trained quality reward when it is another one, and the style reward."""
-    extra = [] if args.quality == "world-cleanliness" else [args.quality]
-    return ["partial_credit", "verifier", "cleanliness", *extra, args.style]
+    return [*WORLD_COLUMNS, *reward_columns(args)]
 
 
 def artifact_weights(args) -> Path:
@@ -138,7 +146,7 @@ def evaluate(trainer, n: int, seed: int, args, save: Path | None = None) -> dict
     # logged to results.json to tell a shifted background from speckle when cleanliness falls.
     out = {"verifier": r["overall"], "partial_credit": r["partial_credit"], "cleanliness": r["cleanliness"],
            "background": images.mean(dim=1).flatten(1).median(dim=1).values.mean().item()}
-    for reward in metric_keys(args)[3:]:
+    for reward in reward_columns(args):
         out[reward] = score_mean(reward, images, reward_options(args, (reward,)))
     return out
 
