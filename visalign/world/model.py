@@ -80,6 +80,14 @@ def build_tokenizer(vocab: dict[str, int]):
                                    bos_token="<bos>", eos_token="<eos>", model_max_length=MAX_TOKENS)
 
 
+def check_denoiser(denoiser: str, video: bool) -> None:
+    """A known denoiser, and only the UNet for the image world."""
+    if denoiser not in DENOISERS:
+        raise ValueError(f"denoiser={denoiser!r} not allowed; choose from {', '.join(DENOISERS)}")
+    if denoiser != "unet" and not video:
+        raise ValueError(f"denoiser={denoiser!r} applies to the video world only (video: true)")
+
+
 def build_networks(seed: int = 0, vocab: dict[str, int] | None = None, frames: int | None = None,
                    token_embedding_std: float | None = None, denoiser: str = "unet"):
     """Fresh (random) denoiser and text encoder; `frames` builds the video variant: frames stacked on the UNet's
@@ -94,10 +102,7 @@ def build_networks(seed: int = 0, vocab: dict[str, int] | None = None, frames: i
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel, WanTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if denoiser not in DENOISERS:
-        raise ValueError(f"denoiser={denoiser!r} not allowed; choose from {', '.join(DENOISERS)}")
-    if denoiser != "unet" and frames is None:
-        raise ValueError(f"denoiser={denoiser!r} is a video denoiser: give frames")
+    check_denoiser(denoiser, video=frames is not None)
     vocab = vocab or world_vocab(video=frames is not None)
     torch.manual_seed(seed)
     if denoiser == "wan":

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from visalign.world.grammar import TEMPLATES, sample_specs
-from visalign.world.model import DENOISERS, WorldAdapter, WorldVideoAdapter
+from visalign.world.model import WorldAdapter, WorldVideoAdapter, check_denoiser
 from visalign.world.motion import MOTION_TEMPLATES, misdescribe_direction, render_clips, sample_motion_specs
 from visalign.world.render import render_batch
 
@@ -61,10 +61,7 @@ class PretrainConfig:
             raise ValueError(f"cond_dropout={self.cond_dropout} must be in [0, 1)")
         if not 0 <= self.caption_noise <= 1:
             raise ValueError(f"caption_noise={self.caption_noise} must be in [0, 1]")
-        if self.denoiser not in DENOISERS:
-            raise ValueError(f"denoiser={self.denoiser!r} not allowed; choose from {', '.join(DENOISERS)}")
-        if self.denoiser != "unet" and not self.video:
-            raise ValueError(f"denoiser={self.denoiser!r} applies to the video world only (video: true)")
+        check_denoiser(self.denoiser, self.video)
         if self.caption_noise and not self.video:
             raise ValueError("caption_noise applies to the video world only (video: true)")
         if not 0 <= self.ema_decay < 1:
