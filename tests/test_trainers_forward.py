@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from trainers.common import EMA
 from trainers.dpo import FlowDPOTrainer, group_pairs
 from trainers.engine import accumulation_schedule
 from trainers.forward import (
@@ -64,6 +65,17 @@ def test_rwr_weights_exp_and_best_by_hand():
     torch.testing.assert_close(w, torch.cat([3 * e / e.sum(), torch.zeros(1)]))
     w = rwr_weights(adv, groups, mask, "best")
     torch.testing.assert_close(w, torch.tensor([0.0, 1.5, 1.5, 0.0]))  # best of each group, mean 1 over kept
+
+
+def test_rwr_weights_positive_keeps_every_sample_above_its_group_mean_alike():
+    adv = torch.tensor([0.5, 2.0, -2.5, 0.0, 1.0, -1.0, 3.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    mask = torch.tensor([True, True, True, True, True, True, False])
+    w = rwr_weights(adv, groups, mask, "positive")
+    # kept: 0.5, 2.0, 1.0 (A > 0); A = 0 and negatives get 0, the masked 3.0 too; 6 kept samples, mean 1
+    torch.testing.assert_close(w, torch.tensor([2.0, 2.0, 0.0, 0.0, 2.0, 0.0, 0.0]))
+    assert rwr_weights(torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.bool),
+                       "positive").sum() == 0  # a group with no spread teaches nothing
 
 
 def test_nft_reward_weight_and_loss_by_hand():
@@ -216,6 +228,43 @@ def test_nft_old_policy_follows_softly(tmp_path):
     assert all(torch.equal(s, p) for s, p in zip(t.old.shadow, t.params))
     assert any(not torch.equal(s, p) for s, p in zip(start, t.params))
     assert t.old_decay(1) == 0.5 and t.old_decay(5) == 0.5
+
+
+def test_ema_without_warmup_blends_at_the_fixed_decay():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    ema = EMA([p], 0.9, warmup=False)
+    with torch.no_grad():
+        p.add_(10.0)
+    ema.update(0)  # flow_grpo's warm-up would use min(0.9, 1/10) = 0.1 here
+    torch.testing.assert_close(ema.shadow[0], torch.tensor([0.9 * 1 + 0.1 * 11, 0.9 * 2 + 0.1 * 12]))
+    warm = EMA([p], 0.9)
+    warm.update(0)
+    torch.testing.assert_close(warm.shadow[0], p.detach())  # 0.1 * 11 + 0.9 * 11
+
+
+def test_sample_with_ema_rolls_out_with_the_ema_and_keeps_the_live_weights(tmp_path):
+    cfg = small("flow_rwr", tmp_path, "train.ema_decay=0.9", "train.sample_with_ema=true", *REQUESTS["tiny-sd3"])
+    t = FlowRWRTrainer(cfg)
+    with torch.no_grad():  # the live weights leave the EMA's (which starts at the loaded weights)
+        for p in t.params:
+            p.add_(0.05 * torch.randn_like(p))
+    live = [p.detach().clone() for p in t.params]
+    with_ema = t.rollout_step(0).ro.traj.final
+    assert all(torch.equal(a, p) for a, p in zip(live, t.params))  # restored after the rollout
+    t.cfg.train.sample_with_ema = False
+    own = t.rollout_step(0).ro.traj.final
+    with t.ema.swapped():
+        teacher = t.rollout_step(0).ro.traj.final
+    assert torch.equal(with_ema, teacher) and not torch.allclose(with_ema, own)
+
+
+@pytest.mark.parametrize("trainer, extra, message", [
+    ("flow_rwr", [], "needs train.ema_decay"),
+    ("diffusion_nft", ["train.ema_decay=0.9"], "sample_with_old and train.sample_with_ema"),
+])
+def test_sample_with_ema_needs_one_ema_policy(trainer, extra, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        small(trainer, tmp_path, "train.sample_with_ema=true", *extra)
 
 
 def _micro(group_noise, batch_size, groups, k=2, step=5):

@@ -258,17 +258,17 @@ class ParamCopy:
 
 class EMA(ParamCopy):
     """Exponential moving average of trainable parameters (flow_grpo `flow_grpo/ema.py`: decay with warm-up
-    min(decay, (1 + s) / (10 + s)), updated every `every` steps)."""
+    min(decay, (1 + s) / (10 + s)), updated every `every` steps; `warmup=False`: the fixed decay throughout)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1):
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1, warmup: bool = True):
         super().__init__(params)
-        self.decay, self.every = decay, every
+        self.decay, self.every, self.warmup = decay, every, warmup
         self.updates = 0
 
     def update(self, step: int) -> None:
         if step % self.every:
             return
-        self.blend(min(self.decay, (1 + self.updates) / (10 + self.updates)))
+        self.blend(min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay)
         self.updates += 1
 
     def state_dict(self) -> dict:

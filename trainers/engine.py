@@ -208,6 +208,9 @@ class BaseTrainConfig:
     cagrad_c: float = field(default=0.4, metadata={"help": "CAGrad's c"})
     ema_decay: float | None = field(default=None, metadata={"help": "EMA of trained weights (flow_grpo: 0.9)"})
     ema_every: int = field(default=1, metadata={"help": "steps between EMA updates"})
+    ema_warmup: bool = field(default=True, metadata={
+        "help": "flow_grpo's EMA warm-up min(decay, (1 + s) / (10 + s)); false: the fixed decay from the first "
+                "update (the EMA starts at the pretrained weights, so there is no initialisation to forget)"})
     mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "autocast"})
 
     def __post_init__(self):
@@ -441,7 +444,8 @@ class OnlineTrainer:
             # rewards.load caches: the trained rewards are the same objects
             loaded = load_rewards(drift_weights, cfg.reward_options)
             self.drift_rewards = {name: (loaded[name], w) for name, w in drift_weights.items()}
-        self.ema = EMA(params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema_decay else None
+        self.ema = (EMA(params, cfg.train.ema_decay, cfg.train.ema_every, warmup=cfg.train.ema_warmup)
+                    if cfg.train.ema_decay else None)
         self.state = TrainerState()
         acc.register_for_checkpointing(self.state)
         self.alarm = None

@@ -84,6 +84,10 @@ class ForwardTrainConfig(BaseTrainConfig):
     min_sigma: float = field(default=0.0, metadata={
         "help": "train only noise levels >= this: the high-noise steps decide layout and motion, while the low-noise "
                 "steps of self-generated samples teach their residual speckle back to the model"})
+    sample_with_ema: bool = field(default=False, metadata={
+        "help": "roll out with the EMA of the trained weights (train.ema_decay), a slow teacher whose samples the "
+                "live weights learn from, as DiffusionNFT rolls out with its old policy; the live weights' own "
+                "samples can degrade faster than the update learns from them"})
     group_noise: bool = field(default=False, metadata={
         "help": "every sample of a prompt group is noised with the same levels and noise (common random numbers): "
                 "the advantages sum to zero in a group, so the noise's share of the gradient cancels"})
@@ -94,6 +98,8 @@ class ForwardTrainConfig(BaseTrainConfig):
             raise ValueError(f"timesteps_per_sample={self.timesteps_per_sample} must be >= 1")
         if not 0 <= self.min_sigma < 1:
             raise ValueError(f"min_sigma={self.min_sigma} must be in [0, 1)")
+        if self.sample_with_ema and not self.ema_decay:
+            raise ValueError("train.sample_with_ema needs train.ema_decay (the EMA to roll out with)")
 
 
 class ForwardTrainer(OnlineTrainer):
@@ -134,6 +140,12 @@ class ForwardTrainer(OnlineTrainer):
 
         return micro, noise
 
+    def rollout_step(self, step: int):
+        if not self.cfg.train.sample_with_ema:
+            return super().rollout_step(step)
+        with self.ema.swapped():
+            return super().rollout_step(step)
+
     def accumulation(self, micro) -> list[tuple[float, bool]]:
         """`accumulation_schedule` of these micro-batches, weighing every sample alike."""
         return accumulation_schedule(len(micro), self.cfg.train.optimizer_steps_per_rollout, [len(m[0]) for m in micro])
@@ -147,7 +159,8 @@ class ForwardTrainer(OnlineTrainer):
 
 @dataclass
 class RWRTrainConfig(ForwardTrainConfig):
-    weighting: Literal["exp", "best"] = field(default="exp", metadata={"help": "exp(A / temperature) or best of group"})
+    weighting: Literal["exp", "best", "positive"] = field(default="exp", metadata={
+        "help": "exp(A / temperature), best of group, or every sample above its group's mean alike (RAFT)"})
     temperature: float = field(default=1.0, metadata={"help": "of the exponential weighting"})
 
     def __post_init__(self):
@@ -234,6 +247,9 @@ class NFTTrainConfig(ForwardTrainConfig):
             raise ValueError(f"nft_beta={self.nft_beta} must be > 0")
         if not 0 <= self.old_decay_max < 1 or self.old_decay_rate < 0:
             raise ValueError("old_decay_max must be in [0, 1) and old_decay_rate >= 0")
+        if self.sample_with_old and self.sample_with_ema:
+            raise ValueError("train.sample_with_old and train.sample_with_ema both pick the rollout policy; "
+                             "set one of them false")
 
 
 @dataclass

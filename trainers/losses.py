@@ -90,7 +90,9 @@ def rwr_weights(advantages: Tensor, groups: Tensor, mask: Tensor, mode: str, tem
     """Per-sample weights of reward-weighted regression, normalised to mean 1 over the kept samples (0 elsewhere):
     "exp": exp(A / temperature) (Peters & Schaal 2007; Flow-RWR in "Improving Video Generation with Human
     Feedback" weights the flow-matching loss by the reward); "best": only the best sample of each group
-    (reward-filtered SFT, flow_grpo `train_sd3_sft.py`'s `sft` mode)."""
+    (reward-filtered SFT, flow_grpo `train_sd3_sft.py`'s `sft` mode); "positive": every sample above its group's
+    mean (A > 0) alike, as RAFT (Dong et al. 2023, arXiv 2304.06767) fine-tunes on the better-ranked samples
+    of each prompt, so that no ranked sample's share depends on how far it beat the others."""
     if mode == "exp":
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0")
@@ -103,8 +105,11 @@ def rwr_weights(advantages: Tensor, groups: Tensor, mask: Tensor, mode: str, tem
             if len(idx):
                 w[idx[advantages[idx].argmax()]] = 1.0
         w = w * mask.sum() / w.sum().clamp(min=1)
+    elif mode == "positive":
+        w = ((advantages > 0) & mask).double()
+        w = w * mask.sum() / w.sum().clamp(min=1)
     else:
-        raise ValueError(f"rwr weighting {mode!r}: allowed 'exp' or 'best'")
+        raise ValueError(f"rwr weighting {mode!r}: allowed 'exp', 'best' or 'positive'")
     return w.float()
 
 
