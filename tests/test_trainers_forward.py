@@ -258,6 +258,17 @@ def test_sample_with_ema_rolls_out_with_the_ema_and_keeps_the_live_weights(tmp_p
     assert torch.equal(with_ema, teacher) and not torch.allclose(with_ema, own)
 
 
+def test_sample_with_ema_resumes_bit_identically(tmp_path):
+    # The rollouts come from the EMA, so resuming must restore it exactly (fixed decay, no warm-up count to lose).
+    extra = ["train.max_steps=3", "train.ema_decay=0.5", "train.ema_warmup=false", "train.sample_with_ema=true",
+             "train.weighting=positive", *REQUESTS["tiny-sd3"]]
+    FlowRWRTrainer(small("flow_rwr", tmp_path / "a", *extra)).train()
+    FlowRWRTrainer(small("flow_rwr", tmp_path / "b", *extra)).train(stop_after=1)
+    FlowRWRTrainer(small("flow_rwr", tmp_path / "b", *extra)).train()
+    a, b = _final_weights(tmp_path / "a", 3), _final_weights(tmp_path / "b", 3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("trainer, extra, message", [
     ("flow_rwr", [], "needs train.ema_decay"),
     ("diffusion_nft", ["train.ema_decay=0.9"], "sample_with_old and train.sample_with_ema"),
