@@ -258,6 +258,16 @@ def test_sample_with_ema_rolls_out_with_the_ema_and_keeps_the_live_weights(tmp_p
     assert torch.equal(with_ema, teacher) and not torch.allclose(with_ema, own)
 
 
+def test_rwr_positive_with_no_spread_trains_nothing(tmp_path):
+    # Every group ties: no sample is above its group's mean, so the step keeps none and leaves the weights alone.
+    cfg = small("flow_rwr", tmp_path, "train.max_steps=1", "train.weighting=positive", *REQUESTS["tiny-sd3"],
+                "rewards={tests.helpers.toy_rewards.Constant: 1.0}")
+    t = FlowRWRTrainer(cfg)
+    before = [p.detach().clone() for p in t.params]
+    assert t.train()[0]["trained_fraction"] == 0.0
+    assert all(torch.equal(b, p) for b, p in zip(before, t.params))
+
+
 def test_sample_with_ema_resumes_bit_identically(tmp_path):
     # The rollouts come from the EMA, so resuming must restore it exactly (fixed decay, no warm-up count to lose).
     extra = ["train.max_steps=3", "train.ema_decay=0.5", "train.ema_warmup=false", "train.sample_with_ema=true",

@@ -58,7 +58,8 @@ def sample_sigmas(kind: str, n: int, k: int, grid: Tensor, generator: torch.Gene
         if k > len(levels):
             raise ValueError(f"timesteps_per_sample={k} exceeds the {len(levels)} non-zero sampler noise levels "
                              f">= train.min_sigma={min_sigma}")
-        return torch.stack([levels[torch.randperm(len(levels), generator=generator)[:k]] for _ in range(n)]).float()
+        draws = [levels[torch.randperm(len(levels), generator=generator)[:k]] for _ in range(n)]
+        return torch.stack(draws).float() if draws else grid.new_zeros(0, k).float()  # n = 0: nothing kept
     if kind == "logit_normal":
         return min_sigma + (1 - min_sigma) * torch.sigmoid(torch.randn(n, k, generator=generator))
     raise ValueError(f"sigma_sampling {kind!r}: allowed 'grid' or 'logit_normal'")

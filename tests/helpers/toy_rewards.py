@@ -76,3 +76,17 @@ class BatchPosition(Reward):
     def score(self, *, prompts, images, videos, metadata):
         x = images if images is not None else videos
         return torch.arange(x.shape[0], dtype=torch.float32)
+
+
+class Constant(Reward):
+    """0.5 for every sample: no group has any spread, so no advantage is non-zero."""
+
+    name = "test-constant"
+    differentiable = False
+    needs_prompts = False
+    inputs = ("images", "videos")
+    value_range = (0.0, 1.0)
+
+    def score(self, *, prompts, images, videos, metadata):
+        x = images if images is not None else videos
+        return torch.full((x.shape[0],), 0.5)
