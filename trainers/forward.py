@@ -141,10 +141,15 @@ class ForwardTrainer(OnlineTrainer):
 
         return micro, noise
 
+    def rollout_weights(self):
+        """The weights copy to roll out with (swapped in around the rollout), or None for the trained weights."""
+        return self.ema if self.cfg.train.sample_with_ema else None
+
     def rollout_step(self, step: int):
-        if not self.cfg.train.sample_with_ema:
+        weights = self.rollout_weights()
+        if weights is None:
             return super().rollout_step(step)
-        with self.ema.swapped():
+        with weights.swapped():
             return super().rollout_step(step)
 
     def accumulation(self, micro) -> list[tuple[float, bool]]:
@@ -298,11 +303,8 @@ class DiffusionNFTTrainer(ForwardTrainer):
         finally:
             self.adapter.set_forward_module(self.model)
 
-    def rollout_step(self, step: int):
-        if not self.cfg.train.sample_with_old:
-            return super().rollout_step(step)
-        with self.old.swapped():
-            return super().rollout_step(step)
+    def rollout_weights(self):
+        return self.old if self.cfg.train.sample_with_old else super().rollout_weights()
 
     def step(self, step: int) -> dict:
         cfg, acc = self.cfg, self.accelerator
