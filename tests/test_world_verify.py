@@ -303,6 +303,38 @@ def test_verify_works_at_higher_resolution(clean):
     assert verify(upsampled, specs[::10]).passed.mean().item() == 1.0
 
 
+def test_a_batch_is_detected_once_across_world_rewards(clean, monkeypatch):
+    """The motion verifier, its cleanliness term and world-cleanliness share one detection per batch; the cache is
+    keyed by the pixels, so an edited batch is detected afresh and matches a cold detection."""
+    import sys
+
+    from rewards.world import WorldCleanlinessReward, WorldMotionReward
+    from visalign.world.motion import render_clips, sample_motion_specs
+
+    module = sys.modules["visalign.world.verify"]
+    specs = sample_motion_specs(4, "seen", generator=5)
+    videos = render_clips(specs, 5)
+    prompts = [s.prompt for s in specs]
+    calls = []
+    detect = module._detect_image
+    monkeypatch.setattr(module, "_detect_image", lambda *a: calls.append(1) or detect(*a))
+    module._DETECTION_CACHE.clear()
+    motion = WorldMotionReward().score(prompts=prompts, images=None, videos=videos, metadata=None)
+    clean_score = WorldCleanlinessReward().score(prompts=prompts, images=None, videos=videos, metadata=None)
+    assert len(calls) == videos.shape[0] * videos.shape[1]  # 36 frames, each detected once
+    assert torch.equal(clean_score, motion["cleanliness"])
+    edited = videos.clone()
+    edited[0, :, :, 2:8, 2:8] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]  # a red mark in every frame of clip 0
+    frames = edited.reshape(-1, *edited.shape[2:])
+    warm = detect_objects(frames)
+    assert len(calls) == 2 * videos.shape[0] * videos.shape[1]
+    module._DETECTION_CACHE.clear()
+    cold = detect_objects(frames)
+    assert warm == cold and len(warm[0]) == len(detect_objects(videos.reshape(-1, *videos.shape[2:]))[0]) + 1
+    warm[0].clear()  # a caller's list is its own
+    assert detect_objects(frames)[0] == cold[0]
+
+
 # --------------------------------------------------------------------------------------- cleanliness
 
 

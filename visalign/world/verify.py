@@ -21,7 +21,10 @@ Pipeline, per image:
    and dominant-axis relations.
 """
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -180,12 +183,34 @@ def detect_objects(images: torch.Tensor) -> list[list[Detection]]:
     return [detections for detections, _ in _detect_batch(images)]
 
 
+# Detection is most of a world reward's cost, and a training step scores the same batch with several world rewards
+# (the motion verifier, its cleanliness term, world-cleanliness): the last few batches' detections are kept, keyed
+# by the pixels' bytes, so each batch is detected once.
+_DETECTION_CACHE: OrderedDict[tuple, list[tuple[list[Detection], np.ndarray]]] = OrderedDict()
+_DETECTION_CACHE_SIZE = 4
+_DETECTION_LOCK = threading.Lock()
+
+
 def _detect_batch(images: torch.Tensor) -> list[tuple[list[Detection], np.ndarray]]:
-    """Per image: its detections and its support mask (pixels that belong to a coloured object)."""
-    chroma, hue = chroma_and_hue(images)
-    background = torch.tensor(BACKGROUND, dtype=torch.float32)[:, None, None]
-    deviation = (images.detach().float().cpu() - background).abs().amax(dim=1).numpy()
-    return [_detect_image(chroma[i], hue[i], deviation[i]) for i in range(len(images))]
+    """Per image: its detections and its support mask (pixels that belong to a coloured object; read-only)."""
+    pixels = np.ascontiguousarray(images.detach().float().cpu().numpy())
+    key = (pixels.shape, hashlib.blake2b(pixels.tobytes(), digest_size=16).digest())
+    with _DETECTION_LOCK:
+        found = _DETECTION_CACHE.get(key)
+        if found is not None:
+            _DETECTION_CACHE.move_to_end(key)
+    if found is None:
+        chroma, hue = chroma_and_hue(images)
+        background = np.asarray(BACKGROUND, dtype=np.float32)[:, None, None]
+        deviation = np.abs(pixels - background).max(axis=1)
+        found = [_detect_image(chroma[i], hue[i], deviation[i]) for i in range(len(images))]
+        for _, support in found:
+            support.setflags(write=False)
+        with _DETECTION_LOCK:
+            _DETECTION_CACHE[key] = found
+            while len(_DETECTION_CACHE) > _DETECTION_CACHE_SIZE:
+                _DETECTION_CACHE.popitem(last=False)
+    return [(list(detections), support) for detections, support in found]  # callers may edit their lists
 
 
 def _detect_image(
@@ -202,6 +227,8 @@ def _detect_image(
             core = labels == j
             # Grow by one pixel to take in the faint anti-aliased rim, but not pixels of another colour.
             grown = ndimage.binary_dilation(core, _EIGHT_CONNECTED) & ((color_index < 0) | (color_index == k))
+            if grown.sum() < min_pixels:  # alpha <= 1 on `grown`: too small whatever its chroma (skips speckle fast)
+                continue
             alpha = np.where(grown, np.clip(chroma / np.percentile(chroma[core], 90), 0.0, 1.0), 0.0)
             if alpha.sum() < min_pixels:
                 continue

@@ -1,0 +1,74 @@
+"""Cost of scoring a video RL step's clips with the world rewards: one shared detection per batch against one per
+reward call, in one run.
+
+    .venv/bin/python bench/world_reward_speed.py --clips 64
+
+A video world step scores each batch with `world-motion` (which also reports per-frame cleanliness) and
+`world-cleanliness` (configs/nft_world_video.yaml). Both judge the objects the verifier detects in every frame;
+detection is nearly all of their cost. The clips are renders of the RL prompts with sampler-like speckle and
+blur, so the detector meets stray marks as it does on a model's samples. Prints seconds per batch of each arm
+and their ratio, measured here, and checks both arms score the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from rewards.world import WorldCleanlinessReward, WorldMotionReward
+from visalign.world.motion import render_clips, sample_motion_specs
+
+
+def sampler_like(videos: torch.Tensor, seed: int) -> torch.Tensor:
+    """Renders roughened like a model's samples: a slight blur and pixel speckle."""
+    g = torch.Generator().manual_seed(seed)
+    frames = videos.reshape(-1, *videos.shape[2:])
+    blurred = torch.nn.functional.avg_pool2d(frames, 3, stride=1, padding=1, count_include_pad=False)
+    frames = 0.5 * frames + 0.5 * blurred + 0.06 * torch.randn(frames.shape, generator=g)
+    return frames.clamp(0, 1).reshape(videos.shape)
+
+
+def score_step(rewards, videos, prompts) -> dict[str, torch.Tensor]:
+    out = {}
+    for reward in rewards:
+        scores = reward.score(prompts=prompts, images=None, videos=videos, metadata=None)
+        scores = scores if isinstance(scores, dict) else {"score": scores}
+        out.update({f"{reward.name}/{key}": value for key, value in scores.items()})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clips", type=int, default=64, help="clips per batch (a step of 8 prompts x 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="batches per arm, each fresh")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    verify = sys.modules["visalign.world.verify"]  # the module (the package exports a function of that name)
+    rewards = (WorldMotionReward(), WorldCleanlinessReward())
+    batches = []
+    for r in range(args.repeats):
+        specs = sample_motion_specs(args.clips, "seen", generator=r)
+        batches.append((sampler_like(render_clips(specs, r), r), [s.prompt for s in specs]))
+    times, scores = {}, {}
+    for arm, size in (("detect per call", 0), ("shared detection", verify._DETECTION_CACHE_SIZE)):
+        old, verify._DETECTION_CACHE_SIZE = verify._DETECTION_CACHE_SIZE, size
+        verify._DETECTION_CACHE.clear()
+        try:
+            start = time.perf_counter()
+            scores[arm] = [score_step(rewards, videos, prompts) for videos, prompts in batches]
+            times[arm] = (time.perf_counter() - start) / args.repeats
+        finally:
+            verify._DETECTION_CACHE_SIZE = old
+    same = all(torch.allclose(a[k], b[k], rtol=0, atol=0, equal_nan=True)  # NaN: a concept the prompt lacks
+               for a, b in zip(*scores.values()) for k in a)
+    for arm, seconds in times.items():
+        print(f"{arm:>17}: {seconds:.2f} s per batch of {args.clips} clips")
+    print(f"shared detection is {times['detect per call'] / times['shared detection']:.1f}x faster; "
+          f"scores identical: {same}")
+
+
+if __name__ == "__main__":
+    main()
