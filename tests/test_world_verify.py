@@ -303,7 +303,7 @@ def test_verify_works_at_higher_resolution(clean):
     assert verify(upsampled, specs[::10]).passed.mean().item() == 1.0
 
 
-def test_a_batch_is_detected_once_across_world_rewards(clean, monkeypatch):
+def test_a_batch_is_detected_once_across_world_rewards(monkeypatch):
     """The motion verifier, its cleanliness term and world-cleanliness share one detection per batch; the cache is
     keyed by the pixels, so an edited batch is detected afresh and matches a cold detection."""
     import sys
