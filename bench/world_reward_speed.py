@@ -19,6 +19,7 @@ import time
 import torch
 
 from rewards.world import WorldCleanlinessReward, WorldMotionReward
+from trainers.common import score_rewards
 from visalign.world.motion import render_clips, sample_motion_specs
 
 
@@ -31,15 +32,6 @@ def sampler_like(videos: torch.Tensor, seed: int) -> torch.Tensor:
     return frames.clamp(0, 1).reshape(videos.shape)
 
 
-def score_step(rewards, videos, prompts) -> dict[str, torch.Tensor]:
-    out = {}
-    for reward in rewards:
-        scores = reward.score(prompts=prompts, images=None, videos=videos, metadata=None)
-        scores = scores if isinstance(scores, dict) else {"score": scores}
-        out.update({f"{reward.name}/{key}": value for key, value in scores.items()})
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=64, help="clips per batch (a step of 8 prompts x 8)")
@@ -47,21 +39,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     verify = sys.modules["visalign.world.verify"]  # the module (the package exports a function of that name)
-    rewards = (WorldMotionReward(), WorldCleanlinessReward())
+    rewards = {r.name: r for r in (WorldMotionReward(), WorldCleanlinessReward())}
     batches = []
     for r in range(args.repeats):
         specs = sample_motion_specs(args.clips, "seen", generator=r)
-        batches.append((sampler_like(render_clips(specs, r), r), [s.prompt for s in specs]))
+        batches.append((sampler_like(render_clips(specs, r), r), [{"prompt": s.prompt} for s in specs]))
+    cached = verify._detect_pixels
     times, scores = {}, {}
-    for arm, size in (("detect per call", 0), ("shared detection", verify._DETECTION_CACHE_SIZE)):
-        old, verify._DETECTION_CACHE_SIZE = verify._DETECTION_CACHE_SIZE, size
-        verify._DETECTION_CACHE.clear()
+    for arm, detect in (("detect per call", cached.__wrapped__), ("shared detection", cached)):
+        cached.cache_clear()
+        verify._detect_pixels = detect
         try:
             start = time.perf_counter()
-            scores[arm] = [score_step(rewards, videos, prompts) for videos, prompts in batches]
+            scores[arm] = [score_rewards(rewards, videos, items) for videos, items in batches]  # as a step scores
             times[arm] = (time.perf_counter() - start) / args.repeats
         finally:
-            verify._DETECTION_CACHE_SIZE = old
+            verify._detect_pixels = cached
     same = all(torch.allclose(a[k], b[k], rtol=0, atol=0, equal_nan=True)  # NaN: a concept the prompt lacks
                for a, b in zip(*scores.values()) for k in a)
     for arm, seconds in times.items():

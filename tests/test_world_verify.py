@@ -318,7 +318,7 @@ def test_a_batch_is_detected_once_across_world_rewards(monkeypatch):
     calls = []
     detect = module._detect_image
     monkeypatch.setattr(module, "_detect_image", lambda *a: calls.append(1) or detect(*a))
-    module._DETECTION_CACHE.clear()
+    module._detect_pixels.cache_clear()
     motion = WorldMotionReward().score(prompts=prompts, images=None, videos=videos, metadata=None)
     clean_score = WorldCleanlinessReward().score(prompts=prompts, images=None, videos=videos, metadata=None)
     assert len(calls) == videos.shape[0] * videos.shape[1]  # 36 frames, each detected once
@@ -328,7 +328,7 @@ def test_a_batch_is_detected_once_across_world_rewards(monkeypatch):
     frames = edited.reshape(-1, *edited.shape[2:])
     warm = detect_objects(frames)
     assert len(calls) == 2 * videos.shape[0] * videos.shape[1]
-    module._DETECTION_CACHE.clear()
+    module._detect_pixels.cache_clear()
     cold = detect_objects(frames)
     assert warm == cold and len(warm[0]) == len(detect_objects(videos.reshape(-1, *videos.shape[2:]))[0]) + 1
     warm[0].clear()  # a caller's list is its own

@@ -21,10 +21,8 @@ Pipeline, per image:
    and dominant-axis relations.
 """
 
-import hashlib
+import functools
 import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,7 +159,11 @@ class VerifyResult:
 
 def chroma_and_hue(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Chroma and hue (degrees in [0, 360)) of (image - BACKGROUND), each [B, H, W], for [B, 3, H, W]."""
-    diff = images.detach().float().cpu().numpy() - np.asarray(BACKGROUND, dtype=np.float32)[:, None, None]
+    return _chroma_and_hue(images.detach().float().cpu().numpy())
+
+
+def _chroma_and_hue(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    diff = pixels - np.asarray(BACKGROUND, dtype=np.float32)[:, None, None]
     a = diff[:, 0] - (diff[:, 1] + diff[:, 2]) / 2
     b = math.sqrt(3) / 2 * (diff[:, 1] - diff[:, 2])
     return np.hypot(a, b), np.degrees(np.arctan2(b, a)) % 360.0
@@ -183,34 +185,25 @@ def detect_objects(images: torch.Tensor) -> list[list[Detection]]:
     return [detections for detections, _ in _detect_batch(images)]
 
 
-# Detection is most of a world reward's cost, and a training step scores the same batch with several world rewards
-# (the motion verifier, its cleanliness term, world-cleanliness): the last few batches' detections are kept, keyed
-# by the pixels' bytes, so each batch is detected once.
-_DETECTION_CACHE: OrderedDict[tuple, list[tuple[list[Detection], np.ndarray]]] = OrderedDict()
-_DETECTION_CACHE_SIZE = 4
-_DETECTION_LOCK = threading.Lock()
-
-
 def _detect_batch(images: torch.Tensor) -> list[tuple[list[Detection], np.ndarray]]:
     """Per image: its detections and its support mask (pixels that belong to a coloured object; read-only)."""
     pixels = np.ascontiguousarray(images.detach().float().cpu().numpy())
-    key = (pixels.shape, hashlib.blake2b(pixels.tobytes(), digest_size=16).digest())
-    with _DETECTION_LOCK:
-        found = _DETECTION_CACHE.get(key)
-        if found is not None:
-            _DETECTION_CACHE.move_to_end(key)
-    if found is None:
-        chroma, hue = chroma_and_hue(images)
-        background = np.asarray(BACKGROUND, dtype=np.float32)[:, None, None]
-        deviation = np.abs(pixels - background).max(axis=1)
-        found = [_detect_image(chroma[i], hue[i], deviation[i]) for i in range(len(images))]
-        for _, support in found:
-            support.setflags(write=False)
-        with _DETECTION_LOCK:
-            _DETECTION_CACHE[key] = found
-            while len(_DETECTION_CACHE) > _DETECTION_CACHE_SIZE:
-                _DETECTION_CACHE.popitem(last=False)
-    return [(list(detections), support) for detections, support in found]  # callers may edit their lists
+    return [(list(detections), support)  # callers may edit their lists
+            for detections, support in _detect_pixels(pixels.shape, pixels.tobytes())]
+
+
+# Detection is most of a world reward's cost, and a training step scores the same batch with several world rewards
+# (the motion verifier, its cleanliness term, world-cleanliness): the last few batches' detections are kept, keyed
+# by the pixels' bytes, so each batch is detected once.
+@functools.lru_cache(maxsize=4)
+def _detect_pixels(shape: tuple[int, ...], data: bytes) -> list[tuple[list[Detection], np.ndarray]]:
+    pixels = np.frombuffer(data, dtype=np.float32).reshape(shape)
+    chroma, hue = _chroma_and_hue(pixels)
+    deviation = np.abs(pixels - np.asarray(BACKGROUND, dtype=np.float32)[:, None, None]).max(axis=1)
+    found = [_detect_image(chroma[i], hue[i], deviation[i]) for i in range(len(pixels))]
+    for _, support in found:
+        support.setflags(write=False)  # shared by every caller of this batch
+    return found
 
 
 def _detect_image(
