@@ -38,6 +38,39 @@ def test_bad_input(world, tmp_path):
         WorldAdapter.from_pretrained(tmp_path / "missing.safetensors")
 
 
+def test_bf16_training_passes_use_the_math_attention_kernel(world, monkeypatch):
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import visalign.world.model as model_module
+
+    chosen = []
+
+    def recording(backends):
+        chosen.append(backends)
+        return sdpa_kernel(backends)
+
+    monkeypatch.setattr(model_module, "sdpa_kernel", recording)
+    cond = world.encode_prompts(["a red circle", "two blue squares"])
+    x, bf16 = torch.randn(2, 3, 32, 32), lambda: torch.autocast("cpu", torch.bfloat16)
+    for grad, autocast, picked in ((True, bf16, [[SDPBackend.MATH]]), (False, bf16, []),
+                                   (True, contextlib.nullcontext, [])):
+        chosen.clear()
+        with torch.set_grad_enabled(grad), autocast():
+            v = world.predict_velocity(x, 0.4, cond, 3.0)
+        assert chosen == picked
+    # The math kernel (the grad pass) is as close to the fp32 velocity as PyTorch's own choice (no grad) in bf16.
+    with torch.no_grad():
+        exact = world.predict_velocity(x, 0.4, cond, 3.0)
+    with bf16():
+        math_err = (world.predict_velocity(x, 0.4, cond, 3.0).float().detach() - exact).abs().mean()
+        with torch.no_grad():
+            default_err = (world.predict_velocity(x, 0.4, cond, 3.0).float() - exact).abs().mean()
+    assert chosen == [[SDPBackend.MATH]]
+    assert math_err < 1.5 * default_err
+
+
 def test_sde_log_prob_round_trip_on_world(world):
     cond = world.encode_prompts(["a red circle", "a green square on the left"])
     traj = sample(world, cond, num_steps=4, height=32, width=32, guidance_scale=3.0, seeds=[0, 1],
