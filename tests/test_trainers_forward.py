@@ -230,6 +230,25 @@ def test_nft_old_policy_follows_softly(tmp_path):
     assert t.old_decay(1) == 0.5 and t.old_decay(5) == 0.5
 
 
+def test_nft_skips_the_old_policy_pass_while_it_equals_the_trained_weights(tmp_path):
+    # Rate 1e-30: every blend keeps the trained weights exactly (lerp weight 1 - 3e-30 rounds to 1), but from step 2
+    # the decay is not 0, so v_old comes from its own pass; rate 0 reuses the trained pass's velocity throughout.
+    runs = {}
+    for rate in ("0", "1e-30"):
+        cfg = small("diffusion_nft", tmp_path / rate, "train.max_steps=3", f"train.old_decay_rate={rate}",
+                    "train.sample_with_old=false",
+                    "train.kl_beta=0.1", *REQUESTS["tiny-sd3"])
+        t = DiffusionNFTTrainer(cfg)
+        swaps = []
+        swapped = t.old.swapped
+        t.old.swapped = lambda: swaps.append(1) or swapped()
+        t.train()
+        runs[rate] = ([p.detach().clone() for p in t.params], len(swaps))
+    (reused, reused_swaps), (separate, separate_swaps) = runs.values()
+    assert reused_swaps == 0 < separate_swaps  # the old copy never swapped in at rate 0
+    assert all(torch.equal(a, b) for a, b in zip(reused, separate))  # and the same update
+
+
 def test_ema_without_warmup_blends_at_the_fixed_decay():
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     ema = EMA([p], 0.9, warmup=False)

@@ -471,6 +471,14 @@ class OnlineTrainer:
     def _autocast(self):
         return self.accelerator.autocast() if self.cfg.train.mixed_precision != "no" else None
 
+    def autocast_context(self):
+        """The configured autocast (`train.mixed_precision`) for the no-grad passes a loss compares the trained
+        pass with (reference, old policy), so both sides compute in one precision, as flow_grpo
+        `scripts/train_sd3.py` runs its reference pass inside the trained pass's autocast."""
+        from contextlib import nullcontext
+
+        return self._autocast() or nullcontext()
+
     # ---- the shared half of a step -------------------------------------------------------------------------
     def rollout_step(self, step: int) -> RolloutStep:
         """Plan the step's prompt groups, sample and score this process's share, score held-out rewards,

@@ -327,18 +327,26 @@ class DiffusionNFTTrainer(ForwardTrainer):
         n_refresh = min(cfg.train.balance_refresh_batches, len(micro))  # micro-batches that estimate the Gram
         schedule = self.accumulation(micro)
         gram = torch.zeros(len(cfg.rewards), len(cfg.rewards), dtype=torch.float64)  # balance_gram=output
+        # The old copy is the trained weights themselves until this step's first optimizer step when the last soft
+        # update copied them whole (decay 0: the first step, or train.old_decay_rate=0): v_old is then the trained
+        # pass's own velocity, detached, and the old-policy pass is skipped.
+        old_is_live = step == 0 or self.old_decay(step - 1) == 0
         for i, ((pos, sigma, j), (size, last)) in enumerate(zip(micro, schedule)):
             idx = keep[pos]
             noise = draw(pos, j, x0[idx].shape).to(x0.device)
             x_t = noised(x0[idx], noise, sigma)
             cond = rs.ro.cond.index(idx)
-            with torch.no_grad(), self.old.swapped():
-                v_old = self.velocity(x_t, sigma, cond)
-            v_ref = self.reference_velocity(x_t, sigma, cond) if cfg.train.kl_beta > 0 else None
+            v_old = None
+            with torch.no_grad(), self.autocast_context():
+                if not old_is_live:
+                    with self.old.swapped():
+                        v_old = self.velocity(x_t, sigma, cond)
+                v_ref = self.reference_velocity(x_t, sigma, cond) if cfg.train.kl_beta > 0 else None
 
             def loss_for(v, weights):
-                return nft_loss(v, v_old, x_t, x0[idx], sigma, weights[idx].to(v.device), cfg.train.nft_beta,
-                                cfg.train.adv_clip, v_ref=v_ref, kl_beta=cfg.train.kl_beta)
+                return nft_loss(v, v.detach() if v_old is None else v_old, x_t, x0[idx], sigma,
+                                weights[idx].to(v.device), cfg.train.nft_beta, cfg.train.adv_clip, v_ref=v_ref,
+                                kl_beta=cfg.train.kl_beta)
 
             if r_k is None:
                 with self.micro_context(last):
@@ -381,6 +389,7 @@ class DiffusionNFTTrainer(ForwardTrainer):
                 logs.setdefault(key, []).append(value)
             if last:
                 logs.setdefault("grad_norm", []).append(self.optimizer_step())
+                old_is_live = False
         decay = self.old_decay(step)
         self.old.blend(decay)
         if self.ema is not None:
