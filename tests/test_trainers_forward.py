@@ -236,8 +236,7 @@ def test_nft_skips_the_old_policy_pass_while_it_equals_the_trained_weights(tmp_p
     runs = {}
     for rate in ("0", "1e-30"):
         cfg = small("diffusion_nft", tmp_path / rate, "train.max_steps=3", f"train.old_decay_rate={rate}",
-                    "train.sample_with_old=false",
-                    "train.kl_beta=0.1", *REQUESTS["tiny-sd3"])
+                    "train.sample_with_old=false", "train.kl_beta=0.1", *REQUESTS["tiny-sd3"])
         t = DiffusionNFTTrainer(cfg)
         swaps = []
         swapped = t.old.swapped
@@ -247,6 +246,23 @@ def test_nft_skips_the_old_policy_pass_while_it_equals_the_trained_weights(tmp_p
     (reused, reused_swaps), (separate, separate_swaps) = runs.values()
     assert reused_swaps == 0 < separate_swaps  # the old copy never swapped in at rate 0
     assert all(torch.equal(a, b) for a, b in zip(reused, separate))  # and the same update
+
+
+def test_nft_frozen_reference_runs_in_the_trained_pass_precision(tmp_path, request):
+    # Full fine-tuning compares with a frozen copy of the denoiser, which accelerate did not prepare (so its forward
+    # is not autocast): under bf16 it must run in the trained pass's autocast, or the KL to the reference is bf16
+    # rounding noise before the weights have moved. One optimizer step per rollout: every micro-batch of step 0 sees
+    # reference == trained weights, so the KL is exactly 0.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # the process-wide state keeps the first mixed_precision otherwise
+    request.addfinalizer(lambda: AcceleratorState._reset_state(True))
+    cfg = small("diffusion_nft", tmp_path, "train.max_steps=1", "model.finetune=full", "train.kl_beta=0.1",
+                "train.mixed_precision=bf16", *REQUESTS["tiny-sd3"])
+    t = DiffusionNFTTrainer(cfg)
+    assert t.ref_denoiser is not None
+    history = t.train()
+    assert history[0]["train/kl"] == 0.0 and history[0]["train/grad_norm"] > 0
 
 
 def test_ema_without_warmup_blends_at_the_fixed_decay():

@@ -196,7 +196,7 @@ class FlowDPOTrainer(ForwardTrainer):
             for (idx, sigma, j), (size, last) in zip(micro, self.accumulation(micro)):
                 noise = draw(idx, j, x_w[idx].shape).to(x_w.device)  # shared by winner and loser
                 c = cond.index(idx)
-                with torch.no_grad(), self.autocast_context(), self.reference.swapped():
+                with torch.no_grad(), self.reference.swapped():
                     ref_w, ref_l = self.errors(x_w[idx], noise, sigma, c), self.errors(x_l[idx], noise, sigma, c)
                 with self.micro_context(last):
                     err_w, err_l = self.errors(x_w[idx], noise, sigma, c), self.errors(x_l[idx], noise, sigma, c)

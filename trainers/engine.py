@@ -472,9 +472,10 @@ class OnlineTrainer:
         return self.accelerator.autocast() if self.cfg.train.mixed_precision != "no" else None
 
     def autocast_context(self):
-        """The configured autocast (`train.mixed_precision`) for the no-grad passes a loss compares the trained
-        pass with (reference, old policy), so both sides compute in one precision, as flow_grpo
-        `scripts/train_sd3.py` runs its reference pass inside the trained pass's autocast."""
+        """The configured autocast (`train.mixed_precision`) for no-grad passes outside a micro-batch's context that
+        a loss compares the trained pass with. accelerate autocasts the prepared model's forward itself, but not a
+        frozen reference copy (full fine-tuning), so both sides compute in one precision only inside this, as
+        flow_grpo `scripts/train_sd3.py` runs its reference pass inside the trained pass's autocast."""
         from contextlib import nullcontext
 
         return self._autocast() or nullcontext()
