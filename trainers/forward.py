@@ -243,7 +243,9 @@ class FlowRWRTrainer(ForwardTrainer):
 class NFTTrainConfig(ForwardTrainConfig):
     nft_beta: float = field(default=1.0, metadata={"help": "beta of the implicit policies v± (DiffusionNFT)"})
     kl_beta: float = field(default=1e-4, metadata={"help": "weight of ||v_theta - v_ref||² (DiffusionNFT: 1e-4)"})
-    old_decay_rate: float = field(default=0.001, metadata={"help": "old-policy decay d = min(rate × step, max)"})
+    old_decay_rate: float = field(default=0.001, metadata={
+        "help": "old-policy decay d = min(rate × step, max); 0 keeps the old policy equal to the trained weights "
+                "(on-policy v_old, taken from the trained pass, whose own pass is then skipped)"})
     old_decay_max: float = field(default=0.5, metadata={"help": "upper bound of the old-policy decay"})
     sample_with_old: bool = field(default=True, metadata={"help": "roll out with the old policy (DiffusionNFT)"})
 
