@@ -240,7 +240,7 @@ def test_nft_skips_the_old_policy_pass_while_it_equals_the_trained_weights(tmp_p
         t = DiffusionNFTTrainer(cfg)
         swaps = []
         swapped = t.old.swapped
-        t.old.swapped = lambda: swaps.append(1) or swapped()
+        t.old.swapped = lambda swaps=swaps, swapped=swapped: swaps.append(1) or swapped()
         t.train()
         runs[rate] = ([p.detach().clone() for p in t.params], len(swaps))
     (reused, reused_swaps), (separate, separate_swaps) = runs.values()

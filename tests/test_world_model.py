@@ -58,7 +58,7 @@ def test_bf16_training_passes_use_the_math_attention_kernel(world, monkeypatch):
                                    (True, contextlib.nullcontext, [])):
         chosen.clear()
         with torch.set_grad_enabled(grad), autocast():
-            v = world.predict_velocity(x, 0.4, cond, 3.0)
+            world.predict_velocity(x, 0.4, cond, 3.0)
         assert chosen == picked
     # The math kernel (the grad pass) is as close to the fp32 velocity as PyTorch's own choice (no grad) in bf16.
     with torch.no_grad():
