@@ -468,17 +468,13 @@ class OnlineTrainer:
             window = (start, start + s.window_size)
         return SDEOptions(s.sde, s.noise_level, window, s.noise_block)
 
-    def _autocast(self):
-        return self.accelerator.autocast() if self.cfg.train.mixed_precision != "no" else None
-
     def autocast_context(self):
-        """The configured autocast (`train.mixed_precision`) for no-grad passes outside a micro-batch's context that
-        a loss compares the trained pass with. accelerate autocasts the prepared model's forward itself, but not a
-        frozen reference copy (full fine-tuning), so both sides compute in one precision only inside this, as
-        flow_grpo `scripts/train_sd3.py` runs its reference pass inside the trained pass's autocast."""
+        """A fresh context of the configured autocast (`train.mixed_precision`; a no-op for "no"): rollouts, each
+        micro-batch, and passes of modules accelerate did not prepare (it autocasts the prepared model's forward
+        itself)."""
         from contextlib import nullcontext
 
-        return self._autocast() or nullcontext()
+        return self.accelerator.autocast() if self.cfg.train.mixed_precision != "no" else nullcontext()
 
     # ---- the shared half of a step -------------------------------------------------------------------------
     def rollout_step(self, step: int) -> RolloutStep:
@@ -492,7 +488,7 @@ class OnlineTrainer:
                      sde=self._sde(step), batch_size=cfg.sampling.batch_size, height=cfg.model.height,
                      width=cfg.model.width, num_frames=cfg.model.num_frames,
                      same_noise_per_group=cfg.sampling.same_noise_per_group,
-                     autocast=self._autocast if cfg.train.mixed_precision != "no" else None,
+                     autocast=self.autocast_context,
                      drift=None if self.drift is None else (self.drift, self.drift_rewards))
         if self.eval_rewards:
             ro.scores.update({f"heldout/{k}": v for k, v in
@@ -521,9 +517,7 @@ class OnlineTrainer:
         stack = ExitStack()
         if not last:
             stack.enter_context(self.accelerator.no_sync(self.model))
-        autocast = self._autocast()
-        if autocast is not None:
-            stack.enter_context(autocast)
+        stack.enter_context(self.autocast_context())
         return stack
 
     def advantages(self, scores: dict[str, torch.Tensor], groups: torch.Tensor, valid: torch.Tensor):

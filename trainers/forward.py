@@ -301,7 +301,11 @@ class DiffusionNFTTrainer(ForwardTrainer):
                 return self.velocity(x_t, sigma, cond)
         self.adapter.set_forward_module(self.ref_denoiser)
         try:
-            return self.velocity(x_t, sigma, cond)
+            # The frozen copy is not accelerate's prepared model, whose forward is autocast: without the context it
+            # ran in fp32 against a bf16 trained pass (flow_grpo `scripts/train_sd3.py` runs its reference pass
+            # inside the trained pass's autocast).
+            with self.autocast_context():
+                return self.velocity(x_t, sigma, cond)
         finally:
             self.adapter.set_forward_module(self.model)
 
@@ -339,11 +343,10 @@ class DiffusionNFTTrainer(ForwardTrainer):
             x_t = noised(x0[idx], noise, sigma)
             cond = rs.ro.cond.index(idx)
             v_old = None
-            with torch.no_grad(), self.autocast_context():
-                if not old_is_live:
-                    with self.old.swapped():
-                        v_old = self.velocity(x_t, sigma, cond)
-                v_ref = self.reference_velocity(x_t, sigma, cond) if cfg.train.kl_beta > 0 else None
+            if not old_is_live:
+                with torch.no_grad(), self.old.swapped():
+                    v_old = self.velocity(x_t, sigma, cond)
+            v_ref = self.reference_velocity(x_t, sigma, cond) if cfg.train.kl_beta > 0 else None
 
             def loss_for(v, weights):
                 return nft_loss(v, v.detach() if v_old is None else v_old, x_t, x0[idx], sigma,
