@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from visalign.train import load_train_config, trainer_class
+from visalign.trainers import load_train_config, trainer_class
 
 ARMS = {"proxy": "rewards={saturation-area: 1.0}",
         "verifier": "rewards={world-verifier: 1.0, world-cleanliness: 0.5}"}

@@ -16,7 +16,7 @@ import argparse
 import torch
 from balance_world import ARMS, STYLES, build, rewards_override
 
-from visalign.balance import GradientBuffer, aggregator_weights
+from visalign.trainers.balance import GradientBuffer, aggregator_weights
 
 
 def simplex_weights(J: torch.Tensor) -> torch.Tensor:

@@ -49,9 +49,9 @@ from pathlib import Path
 
 import torch
 
-import rewards as rewards_lib
-from visalign.eval.world_suite import generate_world, score_world, suite_prompts
-from visalign.train import load_train_config, trainer_class
+from visalign import rewards as rewards_lib
+from visalign.world.suite import generate_world, score_world, suite_prompts
+from visalign.trainers import load_train_config, trainer_class
 from visalign.world.grammar import TEMPLATES
 
 STYLES = ("saturation", "brightness")  # the third reward (`--style`)
@@ -85,7 +85,8 @@ def artifact_weights(args) -> Path:
         return Path(args.artifact_weights)
     path = Path(args.out) / "artifact.safetensors"
     if not path.is_file():
-        from rewards.artifact import train_artifact, write_artifact_set
+        from visalign.rewards.artifact import train_artifact
+        from visalign.world.artifacts import write_artifact_set
 
         clean, artifact = write_artifact_set(Path(args.out) / "artifact_set")
         train_artifact(clean, artifact, path, progress=False)

@@ -26,7 +26,7 @@ def _peak_mb() -> float:
 
 
 def arm(name: str, batch: int, repeats: int) -> dict:
-    from trainers.losses import grpo_loss
+    from visalign.trainers.losses import grpo_loss
     from visalign.models import load_model
     from visalign.sampling import SDEOptions, sample, trajectory_log_prob
     from visalign.world.grammar import sample_specs
@@ -60,8 +60,8 @@ def arm(name: str, batch: int, repeats: int) -> dict:
 
 
 def step_split(batch: int) -> dict:
-    from trainers.flow_grpo import FlowGRPOTrainer
-    from visalign.train import load_train_config
+    from visalign.trainers.flow_grpo import FlowGRPOTrainer
+    from visalign.trainers import load_train_config
 
     torch.set_num_threads(2)
     cfg = load_train_config("configs/flow_grpo_world.yaml", [

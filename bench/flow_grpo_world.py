@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from visalign.eval.world_suite import generate_world, score_world, suite_prompts
-from visalign.train import load_train_config, trainer_class
+from visalign.world.suite import generate_world, score_world, suite_prompts
+from visalign.trainers import load_train_config, trainer_class
 from visalign.world.grammar import TEMPLATES
 
 # arm -> (config, overrides); None = the --config file (Flow-GRPO).

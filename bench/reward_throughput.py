@@ -34,7 +34,7 @@ def hf_clip(size: str):
 
     torch.manual_seed(0)
     if size == "tiny":
-        from rewards.clip_family import tiny_hf_clip
+        from visalign.rewards.clip_family import tiny_hf_clip
 
         return tiny_hf_clip(0, image_size=32)
     # CLIPConfig() defaults are ViT-B/32 at 224; the vocabulary fits the shipped tiny tokenizer.
@@ -45,7 +45,7 @@ def hf_clip(size: str):
 def open_clip_model(size: str):
     import open_clip
 
-    from rewards.clip_family import TINY_OPEN_CLIP_CFG
+    from visalign.rewards.clip_family import TINY_OPEN_CLIP_CFG
 
     torch.manual_seed(0)
     if size == "tiny":
@@ -68,7 +68,7 @@ def main() -> None:
 
     from transformers import CLIPImageProcessor
 
-    from rewards.clip_family import (
+    from visalign.rewards.clip_family import (
         AestheticHead,
         CLIPScore,
         HPSv2,
@@ -169,7 +169,7 @@ def imagereward_row(size: str, images, pils, prompts, batch: int):
     forward with batch 1 (`inference_rank` loops over images), z-scored with the released mean / std."""
     import torchvision.transforms as T
 
-    from rewards.imagereward import (
+    from visalign.rewards.imagereward import (
         REWARD_MEAN,
         REWARD_STD,
         TINY_TOKENIZER,
@@ -211,7 +211,7 @@ def video_rows(size: str, n_videos: int, n_frames: int, side: int):
     import cv2
     import open_clip
 
-    from rewards.video import (
+    from visalign.rewards.video import (
         BackgroundConsistency,
         ClipFeatures,
         DinoFeatures,
@@ -253,7 +253,7 @@ def video_rows(size: str, n_videos: int, n_frames: int, side: int):
 
     torch.manual_seed(5)
     if size == "tiny":
-        from rewards.clip_family import TINY_OPEN_CLIP_CFG
+        from visalign.rewards.clip_family import TINY_OPEN_CLIP_CFG
 
         oc = open_clip.create_model("ViT-H-14", **TINY_OPEN_CLIP_CFG).eval()
     else:

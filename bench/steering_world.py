@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from visalign.eval.world_suite import score_world, suite_prompts
+from visalign.world.suite import score_world, suite_prompts
 from visalign.models import load_model
 from visalign.steering import steer
 

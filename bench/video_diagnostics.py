@@ -35,9 +35,9 @@ import hashlib
 
 import torch
 
-from rewards import Reward
-from trainers.common import ParamCopy
-from visalign.eval.motion_suite import generate_clips, motion_suite_prompts, score_motion
+from visalign.rewards import Reward
+from visalign.trainers.common import ParamCopy
+from visalign.world.motion_suite import generate_clips, motion_suite_prompts, score_motion
 from visalign.models import load_model
 from visalign.world.pretrain import PretrainConfig, batch_for_step, flow_matching_step
 

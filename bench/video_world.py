@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from flow_grpo_world import run_arm
 
-from visalign.eval.motion_suite import generate_clips, motion_suite_prompts, score_motion
+from visalign.world.motion_suite import generate_clips, motion_suite_prompts, score_motion
 
 ARMS = {
     "nft": ("configs/nft_world_video.yaml", []),

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from rewards.world import WorldCleanlinessReward, WorldMotionReward
-from trainers.common import score_rewards
+from visalign.world.rewards import WorldCleanlinessReward, WorldMotionReward
+from visalign.trainers.common import score_rewards
 from visalign.world.motion import render_clips, sample_motion_specs
 
 

@@ -27,7 +27,8 @@ def _flags_to_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> li
 
 def _sample(args: argparse.Namespace) -> int:
     from visalign.config import load_config
-    from visalign.generate import SampleConfig, generate, save_pixels
+    from visalign.generate import SampleConfig, generate
+    from visalign.media import save_pixels
 
     cfg = load_config(SampleConfig, args.config, _flags_to_overrides(args, SAMPLE_FLAGS) + list(args.overrides))
     start = time.perf_counter()
@@ -54,7 +55,7 @@ def _world_pretrain(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from visalign.config import load_config
     from visalign.eval.reward_suite import PRESETS
-    from visalign.eval.world_suite import WorldEvalConfig, evaluate_world, markdown_table
+    from visalign.world.suite import WorldEvalConfig, evaluate_world, markdown_table
     from visalign.models import load_model
 
     if args.suite not in ("world", "world-video", "rewards") and args.suite not in PRESETS:
@@ -84,7 +85,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_motion(config: str | None, overrides: list[str]) -> int:
     """The moving-shapes suite on a video model."""
     from visalign.config import load_config
-    from visalign.eval.motion_suite import MotionEvalConfig, evaluate_motion, markdown_table
+    from visalign.world.motion_suite import MotionEvalConfig, evaluate_motion, markdown_table
     from visalign.models import load_model
 
     cfg = load_config(MotionEvalConfig, config, overrides)
@@ -139,7 +140,7 @@ def _eval_rewards(suite: str, config: str | None, overrides: list[str]) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     try:
-        from demo.app import DemoConfig, launch
+        from visalign.demo.app import DemoConfig, launch
     except ImportError as err:
         raise ValueError(f"the demo needs gradio: pip install -e '.[demo]' ({err})") from None
 
@@ -189,7 +190,7 @@ def _eval_compare(cfg) -> int:
     """Comparison mode: every entry on the same prompts and seeds, paired deltas vs the first."""
     import dataclasses
 
-    from visalign.eval.world_suite import compare_world, comparison_table, evaluate_world
+    from visalign.world.suite import compare_world, comparison_table, evaluate_world
 
     results = {}
     for i, entry in enumerate(cfg.compare):
@@ -244,7 +245,7 @@ def _reward_options(specs: Sequence[str], names: Sequence[str]) -> dict[str, dic
 
 
 def _load_rewards(args: argparse.Namespace) -> dict:
-    import rewards
+    from visalign import rewards
 
     options = _reward_options(args.option or [], args.reward)
     for name in args.reward:  # name the unknown option before any model loads, as trainer configs do
@@ -267,7 +268,7 @@ def _steer(args: argparse.Namespace) -> int:
 
 
 def _rewards_list(args: argparse.Namespace) -> int:
-    import rewards
+    from visalign import rewards
 
     rows = ["| reward | inputs | differentiable | range | summary |", "|---|---|---|---|---|"]
     for name in rewards.list_rewards():
@@ -295,7 +296,7 @@ def _read_metadata(value: str | None, count: int) -> list[dict] | None:
 def _rewards_score(args: argparse.Namespace) -> int:
     import torch
 
-    from rewards import combined
+    from visalign.rewards import combined
     from visalign.pairs import load_image
 
     prompts = args.prompt or []
@@ -325,7 +326,7 @@ def _rewards_score(args: argparse.Namespace) -> int:
 
 
 def _rewards_eval(args: argparse.Namespace) -> int:
-    from rewards.evaluation import evaluate_pairs
+    from visalign.rewards.evaluation import evaluate_pairs
     from visalign.pairs import read_pairs
 
     pairs = read_pairs(args.pairs)  # every row checked before any model loads
@@ -345,7 +346,7 @@ def _rewards_eval(args: argparse.Namespace) -> int:
 
 
 def _rewards_train_artifact(args: argparse.Namespace) -> int:
-    from rewards.artifact import train_artifact
+    from visalign.rewards.artifact import train_artifact
 
     metrics = train_artifact(args.clean, args.artifact, args.out, labels=args.labels, epochs=args.epochs,
                              image_size=args.image_size, seed=args.seed)
@@ -355,7 +356,7 @@ def _rewards_train_artifact(args: argparse.Namespace) -> int:
 
 
 def _rewards_make_artifact_set(args: argparse.Namespace) -> int:
-    from rewards.artifact import write_artifact_set
+    from visalign.world.artifacts import write_artifact_set
 
     clean, artifact = write_artifact_set(args.out, args.num_clean, args.num_artifact, args.seed)
     print(f"wrote {clean} and {artifact} (labels.json names each artifact image's kinds)")

@@ -9,10 +9,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from visalign.models import FlowModelAdapter, list_models, load_model
+from visalign.models import DTYPES, FlowModelAdapter, list_models, load_model
 from visalign.sampling import SDEOptions, sample
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -67,43 +65,3 @@ def generate(cfg: SampleConfig, adapter: FlowModelAdapter | None = None, progres
                   seeds=[cfg.seed + i for i in range(len(cfg.prompts))], progress=progress)
     with torch.no_grad():
         return adapter.decode(traj.final)
-
-
-def to_uint8(pixels: Tensor):
-    import numpy as np
-
-    return (pixels.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()).astype(np.uint8)
-
-
-def image_grid(images: Tensor, columns: int | None = None, pad: int = 2) -> Tensor:
-    """[B, 3, H, W] → one [3, H', W'] grid with white padding."""
-    b, c, h, w = images.shape
-    columns = columns or min(b, 8)
-    rows = (b + columns - 1) // columns
-    grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad)
-    for i in range(b):
-        r, col = divmod(i, columns)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
-    return grid
-
-
-def save_pixels(pixels: Tensor, out: str | Path, scale: int = 1) -> Path:
-    """Save a batch as one PNG grid (images) or one animated GIF of frame grids (video)."""
-    from PIL import Image
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if pixels.ndim == 4:
-        frames = [image_grid(pixels)]
-    else:
-        frames = [image_grid(pixels[:, f]) for f in range(pixels.shape[1])]
-    pil = [Image.fromarray(to_uint8(f.permute(1, 2, 0))) for f in frames]
-    if scale > 1:
-        pil = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in pil]
-    if len(pil) == 1 and out.suffix.lower() != ".gif":
-        pil[0].save(out)
-    else:
-        if out.suffix.lower() != ".gif":
-            raise ValueError(f"video output needs a .gif path, got {str(out)!r}")
-        pil[0].save(out, save_all=True, append_images=pil[1:], duration=120, loop=0)
-    return out

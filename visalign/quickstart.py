@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from visalign.eval.world_suite import TEMPLATES, WorldEvalConfig, evaluate_world
+from visalign.world.suite import TEMPLATES, WorldEvalConfig, evaluate_world
 
 # Flow-GRPO on the world (configs/flow_grpo_world.yaml, written out so the installed package needs no files).
 TRAIN_OVERRIDES = [
@@ -49,9 +49,9 @@ def _side_by_side(left: Path, right: Path, out: Path) -> None:
 
 def quickstart(out: str | Path, steps: int = 10, n_per_template: int = 16, extra: list[str] = ()) -> str:
     """Run the main job into `out`; returns the before/after markdown table."""
-    from trainers.flow_grpo import FlowGRPOTrainer
+    from visalign.trainers.flow_grpo import FlowGRPOTrainer
     from visalign.models import load_model
-    from visalign.train import load_train_config
+    from visalign.trainers import load_train_config
 
     out = Path(out)
     cfg = load_train_config(None, [*TRAIN_OVERRIDES, f"train.max_steps={steps}", f"run.out_dir={out / 'run'}",

@@ -8,58 +8,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-import yaml
-
-# trainer name -> ("module:ConfigClass", "module:TrainerClass")
-TRAINERS = {
-    "flow_grpo": ("trainers.flow_grpo:FlowGRPOConfig", "trainers.flow_grpo:FlowGRPOTrainer"),
-    "diffusion_nft": ("trainers.forward:DiffusionNFTConfig", "trainers.forward:DiffusionNFTTrainer"),
-    "flow_rwr": ("trainers.forward:FlowRWRConfig", "trainers.forward:FlowRWRTrainer"),
-    "flow_dpo": ("trainers.dpo:FlowDPOConfig", "trainers.dpo:FlowDPOTrainer"),
-}
-
-
-def _import(target: str):
-    import importlib
-
-    module, attr = target.split(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def trainer_name(path: str | None, overrides: Sequence[str]) -> str:
-    """The `trainer` of a config file (an override `trainer=...` wins); ValueError names the choices."""
-    name = "flow_grpo"
-    if path is not None:
-        from visalign.config import ConfigError
-
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file not found: {path}") from err
-        name = data.get("trainer", name)
-    for item in overrides:
-        if item.startswith("trainer="):
-            name = item.split("=", 1)[1]
-    if name not in TRAINERS:
-        raise ValueError(f"unknown trainer {name!r}; allowed: {', '.join(TRAINERS)}")
-    return name
-
-
-def load_train_config(path: str | None, overrides: Sequence[str] = ()):
-    from visalign.config import load_config
-
-    config_cls = _import(TRAINERS[trainer_name(path, overrides)][0])
-    return load_config(config_cls, path, overrides)
-
-
-def trainer_class(name: str):
-    """The trainer class registered as `name` (a config's `trainer:`)."""
-    if name not in TRAINERS:
-        raise ValueError(f"unknown trainer {name!r}; allowed: {', '.join(TRAINERS)}")
-    return _import(TRAINERS[name][1])
-
+from visalign.trainers import load_train_config, trainer_class
 
 def run(path: str | None, overrides: Sequence[str] = ()):
     cfg = load_train_config(path, overrides)  # every config error surfaces here, before any model loads

@@ -6,9 +6,10 @@ import sys
 
 import torch
 
-from trainers.common import plan_step
-from trainers.flow_grpo import FlowGRPOTrainer
-from visalign.train import end_distributed, load_train_config
+from visalign.trainers.common import plan_step
+from visalign.trainers.flow_grpo import FlowGRPOTrainer
+from visalign.train import end_distributed
+from visalign.trainers import load_train_config
 
 
 def main():

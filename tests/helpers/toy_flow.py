@@ -7,7 +7,7 @@ Pixels are sigmoid(x) broadcast to 3x1x1, and `LinearReward` reads x back (logit
 import torch
 from torch import nn
 
-from rewards.base import Reward
+from visalign.rewards.base import Reward
 from visalign.models.base import Conditioning, FlowModelAdapter
 
 

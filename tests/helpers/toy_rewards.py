@@ -2,7 +2,7 @@
 
 import torch
 
-from rewards.base import Reward
+from visalign.rewards.base import Reward
 
 
 class MeanBrightness(Reward):

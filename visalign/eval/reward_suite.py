@@ -12,7 +12,8 @@ DrawBench-, GenEval-, T2I-CompBench- or VBench-style files):
 - `world-rewards`: the world's verifier, strict judge and cleanliness plus saturation, on world prompts.
 
 Prompt sources: a .txt file (one prompt per line), a .jsonl file ({"prompt", optional "category", any metadata
-such as "spec"}), or `world:SPLIT[:TEMPLATES]` (n prompts per template, category = template).
+such as "spec"}), or a registered source such as `world:SPLIT[:TEMPLATES]` (n prompts per template, category = template;
+`visalign.prompts`).
 
 Every (prompt, seed) sample is generated once with its own seed, quantised to 8 bits and stored under
 `out/samples/`; every (sample, reward) score is appended to `out/scores.jsonl`. A rerun (same config) loads
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from visalign.eval.stats import bootstrap_mean_ci, paired_delta
 from visalign.models.base import FlowModelAdapter
+from visalign.prompts import prompt_source
 
 PRESETS: dict[str, list[str]] = {
     "preference": ["pickscore", "hpsv2.1", "imagereward", "aesthetic"],
@@ -80,7 +82,7 @@ class RewardEvalConfig:
             raise ValueError(f"guidance={self.guidance} must be >= 0")
         if len(set(self.compare)) != len(self.compare):
             raise ValueError(f"compare entries must be distinct, got {self.compare}")
-        import rewards as rewards_lib
+        from visalign import rewards as rewards_lib
 
         for name in self.rewards:
             if name not in rewards_lib.REGISTRY and "." not in name:
@@ -91,36 +93,9 @@ class RewardEvalConfig:
 
 
 def load_prompts(source: str, n_per_template: int = 16, max_prompts: int | None = None) -> list[dict]:
-    """Items {"prompt", "category", ...metadata} in a fixed order."""
-    if source.startswith("world:"):
-        from visalign.eval.world_suite import suite_prompts
-        from visalign.world.grammar import SPLITS, TEMPLATES
-
-        parts = source.split(":")
-        if parts[1] not in SPLITS or len(parts) > 3:
-            raise ValueError(f"prompts={source!r}: use world:SPLIT[:TEMPLATE,...] with SPLIT in {', '.join(SPLITS)}")
-        templates = tuple(parts[2].split(",")) if len(parts) == 3 else TEMPLATES
-        if any(t not in TEMPLATES for t in templates):
-            raise ValueError(f"prompts={source!r}: allowed templates {', '.join(TEMPLATES)}")
-        items = [{"prompt": s.prompt, "category": s.template, "spec": s}
-                 for s in suite_prompts(parts[1], n_per_template, 0, templates)]
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise ValueError(f"prompt file {source!r} does not exist")
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        if path.suffix == ".jsonl":
-            items = []
-            for i, line in enumerate(lines, 1):
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{source}, line {i}: not JSON ({err})") from None
-                if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
-                    raise ValueError(f"{source}, line {i}: needs a non-empty 'prompt' string")
-                items.append({"category": "all", **item})
-        else:
-            items = [{"prompt": line.strip(), "category": "all"} for line in lines]
+    """Items {"prompt", "category", ...metadata} in a fixed order: a source's `fixed` list
+    (`visalign.prompts`), n per template for generated sources, cut to `max_prompts`."""
+    items = prompt_source(source).fixed(n_per_template)
     items = items[:max_prompts] if max_prompts is not None else items
     if not items:
         raise ValueError(f"no prompts in {source!r}")
@@ -140,13 +115,13 @@ def sample_seed(index: int, seed: int) -> int:
 def generate_missing(adapter: FlowModelAdapter, items: list[dict], cfg: RewardEvalConfig, sample_dir: Path,
                      progress: bool = True) -> int:
     """Generate and store every (prompt, seed) sample not yet in `sample_dir`; returns how many were made."""
-    from visalign.generate import to_uint8
+    from visalign.media import to_uint8
     from visalign.sampling import sample
 
     todo = [(i, s) for s in cfg.seeds for i in range(len(items))
             if not (sample_dir / f"{sample_key(i, s)}.safetensors").exists()]
     sample_dir.mkdir(parents=True, exist_ok=True)
-    height = cfg.height or (32 if adapter.name == "world" else 512)
+    height = cfg.height or adapter.default_size
     width = cfg.width or height
     adapter.check_request(height, width, cfg.num_frames)
     for start in tqdm(range(0, len(todo), cfg.batch_size), desc="sampling", disable=not progress):
@@ -178,8 +153,8 @@ def read_scores(path: Path) -> dict[tuple[str, str], float]:
 def score_missing(items: list[dict], cfg: RewardEvalConfig, names: list[str], sample_dir: Path, score_path: Path,
                   progress: bool = True) -> int:
     """Score every (sample, reward) pair not yet in scores.jsonl; returns how many scores were computed."""
-    import rewards as rewards_lib
-    from rewards.base import combined
+    from visalign import rewards as rewards_lib
+    from visalign.rewards.base import combined
 
     done = read_scores(score_path)
     if score_path.exists() and score_path.stat().st_size and not score_path.read_bytes().endswith(b"\n"):
@@ -243,7 +218,7 @@ def markdown_table(results: dict, level: float) -> str:
 
 def evaluate_rewards(adapter: FlowModelAdapter, cfg: RewardEvalConfig, progress: bool = True) -> dict:
     """Run (or resume) the suite for one model; writes samples/, scores.jsonl, results.json/.md and grid.png."""
-    from visalign.generate import save_pixels
+    from visalign.media import save_pixels
 
     if not cfg.rewards:
         raise ValueError("no rewards to evaluate: set rewards (or use a preset suite)")
@@ -269,7 +244,7 @@ def evaluate_rewards(adapter: FlowModelAdapter, cfg: RewardEvalConfig, progress:
     (out / "results.md").write_text(markdown_table(table, cfg.level))
     picks = [sample_key(i, cfg.seeds[0]) for i in range(min(16, len(items)))]
     grid = torch.stack([load_file(str(sample_dir / f"{k}.safetensors"))["pixels"] for k in picks]).float() / 255
-    save_pixels(grid, out / "grid.png", scale=3 if adapter.name == "world" else 1)
+    save_pixels(grid, out / "grid.png", scale=max(1, 96 // grid.shape[-1]))  # small renders enlarged
     return results
 
 

@@ -91,6 +91,7 @@ class FlowModelAdapter(ABC):
     name: str = "adapter"
     guidance: str = "cfg"
     is_video: bool = False
+    default_size: int = 512  # height and width when a request names none
     cfg_batched: bool = True  # run [uncond; cond] in one call (SD3) or two calls (Wan), matching each pipeline
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import time
 
 from visalign.models.base import FlowModelAdapter
+from visalign.registry import lookup
 from visalign.steering.core import Request, SteerResult, metered, resolve_rewards
 from visalign.steering.drift import RewardDrift
 from visalign.steering.methods import BestOfN, FKSteering, ReNO, RewardGuidance
 
+# name -> method class (or its dotted path); a dotted path to a user's class works in its place.
 METHODS = {"best_of_n": BestOfN, "fk": FKSteering, "guidance": RewardGuidance, "reno": ReNO, "drift": RewardDrift}
 
 
@@ -43,23 +45,22 @@ def steer(model, prompts: list[str], rewards, method="fk", *, steps: int = 20, g
     method: "best_of_n" (n), "fk" (k, potential, lam, every, start, end, ess_threshold, scheme, sde,
     noise_level, select), "guidance" (scale, start, stop, normalize, through_model), "reno" (iterations, lr,
     momentum, reg, grad_clip), "drift" (Euphonium's reward-gradient SDE drift: scale, mode, normalize, start,
-    stop, sde, noise_level), or a method object. The report counts denoiser NFE (CFG = 2 per sample),
-    decodes, reward calls, backward passes, wall time and the share of time spent outside the denoiser."""
+    stop, sde, noise_level), a dotted path to a method class, or a method object. The report counts denoiser
+    NFE (CFG = 2 per sample), decodes, reward calls, backward passes, wall time and the share of time spent
+    outside the denoiser."""
     adapter = as_adapter(model)
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
     if isinstance(method, str):
-        if method not in METHODS:
-            raise ValueError(f"unknown steering method {method!r}; allowed: {', '.join(METHODS)}")
         try:
-            method = METHODS[method](**options)
+            method = lookup(METHODS, method, "steering method")(**options)
         except TypeError as err:
             raise ValueError(f"{method}: {err}") from None
     elif options:
         raise ValueError("options are given to the method object itself when passing one")
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
-    default = 32 if adapter.name == "world" else 512
+    default = adapter.default_size
     height, width = height or default, width or default
     adapter.check_request(height, width, num_frames)
     if metadata is not None and len(metadata) != len(prompts):

@@ -45,7 +45,8 @@ class SteerConfig:
 
 
 def run(cfg: SteerConfig) -> dict:
-    from visalign.generate import DTYPES, save_pixels
+    from visalign.media import save_pixels
+    from visalign.models import DTYPES
     from visalign.models import load_model
     from visalign.steering import steer
 

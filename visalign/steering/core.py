@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rewards.base import Reward, combined
+from visalign.rewards.base import Reward, combined
 from visalign.models.base import Conditioning, FlowModelAdapter
 
 # ---- rewards -------------------------------------------------------------------------------------------------
@@ -19,8 +19,8 @@ from visalign.models.base import Conditioning, FlowModelAdapter
 
 def resolve_rewards(rewards) -> dict[str, tuple[Reward, float]]:
     """`rewards` as given to `steer`: a name / Reward, a list of them (weight 1 each) or {name or Reward: weight}.
-    Weights are chosen at call time; names load through `rewards.load`."""
-    import rewards as rewards_lib
+    Weights are chosen at call time; names load through `visalign.rewards.load`."""
+    from visalign import rewards as rewards_lib
 
     if isinstance(rewards, (str, Reward)):
         rewards = {rewards: 1.0}
@@ -32,7 +32,7 @@ def resolve_rewards(rewards) -> dict[str, tuple[Reward, float]]:
     for key, weight in rewards.items():
         reward = rewards_lib.load(key) if isinstance(key, str) else key
         if not isinstance(reward, Reward):
-            raise ValueError(f"reward {key!r} is not a rewards.Reward")
+            raise ValueError(f"reward {key!r} is not a visalign.rewards.Reward")
         out[key if isinstance(key, str) else reward.name] = (reward, float(weight))
     return out
 
@@ -175,3 +175,10 @@ class Potentials:
         self.prev, self.running_sum, self.log_product = self.prev[idx], self.running_sum[idx], self.log_product[idx]
         if self.running_max is not None:
             self.running_max = self.running_max[idx]
+
+
+def steer_result(request: Request, latents: Tensor, report: dict) -> SteerResult:
+    """Decode the chosen latents once and score them: the same images are scored and returned."""
+    images = request.decode(latents)
+    total, parts = request.score_images(images)
+    return SteerResult(images, latents, total, parts, report)

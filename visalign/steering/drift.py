@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from visalign.models.base import FlowModelAdapter
-from visalign.sampling import SDEOptions
-from visalign.steering.core import Request, SteerResult, weighted_score
+from visalign.sampling import SDEOptions, sample
+from visalign.steering.core import Request, SteerResult, steer_result, weighted_score
 
 NORMALIZE = ("none", "sample", "batch")
 MODES = ("tilt", "fixed")
@@ -90,13 +90,10 @@ class RewardDrift:
         return drift
 
     def run(self, request: Request) -> SteerResult:
-        from visalign.sampling import sample
-        from visalign.steering.methods import _result
-
         fn = self.bind(request.adapter, request.rewards, request.prompts, request.metadata, request.stats)
         traj = sample(request.adapter, request.cond, num_steps=request.steps, height=request.height,
                       width=request.width, num_frames=request.num_frames, guidance_scale=request.guidance,
                       sde=SDEOptions(self.sde, self.noise_level), seeds=request.seeds(1), drift=fn)
         norms = traj.drifts.flatten(2).norm(dim=2).mean(0).tolist()
-        return _result(request, traj.final, {"method": "drift", "mode": self.mode, "scale": self.scale,
-                                             "mean_drift_norm_per_step": norms})
+        return steer_result(request, traj.final, {"method": "drift", "mode": self.mode, "scale": self.scale,
+                                                  "mean_drift_norm_per_step": norms})

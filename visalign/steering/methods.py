@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint as checkpointed
 
-from visalign.sampling import SDEOptions
+from visalign.sampling import SDEOptions, sample
 from visalign.sampling.sampler import draw_noise, sample_generators, transition
-from visalign.steering.core import Potentials, Request, SteerResult
+from visalign.steering.core import Potentials, Request, SteerResult, steer_result
+from visalign.steering.drift import RewardDrift
 from visalign.steering.resampling import effective_sample_size, normalize_log_weights, resample
 
 
@@ -28,12 +30,6 @@ def _pick(values: Tensor, n: int) -> Tensor:
     """Index of the best of each prompt's n consecutive samples, as flat indices."""
     best = values.view(-1, n).argmax(1)
     return best + torch.arange(len(best), device=best.device) * n
-
-
-def _result(request: Request, latents: Tensor, report: dict) -> SteerResult:
-    images = request.decode(latents)  # once: the same images are scored and returned
-    total, parts = request.score_images(images)
-    return SteerResult(images, latents, total, parts, report)
 
 
 @dataclass
@@ -47,7 +43,6 @@ class BestOfN:
     def run(self, request: Request) -> SteerResult:
         if self.n < 1:
             raise ValueError(f"best-of-N: n={self.n} must be >= 1")
-        from visalign.sampling import sample
 
         cond = request.cond.repeat_interleave(self.n)
         traj = sample(request.adapter, cond, num_steps=request.steps, height=request.height, width=request.width,
@@ -55,8 +50,8 @@ class BestOfN:
                       sde=SDEOptions(self.sde, self.noise_level), seeds=request.seeds(self.n))
         total, _ = request.score(traj.final, repeat=self.n)
         best = _pick(total, self.n)
-        return _result(request, traj.final[best], {"method": "best_of_n", "n": self.n,
-                                                   "candidate_rewards": total.view(-1, self.n).tolist()})
+        return steer_result(request, traj.final[best], {"method": "best_of_n", "n": self.n,
+                                                        "candidate_rewards": total.view(-1, self.n).tolist()})
 
 
 @dataclass
@@ -103,7 +98,6 @@ class FKSteering:
             total, _ = request.score(x0, repeat=k, grad=True)
             (grad,) = torch.autograd.grad(total.sum(), x0)
         request.stats["backward_passes"] += len(x0)
-        from visalign.steering.drift import RewardDrift
 
         shift = RewardDrift(scale=self.proposal_scale * self.lam).shift(grad, step.std)  # the tilted proposal
         std = step.std.view(-1, *([1] * (x0.ndim - 1)))
@@ -167,11 +161,11 @@ class FKSteering:
             # (not slot 0: systematic resampling orders copies by ancestor, so a fixed slot would be biased)
             chosen = torch.arange(prompts) * k + torch.randint(k, (prompts,), generator=rng)
         final_log_w = normalize_log_weights(log_w)
-        return _result(request, x[chosen], {"method": "fk", "k": k, "potential": self.potential, "lam": self.lam,
-                                            "lineage": lineage, "ess": ess_log,
-                                            "particle_rewards": total.view(prompts, k).tolist(),
-                                            "final_log_weights": final_log_w.tolist(),
-                                            **({"x0_images": x0_images} if self.keep_x0 else {})})
+        return steer_result(request, x[chosen], {"method": "fk", "k": k, "potential": self.potential, "lam": self.lam,
+                                                 "lineage": lineage, "ess": ess_log,
+                                                 "particle_rewards": total.view(prompts, k).tolist(),
+                                                 "final_log_weights": final_log_w.tolist(),
+                                                 **({"x0_images": x0_images} if self.keep_x0 else {})})
 
 
 @dataclass
@@ -218,8 +212,8 @@ class RewardGuidance:
                 with torch.no_grad():
                     v = adapter.predict_velocity(x, sigma.expand(len(x)), request.cond, request.guidance)
             x = (x + (sigmas[i + 1] - sigmas[i]).to(x.device) * v).detach()
-        return _result(request, x, {"method": "guidance", "scale": self.scale, "window": [self.start, stop],
-                                    "gradient_norms": norms})
+        return steer_result(request, x, {"method": "guidance", "scale": self.scale, "window": [self.start, stop],
+                                         "gradient_norms": norms})
 
 
 @dataclass
@@ -256,12 +250,10 @@ class ReNO:
             best_x.append(x)
             history.append(h)
         rewards = torch.cat([torch.tensor(h) for h in history], dim=1)  # [iterations + 1, prompts]
-        return _result(request, torch.cat(best_x), {"method": "reno", "iterations": self.iterations,
-                                                    "reward_history": rewards.tolist()})
+        return steer_result(request, torch.cat(best_x), {"method": "reno", "iterations": self.iterations,
+                                                         "reward_history": rewards.tolist()})
 
     def _optimise(self, request: Request, z: Tensor, cond, sl: slice, sigmas: Tensor):
-        from torch.utils.checkpoint import checkpoint
-
         adapter = request.adapter
         sub = Request(adapter, request.prompts[sl], cond, request.rewards, request.steps, request.guidance,
                       request.height, request.width, request.num_frames, request.seed,
@@ -280,7 +272,7 @@ class ReNO:
             with torch.enable_grad():
                 x = z
                 for i in range(request.steps):
-                    x = checkpoint(euler, x, i, use_reentrant=False) if self.checkpoint else euler(x, i)
+                    x = checkpointed(euler, x, i, use_reentrant=False) if self.checkpoint else euler(x, i)
                 total, _ = sub.score(x, grad=True)
             r = total.detach().cpu()
             better = (r > best_r).to(x.device).view(-1, *([1] * (x.ndim - 1)))

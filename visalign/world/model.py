@@ -133,6 +133,7 @@ class WorldAdapter(FlowModelAdapter):
     """The shapes-world model. Pixel space: latents are images in [-1, 1], shape [B, 3, 32, 32]."""
 
     name = "world"
+    default_size = CANVAS
     guidance = "cfg"
     cfg_batched = True
     frames: int | None = None
@@ -351,3 +352,13 @@ class WorldVideoAdapter(WorldAdapter):
     def encode(self, pixels, generator=None):
         """[B, F, 3, H, W] frames in [0, 1] -> [B, 3, F, H, W] latents."""
         return pixels.float().transpose(1, 2) * 2 - 1
+
+
+def load_world(path=None, torch_dtype=torch.float32, device="cpu", **_) -> WorldAdapter:
+    """`load_model("world")`: the image model (default: the shipped base)."""
+    return WorldAdapter.from_pretrained(path, device=device, torch_dtype=torch_dtype)
+
+
+def load_world_video(path=None, torch_dtype=torch.float32, device="cpu", **_) -> WorldVideoAdapter:
+    """`load_model("world-video")`: the video model (default: the shipped video base)."""
+    return WorldVideoAdapter.from_pretrained(path, device=device, torch_dtype=torch_dtype)

@@ -1,0 +1,75 @@
+"""`visalign sample` end to end, in process, and its input validation; every shipped config loads."""
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from visalign.cli import main
+from visalign.config import load_config
+from visalign.generate import SampleConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_sample_writes_png(tmp_path, capsys):
+    out = tmp_path / "s.png"
+    rc = main(["sample", "--model", "tiny-sd3", "--prompt", "a red circle", "--prompt", "a blue square",
+               "--steps", "2", "--out", str(out), "seed=3"])
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    im = Image.open(out)
+    assert im.size == (2 * 32 + 3 * 2, 32 + 2 * 2)  # a 1x2 grid with 2 px padding
+
+
+def test_sample_video_gif(tmp_path):
+    out = tmp_path / "v.gif"
+    assert main(["sample", "--model", "tiny-wan", "--height", "16", "--width", "16", "--num-frames", "5",
+                 "--steps", "2", "--out", str(out)]) == 0
+    assert Image.open(out).n_frames == 5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "nope"], "allowed: flux, sd3, tiny-flux"),
+        (["--height", "33"], "multiple of 2"),
+        (["--steps", "0"], "steps=0 must be >= 1"),
+        (["--guidance", "-1"], "guidance=-1.0 must be >= 0"),
+        (["--model", "tiny-wan", "--num-frames", "8", "--height", "16", "--width", "16"], "4k\\+1"),
+        (["--model", "sd3", "--model-path", "/missing/dir"], "does not exist"),
+        (["--sde", "ddim"], "expected one of 'ode', 'flow_grpo', 'cps', 'dance'"),
+        (["stepz=3"], "unknown field stepz"),
+    ],
+)
+def test_sample_bad_input(argv, message, capsys):
+    assert main(["sample", *argv]) == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+def _config_class(command: str):
+    """The config dataclass of the command a shipped YAML's first line names."""
+    from visalign.world.suite import WorldEvalConfig
+    from visalign.steering.config import SteerConfig
+    from visalign.world.pretrain import PretrainConfig
+
+    words = command.split()
+    if words[1:2] == ["train"]:
+        from visalign.registry import import_target
+        from visalign.trainers import TRAINERS, trainer_name
+
+        return import_target(TRAINERS[trainer_name(str(CONFIGS[0].parent / words[2].split("/")[-1]), [])][0])
+    table = {("sample",): SampleConfig, ("world", "pretrain"): PretrainConfig, ("eval",): WorldEvalConfig,
+             ("steer",): SteerConfig}
+    for key, cls in table.items():
+        if tuple(words[1:1 + len(key)]) == key:
+            return cls
+    raise AssertionError(f"no config class known for {command!r}")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_start_with_their_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# visalign ") and path.name in first
+    load_config(_config_class(first[2:]), path)

@@ -1,0 +1,129 @@
+"""The Gradio demo, served on 127.0.0.1 and driven through gradio_client (compare, generate, score, run view),
+its input validation, and a headless-Chromium page load that runs one comparison and saves a screenshot."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+
+from visalign import rewards
+from visalign.demo.app import DemoConfig, launch, wait_idle
+from visalign.demo.screenshot import screenshot
+from visalign.world.model import WorldAdapter
+
+PROMPT = "a red circle to the left of a blue square"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("demo")
+    aligned = root / "aligned.safetensors"
+    WorldAdapter.random(1).save_pretrained(aligned)  # a different model in the "aligned" column
+    run = root / "runs" / "nft"
+    (run / "samples").mkdir(parents=True)
+    rows = [{"step": s, "rewards/world-verifier/mean": 0.5 + 0.05 * s, "eval/world-strict/mean": 0.5 - 0.04 * s}
+            for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(run / "samples" / "step_000002.png")
+    (run / "alarms.jsonl").write_text(json.dumps({"message": "reward-hacking alarm at step 3"}) + "\n")
+    cfg = DemoConfig(checkpoints={"aligned": str(aligned)}, runs_dir=str(root / "runs"),
+                     rewards=["world-verifier", "saturation"])
+    app, url = launch(cfg, block=False)
+    client = gradio_client.Client(url, verbose=False)
+    yield client, url, root
+    wait_idle(app)
+    app.close()
+
+
+def load(path):
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def test_compare_returns_images_and_their_scores(served):
+    client, _, _ = served
+    gallery, slider, table, _bars, winners, _lineage, x0, ess = client.predict(
+        PROMPT, 5, 6, 3.0, 32, 2, ["aligned"], "fk", 2, 10.0, ["world-verifier", "saturation"], api_name="/compare")
+    captions = [g["caption"] for g in gallery]
+    assert captions == ["base · seed 5", "base · seed 6", "aligned · seed 5", "aligned · seed 6",
+                        "steered (fk) · seed 5", "steered (fk) · seed 6"]
+    # Images are shown at 4x with nearest-neighbour: undo it and score them again; the table holds those scores.
+    images = torch.stack([load(g["image"])[:, ::4, ::4] for g in gallery])
+    assert images.shape == (6, 3, 32, 32)
+    sat = rewards.load("saturation")(images=images)
+    verifier = rewards.load("world-verifier")(prompts=[PROMPT] * 6, images=images)["score"]
+    rows = table["data"]
+    headers = table["headers"]
+    assert [r[headers.index("column")] for r in rows] == ["base", "base", "aligned", "aligned", "steered (fk)",
+                                                          "steered (fk)"]
+    np.testing.assert_allclose([r[headers.index("saturation")] for r in rows], sat.numpy(), atol=1e-4)
+    np.testing.assert_allclose([r[headers.index("world-verifier")] for r in rows], verifier.numpy(), atol=1e-4)
+    assert all("relation" in r[headers.index("concepts")] for r in rows)
+    # The base and aligned models differ; the winner of each reward has the highest column mean.
+    assert not torch.equal(images[0], images[2])
+    means = {}
+    for r in rows:
+        means.setdefault(r[0], []).append(r[headers.index("saturation")])
+    best = max(means, key=lambda c: sum(means[c]) / 2)
+    assert {w[0]: w[1] for w in winners["data"]}["saturation"] == best
+    assert len(ess["data"]) > 0 and len(x0) > 0 and len(slider) == 2
+
+
+def test_generate_matches_the_base_column_and_score_an_upload(served, tmp_path):
+    client, _, _ = served
+    gallery = client.predict(PROMPT, 5, 6, 3.0, 32, 2, api_name="/generate")
+    compared = client.predict(PROMPT, 5, 6, 3.0, 32, 2, [], "none", 2, 10.0, ["saturation"], api_name="/compare")[0]
+    assert torch.equal(load(gallery[0]["image"]), load(compared[0]["image"]))
+    path = tmp_path / "red.png"
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(path)
+    scores = client.predict(gradio_client.handle_file(str(path)), "a red circle", ["saturation"], api_name="/score")
+    assert scores["data"] == [["saturation", 1.0]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("", 0, 6, 3.0, 32, 1), "enter a prompt"),
+    ((PROMPT, 0, 500, 3.0, 32, 1), "steps must be between|greater than maximum value 50"),
+    ((PROMPT, 0, 6, 3.0, 64, 1), "32"),
+    ((PROMPT, 0, 6, 3.0, 32, 99), "samples must be between|greater than maximum value 8"),
+])
+def test_bad_input_is_a_clear_error(served, args, message):
+    client, _, _ = served
+    with pytest.raises(Exception, match=message):
+        client.predict(*args, api_name="/generate")
+
+
+def test_run_view_and_file_access(served):
+    client, _, root = served
+    curves, grids, alarm = client.predict("nft", api_name="/run_view")
+    assert alarm == "reward-hacking alarm at step 3" and len(grids) == 1 and curves is not None
+    with pytest.raises(Exception, match="not in the list of choices"):  # the page offers only runs under --runs
+        client.predict("../../etc", api_name="/run_view")
+    from visalign.demo.app import Demo, DemoError
+
+    demo = Demo(DemoConfig(runs_dir=str(root / "runs")))
+    assert demo.runs() == ["nft"]
+    with pytest.raises(DemoError, match="inside the configured runs directory"):
+        demo.run_dir("../../etc")
+    with pytest.raises(ValueError, match="no such file"):
+        DemoConfig(checkpoints={"x": "/nonexistent.safetensors"})
+
+
+@pytest.mark.browser
+def test_browser_loads_the_page_and_runs_a_comparison(tmp_path):
+    pytest.importorskip("playwright")
+    app, url = launch(DemoConfig(rewards=["world-verifier", "saturation"]), block=False)
+    try:
+        out = screenshot(url, tmp_path / "page.png")  # waits for the score table and the gallery
+    finally:
+        assert wait_idle(app)
+        app.close()
+    img = np.asarray(Image.open(out).convert("RGB")).astype(float)
+    assert img.shape[1] == 1400 and img.shape[0] > 1000
+    # The gallery holds the world's samples: their pure red and blue shape pixels are on the page.
+    red = (img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] < 60)
+    blue = (img[..., 2] > 200) & (img[..., 0] < 60) & (img[..., 1] < 60)
+    assert red.sum() > 200 and blue.sum() > 200

@@ -1,1 +1,0 @@
-"""visalign trainers (arrives with its issue; see docs/architecture.md)."""

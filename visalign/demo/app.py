@@ -1,0 +1,414 @@
+"""The comparison demo: base, aligned checkpoints and a steered run side by side, with per-reward scores.
+
+    .venv/bin/visalign demo                                      # the built-in world model, offline
+    .venv/bin/visalign demo --checkpoint nft=runs/nft_world/final/model.safetensors --runs runs
+
+Tabs: Compare (same prompt and seeds in every column; a gallery of all samples, a slider for the first pair, a
+score table with the world's per-concept verdicts, a bar chart of mean rewards and which column wins each
+reward), FK particles (lineage, ESS and the decoded x0-predictions of the steered column when it uses FK), and
+Training run (reward curves, trained vs held-out, sample grids over time, the hacking alarm).
+
+The functions behind the buttons are plain methods of `Demo` (the tests call them directly and through
+`gradio_client`); the API names are /generate, /compare, /score and /run_view. Outputs are 8-bit images and the
+scores are computed on exactly those images.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+STEER_METHODS = ("none", "best_of_n", "fk", "guidance")
+
+
+@dataclass
+class DemoConfig:
+    model: str = "world"
+    model_path: str | None = None
+    checkpoints: dict[str, str] = field(default_factory=dict)  # label -> checkpoint path or lora:DIR
+    rewards: list[str] = field(default_factory=lambda: ["world-verifier", "world-strict", "world-cleanliness",
+                                                        "saturation"])
+    steer_rewards: dict[str, float] | None = None  # best-of-N / FK (default: world-verifier, else the first reward)
+    guidance_rewards: dict[str, float] | None = None  # gradient guidance (default: world-soft, else the first
+    # differentiable reward of `rewards`)
+    runs_dir: str | None = None
+    max_steps: int = 50
+    max_samples: int = 8
+    max_particles: int = 8
+
+    def __post_init__(self):
+        for label, path in self.checkpoints.items():
+            if label in ("base", "steered") or not label:
+                raise ValueError(f"checkpoint label {label!r} is reserved or empty")
+            target = path.removeprefix("lora:")
+            if not Path(target).exists():
+                raise ValueError(f"checkpoint {label}={path}: no such file or directory")
+        if self.runs_dir is not None and not Path(self.runs_dir).is_dir():
+            raise ValueError(f"runs directory {self.runs_dir!r} does not exist")
+        if not self.rewards:
+            raise ValueError("the demo needs at least one reward")
+        from visalign import rewards as rewards_lib
+
+        world = self.model == "world"
+        if self.steer_rewards is None:
+            self.steer_rewards = {"world-verifier": 1.0} if world else {self.rewards[0]: 1.0}
+        if self.guidance_rewards is None:
+            differentiable = [r for r in self.rewards if rewards_lib.describe(r)["differentiable"]]
+            self.guidance_rewards = {"world-soft": 1.0} if world else ({differentiable[0]: 1.0} if differentiable
+                                                                        else {})
+
+
+class DemoError(ValueError):
+    """Bad input from the page; shown as a message (gr.Error), never a traceback."""
+
+
+def _quantise(pixels: torch.Tensor) -> torch.Tensor:
+    """8-bit images as float in [0, 1]: what the page shows is exactly what is scored."""
+    from visalign.media import to_uint8
+
+    return torch.from_numpy(to_uint8(pixels)).float() / 255
+
+
+def _pil(pixels: torch.Tensor, scale: int):
+    from PIL import Image
+
+    from visalign.media import to_uint8
+
+    img = Image.fromarray(to_uint8(pixels.permute(1, 2, 0)))
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig):
+        from visalign.models import load_model
+
+        self.cfg = cfg
+        self.base = load_model(cfg.model, cfg.model_path)
+        self._aligned: dict[str, object] = {}
+        self.scale = 4 if self.base.name == "world" else 1
+        self.default_size = self.base.default_size
+
+    # ---- models ------------------------------------------------------------------------------------------
+    def adapter(self, label: str):
+        if label == "base":
+            return self.base
+        if label not in self.cfg.checkpoints:
+            raise DemoError(f"unknown checkpoint {label!r}; configured: {', '.join(self.cfg.checkpoints) or 'none'}")
+        if label not in self._aligned:
+            from visalign.models import load_model
+
+            path = self.cfg.checkpoints[label]
+            if path.startswith("lora:"):
+                adapter = load_model(self.cfg.model, self.cfg.model_path)
+                adapter.load_lora(path[len("lora:"):])
+            else:
+                adapter = load_model(self.cfg.model, path)
+            self._aligned[label] = adapter
+        return self._aligned[label]
+
+    # ---- validation --------------------------------------------------------------------------------------
+    def check(self, prompt: str, steps: int, guidance: float, size: int, n: int) -> tuple[str, int, int]:
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise DemoError("enter a prompt")
+        steps, n, size = int(steps), int(n), int(size)
+        if not 1 <= steps <= self.cfg.max_steps:
+            raise DemoError(f"steps must be between 1 and {self.cfg.max_steps}, got {steps}")
+        if not 1 <= n <= self.cfg.max_samples:
+            raise DemoError(f"samples must be between 1 and {self.cfg.max_samples}, got {n}")
+        if not 0 <= float(guidance) <= 20:
+            raise DemoError(f"guidance must be between 0 and 20, got {guidance}")
+        try:
+            self.base.check_request(size, size)
+        except ValueError as err:
+            raise DemoError(str(err)) from None
+        return prompt, steps, n
+
+    # ---- generation and scoring --------------------------------------------------------------------------
+    @torch.no_grad()
+    def samples(self, label: str, prompt: str, seed: int, steps: int, guidance: float, size: int, n: int):
+        from visalign.sampling import sample
+
+        adapter = self.adapter(label)
+        cond = adapter.encode_prompts([prompt], cfg=guidance > 1).repeat_interleave(n)  # encode once
+        traj = sample(adapter, cond, num_steps=steps, height=size, width=size, guidance_scale=guidance,
+                      seeds=[int(seed) + j for j in range(n)])
+        return _quantise(adapter.decode(traj.final).float().cpu())
+
+    def steered(self, prompt, seed, steps, guidance, size, n, method, k, lam):
+        from visalign.steering import steer
+
+        if method == "guidance":
+            if not self.cfg.guidance_rewards:
+                raise DemoError("guidance needs a differentiable reward among the demo's rewards")
+            rewards, options = self.cfg.guidance_rewards, {"scale": float(lam)}
+        else:
+            rewards = self.cfg.steer_rewards
+            options = {"n": int(k)} if method == "best_of_n" else {"k": int(k), "lam": float(lam), "every": 4,
+                                                                  "keep_x0": True}
+        if method in ("best_of_n", "fk") and not 1 <= int(k) <= self.cfg.max_particles:
+            raise DemoError(f"particles / candidates must be between 1 and {self.cfg.max_particles}")
+        out = steer(self.base, [prompt] * n, rewards, method, steps=steps, guidance=guidance, height=size,
+                    width=size, seed=int(seed), **options)
+        return _quantise(out.images.float().cpu()), out.report
+
+    def score_table(self, columns: dict[str, torch.Tensor], prompt: str, rewards: list[str]):
+        """Rows: one per (column, sample) with every selected reward, and the world's per-concept verdicts."""
+        import pandas as pd
+
+        from visalign import rewards as rewards_lib
+        from visalign.rewards.base import combined
+
+        specs = None
+        if self.base.name == "world":
+            from visalign.world.grammar import parse_prompt
+
+            try:
+                specs = parse_prompt(prompt)
+            except ValueError:
+                specs = None
+        rows = []
+        for label, images in columns.items():
+            scores = {}
+            for name in rewards:
+                reward = rewards_lib.load(name)
+                scores[name] = combined(reward(prompts=[prompt] * len(images), images=images)).float().tolist()
+            verdicts = None
+            if specs is not None:
+                from visalign.world.verify import verify
+
+                verdicts = verify(images, [specs] * len(images)).concepts
+            for j in range(len(images)):
+                row = {"column": label, "sample": j, **{name: round(scores[name][j], 4) for name in rewards}}
+                if verdicts is not None:
+                    row["concepts"] = ", ".join(f"{c} {'✓' if ok else '✗'}" for c, ok in verdicts[j].items())
+                rows.append(row)
+        table = pd.DataFrame(rows)
+        means = table.groupby("column", sort=False)[list(rewards)].mean().reset_index()
+        bars = means.melt(id_vars="column", var_name="reward", value_name="mean")
+        bars["reward · column"] = bars["reward"] + " · " + bars["column"]  # one bar each, coloured by column
+        winners = pd.DataFrame([{"reward": name, "winner": means.loc[means[name].idxmax(), "column"],
+                                 "best mean": round(float(means[name].max()), 4)} for name in rewards])
+        return table, bars, winners
+
+    def compare(self, prompt, seed, steps, guidance, size, n, aligned, method, k, lam, rewards):
+        """Every column on the same prompt and seeds; returns the page's outputs (see `build_app`)."""
+        prompt, steps, n = self.check(prompt, steps, guidance, size, n)
+        size, seed, guidance = int(size), int(seed), float(guidance)
+        if method not in STEER_METHODS:
+            raise DemoError(f"steering method must be one of {', '.join(STEER_METHODS)}")
+        rewards = list(rewards or [])
+        unknown = [r for r in rewards if r not in self.cfg.rewards]
+        if not rewards or unknown:
+            raise DemoError(f"choose rewards among {', '.join(self.cfg.rewards)}")
+        columns = {"base": self.samples("base", prompt, seed, steps, guidance, size, n)}
+        for label in aligned or []:
+            columns[label] = self.samples(label, prompt, seed, steps, guidance, size, n)
+        report = None
+        if method != "none":
+            columns[f"steered ({method})"], report = self.steered(prompt, seed, steps, guidance, size, n, method,
+                                                                  k, lam)
+        table, bars, winners = self.score_table(columns, prompt, rewards)
+        gallery = [(_pil(img, self.scale), f"{label} · seed {seed + j}") for label, imgs in columns.items()
+                   for j, img in enumerate(imgs)]
+        labels = list(columns)
+        slider = (_pil(columns[labels[0]][0], self.scale), _pil(columns[labels[-1]][0], self.scale))
+        lineage_fig, x0_gallery, ess = self.fk_view(report)
+        return gallery, slider, table, bars, winners, lineage_fig, x0_gallery, ess
+
+    def generate(self, prompt, seed, steps, guidance, size, n):
+        prompt, steps, n = self.check(prompt, steps, guidance, size, n)
+        imgs = self.samples("base", prompt, int(seed), steps, float(guidance), int(size), n)
+        return [(_pil(img, self.scale), f"base · seed {int(seed) + j}") for j, img in enumerate(imgs)]
+
+    def score(self, image, prompt, rewards):
+        """Score an uploaded image (numpy HWC uint8) with the selected rewards."""
+        import pandas as pd
+
+        from visalign import rewards as rewards_lib
+        from visalign.rewards.base import combined
+
+        if image is None:
+            raise DemoError("upload an image")
+        rewards = list(rewards or [])
+        if not rewards or any(r not in self.cfg.rewards for r in rewards):
+            raise DemoError(f"choose rewards among {', '.join(self.cfg.rewards)}")
+        x = torch.as_tensor(image).float().permute(2, 0, 1)[None, :3] / 255
+        return pd.DataFrame([{"reward": name, "score": round(float(combined(rewards_lib.load(name)(
+            prompts=[prompt or ""], images=x))[0]), 4)} for name in rewards])
+
+    # ---- FK view -----------------------------------------------------------------------------------------
+    def fk_view(self, report):
+        """Lineage plot (which particle each slot descends from at every resampling), x0-predictions, ESS."""
+        import pandas as pd
+
+        if not report or report.get("method") != "fk":
+            return None, [], pd.DataFrame(columns=["step", "prompt", "ess"])
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        k = report["k"]
+        fig, ax = plt.subplots(figsize=(7, 2.8))
+        events = report["lineage"]
+        for e_i, event in enumerate(events):
+            for slot, parent in enumerate(event["ancestors"][0]):
+                ax.plot([e_i, e_i + 1], [parent, slot], color="tab:blue", alpha=0.6)
+        ax.set(xlabel="resampling event (step)", ylabel="particle", yticks=range(k),
+               xticks=range(len(events) + 1), xticklabels=["start"] + [str(e["step"]) for e in events],
+               title="FK lineage, first prompt: lines join each particle to its ancestor")
+        fig.tight_layout()
+        x0 = [(_pil(img, self.scale), f"step {step} · particle {p}") for step, imgs in report.get("x0_images", [])
+              for p, img in enumerate(imgs[:k])]
+        ess = pd.DataFrame([{"step": e["step"], "prompt": p, "ess": round(v, 3)} for e in report["ess"]
+                            for p, v in enumerate(e["ess"])])
+        return fig, x0, ess
+
+    # ---- training-run view -------------------------------------------------------------------------------
+    def runs(self) -> list[str]:
+        if self.cfg.runs_dir is None:
+            return []
+        root = Path(self.cfg.runs_dir)
+        return sorted(p.parent.relative_to(root).as_posix() for p in root.rglob("metrics.jsonl"))
+
+    def run_dir(self, name: str) -> Path:
+        if self.cfg.runs_dir is None:
+            raise DemoError("no runs directory configured (visalign demo --runs DIR)")
+        root = Path(self.cfg.runs_dir).resolve()
+        path = (root / (name or "")).resolve()
+        if root != path and root not in path.parents:
+            raise DemoError("runs must be inside the configured runs directory")
+        if not (path / "metrics.jsonl").exists():
+            raise DemoError(f"{name!r} is not a training run (no metrics.jsonl)")
+        return path
+
+    def run_view(self, name):
+        """Reward curves (trained rollouts, held-out rollouts, evaluations), sample grids over time, alarms."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = self.run_dir(name)
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        keys = sorted({k for r in rows for k in r if k.endswith("/mean") and (k.startswith(("rewards/", "heldout/",
+                                                                                          "eval/")))})
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            style = "-" if key.startswith("rewards/") else ("--" if key.startswith("heldout/") else "o:")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=key.removesuffix("/mean"))
+        ax.set(xlabel="step", ylabel="mean reward", title=f"{name}: trained (solid), held-out (dashed), eval (dots)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        grids = [(str(p), p.stem) for p in sorted((path / "samples").glob("step_*.png"))]
+        alarms = path / "alarms.jsonl"
+        alarm = "\n".join(json.loads(line)["message"] for line in alarms.read_text().splitlines() if line.strip()) \
+            if alarms.exists() else "no alarm"
+        return fig, grids, alarm
+
+
+def build_app(demo: Demo, autorun: bool = False):
+    """The Gradio Blocks app. `autorun` runs one comparison with the default inputs when the page loads (the
+    browser test and the README screenshot use it)."""
+    import gradio as gr
+
+    def guarded(fn):
+        def call(*args):
+            try:
+                return fn(*args)
+            except DemoError as err:
+                raise gr.Error(str(err)) from None
+        call.__name__ = fn.__name__
+        return call
+
+    cfg = demo.cfg
+    aligned_labels = list(cfg.checkpoints)
+    with gr.Blocks(title="visalign demo") as app:
+        gr.Markdown("# visalign: base vs aligned vs steered\nSame prompt and seeds in every column; scores are "
+                    "computed on the 8-bit images shown.")
+        with gr.Tab("Compare"):
+            with gr.Row():
+                prompt = gr.Textbox(value="a red circle to the left of a blue square", label="prompt", scale=3)
+                seed = gr.Number(value=0, precision=0, label="seed")
+                steps = gr.Slider(1, cfg.max_steps, value=20, step=1, label="steps")
+                guidance = gr.Slider(0, 10, value=3.0, step=0.5, label="guidance (CFG)")
+                size = gr.Number(value=demo.default_size, precision=0, label="image size")
+                n = gr.Slider(1, cfg.max_samples, value=4, step=1, label="samples (seeds)")
+            with gr.Row():
+                aligned = gr.CheckboxGroup(aligned_labels, value=aligned_labels, label="aligned checkpoints")
+                method = gr.Dropdown(list(STEER_METHODS), value="fk", label="steering")
+                k = gr.Slider(1, cfg.max_particles, value=4, step=1, label="particles / candidates (FK, best-of-N)")
+                lam = gr.Slider(0, 20, value=10, step=0.5, label="FK λ / guidance scale")
+                rewards = gr.CheckboxGroup(cfg.rewards, value=cfg.rewards, label="rewards to score")
+            with gr.Row():
+                run = gr.Button("Compare", variant="primary")
+                gen = gr.Button("Generate (base only)")
+            # PNG, not the default WebP: the images served are exactly the 8-bit images that were scored.
+            gallery = gr.Gallery(label="samples (column · seed)", columns=cfg.max_samples, height="auto", format="png")
+            slider = gr.ImageSlider(label="first sample: base vs last column", format="png")
+            table = gr.Dataframe(label="per-sample rewards and per-concept verdicts")
+            with gr.Row():
+                bars = gr.BarPlot(x="reward · column", y="mean", color="column", label="mean reward per column",
+                                  x_label_angle=-30)
+                winners = gr.Dataframe(label="which column wins each reward")
+        with gr.Tab("FK particles"):
+            lineage = gr.Plot(label="lineage")
+            x0 = gr.Gallery(label="decoded x0-predictions at resampling steps (first prompt)", columns=8,
+                            format="png")
+            ess = gr.Dataframe(label="effective sample size per resampling step")
+        with gr.Tab("Score an image"):
+            upload = gr.Image(type="numpy", label="image")
+            upload_prompt = gr.Textbox(label="prompt")
+            upload_rewards = gr.CheckboxGroup(cfg.rewards, value=cfg.rewards, label="rewards")
+            score_btn = gr.Button("Score")
+            scores = gr.Dataframe(label="scores")
+        with gr.Tab("Training run"):
+            run_name = gr.Dropdown(demo.runs(), label=f"run under {cfg.runs_dir or '(none configured)'}")
+            curves = gr.Plot(label="reward curves")
+            grids = gr.Gallery(label="evaluation samples over time", columns=4)
+            alarm = gr.Textbox(label="hacking alarm")
+        inputs = [prompt, seed, steps, guidance, size, n, aligned, method, k, lam, rewards]
+        outputs = [gallery, slider, table, bars, winners, lineage, x0, ess]
+        run.click(guarded(demo.compare), inputs, outputs, api_name="compare")
+        gen.click(guarded(demo.generate), [prompt, seed, steps, guidance, size, n], gallery, api_name="generate")
+        score_btn.click(guarded(demo.score), [upload, upload_prompt, upload_rewards], scores, api_name="score")
+        run_name.change(guarded(demo.run_view), run_name, [curves, grids, alarm], api_name="run_view")
+        if autorun:
+            app.load(guarded(demo.compare), inputs, outputs)
+    return app
+
+
+def wait_idle(app, timeout: float = 120.0) -> bool:
+    """Wait until the app's queue runs no job (before closing it: a job cut off at interpreter exit aborts the
+    process). True when idle; reads gradio's queue state, so on an unknown gradio layout it returns at once."""
+    import time
+
+    queue = getattr(app, "_queue", None)
+    if queue is None or not hasattr(queue, "active_jobs"):
+        return True
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        pending = any(len(q.queue) for q in getattr(queue, "event_queue_per_concurrency_id", {}).values()
+                      if hasattr(q, "queue"))
+        if not pending and all(job is None for job in queue.active_jobs):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def launch(cfg: DemoConfig, host: str = "127.0.0.1", port: int | None = None, autorun: bool = False,
+           block: bool = True, concurrency: int = 1):
+    """Build and serve the app with a queue (`concurrency` jobs at a time); returns (app, url)."""
+    demo = Demo(cfg)
+    app = build_app(demo, autorun=autorun)
+    app.queue(default_concurrency_limit=concurrency, max_size=32)
+    allowed = [cfg.runs_dir] if cfg.runs_dir else []
+    _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, allowed_paths=allowed,
+                           quiet=True)
+    return app, url

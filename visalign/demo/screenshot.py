@@ -1,0 +1,68 @@
+"""Headless-Chromium screenshot of the demo after one comparison (the README image and the browser test).
+
+    .venv/bin/python -m demo.screenshot docs/images/demo_compare.png [LABEL=CHECKPOINT ...]
+
+Starts the demo on 127.0.0.1, drives Debian's chromium with Playwright (its bundled driver; the browser is the
+system's, nothing is downloaded): loads the page, clicks Compare, waits for the score tables and the sample
+gallery, and saves a full-page PNG. (A bare `chromium --screenshot` cannot wait for the job: its virtual-time
+budget runs out before the comparison finishes.)
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def screenshot(url: str, out: str | Path, expected_images: int = 8, width: int = 1400, height: int = 1000,
+               timeout_ms: int = 180_000) -> Path:
+    """Load the demo at `url`, run one comparison with the page's default inputs (4 seeds × base and steered =
+    8 images, more with aligned checkpoints), save a full-page PNG."""
+    from playwright.sync_api import sync_playwright
+
+    exe = chromium()
+    if exe is None:
+        raise RuntimeError("chromium not found (Debian: apt-get install -y chromium)")
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(url, timeout=timeout_ms)
+            page.get_by_role("button", name="Compare", exact=True).click()
+            # Every column's samples are in the gallery once the job is done (the tables update with it).
+            page.wait_for_function("n => document.querySelectorAll('button.thumbnail-item img').length >= n",
+                                   arg=expected_images, timeout=timeout_ms)
+            page.wait_for_timeout(1500)  # let the tables and plots draw
+            page.screenshot(path=str(out), full_page=True)
+        finally:
+            browser.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from visalign.demo.app import DemoConfig, launch, wait_idle
+
+    argv = sys.argv[1:] if argv is None else argv
+    out = argv[0] if argv else "docs/images/demo_compare.png"
+    checkpoints = dict(a.split("=", 1) for a in argv[1:])
+    app, url = launch(DemoConfig(checkpoints=checkpoints), block=False)
+    try:
+        print(screenshot(url, out, expected_images=4 * (2 + len(checkpoints))))
+    finally:
+        wait_idle(app)
+        app.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""Pixels to files: 8-bit conversion, image grids, PNG / GIF output. Pixels are floats in [0, 1],
+[B, 3, H, W] (images) or [B, F, 3, H, W] (video)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def to_uint8(pixels: Tensor) -> np.ndarray:
+    """Round to 8 bits, as a saved PNG holds them."""
+    return (pixels.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()).astype(np.uint8)
+
+
+def image_grid(images: Tensor, columns: int | None = None, pad: int = 2) -> Tensor:
+    """[B, 3, H, W] → one [3, H', W'] grid with white padding."""
+    b, c, h, w = images.shape
+    columns = columns or min(b, 8)
+    rows = (b + columns - 1) // columns
+    grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad)
+    for i in range(b):
+        r, col = divmod(i, columns)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+    return grid
+
+
+def save_pixels(pixels: Tensor, out: str | Path, scale: int = 1) -> Path:
+    """Save a batch as one PNG grid (images) or one animated GIF of frame grids (video)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if pixels.ndim == 4:
+        frames = [image_grid(pixels)]
+    else:
+        frames = [image_grid(pixels[:, f]) for f in range(pixels.shape[1])]
+    pil = [Image.fromarray(to_uint8(f.permute(1, 2, 0))) for f in frames]
+    if scale > 1:
+        pil = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in pil]
+    if len(pil) == 1 and out.suffix.lower() != ".gif":
+        pil[0].save(out)
+    else:
+        if out.suffix.lower() != ".gif":
+            raise ValueError(f"video output needs a .gif path, got {str(out)!r}")
+        pil[0].save(out, save_all=True, append_images=pil[1:], duration=120, loop=0)
+    return out

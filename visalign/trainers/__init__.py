@@ -1,0 +1,51 @@
+"""Training recipes on one engine: Flow-GRPO (`flow_grpo`), DiffusionNFT and Flow-RWR (`forward`), Flow-DPO
+(`dpo`). A config's `trainer:` key picks one from `TRAINERS`; see docs/architecture.md for the step each runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from visalign.config import ConfigError, load_config
+from visalign.registry import import_target
+
+# trainer name -> ("module:ConfigClass", "module:TrainerClass"); register a recipe of your own here.
+TRAINERS = {
+    "flow_grpo": ("visalign.trainers.flow_grpo:FlowGRPOConfig", "visalign.trainers.flow_grpo:FlowGRPOTrainer"),
+    "diffusion_nft": ("visalign.trainers.forward:DiffusionNFTConfig", "visalign.trainers.forward:DiffusionNFTTrainer"),
+    "flow_rwr": ("visalign.trainers.forward:FlowRWRConfig", "visalign.trainers.forward:FlowRWRTrainer"),
+    "flow_dpo": ("visalign.trainers.dpo:FlowDPOConfig", "visalign.trainers.dpo:FlowDPOTrainer"),
+}
+
+
+def trainer_name(path: str | None, overrides: Sequence[str]) -> str:
+    """The `trainer` of a config file (an override `trainer=...` wins); ValueError names the choices."""
+    name = "flow_grpo"
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path}") from err
+        name = data.get("trainer", name)
+    for item in overrides:
+        if item.startswith("trainer="):
+            name = item.split("=", 1)[1]
+    if name not in TRAINERS:
+        raise ValueError(f"unknown trainer {name!r}; allowed: {', '.join(TRAINERS)}")
+    return name
+
+
+def load_train_config(path: str | None, overrides: Sequence[str] = ()):
+    """The recipe's config dataclass filled from the file and overrides, fully validated."""
+    config_cls = import_target(TRAINERS[trainer_name(path, overrides)][0])
+    return load_config(config_cls, path, overrides)
+
+
+def trainer_class(name: str):
+    """The trainer class registered as `name` (a config's `trainer:`)."""
+    if name not in TRAINERS:
+        raise ValueError(f"unknown trainer {name!r}; allowed: {', '.join(TRAINERS)}")
+    return import_target(TRAINERS[name][1])

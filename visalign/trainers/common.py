@@ -1,0 +1,317 @@
+"""Machinery every online trainer shares: distributed prompt groups, rollouts with rewards,
+EMA, checkpoints that verify themselves, and trainer-state objects for `accelerator.save_state`.
+
+Determinism: everything random in a step derives from (seed, step[, rank]) through explicit generators, so a
+resumed run replays exactly the rollouts and updates of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from visalign import rewards as rewards_lib
+from visalign.rewards.base import Reward, RewardError, combined
+from visalign.models.base import Conditioning, FlowModelAdapter
+from visalign.prompts import PromptSource
+from visalign.sampling import SDEOptions, Trajectory, sample
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, step, salt)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7919 + salt)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class StepPlan:
+    """Which samples of a step this process owns. Samples are numbered globally: prompt p's group is
+    samples [p*G, (p+1)*G); process r owns the contiguous slice [r*n, (r+1)*n), so a gather in rank order
+    restores the global order and every group is whole in the gathered batch."""
+
+    items: list[dict]  # this process's samples (prompt + metadata), in global order
+    groups: Tensor  # global group id per local sample
+    seeds: list[int]  # per-sample seeds
+    start: int  # global index of the first local sample
+    total: int  # samples across all processes
+
+
+def plan_step(source: PromptSource, *, seed: int, step: int, prompts_per_step: int, group_size: int,
+              rank: int, world_size: int) -> StepPlan:
+    total = prompts_per_step * group_size
+    if total % world_size:
+        raise ValueError(f"prompts_per_step × group_size = {total} must be divisible by the {world_size} processes")
+    prompts = source.draw(prompts_per_step, step_generator(seed, step, 1))  # identical on every rank
+    n = total // world_size
+    start = rank * n
+    index = range(start, start + n)
+    items = [prompts[i // group_size] for i in index]
+    groups = torch.tensor([i // group_size for i in index])
+    seeds = [(seed * 1_000_003 + step) * 65_537 + i for i in index]
+    return StepPlan(items, groups, seeds, start, total)
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def load_rewards(names: dict[str, float] | list[str], options: dict[str, dict] | None = None) -> dict[str, Reward]:
+    """The named rewards, each built with its constructor options from `options` (a config's `reward_options`)."""
+    options = options or {}
+    return {name: rewards_lib.load(name, **options.get(name, {})) for name in names}
+
+
+def score_rewards(reward_fns: dict[str, Reward], images: Tensor, items: list[dict]) -> dict[str, Tensor]:
+    """{name: combined score [B]} plus {name/sub: sub-score} for dict outputs. Non-finite scores are NaN."""
+    prompts = [it["prompt"] for it in items]
+    metadata = [{k: v for k, v in it.items() if k != "prompt"} for it in items]
+    media = {"videos": images} if images.ndim == 5 else {"images": images}
+    out = {}
+    with torch.no_grad():
+        for name, fn in reward_fns.items():
+            result = fn(prompts=prompts, metadata=metadata, allow_invalid=True, **media)
+            out[name] = combined(result).float().cpu()
+            if isinstance(result, dict):
+                out.update({f"{name}/{k}": v.float().cpu() for k, v in result.items() if k != "score"})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class Rollout:
+    """One process's share of a step: trajectories, images, rewards, conditioning."""
+
+    traj: Trajectory
+    images: Tensor
+    scores: dict[str, Tensor]
+    cond: Conditioning
+    plan: StepPlan
+    timings: dict[str, float]
+
+
+def _cat_trajectories(parts: list[Trajectory]) -> Trajectory:
+    first = parts[0]
+    return Trajectory(latents=torch.cat([p.latents for p in parts]), x0_preds=torch.cat([p.x0_preds for p in parts]),
+                      means=torch.cat([p.means for p in parts]), stds=torch.cat([p.stds for p in parts]),
+                      log_probs=torch.cat([p.log_probs for p in parts]), sigmas=first.sigmas,
+                      stochastic=first.stochastic, sde=first.sde,
+                      drifts=None if first.drifts is None else torch.cat([p.drifts for p in parts]))
+
+
+def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Reward], *, num_steps: int,
+            guidance: float, sde: SDEOptions, batch_size: int, height: int, width: int,
+            num_frames: int | None, same_noise_per_group: bool, autocast=None, drift=None) -> Rollout:
+    """Sample the plan in batches and score each batch in a worker thread while the next one samples.
+    `autocast`: a callable returning a fresh autocast context (e.g. `accelerator.autocast`), or None.
+    `drift`: (RewardDrift, {name: (Reward, weight)}) to shift the SDE steps up those rewards (Euphonium)."""
+    t0 = time.perf_counter()
+    prompts = [it["prompt"] for it in plan.items]
+    # A group repeats its prompt G times: encode each distinct prompt once, then index.
+    unique = list(dict.fromkeys(prompts))
+    position = {p: i for i, p in enumerate(unique)}
+    cond = adapter.encode_prompts(unique, cfg=adapter.guidance == "cfg" and guidance > 1)
+    cond = cond.index([position[p] for p in prompts])
+    parts, futures, images = [], [], []
+    sample_time = 0.0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for s in range(0, len(prompts), batch_size):
+            sl = slice(s, s + batch_size)
+            ts = time.perf_counter()
+            drift_fn = None
+            if drift is not None:
+                items = plan.items[sl]
+                drift_fn = drift[0].bind(adapter, drift[1], [it["prompt"] for it in items],
+                                         [{k: v for k, v in it.items() if k != "prompt"} for it in items])
+            with autocast() if autocast is not None else nullcontext():
+                traj = sample(adapter, cond.index(sl), num_steps=num_steps, height=height, width=width,
+                              num_frames=num_frames, guidance_scale=guidance, sde=sde, seeds=plan.seeds[sl],
+                              noise_groups=plan.groups[sl].tolist() if same_noise_per_group else None,
+                              drift=drift_fn)
+                with torch.no_grad():
+                    pixels = adapter.decode(traj.final).float()
+            sample_time += time.perf_counter() - ts
+            parts.append(traj)
+            images.append(pixels)
+            futures.append(pool.submit(score_rewards, reward_fns, pixels, plan.items[sl]))
+        tr = time.perf_counter()
+        scored = [f.result() for f in futures]
+        reward_wait = time.perf_counter() - tr
+    scores = {k: torch.cat([s[k] for s in scored]) for k in scored[0]}
+    timings = {"time/sampling": sample_time, "time/reward_wait": reward_wait, "time/rollout": time.perf_counter() - t0}
+    return Rollout(_cat_trajectories(parts), torch.cat(images), scores, cond, plan, timings)
+
+
+def check_rewards_valid(scores: dict[str, Tensor], names, step: int) -> Tensor:
+    """Bool [N]: samples whose every trained reward is finite; all invalid is an error."""
+    valid = torch.ones_like(next(iter(scores.values())), dtype=torch.bool)
+    for name in names:
+        valid &= torch.isfinite(scores[name])
+    if not valid.any():
+        raise RewardError(f"step {step}: every sample has an invalid (NaN/inf) reward from "
+                          f"{', '.join(names)}; refusing to update")
+    return valid
+
+
+# ---------------------------------------------------------------------------------------------- EMA
+
+
+class ParamCopy:
+    """A second copy of the trainable parameters that can be swapped into the live model: the reference policy
+    of DPO (refreshed every N steps), DiffusionNFT's old policy (blended softly), the EMA of trained weights.
+    Has state_dict for checkpoints."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def blend(self, decay: float) -> None:
+        """shadow <- decay * shadow + (1 - decay) * live."""
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange live and shadow weights (call twice to restore)."""
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+    @contextmanager
+    def swapped(self):
+        """The shadow weights are live inside the block; the trained ones are restored on exit."""
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.clone() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)
+
+
+class EMA(ParamCopy):
+    """Exponential moving average of trainable parameters (flow_grpo `flow_grpo/ema.py`: decay with warm-up
+    min(decay, (1 + s) / (10 + s)), updated every `every` steps; `warmup=False`: the fixed decay throughout)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1, warmup: bool = True):
+        super().__init__(params)
+        self.decay, self.every, self.warmup = decay, every, warmup
+        self.updates = 0
+
+    def update(self, step: int) -> None:
+        if step % self.every:
+            return
+        self.blend(min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.updates = int(state["updates"])
+
+
+class TrainerState:
+    """The step counter (and anything else small) saved with `accelerator.save_state`."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, step: int) -> None:
+    """Written last: a checkpoint without a manifest is incomplete and never resumed from."""
+    files = {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def verify_checkpoint(directory: Path) -> int:
+    """Check every file against the manifest; raise ValueError naming the first bad or missing file."""
+    manifest = directory / MANIFEST
+    if not manifest.exists():
+        raise ValueError(f"checkpoint {directory} is incomplete: {MANIFEST} is missing")
+    data = json.loads(manifest.read_text())
+    for name, digest in data["files"].items():
+        path = directory / name
+        if not path.exists():
+            raise ValueError(f"checkpoint {directory}: file {name} is missing")
+        if _sha256(path) != digest:
+            raise ValueError(f"checkpoint {directory}: file {name} is corrupted or truncated (checksum mismatch)")
+    return int(data["step"])
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints (with a manifest) under root/checkpoints, oldest first."""
+    base = root / "checkpoints"
+    if not base.exists():
+        return []
+    found = [d for d in base.glob("checkpoint-*") if (d / MANIFEST).exists()]
+    return sorted(found, key=lambda d: int(d.name.split("-")[1]))
+
+
+def resolve_resume(root: Path, resume_from: str | None) -> Path | None:
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        dirs = checkpoint_dirs(root)
+        return dirs[-1] if dirs else None
+    path = Path(resume_from)
+    if not path.exists():
+        raise ValueError(f"resume_from={resume_from!r} does not exist")
+    return path
+
+
+def prune_checkpoints(root: Path, total_limit: int | None) -> None:
+    if total_limit is None:
+        return
+    dirs = checkpoint_dirs(root)
+    for d in dirs[: max(0, len(dirs) - total_limit)]:
+        shutil.rmtree(d)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def num_trained_steps(n_stochastic: int, fraction: float) -> int:
+    """How many of a sample's stochastic steps are trained: at least one, at most all."""
+    return max(1, min(n_stochastic, math.ceil(n_stochastic * fraction)))

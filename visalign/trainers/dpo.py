@@ -1,0 +1,224 @@
+"""Flow-DPO / Diffusion-DPO, offline from a preference-pair file or online from rollout groups (`trainer: flow_dpo`).
+
+Loss: `visalign.trainers.losses.dpo_loss` on per-pair errors at a shared noise level and noise for winner and loser
+(Diffusion-DPO, Wallace et al. 2024; Flow-DPO in flow_grpo `scripts/train_sd3_dpo.py`: velocity target
+eps - x0, sigma ~ logit-normal(0, 1), beta = 100). `train.target: epsilon` uses the noise target of
+ε-prediction diffusion models instead (Diffusion-DPO's original form, beta = 5000), converting the flow
+model's velocity to its implied noise eps = x_t + (1 - sigma) v.
+
+The reference is a copy of the trainable weights taken at the start (LoRA: the base model), swapped in for its
+predictions; online DPO refreshes it every `train.ref_update_every` steps (flow_grpo's OnlineDPO).
+
+- offline: `train.pairs` is a JSONL pair file (`visalign.pairs`) of images, or for video models
+  (`model.num_frames`) of videos (animated GIFs or frame directories, `model.num_frames` frames each); every row
+  is checked, and every image or frame must have the model's height × width, before any model loads. Each step
+  draws `train.pairs_per_step` pairs and encodes them with the adapter's VAE.
+- online: each rollout group gives one pair, its best and worst sample by reward (groups whose rewards are all
+  equal are skipped); `train.gap_weighting` scales each pair by its reward gap (GAPO).
+
+    visalign train configs/dpo_world.yaml                               # online, on the shapes world
+    visalign train configs/dpo_world.yaml train.mode=offline train.pairs=data/pairs.jsonl
+    visalign train configs/dpo_wan21_1.3b.yaml train.pairs=data/video_pairs.jsonl   # offline, video pairs
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from visalign.trainers.common import ParamCopy, step_generator
+from visalign.trainers.engine import REWARD_OPTIONS_HELP, ModelConfig, RunConfig, SamplingConfig, check_rewards
+from visalign.trainers.forward import ForwardTrainConfig, ForwardTrainer, noised
+from visalign.trainers.losses import dpo_loss, per_sample_mse
+
+
+@dataclass
+class DPOTrainConfig(ForwardTrainConfig):
+    mode: Literal["online", "offline"] = field(default="online", metadata={"help": "rollout pairs or a pair file"})
+    pairs: str | None = field(default=None, metadata={"help": "offline: JSONL pair file (see visalign/pairs.py)"})
+    pairs_per_step: int = field(default=16, metadata={"help": "offline: pairs per step (all processes)"})
+    beta: float = field(default=100.0, metadata={"help": "DPO beta (Flow-DPO: 100; Diffusion-DPO: 5000)"})
+    target: Literal["velocity", "epsilon"] = field(default="velocity", metadata={
+        "help": "error on the velocity (flow models) or the implied noise (eps-prediction form)"})
+    ref_update_every: int = field(default=0, metadata={"help": "online: copy the policy into the reference "
+                                                                "every N steps (0 = never)"})
+    gap_weighting: bool = field(default=False, metadata={"help": "online: weight pairs by their reward gap (GAPO)"})
+    sigma_sampling: Literal["grid", "logit_normal"] = field(default="logit_normal", metadata={
+        "help": "noise levels: logit-normal (Flow-DPO) or the sampler's grid"})
+    timesteps_per_sample: int = field(default=1, metadata={"help": "noise levels trained per pair per step"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"beta={self.beta} must be > 0")
+        if self.mode == "offline":
+            if not self.pairs:
+                raise ValueError("train.mode=offline needs train.pairs (a JSONL pair file)")
+            if self.gap_weighting:
+                raise ValueError("train.gap_weighting needs rewards: it applies to online DPO only")
+        if self.pairs_per_step < 1 or self.ref_update_every < 0:
+            raise ValueError("pairs_per_step must be >= 1 and ref_update_every >= 0")
+        if self.group_noise:
+            raise ValueError("train.group_noise is for NFT and RWR: DPO already noises a pair's winner and loser "
+                             "alike")
+
+
+def _ode_sampling() -> SamplingConfig:
+    return SamplingConfig(sde="ode")
+
+
+@dataclass
+class FlowDPOConfig:
+    """Flow-DPO: preference optimisation of a flow model against a reference, offline or online."""
+
+    trainer: Literal["flow_dpo"] = field(default="flow_dpo", metadata={"help": "which trainer runs"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=_ode_sampling)
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
+                                      metadata={"help": "online: rewards that rank each group (weighted sum)"})
+    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
+
+    def __post_init__(self):
+        check_rewards(self.rewards, self.eval_rewards, required=self.train.mode == "online",
+                      sampling=self.sampling, options=self.reward_options)
+
+
+def group_pairs(total: Tensor, groups: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(winner index, loser index, reward gap) per group: its highest and lowest valid reward; groups with fewer
+    than two valid samples or no spread are skipped (flow_grpo `stat_tracking` type "dpo": argmax / argmin)."""
+    winners, losers, gaps = [], [], []
+    for g in torch.unique(groups):
+        idx = torch.nonzero((groups == g) & valid).flatten()
+        if len(idx) < 2:
+            continue
+        r = total[idx]
+        hi, lo = idx[int(r.argmax())], idx[int(r.argmin())]
+        if total[hi] > total[lo]:
+            winners.append(hi)
+            losers.append(lo)
+            gaps.append(total[hi] - total[lo])
+    if not winners:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    return torch.stack(winners), torch.stack(losers), torch.stack(gaps).float()
+
+
+class FlowDPOTrainer(ForwardTrainer):
+    name = "flow-dpo"
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        if cfg.train.mode == "online" and (cfg.train.prompts_per_step * cfg.train.group_size) % (
+                self.accelerator.num_processes * cfg.train.group_size):
+            raise ValueError("online DPO pairs samples of a group on one process: prompts_per_step must be "
+                             "divisible by the number of processes")
+        if cfg.train.mode == "offline" and cfg.train.pairs_per_step % self.accelerator.num_processes:
+            raise ValueError("pairs_per_step must be divisible by the number of processes")
+        if cfg.train.mode == "offline":
+            # Every row, size and (video) frame count is checked before any model loads; errors name the row.
+            from visalign.pairs import read_pairs
+
+            self.pairs = read_pairs(cfg.train.pairs, size=(cfg.model.height, cfg.model.width),
+                                    num_frames=cfg.model.num_frames)
+        super()._build()
+        if cfg.train.mode == "offline" and not self.adapter.is_video and cfg.model.num_frames is not None:
+            raise ValueError(f"model.num_frames={cfg.model.num_frames} makes offline DPO read video pairs, but "
+                             f"{cfg.model.name} is an image model: drop model.num_frames")
+        self.reference = ParamCopy(self.params)  # at step 0: the base model (LoRA B = 0) or the initial weights
+        self.accelerator.register_for_checkpointing(self.reference)
+
+    def errors(self, x0: Tensor, noise: Tensor, sigma: Tensor, cond) -> Tensor:
+        """Per-sample error of the live weights' prediction at x_t (velocity or implied-noise target)."""
+        x_t = noised(x0, noise, sigma)
+        v = self.velocity(x_t, sigma, cond)
+        if self.cfg.train.target == "velocity":
+            return per_sample_mse(v, noise - x0)
+        s = sigma.view(-1, *([1] * (x0.ndim - 1))).to(x_t)
+        return per_sample_mse(x_t + (1 - s) * v, noise)  # eps implied by v = eps - x0 and x_t
+
+    def _offline_batch(self, step: int):
+        cfg, acc = self.cfg, self.accelerator
+        g = step_generator(cfg.run.seed, step, 1)
+        chosen = torch.randint(len(self.pairs), (cfg.train.pairs_per_step,), generator=g).tolist()
+        n = cfg.train.pairs_per_step // acc.num_processes
+        mine = [self.pairs[i] for i in chosen[acc.process_index * n:(acc.process_index + 1) * n]]
+        from visalign.pairs import load_image, load_video
+
+        load = load_image if cfg.model.num_frames is None else load_video  # [3, H, W] or [F, 3, H, W]
+
+        @torch.no_grad()
+        def encode(paths: list) -> Tensor:
+            # In train-batch-sized chunks: a video VAE's activations grow with the batch.
+            k = cfg.train.train_batch_size
+            chunks = [torch.stack([load(p) for p in paths[i:i + k]]) for i in range(0, len(paths), k)]
+            return torch.cat([self.adapter.encode(c.to(self.adapter.device)).float() for c in chunks])
+
+        x_w, x_l = encode([p.chosen for p in mine]), encode([p.rejected for p in mine])
+        cond = self.adapter.encode_prompts([p.prompt for p in mine],
+                                           cfg=self.adapter.guidance == "cfg" and cfg.train.train_guidance > 1)
+        return x_w, x_l, cond, torch.ones(len(mine)), {}
+
+    def _online_batch(self, step: int):
+        rs = self.rollout_step(step)
+        weights = self.cfg.rewards
+        total = sum(w * rs.gathered[name].double() for name, w in weights.items())
+        winners, losers, gaps = group_pairs(total, rs.groups, rs.valid)
+        local = rs.local
+        mine = (winners >= local.start) & (winners < local.stop)
+        w_idx, l_idx = winners[mine] - local.start, losers[mine] - local.start
+        pair_weight = torch.ones(len(w_idx))
+        if self.cfg.train.gap_weighting and len(gaps):
+            pair_weight = gaps[mine] / gaps.mean().clamp(min=1e-12)  # GAPO: gap-proportional, mean 1 globally
+        x0 = rs.ro.traj.final.float()
+        metrics = {**rs.ro.timings, **self.reward_metrics(rs.gathered), "pairs": len(winners),
+                   "pair_gap_mean": float(gaps.mean()) if len(gaps) else 0.0, "invalid_rewards": int((~rs.valid).sum())}
+        return x0[w_idx], x0[l_idx], rs.ro.cond.index(w_idx), pair_weight, metrics
+
+    def step(self, step: int) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        if cfg.train.mode == "offline":
+            x_w, x_l, cond, pair_weight, metrics = self._offline_batch(step)
+        else:
+            x_w, x_l, cond, pair_weight, metrics = self._online_batch(step)
+        t_train = time.perf_counter()
+        logs: dict[str, list[float]] = {}
+        if len(x_w):
+            grid = self.adapter.sigmas(cfg.sampling.steps, tuple(x_w.shape[1:]))
+            micro, draw = self.micro_batches(len(x_w), step, grid)
+            self.model.train()
+            for (idx, sigma, j), (size, last) in zip(micro, self.accumulation(micro)):
+                noise = draw(idx, j, x_w[idx].shape).to(x_w.device)  # shared by winner and loser
+                c = cond.index(idx)
+                with torch.no_grad(), self.reference.swapped():
+                    ref_w, ref_l = self.errors(x_w[idx], noise, sigma, c), self.errors(x_l[idx], noise, sigma, c)
+                with self.micro_context(last):
+                    err_w, err_l = self.errors(x_w[idx], noise, sigma, c), self.errors(x_l[idx], noise, sigma, c)
+                    loss, m = dpo_loss(err_w, err_l, ref_w, ref_l, cfg.train.beta, pair_weight[idx])
+                    acc.backward(loss / size)
+                for key, value in m.items():
+                    logs.setdefault(key, []).append(value)
+                if last:
+                    logs.setdefault("grad_norm", []).append(self.optimizer_step())
+        if cfg.train.mode == "online" and cfg.train.ref_update_every and (step + 1) % cfg.train.ref_update_every == 0:
+            self.reference.blend(0.0)  # OnlineDPO: the reference becomes the current policy
+        if self.ema is not None:
+            self.ema.update(step)
+        metrics.update({"step": step, **{f"train/{k}": sum(v) / len(v) for k, v in logs.items()},
+                        "time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0})
+        return metrics
+
+    def progress_postfix(self, metrics: dict) -> dict:
+        out = {"loss": f"{metrics.get('train/dpo_loss', float('nan')):.4f}"}
+        if self.cfg.train.mode == "online":
+            out.update(super().progress_postfix(metrics))
+        return out
+
+
+__all__ = ["FlowDPOConfig", "FlowDPOTrainer", "group_pairs"]

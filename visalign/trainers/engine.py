@@ -1,0 +1,788 @@
+"""The engine every online trainer shares (Flow-GRPO, Flow-RWR, DiffusionNFT, online Flow-DPO): the model
+(LoRA or full fine-tuning through the adapter), accelerate (DDP / DeepSpeed / FSDP, mixed precision), the
+optimizer, rewards, EMA, self-verifying `save_state` checkpoints with resume, evaluation, logging and the
+training loop. A recipe subclasses `OnlineTrainer` and implements `step(step) -> metrics`; `rollout_step`
+gives it the step's prompt groups, samples, gathered rewards and validity.
+
+Config sections shared by every recipe live here (`ModelConfig`, `SamplingConfig`, `RunConfig`); each recipe
+has its own config dataclass with its own `train:` section.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from visalign.trainers.advantages import combine_advantages, group_advantages
+from visalign.trainers.common import (
+    EMA,
+    Rollout,
+    StepPlan,
+    TrainerState,
+    check_rewards_valid,
+    checkpoint_dirs,
+    load_rewards,
+    plan_step,
+    prune_checkpoints,
+    resolve_resume,
+    rollout,
+    score_rewards,
+    step_generator,
+    verify_checkpoint,
+    write_manifest,
+)
+from visalign import rewards as rewards_lib
+from visalign.models import DTYPES
+from visalign.rewards.registry import FRAMES_PREFIX
+from visalign.prompts import prompt_source
+from visalign.sampling import SDEOptions, sample
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="world", metadata={"help": "registered model (world, sd3, flux, wan, tiny-*)"})
+    path: str | None = field(default=None, metadata={"help": "local directory or hub id (world: checkpoint)"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights"})
+    height: int = field(default=32, metadata={"help": "image height"})
+    width: int = field(default=32, metadata={"help": "image width"})
+    num_frames: int | None = field(default=None, metadata={"help": "video models: 4k+1 frames"})
+    finetune: Literal["lora", "full"] = field(default="lora", metadata={"help": "LoRA adapter or all weights"})
+    lora_rank: int = field(default=32, metadata={"help": "LoRA rank (flow_grpo: 32)"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 × rank)"})
+    lora_targets: list[str] | None = field(default=None, metadata={"help": "module names (default per model)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+
+    def __post_init__(self):
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 1")
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = field(default=10, metadata={"help": "denoising steps in rollouts (flow_grpo: 10)"})
+    guidance: float = field(default=4.5, metadata={"help": "CFG scale for rollouts and training (1 = no CFG)"})
+    sde: Literal["flow_grpo", "cps", "dance", "ode"] = field(default="flow_grpo", metadata={
+        "help": "rollout sampler: an SDE (flow_grpo, cps, dance) or ode (NFT, RWR, DPO need no log-probs)"})
+    noise_level: float = field(default=0.7, metadata={"help": "a (flow_grpo, cps) or eta (dance)"})
+    window_size: int | None = field(default=None, metadata={"help": "SDE only on this many consecutive steps"})
+    window_range: tuple[int, int] | None = field(default=None, metadata={
+        "help": "[lo, hi): the window lies inside; its start is drawn each step (Flow-GRPO-Fast)"})
+    same_noise_per_group: bool = field(default=False, metadata={"help": "DanceGRPO: a group shares x_T"})
+    noise_block: int = field(default=1, metadata={
+        "help": "SDE noise constant on noise_block × noise_block latent tiles (coarse-subspace SDE, fewer noise "
+                "dimensions for the policy gradient; 1 = isotropic; visalign.sampling.SDEOptions)"})
+    batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (per process)"})
+    drift_scale: float = field(default=0.0, metadata={
+        "help": "Euphonium reward-gradient drift on the SDE steps of rollouts (0 = off; visalign.steering.RewardDrift)"})
+    drift_mode: Literal["tilt", "fixed"] = field(default="tilt", metadata={
+        "help": "tilt: shift = scale * std^2 * grad r; fixed: shift = scale * grad r"})
+    drift_normalize: Literal["none", "sample", "batch"] = field(default="none", metadata={
+        "help": "normalise the reward gradient per sample or by the batch norm (Euphonium)"})
+    drift_window: tuple[int, int] | None = field(default=None, metadata={
+        "help": "[start, stop) steps with drift (default: every SDE step)"})
+    drift_rewards: dict[str, float] | None = field(default=None, metadata={
+        "help": "differentiable rewards and weights for the drift (default: the trained rewards)"})
+
+    def __post_init__(self):
+        if self.drift_scale < 0:
+            raise ValueError(f"sampling.drift_scale={self.drift_scale} must be >= 0")
+        if self.drift_scale > 0 and self.sde == "ode":
+            raise ValueError("sampling.drift_scale > 0 needs an SDE sampler (sampling.sde); an ODE step has no noise "
+                             "to steer")
+        if self.drift_window is not None and not 0 <= self.drift_window[0] < self.drift_window[1]:
+            raise ValueError(f"sampling.drift_window={self.drift_window} must satisfy 0 <= start < stop")
+        if self.steps < 2:
+            raise ValueError(f"steps={self.steps} must be >= 2 (the last step is never trained)")
+        if self.noise_block < 1:
+            raise ValueError(f"sampling.noise_block={self.noise_block} must be >= 1")
+        if self.window_size is not None:
+            lo, hi = self.window_range or (0, self.steps - 1)
+            if not (1 <= self.window_size <= hi - lo and 0 <= lo < hi <= self.steps):
+                raise ValueError(f"window_size={self.window_size} must fit in window_range=[{lo}, {hi}) "
+                                 f"within {self.steps} steps")
+        elif self.window_range is not None:
+            raise ValueError("window_range needs window_size")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = field(default="runs/flow_grpo", metadata={"help": "checkpoints, logs, samples"})
+    seed: int = field(default=0, metadata={"help": "seeds prompts, noise and shuffles"})
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    checkpoints_total_limit: int | None = field(default=2, metadata={"help": "keep this many checkpoints"})
+    resume_from: str | None = field(default="latest", metadata={"help": "latest, a checkpoint dir, or null"})
+    log_with: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard", metadata={"help": "tracker"})
+    eval_every: int = field(default=25, metadata={"help": "steps between evaluations (0 = never)"})
+    eval_prompts: str | None = field(default=None, metadata={"help": "prompt source for evaluation (default: "
+                                                                    "the training source)"})
+    eval_num_prompts: int = field(default=32, metadata={"help": "evaluation prompts (fixed seeds)"})
+    eval_steps: int = field(default=20, metadata={"help": "ODE steps for evaluation samples"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    alarm_tolerance: float | None = field(default=None, metadata={
+        "help": "reward-hacking alarm: fire when a held-out signal (eval_rewards, rollout diversity) falls by more "
+                "than this since the first evaluation while the trained reward rises (None = off)"})
+    alarm_rise: float = field(default=0.0, metadata={"help": "alarm: minimum rise of the trained reward"})
+    alarm_window: int = field(default=1, metadata={"help": "alarm: moving average over this many evaluations"})
+    alarm_action: Literal["log", "stop", "rollback"] = field(default="log", metadata={
+        "help": "alarm: log it; also stop; or stop and restore the saved checkpoint whose evaluation had the best "
+                "value of the signal that fell (keep checkpoint_every = eval_every and enough checkpoints)"})
+
+    def __post_init__(self):
+        if self.alarm_tolerance is not None and self.eval_every < 1:
+            raise ValueError("alarm_tolerance needs evaluations: set run.eval_every >= 1")
+
+
+def within_group_diversity(images: torch.Tensor, groups: torch.Tensor) -> float:
+    """Mean pairwise RMS pixel distance between samples of the same prompt group (collapse drives it to 0)."""
+    flat = images.detach().float().flatten(1)
+    values = []
+    for g in torch.unique(groups):
+        x = flat[groups == g]
+        if len(x) > 1:
+            d = torch.cdist(x, x) / flat.shape[1] ** 0.5
+            values.append(d.sum() / (len(x) * (len(x) - 1)))
+    return float(torch.stack(values).mean()) if values else 0.0
+
+
+@dataclass
+class BaseTrainConfig:
+    """The `train:` fields every online recipe shares; each recipe subclasses it with its own."""
+
+    prompts: str = field(default="world:seen", metadata={"help": "world:seen, or a .txt / .jsonl file"})
+    max_steps: int = field(default=100, metadata={"help": "rollout-and-update iterations"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompt groups per step (all processes)"})
+    group_size: int = field(default=8, metadata={"help": "samples per prompt (G)"})
+    train_batch_size: int = field(default=16, metadata={"help": "samples per training micro-batch (per process)"})
+    optimizer_steps_per_rollout: int = field(default=1, metadata={"help": "flow_grpo uses 2"})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate (flow_grpo LoRA: 3e-4)"})
+    lr_schedule: Literal["constant", "linear", "cosine"] = field(default="constant", metadata={
+        "help": "learning-rate decay over train.max_steps (to 0 at the end; trainers.engine.lr_factor)"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up from lr / (warmup + 1)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    adv_clip: float = field(default=5.0, metadata={"help": "advantage clamp"})
+    adv_eps: float = field(default=1e-4, metadata={"help": "epsilon added to the std"})
+    global_std: bool = field(default=False, metadata={"help": "normalise by the batch std instead of the group's"})
+    advantage_mode: Literal["sum_then_normalize", "normalize_then_sum", "cmo", "hypervolume"] = field(
+        default="sum_then_normalize", metadata={
+            "help": "multi-reward in advantage space: weighted sum of rewards, of per-reward advantages (GDPO), "
+                    "CMO correlation weights, or hypervolume-guided dynamic weights (visalign.trainers.balance.advantages)"})
+    cmo_tau: float = field(default=0.5, metadata={"help": "CMO softmax temperature"})
+    hypervolume_reference: dict[str, float] | None = field(default=None, metadata={
+        "help": "hypervolume reference point per reward (default: each reward's lower value bound)"})
+    pareto_filter: bool = field(default=False, metadata={
+        "help": "Parrot: train only on the batch's Pareto-optimal samples (non-dominated on the trained rewards)"})
+    constraints: dict[str, float] | None = field(default=None, metadata={
+        "help": "constrained RLHF: {reward: minimum mean}; maximise the other trained reward(s) subject to these, "
+                "with Lagrange multipliers updated by dual ascent"})
+    constraint_lr: float = field(default=0.1, metadata={"help": "dual-ascent step of the Lagrange multipliers"})
+    balance: Literal["none", "sum", "mgda", "pcgrad", "cagrad", "upgrad"] = field(default="none", metadata={
+        "help": "multi-reward balancing in gradient space (visalign.trainers.balance): one gradient per reward, combined by "
+                "this aggregator (flow_grpo, diffusion_nft)"})
+    balance_ema: float = field(default=0.0, metadata={"help": "EMA decay of the aggregator's coefficients (MARBLE)"})
+    balance_normalize: bool = field(default=False, metadata={
+        "help": "per-reward gradients to unit norm first; the reward weights then become a preference among them "
+                "(sum, upgrad; mgda / pcgrad / cagrad need equal weights)"})
+    balance_track: float = field(default=0.0, metadata={
+        "help": "decay of per-reward gradients tracked across refreshes; > 0 takes the coefficients from their "
+                "Gram matrix (MoCo) instead of the step's alone (explicit Gram, balance_gram=params; 0 = off)"})
+    balance_safeguard: bool = field(default=False, metadata={
+        "help": "mgda / upgrad: when the EMA-smoothed coefficients would point the update against a reward's "
+                "gradient (on the refresh's Gram matrix), use the refresh's own coefficients instead"})
+    balance_amortized: bool = field(default=False, metadata={
+        "help": "diffusion_nft: one backward with blended reward weights (MARBLE); the Gram matrix is refreshed "
+                "on the first balance_refresh_batches micro-batches every balance_every steps"})
+    balance_gram: Literal["params", "output"] = field(default="params", metadata={
+        "help": "amortised form: Gram matrix of the per-reward gradients of the parameters (explicit backwards on "
+                "balance_refresh_batches micro-batches) or of the predicted velocity over every micro-batch of the "
+                "step (MGDA-UB: backward through the loss only), whose coefficients then apply to the next step"})
+    balance_every: int = field(default=1, metadata={"help": "steps between Gram refreshes (amortised form)"})
+    balance_refresh_batches: int = field(default=1, metadata={
+        "help": "amortised form: micro-batches whose per-reward gradients estimate the Gram matrix at a refresh"})
+    cagrad_c: float = field(default=0.4, metadata={"help": "CAGrad's c"})
+    ema_decay: float | None = field(default=None, metadata={"help": "EMA of trained weights (flow_grpo: 0.9)"})
+    ema_every: int = field(default=1, metadata={"help": "steps between EMA updates"})
+    ema_warmup: bool = field(default=True, metadata={
+        "help": "flow_grpo's EMA warm-up min(decay, (1 + s) / (10 + s)); false: the fixed decay from the first "
+                "update (the EMA starts at the pretrained weights, so there is no initialisation to forget)"})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "autocast"})
+
+    def __post_init__(self):
+        for name in ("max_steps", "prompts_per_step", "group_size", "train_batch_size", "optimizer_steps_per_rollout"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.lr_warmup_steps < self.max_steps:
+            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps} must be in [0, max_steps={self.max_steps})")
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
+        if self.balance_every < 1 or self.balance_refresh_batches < 1 or not 0 <= self.balance_ema < 1 or self.cagrad_c < 0:
+            raise ValueError("balance_every and balance_refresh_batches must be >= 1, balance_ema in [0, 1), "
+                             "cagrad_c >= 0")
+        if not 0 <= self.balance_track < 1:
+            raise ValueError(f"balance_track={self.balance_track} must be in [0, 1)")
+        if self.balance_track > 0 and (self.balance == "none" or self.balance_gram == "output"):
+            raise ValueError("balance_track tracks the per-reward parameter gradients: it needs train.balance and "
+                             "balance_gram=params")
+        if self.balance_amortized and self.balance == "none":
+            raise ValueError("balance_amortized needs train.balance (e.g. mgda)")
+        if self.balance_gram == "output" and not self.balance_amortized:
+            raise ValueError("balance_gram=output is a form of the amortised update: set train.balance_amortized=true")
+        if self.balance_gram == "output" and (self.balance_every != 1 or self.balance_refresh_batches != 1):
+            raise ValueError("balance_every and balance_refresh_batches choose the explicit refreshes of "
+                             "balance_gram=params; balance_gram=output refreshes from every micro-batch of every step")
+        from visalign.trainers.balance.balancer import SAFE
+
+        if self.balance_safeguard and self.balance not in SAFE:
+            raise ValueError(f"balance_safeguard needs train.balance in {SAFE} (an update that never conflicts), "
+                             f"not {self.balance!r}")
+        if self.balance != "none" and (self.advantage_mode != "sum_then_normalize" or self.constraints):
+            raise ValueError("train.balance combines per-reward gradients; it excludes advantage_mode / constraints")
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
+    """Multiplier of the base learning rate at trainer step `step` (0-based) of `total`: linear warm-up over
+    `warmup` steps, then constant, linear or half-cosine decay reaching 0 at step `total` (the shapes of
+    diffusers.optimization's schedules). A pure function of the step, so a resumed run needs no scheduler state
+    and the rate is the same whichever optimizer-step count a recipe takes per rollout."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_schedule {schedule!r}")
+
+
+def accumulation_schedule(n_micro: int, optimizer_steps: int,
+                          sizes: list[int] | None = None) -> list[tuple[float, bool]]:
+    """Split n_micro micro-batches into `optimizer_steps` near-equal consecutive optimizer steps. For each
+    micro-batch: (what to divide its mean loss by, whether it ends the step). The divisor is the number of
+    micro-batches in its optimizer step, or with `sizes` (samples per micro-batch) the step's samples over the
+    micro-batch's, so that every sample weighs the same when the last chunk is short (equal sizes: the same)."""
+    n_opt = max(1, min(optimizer_steps, n_micro))
+    if sizes is not None and len(sizes) != n_micro:
+        raise ValueError(f"{len(sizes)} micro-batch sizes for {n_micro} micro-batches")
+    bounds = [round(n_micro * (o + 1) / n_opt) for o in range(n_opt)]
+    out, start = [], 0
+    for end in bounds:
+        total = sum(sizes[start:end]) if sizes is not None else None
+        out += [(end - start if sizes is None else total / sizes[i], i + 1 == end) for i in range(start, end)]
+        start = end
+    return out
+
+
+# A recipe's `reward_options` field, the same in every trainer config:
+#     reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
+REWARD_OPTIONS_HELP = {
+    "help": "constructor options per reward, e.g. {pickscore: {model: /ckpt/PickScore_v1}, artifact: {weights: "
+            "artifact.safetensors}}; applies wherever that reward is used (trained, held-out, drift)"}
+
+
+def check_rewards(trained: dict[str, float], heldout: list[str], required: bool = True,
+                  sampling: SamplingConfig | None = None, train: BaseTrainConfig | None = None,
+                  options: dict[str, dict[str, Any]] | None = None) -> None:
+    """Config-time check of a recipe's `rewards` (non-empty unless not required) and `eval_rewards` names, of
+    the rollout drift's rewards (known, differentiable), of the multi-reward options and of `reward_options`,
+    before any model loads."""
+    if required and not trained:
+        raise ValueError("rewards must name at least one reward")
+    if train is not None:
+        multi = train.balance != "none" or train.advantage_mode != "sum_then_normalize" or train.pareto_filter
+        if multi and len(trained) < 2:
+            raise ValueError("train.balance / advantage_mode / pareto_filter need at least two trained rewards")
+        if train.constraints:
+            unknown = [k for k in train.constraints if k not in trained]
+            if unknown or len(train.constraints) >= len(trained):
+                raise ValueError(f"train.constraints must name some, not all, trained rewards; got {list(train.constraints)} "
+                                 f"for rewards {list(trained)}")
+        if train.balance != "none":
+            from visalign.trainers.balance.balancer import check_weights
+
+            check_weights(train.balance, trained, train.balance_normalize)
+        if train.hypervolume_reference is not None and set(train.hypervolume_reference) != set(trained):
+            raise ValueError("train.hypervolume_reference must give one value per trained reward")
+    drift = drift_reward_weights(sampling, trained) if sampling is not None else {}
+    for name in [*trained, *heldout, *drift]:
+        if name.startswith(FRAMES_PREFIX):
+            rewards_lib.describe(name)  # the wrapped image reward must exist and score images
+        elif name not in rewards_lib.REGISTRY and "." not in name:
+            raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(rewards_lib.list_rewards())}, "
+                             "frames/<image reward>")
+    for name in drift:
+        if not rewards_lib.describe(name)["differentiable"]:
+            raise ValueError(f"sampling.drift needs differentiable rewards; {name} is not (set "
+                             "sampling.drift_rewards to differentiable ones, e.g. world-soft)")
+    used = list(dict.fromkeys([*trained, *heldout, *drift]))
+    for name, opts in (options or {}).items():
+        if name not in used:
+            raise ValueError(f"reward_options names {name!r}, which this recipe does not use; its rewards: {used}")
+        rewards_lib.check_options(name, opts)
+
+
+def drift_reward_weights(sampling: SamplingConfig, trained: dict[str, float]) -> dict[str, float]:
+    """The rewards the rollout drift climbs: `drift_rewards`, else the trained ones; {} when the drift is off."""
+    if sampling.drift_scale == 0:
+        return {}
+    return dict(sampling.drift_rewards) if sampling.drift_rewards is not None else dict(trained)
+
+
+@dataclass
+class RolloutStep:
+    """A step's rollout as every recipe sees it: this process's share (`ro`), the gathered scores of the whole
+    batch in global order, each sample's prompt group, and which samples have finite trained rewards."""
+
+    plan: StepPlan
+    ro: Rollout
+    gathered: dict[str, torch.Tensor]
+    groups: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def local(self) -> slice:
+        return slice(self.plan.start, self.plan.start + len(self.plan.items))
+
+
+class OnlineTrainer:
+    """Shared engine. Subclasses set `name` and implement `step`. `train()` runs to `train.max_steps`, resuming
+    from the latest verified checkpoint; the config needs `model`, `sampling`, `train` (with `lr`, `betas`,
+    `weight_decay`, `max_steps`, `prompts`, `prompts_per_step`, `group_size`, `ema_decay`, `ema_every`,
+    `mixed_precision`), `run`, `rewards` and `eval_rewards` sections."""
+
+    name = "trainer"
+
+    def __init__(self, cfg, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.cfg = cfg
+        self.out = Path(cfg.run.out_dir)
+        log_with = None if cfg.run.log_with == "none" else cfg.run.log_with
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision, log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        self._build()
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def wants_frozen_reference(self) -> bool:
+        """Full fine-tuning keeps a frozen copy of the denoiser when the recipe needs the reference policy."""
+        return False
+
+    def _build(self) -> None:
+        from visalign.models import load_model
+
+        cfg, acc = self.cfg, self.accelerator
+        self.source = prompt_source(cfg.train.prompts)
+        self.eval_source = prompt_source(cfg.run.eval_prompts or cfg.train.prompts)
+        adapter = load_model(cfg.model.name, cfg.model.path, torch_dtype=DTYPES[cfg.model.dtype], device=str(acc.device))
+        adapter.check_request(cfg.model.height, cfg.model.width, cfg.model.num_frames)
+        self.ref_denoiser = None
+        if cfg.model.finetune == "lora":
+            adapter.add_lora(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, target_modules=cfg.model.lora_targets)
+        else:
+            if self.wants_frozen_reference():
+                self.ref_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False)
+            adapter.denoiser.requires_grad_(True)
+        if cfg.model.gradient_checkpointing:
+            adapter.denoiser.enable_gradient_checkpointing()
+        params = adapter.trainable_parameters()
+        for p in params:  # trained weights stay fp32 even when the frozen base runs in half precision
+            p.data = p.data.float()
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
+                                      weight_decay=cfg.train.weight_decay)
+        self.model, self.optimizer = acc.prepare(adapter.denoiser, optimizer)
+        adapter.set_forward_module(self.model)
+        self.adapter = adapter
+        self.params = params
+        self.rewards = load_rewards(cfg.rewards, cfg.reward_options)
+        self.eval_rewards = load_rewards(cfg.eval_rewards, cfg.reward_options)
+        self.balancer = self.grad_buffer = self.lagrange = None
+        tc = cfg.train
+        if tc.balance != "none":
+            from visalign.trainers.balance import Balancer, GradientBuffer
+
+            self.balancer = Balancer(tc.balance, dict(cfg.rewards), ema=tc.balance_ema, normalize=tc.balance_normalize,
+                                     cagrad_c=tc.cagrad_c, seed=cfg.run.seed, safeguard=tc.balance_safeguard)
+            if tc.balance_gram == "params":  # K x P floats; the output-space Gram needs none
+                self.grad_buffer = GradientBuffer(params, len(cfg.rewards))
+            acc.register_for_checkpointing(self.balancer)
+            if tc.balance_track > 0:  # the tracked gradients are state: a resumed run must continue them
+                acc.register_for_checkpointing(self.grad_buffer)
+        if tc.constraints:
+            from visalign.trainers.balance import LagrangeThresholds
+
+            self.lagrange = LagrangeThresholds(dict(tc.constraints), tc.constraint_lr)
+            acc.register_for_checkpointing(self.lagrange)
+        self.hypervolume_reference = None
+        if tc.advantage_mode == "hypervolume":
+            self.hypervolume_reference = dict(tc.hypervolume_reference or {})
+            for name, reward in self.rewards.items():
+                if name not in self.hypervolume_reference:
+                    low = (reward.value_range or (None, None))[0]
+                    if low is None or not math.isfinite(low):
+                        raise ValueError(f"advantage_mode=hypervolume: {name} has no finite lower bound; set "
+                                         "train.hypervolume_reference")
+                    self.hypervolume_reference[name] = float(low)
+        self.drift = None
+        drift_weights = drift_reward_weights(cfg.sampling, cfg.rewards)
+        if drift_weights:
+            from visalign.steering import RewardDrift
+
+            start, stop = cfg.sampling.drift_window or (0, None)
+            self.drift = RewardDrift(cfg.sampling.drift_scale, cfg.sampling.drift_mode, cfg.sampling.drift_normalize,
+                                     start, stop)
+            # rewards.load caches: the trained rewards are the same objects
+            loaded = load_rewards(drift_weights, cfg.reward_options)
+            self.drift_rewards = {name: (loaded[name], w) for name, w in drift_weights.items()}
+        self.ema = (EMA(params, cfg.train.ema_decay, cfg.train.ema_every, warmup=cfg.train.ema_warmup)
+                    if cfg.train.ema_decay else None)
+        self.state = TrainerState()
+        acc.register_for_checkpointing(self.state)
+        self.alarm = None
+        if cfg.run.alarm_tolerance is not None:
+            from visalign.trainers.alarms import AlarmMonitor
+
+            self.alarm = AlarmMonitor(cfg.run.alarm_tolerance, cfg.run.alarm_rise, cfg.run.alarm_window)
+            acc.register_for_checkpointing(self.alarm)
+        self._diversity: list[float] = []
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+
+    def _sde(self, step: int) -> SDEOptions:
+        s = self.cfg.sampling
+        window = None
+        if s.window_size is not None:
+            lo, hi = s.window_range or (0, s.steps - 1)
+            start = lo + int(torch.randint(hi - lo - s.window_size + 1, (1,), generator=step_generator(
+                self.cfg.run.seed, step, 2)))
+            window = (start, start + s.window_size)
+        return SDEOptions(s.sde, s.noise_level, window, s.noise_block)
+
+    def autocast_context(self):
+        """A fresh context of the configured autocast (`train.mixed_precision`; a no-op for "no"): rollouts, each
+        micro-batch, and passes of modules accelerate did not prepare (it autocasts the prepared model's forward
+        itself)."""
+        from contextlib import nullcontext
+
+        return self.accelerator.autocast() if self.cfg.train.mixed_precision != "no" else nullcontext()
+
+    # ---- the shared half of a step -------------------------------------------------------------------------
+    def rollout_step(self, step: int) -> RolloutStep:
+        """Plan the step's prompt groups, sample and score this process's share, score held-out rewards,
+        gather every process's scores in rank order (the global batch, whole groups) and check validity."""
+        cfg, acc = self.cfg, self.accelerator
+        plan = plan_step(self.source, seed=cfg.run.seed, step=step, prompts_per_step=cfg.train.prompts_per_step,
+                         group_size=cfg.train.group_size, rank=acc.process_index, world_size=acc.num_processes)
+        self.model.eval()
+        ro = rollout(self.adapter, plan, self.rewards, num_steps=cfg.sampling.steps, guidance=cfg.sampling.guidance,
+                     sde=self._sde(step), batch_size=cfg.sampling.batch_size, height=cfg.model.height,
+                     width=cfg.model.width, num_frames=cfg.model.num_frames,
+                     same_noise_per_group=cfg.sampling.same_noise_per_group,
+                     autocast=self.autocast_context,
+                     drift=None if self.drift is None else (self.drift, self.drift_rewards))
+        if self.eval_rewards:
+            ro.scores.update({f"heldout/{k}": v for k, v in
+                              score_rewards(self.eval_rewards, ro.images, plan.items).items()})
+        gathered = {k: acc.gather(v.to(acc.device)).cpu() for k, v in ro.scores.items()}
+        groups = torch.arange(plan.total) // cfg.train.group_size
+        valid = check_rewards_valid(gathered, list(self.rewards), step)
+        self._diversity.append(within_group_diversity(ro.images, plan.groups))
+        return RolloutStep(plan, ro, gathered, groups, valid)
+
+    @staticmethod
+    def reward_metrics(gathered: dict[str, torch.Tensor]) -> dict:
+        metrics = {}
+        for k, v in gathered.items():
+            finite = v[torch.isfinite(v)]
+            prefix = k if k.startswith("heldout/") else f"rewards/{k}"
+            metrics[f"{prefix}/mean"] = finite.mean().item() if len(finite) else float("nan")
+            metrics[f"{prefix}/std"] = finite.std().item() if len(finite) > 1 else 0.0
+        return metrics
+
+    def micro_context(self, last: bool):
+        """Context for one micro-batch's forward and backward: gradients sync across processes only on the
+        last micro-batch of an optimizer step (DDP `no_sync` otherwise), under autocast when configured."""
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        if not last:
+            stack.enter_context(self.accelerator.no_sync(self.model))
+        stack.enter_context(self.autocast_context())
+        return stack
+
+    def advantages(self, scores: dict[str, torch.Tensor], groups: torch.Tensor, valid: torch.Tensor):
+        """Group-relative advantages of the trained rewards over the gathered batch, and their metrics: weighted
+        sum of rewards, of per-reward advantages (GDPO), CMO or hypervolume weights, or the Lagrangian of
+        `constraints` (`visalign.trainers.balance.advantages`)."""
+        from visalign.trainers.balance import cmo_advantages, hypervolume_weights
+
+        cfg = self.cfg.train
+        weights = dict(self.cfg.rewards)
+        kw = {"eps": cfg.adv_eps, "global_std": cfg.global_std, "clip": cfg.adv_clip, "valid": valid}
+        metrics = {}
+        if self.lagrange is not None:
+            free = [n for n in weights if n not in self.lagrange.names]
+            bound = torch.stack([scores[n].double() for n in self.lagrange.names], 1)
+            main = sum(weights[n] * scores[n].double() for n in free)
+            total = self.lagrange.objective(main, bound)
+            metrics.update(self.lagrange.update(bound[valid]))  # after use: this step's objective, next step's lambda
+            adv, m = group_advantages(total, groups, **kw)
+            return adv, {**m, **metrics}
+        if cfg.advantage_mode == "sum_then_normalize" or len(weights) == 1:
+            total = sum(w * scores[name].double() for name, w in weights.items())
+            return group_advantages(total, groups, **kw)
+        if cfg.advantage_mode == "cmo":
+            stacked = torch.stack([scores[n].double() for n in weights], 1)
+            adv = torch.zeros(len(groups), dtype=torch.float64)
+            adv[valid], w = cmo_advantages(stacked[valid], groups[valid], cfg.cmo_tau, cfg.adv_eps)
+            adv = adv.clamp(-cfg.adv_clip, cfg.adv_clip)
+            metrics.update({f"cmo/weight/{n}": float(w[:, i].mean()) for i, n in enumerate(weights)})
+            return adv, {**metrics, "zero_std_fraction": float((adv == 0).float().mean())}
+        if cfg.advantage_mode == "hypervolume":
+            means = torch.stack([scores[n][valid].double().mean() for n in weights])
+            reference = torch.tensor([self.hypervolume_reference[n] for n in weights], dtype=torch.float64)
+            dyn = hypervolume_weights(means, reference)
+            weights = {n: float(dyn[i]) for i, n in enumerate(weights)}
+            metrics.update({f"hypervolume/weight/{n}": w for n, w in weights.items()})
+        per_reward = self.per_reward_advantages(scores, groups, valid, weights, metrics)
+        adv = combine_advantages(per_reward, weights)
+        metrics["zero_std_fraction"] = float((adv == 0).float().mean())
+        return adv, metrics
+
+    def per_reward_advantages(self, scores, groups, valid, names=None, metrics: dict | None = None) -> dict:
+        """{reward: group-normalised advantage [N]} for each trained reward (unweighted)."""
+        cfg = self.cfg.train
+        kw = {"eps": cfg.adv_eps, "global_std": cfg.global_std, "clip": cfg.adv_clip, "valid": valid}
+        out = {}
+        for name in names or self.cfg.rewards:
+            out[name], m = group_advantages(scores[name], groups, **kw)
+            if metrics is not None:
+                metrics.update({f"{k}/{name}": v for k, v in m.items()})
+        return out
+
+    def training_mask(self, scores: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+        """Samples to train on: finite rewards, and with `pareto_filter` only the batch's non-dominated ones."""
+        if not self.cfg.train.pareto_filter:
+            return valid
+        from visalign.trainers.balance import pareto_mask
+
+        keep = torch.zeros_like(valid)
+        stacked = torch.stack([scores[n].double() for n in self.cfg.rewards], 1)
+        keep[valid] = pareto_mask(stacked[valid])
+        return keep
+
+    # ---- gradient-space balancing ------------------------------------------------------------------------
+    def balance_update(self) -> tuple[torch.Tensor, dict]:
+        """Average the per-reward gradients over processes, refresh the balancer from their Gram matrix."""
+        self.grad_buffer.reduce(self.accelerator)
+        track = self.cfg.train.balance_track
+        tracked = self.grad_buffer.track(track) if track > 0 else None
+        return self.balancer.update(self.grad_buffer.gram(), tracked)
+
+    def balance_context(self):
+        """Per-reward gradients are taken with autograd.grad and reduced by hand: no DDP sync, autocast as usual."""
+        return self.micro_context(last=False)
+
+    def scheduled_lr(self, step: int) -> float:
+        tc = self.cfg.train
+        return tc.lr * lr_factor(step, tc.lr_schedule, tc.lr_warmup_steps, tc.max_steps)
+
+    def optimizer_step(self) -> float:
+        """Clip gradients, set the scheduled learning rate of the current trainer step, step, zero them;
+        returns the gradient norm before clipping."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+        lr = self.scheduled_lr(self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def step(self, step: int) -> dict:
+        raise NotImplementedError
+
+    # ---- evaluation, checkpoints, loop ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """ODE samples of a fixed prompt set with fixed seeds; trained and held-out rewards; a grid PNG."""
+        from visalign.media import save_pixels
+
+        cfg = self.cfg
+        items = self.eval_source.draw(cfg.run.eval_num_prompts, step_generator(cfg.run.seed, -1, 9))
+        if self.ema is not None:
+            self.ema.swap()
+        try:
+            self.model.eval()
+            cond = self.adapter.encode_prompts([it["prompt"] for it in items],
+                                               cfg=self.adapter.guidance == "cfg" and cfg.sampling.guidance > 1)
+            traj = sample(self.adapter, cond, num_steps=cfg.run.eval_steps, height=cfg.model.height,
+                          width=cfg.model.width, num_frames=cfg.model.num_frames, guidance_scale=cfg.sampling.guidance,
+                          seeds=[10_000 + i for i in range(len(items))])
+            images = self.adapter.decode(traj.final).float()
+        finally:
+            if self.ema is not None:
+                self.ema.swap()
+        scores = score_rewards({**self.rewards, **self.eval_rewards}, images, items)
+        metrics = {f"eval/{k}/mean": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}
+        if self.accelerator.is_main_process:
+            save_pixels(images[:32] if images.ndim == 4 else images[:8], self.out / "samples" /
+                        f"step_{step:06d}.{'png' if images.ndim == 4 else 'gif'}", scale=2)
+        return metrics
+
+    def save_checkpoint(self, step: int) -> Path:
+        acc = self.accelerator
+        directory = self.out / "checkpoints" / f"checkpoint-{step}"
+        acc.save_state(str(directory), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if self.cfg.model.finetune == "lora":
+                self.adapter.save_lora(directory / "lora")
+            write_manifest(directory, step)
+            prune_checkpoints(self.out, self.cfg.run.checkpoints_total_limit)
+        acc.wait_for_everyone()
+        return directory
+
+    def load_checkpoint(self, directory: Path) -> None:
+        step = verify_checkpoint(directory)
+        self.accelerator.load_state(str(directory))
+        if self.state.step != step:
+            raise ValueError(f"checkpoint {directory}: manifest step {step} != saved trainer step {self.state.step}")
+
+    def save_final(self) -> Path:
+        """LoRA in diffusers format, or the full weights, into out_dir/final (EMA weights when enabled)."""
+        final = self.out / "final"
+        if self.ema is not None:
+            self.ema.swap()
+        try:
+            if self.accelerator.is_main_process:
+                final.mkdir(parents=True, exist_ok=True)
+                if self.cfg.model.finetune == "lora":
+                    self.adapter.save_lora(final)
+                elif hasattr(self.adapter, "save_pretrained"):
+                    self.adapter.save_pretrained(final / "model.safetensors")
+                else:
+                    self.accelerator.unwrap_model(self.model).save_pretrained(final / "denoiser")
+        finally:
+            if self.ema is not None:
+                self.ema.swap()
+        return final
+
+    def _check_alarm(self, step: int, metrics: dict) -> bool:
+        """Feed the evaluation into the hacking alarm; log it; True when the run should stop."""
+        if self.alarm is None:
+            return False
+        trained = sum(w * metrics[f"eval/{name}/mean"] for name, w in self.cfg.rewards.items())
+        heldout = {name: metrics[f"eval/{name}/mean"] for name in self.cfg.eval_rewards}
+        if self._diversity:
+            heldout["diversity"] = sum(self._diversity) / len(self._diversity)
+            metrics["eval/diversity"] = heldout["diversity"]
+            self._diversity = []
+        already = self.alarm.fired is not None
+        alarm = self.alarm.update(step, trained, heldout)
+        metrics["alarm/fired"] = int(alarm is not None)
+        if alarm is None or already:
+            return False
+        metrics["alarm/step"] = alarm.step
+        if self.accelerator.is_main_process:
+            tqdm.write(alarm.message())
+            with (self.out / "alarms.jsonl").open("a") as f:
+                f.write(json.dumps({"message": alarm.message(), **alarm.__dict__}) + "\n")
+        return self.cfg.run.alarm_action in ("stop", "rollback")
+
+    def rollback(self) -> Path | None:
+        """After an alarm: load the checkpoint, among those saved at evaluated steps, where the signal that fell
+        was best (the earliest on ties), keeping the alarm's full history. None when no such checkpoint exists."""
+        fired = self.alarm.fired
+        values = dict(zip(self.alarm.steps, self.alarm.heldout[fired.signal]))
+        sign = self.alarm.directions.get(fired.signal, 1)
+        candidates = [d for d in checkpoint_dirs(self.out) if int(d.name.split("-")[1]) in values]
+        message = {"rolled_back_to": None}
+        best = None
+        if candidates:
+            best = max(candidates, key=lambda d: (sign * values[int(d.name.split("-")[1])], -int(d.name.split("-")[1])))
+            history = self.alarm.state_dict()
+            self.load_checkpoint(best)
+            self.alarm.load_state_dict(history)  # the checkpoint holds an older history; keep the one that fired
+            message = {"rolled_back_to": str(best), "step": self.state.step}
+        if self.accelerator.is_main_process:
+            tqdm.write(f"rollback: {message['rolled_back_to'] or 'no checkpoint at an evaluated step; keeping the weights'}")
+            with (self.out / "alarms.jsonl").open("a") as f:
+                f.write(json.dumps(message) + "\n")
+        return best
+
+    def progress_postfix(self, metrics: dict) -> dict:
+        main_reward = next(iter(self.cfg.rewards))
+        return {"reward": f"{metrics[f'rewards/{main_reward}/mean']:.3f}"}
+
+    def train(self, stop_after: int | None = None) -> list[dict]:
+        """Run until max_steps (or until `stop_after` more steps, to simulate an interruption). Trackers are
+        finished; the process group is left up, so a distributed script keeps `acc = trainer.accelerator`, drops
+        the trainer and ends with `visalign.train.end_distributed(acc)` (the CLI does)."""
+        from visalign.config import save_config
+
+        cfg, acc = self.cfg, self.accelerator
+        resume = resolve_resume(self.out, cfg.run.resume_from)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        if cfg.run.log_with != "none":
+            acc.init_trackers("visalign", config=_flat(asdict(cfg)))
+        history = []
+        rolled_back = False
+        start = self.state.step
+        end = cfg.train.max_steps if stop_after is None else min(cfg.train.max_steps, start + stop_after)
+        bar = tqdm(range(start, end), initial=start, total=cfg.train.max_steps, desc=self.name,
+                   disable=not (cfg.run.progress and acc.is_local_main_process))
+        for step in bar:
+            metrics = self.step(step)
+            metrics["train/lr"] = self.scheduled_lr(step)
+            self.state.step = step + 1
+            stop_for_alarm = False
+            if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+                metrics.update(self.evaluate(step + 1))
+                stop_for_alarm = self._check_alarm(step + 1, metrics)
+            if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.train.max_steps:
+                self.save_checkpoint(step + 1)
+            acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
+            if acc.is_main_process:
+                with (self.out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            bar.set_postfix(self.progress_postfix(metrics))
+            history.append(metrics)
+            if stop_for_alarm:
+                if cfg.run.alarm_action == "rollback":  # no new checkpoint: it could prune the one to restore
+                    rolled_back = self.rollback() is not None
+                else:
+                    self.save_checkpoint(step + 1)
+                break
+        if self.state.step >= cfg.train.max_steps or rolled_back:
+            self.save_final()
+        for tracker in acc.trackers:  # not acc.end_training(): the caller may still gather (see visalign.train.run)
+            tracker.finish()
+        return history
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Flatten a nested config for trackers (which accept scalars and strings only)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+

@@ -1,0 +1,409 @@
+"""Online trainers on the forward process: flow matching on the clean samples of each rollout, weighted by their
+rewards. No log-probabilities, so any sampler works (`sampling.sde: ode` is the usual choice).
+
+- Flow-RWR / reward-filtered SFT (`trainer: flow_rwr`): L = mean_i w_i ||v_theta(x_t) - (eps - x0_i)||², with
+  w = exp(A / temperature) or "best of each group" (flow_grpo `scripts/train_sd3_sft.py`; "Improving Video
+  Generation with Human Feedback", Flow-RWR).
+- DiffusionNFT (`trainer: diffusion_nft`): positive / negative implicit policies around an old policy that
+  follows the trained one softly (`visalign.trainers.losses.nft_loss`; NVlabs/DiffusionNFT `scripts/train_nft_sd3.py`).
+
+Both share the engine (`visalign.trainers.engine.OnlineTrainer`): rollouts, rewards, advantages, checkpoints, logging.
+
+    visalign train configs/nft_world.yaml
+    visalign train configs/rwr_world.yaml train.weighting=best
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from visalign.trainers.common import ParamCopy, step_generator
+from visalign.trainers.engine import (
+    REWARD_OPTIONS_HELP,
+    BaseTrainConfig,
+    ModelConfig,
+    OnlineTrainer,
+    RunConfig,
+    SamplingConfig,
+    accumulation_schedule,
+    check_rewards,
+)
+from visalign.trainers.losses import nft_loss, nft_reward_weight, per_sample_mse, rwr_weights
+from visalign.trainers.balance import diagnostics, output_space_gram
+
+
+def blend_reward_weights(alpha: Tensor, r_k: Tensor) -> tuple[Tensor, float]:
+    """MARBLE's one backward: the NFT loss is affine in the reward weight, so Σ_k alpha_k L(r_k) = S · L(r̄) with
+    r̄ = Σ_k (alpha_k / S) r_k and S = Σ_k alpha_k. Returns (r̄ [n], S)."""
+    total = alpha.sum()
+    return ((alpha / total).float()[:, None] * r_k).sum(0), float(total)
+
+
+def _ode_sampling() -> SamplingConfig:
+    return SamplingConfig(sde="ode")
+
+
+def sample_sigmas(kind: str, n: int, k: int, grid: Tensor, generator: torch.Generator,
+                  min_sigma: float = 0.0) -> Tensor:
+    """Training noise levels [n, k]: "grid" draws k distinct levels per sample from the sampler's grid levels in
+    [min_sigma, 1] (without the final 0; DiffusionNFT trains on its sampling timesteps), "logit_normal" draws
+    sigmoid(N(0, 1)) (SD3's timestep density, Flow-DPO) mapped affinely onto [min_sigma, 1]."""
+    if kind == "grid":
+        levels = grid[(grid > 0) & (grid >= min_sigma)]
+        if k > len(levels):
+            raise ValueError(f"timesteps_per_sample={k} exceeds the {len(levels)} non-zero sampler noise levels "
+                             f">= train.min_sigma={min_sigma}")
+        draws = [levels[torch.randperm(len(levels), generator=generator)[:k]] for _ in range(n)]
+        return torch.stack(draws).float() if draws else grid.new_zeros(0, k).float()  # n = 0: nothing kept
+    if kind == "logit_normal":
+        return min_sigma + (1 - min_sigma) * torch.sigmoid(torch.randn(n, k, generator=generator))
+    raise ValueError(f"sigma_sampling {kind!r}: allowed 'grid' or 'logit_normal'")
+
+
+_GROUP_SALT = 1_000_003  # generator salts of group-shared noise, away from the per-process ones (3 + rank)
+
+
+def noised(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+    """Rectified-flow interpolation x_t = (1 - sigma) x0 + sigma eps (velocity target eps - x0)."""
+    s = sigma.view(-1, *([1] * (x0.ndim - 1))).to(x0)
+    return (1 - s) * x0 + s * noise
+
+
+@dataclass
+class ForwardTrainConfig(BaseTrainConfig):
+    timesteps_per_sample: int = field(default=4, metadata={"help": "noised copies of each sample trained per step"})
+    sigma_sampling: Literal["grid", "logit_normal"] = field(default="grid", metadata={
+        "help": "noise levels: the sampler's grid (DiffusionNFT) or logit-normal (SD3 / Flow-DPO)"})
+    train_guidance: float = field(default=1.0, metadata={
+        "help": "CFG scale of the trained prediction: 1 = the conditional velocity only (CFG-free, as DiffusionNFT "
+                "and Flow-DPO train); > 1 regresses the guided combination, which collapsed Flow-RWR on the world"})
+    min_sigma: float = field(default=0.0, metadata={
+        "help": "train only noise levels >= this: the high-noise steps decide layout and motion, while the low-noise "
+                "steps of self-generated samples teach their residual speckle back to the model"})
+    sample_with_ema: bool = field(default=False, metadata={
+        "help": "roll out with the EMA of the trained weights (train.ema_decay), a slow teacher whose samples the "
+                "live weights learn from, as DiffusionNFT rolls out with its old policy; the live weights' own "
+                "samples can degrade faster than the update learns from them"})
+    group_noise: bool = field(default=False, metadata={
+        "help": "every sample of a prompt group is noised with the same levels and noise (common random numbers): "
+                "the advantages sum to zero in a group, so the noise's share of the gradient cancels"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.timesteps_per_sample < 1:
+            raise ValueError(f"timesteps_per_sample={self.timesteps_per_sample} must be >= 1")
+        if not 0 <= self.min_sigma < 1:
+            raise ValueError(f"min_sigma={self.min_sigma} must be in [0, 1)")
+        if self.sample_with_ema and not self.ema_decay:
+            raise ValueError("train.sample_with_ema needs train.ema_decay (the EMA to roll out with)")
+
+
+class ForwardTrainer(OnlineTrainer):
+    """Shared by the forward-process recipes: micro-batches of (sample, noise level, noise) and the velocity."""
+
+    def micro_batches(self, n: int, step: int, grid: Tensor, groups: Tensor | None = None):
+        """[(sample positions, sigma [b], timestep slot j)] over samples × timesteps in a fixed order, and
+        `noise(pos, j, shape)` that draws the matching noise. With `train.group_noise` and `groups` (the prompt
+        group of each of the n samples) a group shares its levels and, per slot, its noise; both are then pure
+        functions of (seed, step, group, slot), so a group split across processes agrees."""
+        cfg = self.cfg.train
+        g = step_generator(self.cfg.run.seed, step, 3 + self.accelerator.process_index)
+        shared = cfg.group_noise and groups is not None
+        k = cfg.timesteps_per_sample
+        if shared:
+            ids, inverse = torch.unique(groups, return_inverse=True)
+            per_group = torch.stack([sample_sigmas(cfg.sigma_sampling, 1, k, grid,
+                                                   step_generator(self.cfg.run.seed, step, _GROUP_SALT + int(i) * (k + 1)),
+                                                   cfg.min_sigma)[0] for i in ids]) if len(ids) else grid.new_zeros(0, k)
+            sigmas = per_group[inverse]
+        else:
+            sigmas = sample_sigmas(cfg.sigma_sampling, n, k, grid, g, cfg.min_sigma)
+        order = torch.randperm(n, generator=g)
+        chunks = [order[i:i + cfg.train_batch_size] for i in range(0, n, cfg.train_batch_size)]
+        micro = [(idx, sigmas[idx, j], j) for idx in chunks for j in range(k)]
+        if not shared:
+            return micro, lambda pos, j, shape: torch.randn(shape, generator=g)
+        bank: dict[tuple[int, int], Tensor] = {}
+
+        def noise(pos: Tensor, j: int, shape) -> Tensor:
+            out = []
+            for gid in groups[pos].tolist():
+                if (gid, j) not in bank:  # slot j of group gid: its own stream, independent of the chunking
+                    gen = step_generator(self.cfg.run.seed, step, _GROUP_SALT + gid * (k + 1) + 1 + j)
+                    bank[gid, j] = torch.randn(tuple(shape[1:]), generator=gen)
+                out.append(bank[gid, j])
+            return torch.stack(out) if out else torch.zeros(tuple(shape))
+
+        return micro, noise
+
+    def rollout_weights(self):
+        """The weights copy to roll out with (swapped in around the rollout), or None for the trained weights."""
+        return self.ema if self.cfg.train.sample_with_ema else None
+
+    def rollout_step(self, step: int):
+        weights = self.rollout_weights()
+        if weights is None:
+            return super().rollout_step(step)
+        with weights.swapped():
+            return super().rollout_step(step)
+
+    def accumulation(self, micro) -> list[tuple[float, bool]]:
+        """`accumulation_schedule` of these micro-batches, weighing every sample alike."""
+        return accumulation_schedule(len(micro), self.cfg.train.optimizer_steps_per_rollout, [len(m[0]) for m in micro])
+
+    def velocity(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
+        return self.adapter.predict_velocity(x_t, sigma.to(x_t.device), cond, self.cfg.train.train_guidance)
+
+
+# ---------------------------------------------------------------------------------------------- Flow-RWR
+
+
+@dataclass
+class RWRTrainConfig(ForwardTrainConfig):
+    weighting: Literal["exp", "best", "positive"] = field(default="exp", metadata={
+        "help": "exp(A / temperature), best of group, or every sample above its group's mean alike (RAFT)"})
+    temperature: float = field(default=1.0, metadata={"help": "of the exponential weighting"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.balance != "none":
+            raise ValueError("train.balance applies to flow_grpo and diffusion_nft; Flow-RWR combines rewards in "
+                             "advantage space (train.advantage_mode)")
+
+
+@dataclass
+class FlowRWRConfig:
+    """Flow-RWR / reward-filtered SFT: reward-weighted flow matching on rollouts."""
+
+    trainer: Literal["flow_rwr"] = field(default="flow_rwr", metadata={"help": "which trainer runs"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=_ode_sampling)
+    train: RWRTrainConfig = field(default_factory=RWRTrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
+                                      metadata={"help": "trained rewards and their weights"})
+    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
+
+    def __post_init__(self):
+        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train,
+                      options=self.reward_options)
+
+
+class FlowRWRTrainer(ForwardTrainer):
+    name = "flow-rwr"
+
+    def step(self, step: int) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        rs = self.rollout_step(step)
+        adv, adv_metrics = self.advantages(rs.gathered, rs.groups, rs.valid)
+        mask = self.training_mask(rs.gathered, rs.valid)
+        weights = rwr_weights(adv, rs.groups, mask, cfg.train.weighting, cfg.train.temperature)[rs.local]
+        x0 = rs.ro.traj.final
+        keep = torch.nonzero(weights > 0).flatten()  # zero-weight samples contribute nothing
+        t_train = time.perf_counter()
+        micro, draw = self.micro_batches(len(keep), step, rs.ro.traj.sigmas, rs.plan.groups[keep])
+        self.model.train()
+        logs: dict[str, list[float]] = {}
+        for (pos, sigma, j), (size, last) in zip(micro, self.accumulation(micro)):
+            idx = keep[pos]
+            noise = draw(pos, j, x0[idx].shape).to(x0.device)
+            target = noise - x0[idx]
+            with self.micro_context(last):
+                v = self.velocity(noised(x0[idx], noise, sigma), sigma, rs.ro.cond.index(idx))
+                err = per_sample_mse(v, target)
+                loss = (weights[idx].to(err.device) * err).mean()
+                acc.backward(loss / size)
+            logs.setdefault("rwr_loss", []).append(loss.item())
+            logs.setdefault("mse", []).append(err.mean().item())
+            if last:
+                logs.setdefault("grad_norm", []).append(self.optimizer_step())
+        if self.ema is not None:
+            self.ema.update(step)
+        metrics = {"step": step, **rs.ro.timings, **adv_metrics, **self.reward_metrics(rs.gathered),
+                   **{f"train/{k}": sum(v) / len(v) for k, v in logs.items()},
+                   "train/weight_max": float(weights.max()) if len(weights) else 0.0,
+                   "trained_fraction": len(keep) / max(1, len(weights)), "invalid_rewards": int((~rs.valid).sum()),
+                   "time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0}
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------- DiffusionNFT
+
+
+@dataclass
+class NFTTrainConfig(ForwardTrainConfig):
+    nft_beta: float = field(default=1.0, metadata={"help": "beta of the implicit policies v± (DiffusionNFT)"})
+    kl_beta: float = field(default=1e-4, metadata={"help": "weight of ||v_theta - v_ref||² (DiffusionNFT: 1e-4)"})
+    old_decay_rate: float = field(default=0.001, metadata={
+        "help": "old-policy decay d = min(rate × step, max); 0 keeps the old policy equal to the trained weights "
+                "(on-policy v_old, taken from the trained pass, whose own pass is then skipped)"})
+    old_decay_max: float = field(default=0.5, metadata={"help": "upper bound of the old-policy decay"})
+    sample_with_old: bool = field(default=True, metadata={"help": "roll out with the old policy (DiffusionNFT)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.nft_beta <= 0:
+            raise ValueError(f"nft_beta={self.nft_beta} must be > 0")
+        if not 0 <= self.old_decay_max < 1 or self.old_decay_rate < 0:
+            raise ValueError("old_decay_max must be in [0, 1) and old_decay_rate >= 0")
+        if self.sample_with_old and self.sample_with_ema:
+            raise ValueError("train.sample_with_old and train.sample_with_ema both pick the rollout policy; "
+                             "set one of them false")
+
+
+@dataclass
+class DiffusionNFTConfig:
+    """DiffusionNFT: negative-aware fine-tuning on the forward process."""
+
+    trainer: Literal["diffusion_nft"] = field(default="diffusion_nft", metadata={"help": "which trainer runs"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=_ode_sampling)
+    train: NFTTrainConfig = field(default_factory=NFTTrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
+                                      metadata={"help": "trained rewards and their weights"})
+    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
+
+    def __post_init__(self):
+        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train,
+                      options=self.reward_options)
+
+
+class DiffusionNFTTrainer(ForwardTrainer):
+    name = "diffusion-nft"
+
+    def wants_frozen_reference(self) -> bool:
+        return self.cfg.train.kl_beta > 0
+
+    def _build(self) -> None:
+        super()._build()
+        self.old = ParamCopy(self.params)
+        self.accelerator.register_for_checkpointing(self.old)
+
+    def old_decay(self, step: int) -> float:
+        """d = min(rate × step, max) (DiffusionNFT's soft old-policy update), applied after step `step`."""
+        return min(self.cfg.train.old_decay_rate * step, self.cfg.train.old_decay_max)
+
+    @torch.no_grad()
+    def reference_velocity(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
+        if self.ref_denoiser is None:
+            with self.adapter.lora_disabled():
+                return self.velocity(x_t, sigma, cond)
+        self.adapter.set_forward_module(self.ref_denoiser)
+        try:
+            # The frozen copy is not accelerate's prepared model, whose forward is autocast: without the context it
+            # ran in fp32 against a bf16 trained pass (flow_grpo `scripts/train_sd3.py` runs its reference pass
+            # inside the trained pass's autocast).
+            with self.autocast_context():
+                return self.velocity(x_t, sigma, cond)
+        finally:
+            self.adapter.set_forward_module(self.model)
+
+    def rollout_weights(self):
+        return self.old if self.cfg.train.sample_with_old else super().rollout_weights()
+
+    def step(self, step: int) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        rs = self.rollout_step(step)
+        adv, adv_metrics = self.advantages(rs.gathered, rs.groups, rs.valid)
+        r = nft_reward_weight(adv, cfg.train.adv_clip)[rs.local]
+        r_k = None  # per-reward weights [K, n] when balancing in gradient space
+        if self.balancer is not None:
+            per = self.per_reward_advantages(rs.gathered, rs.groups, rs.valid, metrics=adv_metrics)
+            r_k = torch.stack([nft_reward_weight(per[n], cfg.train.adv_clip)[rs.local] for n in cfg.rewards])
+        keep = torch.nonzero(self.training_mask(rs.gathered, rs.valid)[rs.local]).flatten()  # others: not trained
+        x0 = rs.ro.traj.final
+        t_train = time.perf_counter()
+        micro, draw = self.micro_batches(len(keep), step, rs.ro.traj.sigmas, rs.plan.groups[keep])
+        self.model.train()
+        logs: dict[str, list[float]] = {}
+        balance_logs: dict[str, float] = {}
+        refresh = cfg.train.balance_amortized and step % cfg.train.balance_every == 0
+        n_refresh = min(cfg.train.balance_refresh_batches, len(micro))  # micro-batches that estimate the Gram
+        schedule = self.accumulation(micro)
+        gram = torch.zeros(len(cfg.rewards), len(cfg.rewards), dtype=torch.float64)  # balance_gram=output
+        # The old copy is the trained weights themselves until this step's first optimizer step when the last soft
+        # update copied them whole (decay 0: the first step, or train.old_decay_rate=0): v_old is then the trained
+        # pass's own velocity, detached, and the old-policy pass is skipped.
+        old_is_live = step == 0 or self.old_decay(step - 1) == 0
+        for i, ((pos, sigma, j), (size, last)) in enumerate(zip(micro, schedule)):
+            idx = keep[pos]
+            noise = draw(pos, j, x0[idx].shape).to(x0.device)
+            x_t = noised(x0[idx], noise, sigma)
+            cond = rs.ro.cond.index(idx)
+            v_old = None
+            if not old_is_live:
+                with torch.no_grad(), self.old.swapped():
+                    v_old = self.velocity(x_t, sigma, cond)
+            v_ref = self.reference_velocity(x_t, sigma, cond) if cfg.train.kl_beta > 0 else None
+
+            def loss_for(v, weights):
+                return nft_loss(v, v.detach() if v_old is None else v_old, x_t, x0[idx], sigma,
+                                weights[idx].to(v.device), cfg.train.nft_beta, cfg.train.adv_clip, v_ref=v_ref,
+                                kl_beta=cfg.train.kl_beta)
+
+            if r_k is None:
+                with self.micro_context(last):
+                    loss, m = loss_for(self.velocity(x_t, sigma, cond), r)
+                    acc.backward(loss / size)
+            elif cfg.train.balance_gram == "output":
+                # MARBLE's blended backward with the coefficients of the previous refresh (the configured weights
+                # before the first); meanwhile the Gram matrix of this step's per-reward gradients of the predicted
+                # velocity accumulates over every micro-batch (MGDA-UB) and refreshes the balancer at the end.
+                alpha = self.balancer.alpha if self.balancer.alpha is not None else self.balancer.w
+                r_bar, total = blend_reward_weights(alpha, r_k)
+                with self.micro_context(last):
+                    v = self.velocity(x_t, sigma, cond)
+                    gram = gram + output_space_gram([loss_for(v, r_k[k])[0] / size for k in range(len(r_k))], v)
+                    loss, m = loss_for(v, r_bar)
+                    acc.backward(total * loss / size)
+                if last:
+                    gram = acc.reduce(gram.to(x0.device), reduction="sum").cpu() if acc.num_processes > 1 else gram
+                    _, balance_logs = self.balancer.update(gram)
+                    # The logged weights and cosines are those of the update just applied, not of the next one.
+                    balance_logs.update(diagnostics(gram, alpha, list(cfg.rewards)))
+                    gram = torch.zeros_like(gram)
+            elif cfg.train.balance_amortized and not (refresh and i < n_refresh):
+                r_bar, total = blend_reward_weights(self.balancer.alpha, r_k)
+                with self.micro_context(last):
+                    loss, m = loss_for(self.velocity(x_t, sigma, cond), r_bar)
+                    acc.backward(total * loss / size)
+            else:
+                # Explicit per-reward gradients (and the amortised form's Gram refresh on its first n_refresh).
+                with self.balance_context():
+                    v = self.velocity(x_t, sigma, cond)
+                    for k in range(len(r_k)):
+                        loss, m = loss_for(v, r_k[k])
+                        self.grad_buffer.add(k, loss / size, retain_graph=k + 1 < len(r_k))
+                if last or (cfg.train.balance_amortized and i == n_refresh - 1):
+                    alpha, balance_logs = self.balance_update()
+                    self.grad_buffer.apply(alpha)
+                    self.grad_buffer.zero()
+            for key, value in m.items():
+                logs.setdefault(key, []).append(value)
+            if last:
+                logs.setdefault("grad_norm", []).append(self.optimizer_step())
+                old_is_live = False
+        decay = self.old_decay(step)
+        self.old.blend(decay)
+        if self.ema is not None:
+            self.ema.update(step)
+        metrics = {"step": step, **rs.ro.timings, **adv_metrics, **self.reward_metrics(rs.gathered),
+                   **{f"train/{k}": sum(v) / len(v) for k, v in logs.items()}, "train/old_decay": decay,
+                   **balance_logs,
+                   "trained_fraction": len(keep) / max(1, len(r)), "invalid_rewards": int((~rs.valid).sum()),
+                   "time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0}
+        return metrics
+
+__all__ = ["DiffusionNFTConfig", "DiffusionNFTTrainer", "FlowRWRConfig", "FlowRWRTrainer", "noised", "sample_sigmas"]

@@ -1,0 +1,206 @@
+"""The world suite: GenEval-style accuracy of a model on the shapes world, judged by the exact verifier.
+
+For each split (seen / held-out compositions) and template, a fixed set of prompts is sampled with fixed
+seeds, and every image is checked by the main judge, the strict judge and the cleanliness score. Accuracy
+per template is the whole-prompt pass rate; `overall` averages all templates, as GenEval's overall averages
+all its tasks, and the hard tier (relations) is also reported on its own, with `overall_easy` the average
+without it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from visalign.models.base import FlowModelAdapter
+from visalign.sampling import sample
+from visalign.world.grammar import SPLITS, TEMPLATE_TIERS, TEMPLATES, SceneSpec
+from visalign.world.prompts import WorldPrompts
+from visalign.world.verify import cleanliness, verify
+
+SINGLE_PHRASE = ("single", "size", "count", "position")  # templates with one noun phrase
+
+
+@dataclass
+class WorldEvalConfig:
+    """`visalign eval --suite world`: which model, how many prompts, how to sample."""
+
+    model: str = field(default="world", metadata={"help": "registered model name or dotted path"})
+    model_path: str | None = field(default=None, metadata={"help": "checkpoint (default: the shipped base)"})
+    lora: str | None = field(default=None, metadata={"help": "LoRA to load before evaluating"})
+    out: str = field(default="outputs/eval_world", metadata={"help": "directory for JSON, markdown and grids"})
+    n_per_template: int = field(default=64, metadata={"help": "prompts per template and split"})
+    splits: list[str] = field(default_factory=lambda: list(SPLITS), metadata={"help": "seen and/or heldout"})
+    steps: int = field(default=20, metadata={"help": "sampling steps"})
+    guidance: float = field(default=3.0, metadata={"help": "CFG scale"})
+    batch_size: int = field(default=64, metadata={"help": "samples per sampling batch"})
+    seed: int = field(default=0, metadata={"help": "prompt selection and noise seeds"})
+    compare: list[str] = field(default_factory=list, metadata={
+        "help": "comparison mode: checkpoints to evaluate side by side on the same prompts and seeds "
+                "('base' = the shipped model, a .safetensors checkpoint, or lora:DIR); deltas vs the first"})
+
+    def __post_init__(self):
+        bad = [s for s in self.splits if s not in SPLITS]
+        if bad or not self.splits:
+            raise ValueError(f"splits {bad or '[]'} not allowed; choose from {', '.join(SPLITS)}")
+        for name in ("n_per_template", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.guidance < 0:
+            raise ValueError(f"guidance={self.guidance} must be >= 0")
+        if len(set(self.compare)) != len(self.compare):
+            raise ValueError(f"compare entries must be distinct, got {self.compare}")
+
+
+def suite_prompts(split: str, n_per_template: int, seed: int,
+                  templates: tuple[str, ...] = TEMPLATES) -> list[SceneSpec]:
+    """The fixed prompt list of a split: n per template, in template order."""
+    return WorldPrompts.of(split, templates).fixed_specs(n_per_template, seed)
+
+
+@torch.no_grad()
+def generate_world(adapter: FlowModelAdapter, specs: list[SceneSpec], *, steps: int, guidance: float,
+                   seed: int, batch_size: int, progress: bool = True, desc: str = "sampling") -> torch.Tensor:
+    """Images [N, 3, 32, 32] for the specs; sample i uses seed + i, so results do not depend on batching."""
+    out = []
+    for start in tqdm(range(0, len(specs), batch_size), desc=desc, disable=not progress):
+        chunk = specs[start:start + batch_size]
+        cond = adapter.encode_prompts([s.prompt for s in chunk], cfg=guidance > 1)
+        traj = sample(adapter, cond, num_steps=steps, height=32, width=32, guidance_scale=guidance,
+                      seeds=[seed + start + i for i in range(len(chunk))])
+        out.append(adapter.decode(traj.final))
+    return torch.cat(out)
+
+
+def score_world(images: torch.Tensor, specs: list[SceneSpec]) -> dict:
+    """Per-template and per-category accuracies of images against specs (one split)."""
+    main, strict = verify(images, specs), verify(images, specs, strict=True)
+    clean = cleanliness(images)
+    templates = [s.template for s in specs]
+
+    def mean_where(values, keep):
+        picked = [float(v) for v, k in zip(values, keep) if k]
+        return sum(picked) / len(picked) if picked else float("nan")
+
+    def concept_rate(kind: str, only: tuple[str, ...] | None = None) -> float:
+        """Fraction satisfied among concepts of one kind (names "<object>/<kind>" or "<kind>"), optionally
+        only in some templates."""
+        hits = [ok for spec, concepts in zip(specs, main.concepts) if only is None or spec.template in only
+                for name, ok in concepts.items() if name.rsplit("/", 1)[-1] == kind]
+        return sum(hits) / len(hits) if hits else float("nan")
+
+    per_template = {t: {"whole_prompt": mean_where(main.passed, [x == t for x in templates]),
+                        "strict": mean_where(strict.passed, [x == t for x in templates]),
+                        "score": mean_where(main.score, [x == t for x in templates])}
+                    for t in TEMPLATES if t in templates}
+    easy = [t for t in per_template if TEMPLATE_TIERS[t] != "hard"]
+    hard = [t for t in per_template if TEMPLATE_TIERS[t] == "hard"]
+    return {
+        "templates": per_template,
+        "overall": sum(v["whole_prompt"] for v in per_template.values()) / len(per_template),
+        "overall_strict": sum(v["strict"] for v in per_template.values()) / len(per_template),
+        "overall_easy": sum(per_template[t]["whole_prompt"] for t in easy) / max(1, len(easy)),
+        "hard_tier": {t: per_template[t]["whole_prompt"] for t in hard},
+        # GenEval's task names: "colors" judges the colour of a prompt's single noun phrase; attribution of
+        # colours to two objects is its own task ("color_attr", our two_objects template).
+        "categories": {"single_object": per_template.get("single", {}).get("whole_prompt", float("nan")),
+                       "colors": concept_rate("color", SINGLE_PHRASE),
+                       "counting": per_template.get("count", {}).get("whole_prompt", float("nan")),
+                       "position": per_template.get("position", {}).get("whole_prompt", float("nan")),
+                       "color_attr": per_template.get("two_objects", {}).get("whole_prompt", float("nan")),
+                       "size": concept_rate("size"),
+                       "color (all concepts)": concept_rate("color"), "shape (all concepts)": concept_rate("shape"),
+                       "relation concept": concept_rate("relation")},
+        "partial_credit": float(main.score.mean()),
+        "cleanliness": float(clean.mean()),
+        "n": len(specs),
+        # per prompt, in suite order: what comparison mode pairs across checkpoints
+        "per_sample": {"template": templates, "passed": [bool(v) for v in main.passed]},
+    }
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """One column per split: templates, overall, categories, cleanliness."""
+    splits = list(results)
+    rows = [("| metric | " + " | ".join(splits) + " |"), "|---|" + "---|" * len(splits)]
+
+    def row(label, getter):
+        rows.append(f"| {label} | " + " | ".join(f"{getter(results[s]):.3f}" for s in splits) + " |")
+
+    for t in TEMPLATES:
+        if all(t in results[s]["templates"] for s in splits):
+            tier = " (hard tier)" if TEMPLATE_TIERS[t] == "hard" else ""
+            row(f"{t}{tier}", lambda r, t=t: r["templates"][t]["whole_prompt"])
+    row("**overall whole-prompt** (all templates)", lambda r: r["overall"])
+    row("overall, strict judge", lambda r: r["overall_strict"])
+    row("overall without the hard tier", lambda r: r["overall_easy"])
+    for c in ("single_object", "colors", "counting", "position", "color_attr", "size", "color (all concepts)",
+              "shape (all concepts)", "relation concept"):
+        row(f"{c}", lambda r, c=c: r["categories"][c])
+    row("partial credit", lambda r: r["partial_credit"])
+    row("cleanliness", lambda r: r["cleanliness"])
+    return "\n".join(rows) + "\n"
+
+
+def evaluate_world(adapter: FlowModelAdapter, cfg: WorldEvalConfig, progress: bool = True) -> dict[str, dict]:
+    """Run the suite; write results.json, results.md and a sample grid per split into cfg.out."""
+    from visalign.media import save_pixels
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for split in cfg.splits:
+        specs = suite_prompts(split, cfg.n_per_template, cfg.seed)
+        images = generate_world(adapter, specs, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed,
+                                batch_size=cfg.batch_size, progress=progress, desc=f"eval {split}")
+        results[split] = score_world(images, specs)
+        picks = torch.cat([images[i * cfg.n_per_template: i * cfg.n_per_template + 8] for i in range(len(TEMPLATES))])
+        save_pixels(picks, out / f"grid_{split}.png", scale=3)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown_table(results))
+    return results
+
+
+def compare_world(results: dict[str, dict[str, dict]], level: float = 0.95, seed: int = 0) -> dict:
+    """Paired deltas of every entry against the first, per split and template and overall, with bootstrap
+    intervals over prompts (same prompts and seeds on every side)."""
+    from visalign.eval.stats import paired_delta
+
+    names = list(results)
+    base = results[names[0]]
+    out = {}
+    for name in names[1:]:
+        out[name] = {}
+        for split, r in results[name].items():
+            a, b = base[split]["per_sample"], r["per_sample"]
+            if a["template"] != b["template"]:
+                raise ValueError(f"{name} and {names[0]} were not evaluated on the same prompts")
+            passed_a = torch.tensor(a["passed"], dtype=torch.float64)
+            passed_b = torch.tensor(b["passed"], dtype=torch.float64)
+            rows = {"overall": paired_delta(passed_a, passed_b, level=level, seed=seed)}
+            for t in dict.fromkeys(a["template"]):
+                keep = torch.tensor([x == t for x in a["template"]])
+                rows[t] = paired_delta(passed_a[keep], passed_b[keep], level=level, seed=seed)
+            out[name][split] = rows
+    return out
+
+
+def comparison_table(results: dict[str, dict[str, dict]], deltas: dict) -> str:
+    """Markdown: accuracy of each entry per split and template, and the paired delta vs the first with its
+    95% interval."""
+    names = list(results)
+    rows = ["| split | template | " + " | ".join(names) + " | " +
+            " | ".join(f"Δ {n} (95% CI)" for n in names[1:]) + " |",
+            "|---|---|" + "---|" * (len(names) + len(names) - 1)]
+    for split in results[names[0]]:
+        for t in ["overall", *results[names[0]][split]["templates"]]:
+            accs = [results[n][split]["overall"] if t == "overall" else results[n][split]["templates"][t]["whole_prompt"]
+                    for n in names]
+            ds = [deltas[n][split][t] for n in names[1:]]
+            rows.append(f"| {split} | {t} | " + " | ".join(f"{a:.3f}" for a in accs) + " | " +
+                        " | ".join(f"{d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in ds) + " |")
+    return "\n".join(rows) + "\n"
