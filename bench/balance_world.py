@@ -50,9 +50,9 @@ from pathlib import Path
 import torch
 
 from visalign import rewards as rewards_lib
-from visalign.world.suite import generate_world, score_world, suite_prompts
 from visalign.trainers import load_train_config, trainer_class
 from visalign.world.grammar import TEMPLATES
+from visalign.world.suite import generate_world, score_world, suite_prompts
 
 STYLES = ("saturation", "brightness")  # the third reward (`--style`)
 QUALITIES = ("world-cleanliness", "world-shape-fidelity", "quality-nss", "artifact")  # the second reward (`--quality`)
@@ -271,7 +271,7 @@ def plot(results: dict, path: Path, keys: list[str]) -> None:
 
     keys = [k for k in keys if k != "verifier"]  # whole-prompt accuracy is in the table
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
-    for ax, key in zip(axes, keys):
+    for ax, key in zip(axes, keys, strict=True):
         for arm, r in results.items():
             ax.plot([c["minutes"] for c in r["curve"]], [c[key] for c in r["curve"]], "o-", label=arm)
         ax.set(xlabel="training wall time (min)", ylabel=key, title=f"held-out {key}")

@@ -26,9 +26,9 @@ def _peak_mb() -> float:
 
 
 def arm(name: str, batch: int, repeats: int) -> dict:
-    from visalign.trainers.losses import grpo_loss
     from visalign.models import load_model
     from visalign.sampling import SDEOptions, sample, trajectory_log_prob
+    from visalign.trainers.losses import grpo_loss
     from visalign.world.grammar import sample_specs
 
     torch.set_num_threads(2)
@@ -60,8 +60,8 @@ def arm(name: str, batch: int, repeats: int) -> dict:
 
 
 def step_split(batch: int) -> dict:
-    from visalign.trainers.flow_grpo import FlowGRPOTrainer
     from visalign.trainers import load_train_config
+    from visalign.trainers.flow_grpo import FlowGRPOTrainer
 
     torch.set_num_threads(2)
     cfg = load_train_config("configs/flow_grpo_world.yaml", [

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from visalign.world.suite import generate_world, score_world, suite_prompts
 from visalign.trainers import load_train_config, trainer_class
 from visalign.world.grammar import TEMPLATES
+from visalign.world.suite import generate_world, score_world, suite_prompts
 
 # arm -> (config, overrides); None = the --config file (Flow-GRPO).
 ARMS = {
@@ -131,7 +131,8 @@ def table(results: dict[str, list[dict]]) -> str:
         for c in curve:  # every evaluation point: the table is the curve
             rows.append(
                 f"| {arm} | {c['minutes']:.1f} | {c['rollouts']} | {c['seen']['whole_prompt']:.3f} | "
-                f"{c['seen']['whole_prompt'] - base['seen']['whole_prompt']:+.3f} | {c['heldout']['whole_prompt']:.3f} | "
+                f"{c['seen']['whole_prompt'] - base['seen']['whole_prompt']:+.3f} | "
+                f"{c['heldout']['whole_prompt']:.3f} | "
                 f"{c['heldout']['whole_prompt'] - base['heldout']['whole_prompt']:+.3f} | {c['seen']['strict']:.3f} | "
                 f"{_cell(c['seen']['relation'])} | {c['seen']['cleanliness']:.3f} |")
     return "\n".join(rows) + "\n"
@@ -146,8 +147,9 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", default="outputs/bench_flow_grpo")
     parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
-                        help="train nothing: put the arms of earlier runs' results.json files ([LABEL=]PATH; a label is "
-                             "appended to that file's arm names) in one table and plot; an arm name seen twice is an error")
+                        help="train nothing: put the arms of earlier runs' results.json files ([LABEL=]PATH; "
+                             "a label is appended to that file's arm names) in one table and plot; an arm name seen "
+                             "twice is an error")
     parser.add_argument("overrides", nargs="*", help="config overrides for every arm")
     args = parser.parse_args()
     if args.merge and args.overrides:

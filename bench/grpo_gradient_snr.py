@@ -19,10 +19,10 @@ from dataclasses import replace
 
 import torch
 
-from visalign.trainers.common import plan_step, rollout
-from visalign.trainers.losses import grpo_loss
 from visalign.sampling import trajectory_log_prob
 from visalign.trainers import load_train_config, trainer_class
+from visalign.trainers.common import plan_step, rollout
+from visalign.trainers.losses import grpo_loss
 
 
 def policy_gradient(trainer, step: int, seed_offset: int) -> tuple[torch.Tensor, float]:

@@ -195,7 +195,7 @@ def imagereward_row(size: str, images, pils, prompts, batch: int):
     def reference():
         out = []
         with torch.no_grad():
-            for prompt, pil in zip(prompts, pils):
+            for prompt, pil in zip(prompts, pils, strict=True):
                 ids, mask = reward.tokenize([prompt])
                 out.append(reward.model(transform(pil)[None], ids, mask))
         return (torch.cat(out).float() - REWARD_MEAN) / REWARD_STD
@@ -243,8 +243,8 @@ def video_rows(size: str, n_videos: int, n_frames: int, side: int):
         with torch.no_grad():
             for video in videos:
                 feats = [F.normalize(features_of_frame(video, i), dim=-1) for i in range(len(video))]
-                sims = [(max(0.0, float((feats[i - 1] * feats[i]).sum())) + max(0.0, float((feats[0] * feats[i]).sum())))
-                        / 2 for i in range(1, len(feats))]
+                sims = [(max(0.0, float((feats[i - 1] * feats[i]).sum()))
+                         + max(0.0, float((feats[0] * feats[i]).sum()))) / 2 for i in range(1, len(feats))]
                 scores.append(sum(sims) / len(sims))
         return torch.tensor(scores)
 

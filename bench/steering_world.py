@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from visalign.world.suite import score_world, suite_prompts
 from visalign.models import load_model
 from visalign.steering import steer
+from visalign.world.suite import score_world, suite_prompts
 
 
 def run(adapter, specs, method: str, options: dict, args, reward: str = "world-verifier") -> dict:

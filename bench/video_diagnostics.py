@@ -3,7 +3,8 @@
     .venv/bin/python bench/video_diagnostics.py                     # all three
     .venv/bin/python bench/video_diagnostics.py --only sft --sft-lr 5e-5 --sft-steps 16
     .venv/bin/python bench/video_diagnostics.py --only sft --sft-lr 3e-4 --sft-steps 600 --sft-eval-every 200 \
-        --sft-warmup 20 --sft-ema 0.99 --sft-text-encoder --sft-templates two_motion two_motion two_motion two_motion motion speed still stop
+        --sft-warmup 20 --sft-ema 0.99 --sft-text-encoder \
+        --sft-templates two_motion two_motion two_motion two_motion motion speed still stop
 
   guidance  the base sampled at several CFG scales, and with the RL rollouts' 10 Euler steps: how much of its
             consistency lives in the guidance and in the step count
@@ -35,10 +36,10 @@ import hashlib
 
 import torch
 
+from visalign.models import load_model
 from visalign.rewards import Reward
 from visalign.trainers.common import ParamCopy
 from visalign.world.motion_suite import generate_clips, motion_suite_prompts, score_motion
-from visalign.models import load_model
 from visalign.world.pretrain import PretrainConfig, batch_for_step, flow_matching_step
 
 METRICS = ("direction", "two objects", "whole_prompt", "consistency", "cleanliness")

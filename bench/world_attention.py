@@ -22,7 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from visalign.world.model import WorldAdapter, WorldVideoAdapter
 
 
-def timed(adapter, kernel, batch: int, grad: bool, bf16: bool, repeats: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+def timed(adapter, kernel, batch: int, grad: bool, bf16: bool,
+          repeats: int) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Seconds per pass with attention `kernel` (None: PyTorch's choice) after one warm-up, and the velocity and
     the first conv's gradient of the last pass."""
     g = torch.Generator().manual_seed(0)

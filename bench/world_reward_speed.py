@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from visalign.world.rewards import WorldCleanlinessReward, WorldMotionReward
 from visalign.trainers.common import score_rewards
 from visalign.world.motion import render_clips, sample_motion_specs
+from visalign.world.rewards import WorldCleanlinessReward, WorldMotionReward
 
 
 def sampler_like(videos: torch.Tensor, seed: int) -> torch.Tensor:
@@ -56,7 +56,7 @@ def main() -> None:
         finally:
             verify._detect_pixels = cached
     same = all(torch.allclose(a[k], b[k], rtol=0, atol=0, equal_nan=True)  # NaN: a concept the prompt lacks
-               for a, b in zip(*scores.values()) for k in a)
+               for a, b in zip(*scores.values(), strict=True) for k in a)
     for arm, seconds in times.items():
         print(f"{arm:>17}: {seconds:.2f} s per batch of {args.clips} clips")
     print(f"shared detection is {times['detect per call'] / times['shared detection']:.1f}x faster; "

@@ -2,10 +2,10 @@
 
 The tiny SD3 / FLUX / Wan builders need real tokenizer classes but may not download anything, so we build
 them in memory from a byte-level vocabulary (CLIP BPE with no merges) and a letter-level unigram vocabulary
-(T5) and save them with `save_pretrained`. The tiny Qwen2-VL tokenizer (for `visalign.rewards.videoalign`) is a byte-level
-BPE with Qwen2's pre-tokenizer, whose merges are learnt from VideoAlign's prompt template (so the ~4,000-character
-prompt is a few hundred tokens), plus Qwen2-VL's special tokens and a chat template that renders Qwen2-VL's
-format. Run once; the output is committed.
+(T5) and save them with `save_pretrained`. The tiny Qwen2-VL tokenizer (for `visalign.rewards.videoalign`) is a
+byte-level BPE with Qwen2's pre-tokenizer, whose merges are learnt from VideoAlign's prompt template (so the
+~4,000-character prompt is a few hundred tokens), plus Qwen2-VL's special tokens and a chat template that renders
+Qwen2-VL's format. Run once; the output is committed.
 
     python scripts/make_tiny_tokenizers.py
 """

@@ -55,8 +55,8 @@ def _world_pretrain(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from visalign.config import load_config
     from visalign.eval.reward_suite import PRESETS
-    from visalign.world.suite import WorldEvalConfig, evaluate_world, markdown_table
     from visalign.models import load_model
+    from visalign.world.suite import WorldEvalConfig, evaluate_world, markdown_table
 
     if args.suite not in ("world", "world-video", "rewards") and args.suite not in PRESETS:
         raise ValueError(f"unknown suite {args.suite!r}; allowed: world, world-video, rewards, {', '.join(PRESETS)}")
@@ -85,8 +85,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_motion(config: str | None, overrides: list[str]) -> int:
     """The moving-shapes suite on a video model."""
     from visalign.config import load_config
-    from visalign.world.motion_suite import MotionEvalConfig, evaluate_motion, markdown_table
     from visalign.models import load_model
+    from visalign.world.motion_suite import MotionEvalConfig, evaluate_motion, markdown_table
 
     cfg = load_config(MotionEvalConfig, config, overrides)
     adapter = load_model(cfg.model, cfg.model_path)
@@ -260,7 +260,7 @@ def _steer(args: argparse.Namespace) -> int:
     cfg = load_config(SteerConfig, args.config, list(args.overrides))
     report = run(cfg)
     print("| prompt | reward |\n|---|---|")
-    for prompt, reward in zip(report["prompts"], report["reward"]):
+    for prompt, reward in zip(report["prompts"], report["reward"], strict=True):
         print(f"| {prompt} | {reward:.4f} |")
     print(f"NFE {report['nfe']} ({report['nfe_per_prompt']:.0f} per prompt), {report['wall_time']:.1f} s, "
           f"{100 * report['overhead_fraction']:.0f}% outside the denoiser; wrote {cfg.out}/")
@@ -296,8 +296,8 @@ def _read_metadata(value: str | None, count: int) -> list[dict] | None:
 def _rewards_score(args: argparse.Namespace) -> int:
     import torch
 
-    from visalign.rewards import combined
     from visalign.pairs import load_image
+    from visalign.rewards import combined
 
     prompts = args.prompt or []
     if len(prompts) not in (1, len(args.images)):
@@ -307,7 +307,7 @@ def _rewards_score(args: argparse.Namespace) -> int:
     metadata = _read_metadata(args.metadata, len(images))
     table = {str(p): {} for p in args.images}
     for name, reward in _load_rewards(args).items():
-        for i, (path, image) in enumerate(zip(args.images, images)):  # one by one: sizes may differ
+        for i, (path, image) in enumerate(zip(args.images, images, strict=True)):  # one by one: sizes may differ
             with torch.no_grad():
                 out = reward(prompts=[prompts[i]] if prompts else None, images=image[None],
                              metadata=[metadata[i]] if metadata else None)
@@ -326,8 +326,8 @@ def _rewards_score(args: argparse.Namespace) -> int:
 
 
 def _rewards_eval(args: argparse.Namespace) -> int:
-    from visalign.rewards.evaluation import evaluate_pairs
     from visalign.pairs import read_pairs
+    from visalign.rewards.evaluation import evaluate_pairs
 
     pairs = read_pairs(args.pairs)  # every row checked before any model loads
     results = {name: evaluate_pairs(reward, pairs, batch_size=args.batch_size)

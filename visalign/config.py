@@ -292,7 +292,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             )
         else:
             item_types = list(args)
-        return tuple(_convert(t, item, f"{path}[{i}]") for i, (t, item) in enumerate(zip(item_types, value)))
+        return tuple(_convert(t, item, f"{path}[{i}]")
+                     for i, (t, item) in enumerate(zip(item_types, value, strict=True)))
     if origin is dict:
         if not isinstance(value, Mapping):
             raise _mismatch(tp, value, path)

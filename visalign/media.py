@@ -24,7 +24,8 @@ def image_grid(images: Tensor, columns: int | None = None, pad: int = 2) -> Tens
     grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad)
     for i in range(b):
         r, col = divmod(i, columns)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h,
+             pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
     return grid
 
 
@@ -32,10 +33,7 @@ def save_pixels(pixels: Tensor, out: str | Path, scale: int = 1) -> Path:
     """Save a batch as one PNG grid (images) or one animated GIF of frame grids (video)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if pixels.ndim == 4:
-        frames = [image_grid(pixels)]
-    else:
-        frames = [image_grid(pixels[:, f]) for f in range(pixels.shape[1])]
+    frames = [image_grid(pixels)] if pixels.ndim == 4 else [image_grid(pixels[:, f]) for f in range(pixels.shape[1])]
     pil = [Image.fromarray(to_uint8(f.permute(1, 2, 0))) for f in frames]
     if scale > 1:
         pil = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in pil]

@@ -49,9 +49,9 @@ def _side_by_side(left: Path, right: Path, out: Path) -> None:
 
 def quickstart(out: str | Path, steps: int = 10, n_per_template: int = 16, extra: list[str] = ()) -> str:
     """Run the main job into `out`; returns the before/after markdown table."""
-    from visalign.trainers.flow_grpo import FlowGRPOTrainer
     from visalign.models import load_model
     from visalign.trainers import load_train_config
+    from visalign.trainers.flow_grpo import FlowGRPOTrainer
 
     out = Path(out)
     cfg = load_train_config(None, [*TRAIN_OVERRIDES, f"train.max_steps={steps}", f"run.out_dir={out / 'run'}",

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from visalign.trainers import load_train_config, trainer_class
 
+
 def run(path: str | None, overrides: Sequence[str] = ()):
     cfg = load_train_config(path, overrides)  # every config error surfaces here, before any model loads
     trainer = trainer_class(cfg.trainer)(cfg)

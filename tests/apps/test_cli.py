@@ -50,9 +50,9 @@ def test_sample_bad_input(argv, message, capsys):
 
 def _config_class(command: str):
     """The config dataclass of the command a shipped YAML's first line names."""
-    from visalign.world.suite import WorldEvalConfig
     from visalign.steering.config import SteerConfig
     from visalign.world.pretrain import PretrainConfig
+    from visalign.world.suite import WorldEvalConfig
 
     words = command.split()
     if words[1:2] == ["train"]:

@@ -3,12 +3,11 @@ its input validation, and a headless-Chromium page load that runs one comparison
 
 import json
 
+import gradio_client
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-gradio_client = pytest.importorskip("gradio_client")
 
 from visalign import rewards
 from visalign.demo.app import DemoConfig, launch, wait_idle

@@ -1,15 +1,14 @@
 """bench/balance_world.py: which steps an arm's mean step time averages, that its marble-upgrad arm is the
 shipped configs/marble_world.yaml, and its table's columns."""
 
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-from balance_world import ARMS, arm_overrides, metric_keys, rewards_override, table, timed_steps
+from balance_world import ARMS, arm_overrides, metric_keys, rewards_override, table, timed_steps  # bench/
 
 from visalign.trainers import load_train_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_timed_steps_skip_the_first_cycle_and_keep_whole_cycles():
@@ -42,8 +41,8 @@ def test_table_has_a_column_per_trained_reward_and_the_pair_cosines():
     args = SimpleNamespace(quality="quality-nss", style="brightness")
     keys = metric_keys(args)
     assert keys == ["partial_credit", "verifier", "cleanliness", "quality-nss", "brightness"]  # cleanliness: held-out
-    start = dict(zip(keys, [0.7, 0.3, 0.9, -32.0, 0.8]))
-    end = dict(zip(keys, [0.75, 0.35, 0.6, -29.5, 0.9]))
+    start = dict(zip(keys, [0.7, 0.3, 0.9, -32.0, 0.8], strict=True))
+    end = dict(zip(keys, [0.75, 0.35, 0.6, -29.5, 0.9], strict=True))
     arm = {"curve": [{"minutes": 0.0, **start}, {"minutes": 4.2, **end}], "negative_fraction": 0.25, "cos_measured": 4,
            "mean_step": 3.0, "mean_training": 2.0, "pair_cos": {"a|b": -0.5, "a|c": 0.25}}
     lines = table({"marble": arm}, {"mean_step": 2.0, "mean_training": 2.0}, keys).splitlines()

@@ -1,12 +1,7 @@
 """The placebo reward of bench/video_diagnostics.py: a score that carries no information about the content."""
 
-import sys
-from pathlib import Path
-
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from video_diagnostics import PlaceboReward
+from video_diagnostics import PlaceboReward  # bench/
 
 
 def test_placebo_is_a_fixed_function_of_the_8bit_pixels():

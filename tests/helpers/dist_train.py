@@ -6,10 +6,10 @@ import sys
 
 import torch
 
-from visalign.trainers.common import plan_step
-from visalign.trainers.flow_grpo import FlowGRPOTrainer
 from visalign.train import end_distributed
 from visalign.trainers import load_train_config
+from visalign.trainers.common import plan_step
+from visalign.trainers.flow_grpo import FlowGRPOTrainer
 
 
 def main():

@@ -7,8 +7,8 @@ Pixels are sigmoid(x) broadcast to 3x1x1, and `LinearReward` reads x back (logit
 import torch
 from torch import nn
 
-from visalign.rewards.base import Reward
 from visalign.models.base import Conditioning, FlowModelAdapter
+from visalign.rewards.base import Reward
 
 
 class GaussianFlow(FlowModelAdapter):

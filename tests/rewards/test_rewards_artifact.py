@@ -19,7 +19,6 @@ from visalign.rewards.artifact import (
     save_artifact_model,
     train_artifact,
 )
-from visalign.world.artifacts import corrupt, make_artifact_set, write_artifact_set
 from visalign.rewards.quality import (
     NSSQuality,
     aggd_fit,
@@ -29,6 +28,7 @@ from visalign.rewards.quality import (
     ggd_fit,
     save_pristine,
 )
+from visalign.world.artifacts import corrupt, make_artifact_set, write_artifact_set
 from visalign.world.grammar import sample_specs
 from visalign.world.render import BACKGROUND, render_batch
 
@@ -38,7 +38,7 @@ from visalign.world.render import BACKGROUND, render_batch
 def test_generated_set_labels_and_corruptions():
     images, is_artifact, labels = make_artifact_set(6, 30, seed=3)
     renders = render_batch(sample_specs(36, generator=3), 3)
-    assert images.shape == (36, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert images.shape == (36, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
     torch.testing.assert_close(images[:6], renders[:6])  # clean images are the untouched renders
     assert is_artifact.tolist() == [0.0] * 6 + [1.0] * 30
     assert labels[:6].sum() == 0 and ((labels[6:].sum(dim=1) >= 1) & (labels[6:].sum(dim=1) <= 2)).all()
@@ -162,7 +162,7 @@ def brisque_reference(image: torch.Tensor) -> np.ndarray:
     r_ggd = special.gamma(1 / gam) * special.gamma(3 / gam) / special.gamma(2 / gam) ** 2
     r_aggd = special.gamma(2 / gam) ** 2 / (special.gamma(1 / gam) * special.gamma(3 / gam))
     feats = []
-    for scale in range(2):
+    for _scale in range(2):
         mu = ndimage.correlate(luma, window, mode="constant")
         sigma = np.sqrt(np.abs(ndimage.correlate(luma * luma, window, mode="constant") - mu * mu))
         structdis = (luma - mu) / (sigma + 1)

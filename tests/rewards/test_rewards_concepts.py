@@ -161,7 +161,7 @@ def test_owlvit_detector_matches_processor_and_model_called_directly():
     detector = HFZeroShotDetector(model, processor, query_template="a photo of a {}")
     images = _uint8_images(2)
     got = detector(images, [["dog", "cat"], ["cup"]])
-    for image, names, dets in zip(images, [["dog", "cat"], ["cup"]], got):
+    for image, names, dets in zip(images, [["dog", "cat"], ["cup"]], got, strict=True):
         pil = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
         inputs = processor(text=[[f"a photo of a {n}" for n in names]], images=pil, return_tensors="pt")
         with torch.no_grad():
@@ -193,11 +193,11 @@ def test_colour_classifier_matches_zero_shot_clip_computed_directly():
     got = clf(image, "dog", boxes)
     from visalign.rewards.preprocess import clip_preprocess
     with torch.no_grad():
-        for d, colour in zip(boxes, got):
+        for d, colour in zip(boxes, got, strict=True):
             x0, y0, x1, y1 = (round(v) for v in d.box)
             crop = image[:, y0:y1, x0:x1][None]
-            feats = torch.nn.functional.normalize(model.get_image_features(pixel_values=clip_preprocess(crop, 32)).pooler_output,
-                                                  dim=-1)
+            feats = torch.nn.functional.normalize(model.get_image_features(pixel_values=clip_preprocess(crop, 32))
+                                                  .pooler_output, dim=-1)
             assert COLORS[int((feats @ weights.T).argmax())] == colour
 
 

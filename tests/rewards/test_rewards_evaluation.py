@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from visalign.rewards.evaluation import accuracy_with_ties, accuracy_without_ties, bt_ties_loss, evaluate_pairs
 from tests.helpers.toy_rewards import MeanBrightness
 from visalign.cli import main
 from visalign.pairs import PairFileError, read_pairs
+from visalign.rewards.evaluation import accuracy_with_ties, accuracy_without_ties, bt_ties_loss, evaluate_pairs
 
 
 def test_accuracy_without_ties_by_hand():
@@ -37,8 +37,8 @@ def test_accuracy_with_ties_equals_brute_force_on_random_data():
     margins = np.round(rng.normal(size=60) + 0.8 * labels, 2)
 
     def tau(eps):
-        c = sum(1 for h, m in zip(labels, margins) if h != 0 and abs(m) > eps and h * m > 0)
-        t = sum(1 for h, m in zip(labels, margins) if h == 0 and abs(m) <= eps)
+        c = sum(1 for h, m in zip(labels, margins, strict=True) if h != 0 and abs(m) > eps and h * m > 0)
+        t = sum(1 for h, m in zip(labels, margins, strict=True) if h == 0 and abs(m) <= eps)
         return (c + t) / len(labels)
 
     best = max(tau(e) for e in [0.0, *np.abs(margins)])

@@ -63,7 +63,8 @@ def released_checkpoint(seed=0):
         sd |= linear(f"{lay}.intermediate.dense", TI, TW) | linear(f"{lay}.output.dense", TW, TI)
         sd |= norm(f"{lay}.output.LayerNorm", TW)
     sd |= linear("blip.vision_proj", 256, VW) | linear("blip.text_proj", 256, TW)
-    for index, (out_dim, in_dim) in zip((0, 2, 4, 6, 7), ((1024, TW), (128, 1024), (64, 128), (16, 64), (1, 16))):
+    for index, (out_dim, in_dim) in zip((0, 2, 4, 6, 7), ((1024, TW), (128, 1024), (64, 128), (16, 64), (1, 16)),
+                                        strict=True):
         sd |= linear(f"mlp.layers.{index}", out_dim, in_dim)
     return sd
 
@@ -107,7 +108,7 @@ def reference_score(sd, pixels, prompts):
     image_tokens = ln(x, f"{v}.norm", 1e-6)
 
     t = "blip.text_encoder"
-    ids, mask = (torch.tensor(z) for z in zip(*map(token_ids, prompts)))
+    ids, mask = (torch.tensor(z) for z in zip(*map(token_ids, prompts), strict=True))
     h = sd[f"{t}.embeddings.word_embeddings.weight"][ids] + sd[f"{t}.embeddings.position_embeddings.weight"][:35]
     h = ln(h, f"{t}.embeddings.LayerNorm", 1e-12)
     self_mask = (1.0 - mask[:, None, None, :].float()) * -10000.0  # med.py get_extended_attention_mask

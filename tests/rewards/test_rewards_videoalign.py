@@ -135,7 +135,8 @@ def test_head_reads_the_reward_tokens(output_dim, videos):
         embeds = backbone.get_input_embeddings()(inputs["input_ids"])
         vision = backbone.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"]).pooler_output
         embeds[inputs["input_ids"] == config.video_token_id] = vision
-        hidden = backbone.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).last_hidden_state
+        hidden = backbone.language_model(inputs_embeds=embeds,
+                                         attention_mask=inputs["attention_mask"]).last_hidden_state
     weight = reward.model.head.rm_head.weight
     assert weight.shape == (output_dim, 32)
     expected = torch.zeros(2, 3)
@@ -231,8 +232,9 @@ def _released_layout(reward, root, base, rank=4, alpha=8.0):
     (root / "checkpoint-7").mkdir(parents=True)
     (root / "checkpoint-3").mkdir()
     torch.save(state, root / "checkpoint-7" / "model.pth")
-    payload = {"data_config": {"fps": 2.0, "num_frames": None, "max_frame_pixels": 56 * 84, "eval_dim": ["VQ", "MQ", "TA"],
-                               "prompt_template_type": "detailed_special", "sample_type": "uniform"},
+    payload = {"data_config": {"fps": 2.0, "num_frames": None, "max_frame_pixels": 56 * 84,
+                               "eval_dim": ["VQ", "MQ", "TA"], "prompt_template_type": "detailed_special",
+                               "sample_type": "uniform"},
                "model_config": {"model_name_or_path": str(base), "output_dim": 1, "use_special_tokens": True,
                                 "reward_token": "special"},
                "peft_lora_config": {"lora_enable": True, "lora_r": rank, "lora_alpha": alpha, "use_rslora": False},
@@ -247,7 +249,8 @@ def _released_layout(reward, root, base, rank=4, alpha=8.0):
     from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
-    Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+    Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                     video_processor=Qwen2VLVideoProcessor(),
                      chat_template=tokenizer.chat_template).save_pretrained(base)
 
 

@@ -42,7 +42,8 @@ def test_mgda_two_gradients_matches_the_closed_form():
 def test_mgda_single_gradient_is_the_answer():
     # g1 lies inside the hull's min-norm side: g1·g2 >= ||g1||² and g1·g3 >= ||g1||², so alpha = e1
     _, G = gram([1.0, 0.0, 0.0], [1.0, 3.0, 0.0], [2.0, -1.0, 1.0])
-    torch.testing.assert_close(min_norm_weights(G), torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), atol=1e-7, rtol=0)
+    torch.testing.assert_close(min_norm_weights(G), torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
+                               atol=1e-7, rtol=0)
 
 
 def test_mgda_three_gradients_min_norm_point_is_orthogonal_to_the_face():
@@ -52,7 +53,8 @@ def test_mgda_three_gradients_min_norm_point_is_orthogonal_to_the_face():
     torch.testing.assert_close(min_norm_weights(G), torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-7, rtol=0)
     # And a case with one zero weight: the min-norm point lies on the edge between g1 and g2.
     _, G = gram([1.0, 0.0], [0.0, 1.0], [3.0, 3.0])
-    torch.testing.assert_close(min_norm_weights(G), torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64), atol=1e-7, rtol=0)
+    torch.testing.assert_close(min_norm_weights(G), torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64),
+                               atol=1e-7, rtol=0)
 
 
 def test_pcgrad_matches_the_hand_computed_projection():
@@ -314,8 +316,11 @@ def applied_gradients(trainer):
 
 
 def test_marble_amortised_nft_update_equals_the_explicit_combination(tiny_run, tmp_path):
-    explicit, m_exp = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda", trainer="diffusion_nft", out=tmp_path / "a"))
-    amortised, m_am = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda", "train.balance_amortized=true", trainer="diffusion_nft", out=tmp_path / "b"))
+    explicit, m_exp = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda",
+                                                 trainer="diffusion_nft", out=tmp_path / "a"))
+    amortised, m_am = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda",
+                                                 "train.balance_amortized=true", trainer="diffusion_nft",
+                                                 out=tmp_path / "b"))
     assert explicit.norm() > 0
     torch.testing.assert_close(amortised, explicit, atol=1e-5 * float(explicit.abs().max()), rtol=1e-5)
     assert m_exp["balance/weight/tests.helpers.toy_rewards.MeanBrightness"] == pytest.approx(
@@ -324,8 +329,12 @@ def test_marble_amortised_nft_update_equals_the_explicit_combination(tiny_run, t
 
 def test_amortised_refresh_over_every_micro_batch_is_the_explicit_update(tiny_run, tmp_path):
     # Three micro-batches; a refresh that estimates the Gram matrix on all of them is the explicit form exactly.
-    explicit, _ = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda", "train.train_batch_size=3", trainer="diffusion_nft", out=tmp_path / "a"))
-    amortised, _ = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda", "train.train_batch_size=3", "train.balance_amortized=true", "train.balance_refresh_batches=8", trainer="diffusion_nft", out=tmp_path / "b"))
+    explicit, _ = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda",
+                                             "train.train_batch_size=3", trainer="diffusion_nft", out=tmp_path / "a"))
+    amortised, _ = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda",
+                                              "train.train_batch_size=3", "train.balance_amortized=true",
+                                              "train.balance_refresh_batches=8", trainer="diffusion_nft",
+                                              out=tmp_path / "b"))
     torch.testing.assert_close(amortised, explicit, atol=1e-5 * float(explicit.abs().max()), rtol=1e-5)
 
 
@@ -333,12 +342,18 @@ def test_output_space_gram_applies_the_previous_steps_coefficients(tiny_run, tmp
     from visalign.trainers import trainer_class
 
     # Step 0 has no Gram matrix yet: it applies the configured weights, i.e. the explicit weighted sum.
-    first, m0 = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda", "train.balance_amortized=true", "train.balance_gram=output", "train.train_batch_size=3", trainer="diffusion_nft", out=tmp_path / "a"))
-    weighted, _ = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=sum", "train.train_batch_size=3", trainer="diffusion_nft", out=tmp_path / "b"))
+    first, m0 = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda",
+                                           "train.balance_amortized=true", "train.balance_gram=output",
+                                           "train.train_batch_size=3", trainer="diffusion_nft", out=tmp_path / "a"))
+    weighted, _ = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=sum",
+                                             "train.train_batch_size=3", trainer="diffusion_nft", out=tmp_path / "b"))
     torch.testing.assert_close(first, weighted, atol=1e-5 * float(weighted.abs().max()), rtol=1e-5)
     assert m0["balance/weight/tests.helpers.toy_rewards.RedChannel"] == 0.5
     # Its Gram matrix (over all three micro-batches) sets the min-norm coefficients the next step applies.
-    t = trainer_class("diffusion_nft")(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda", "train.balance_amortized=true", "train.balance_gram=output", "train.train_batch_size=3", "train.max_steps=2", trainer="diffusion_nft", out=tmp_path / "c"))
+    t = trainer_class("diffusion_nft")(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda",
+                                                "train.balance_amortized=true", "train.balance_gram=output",
+                                                "train.train_batch_size=3", "train.max_steps=2",
+                                                trainer="diffusion_nft", out=tmp_path / "c"))
     t.step(0)
     after_first = t.balancer.alpha.clone()
     assert not torch.allclose(after_first, torch.tensor([1.0, 0.5], dtype=torch.float64))
@@ -352,8 +367,10 @@ def test_output_space_gram_applies_the_previous_steps_coefficients(tiny_run, tmp
 def test_grpo_balanced_sum_equals_normalize_then_sum(tiny_run, tmp_path):
     # On-policy the GRPO loss is linear in the advantage, so Σ_k w_k ∇L(A_k) = ∇L(Σ_k w_k A_k): the per-reward
     # gradient path with the weighted-sum aggregator must reproduce GDPO's single backward.
-    balanced, m = applied_gradients(tiny_run(*balance_overrides("flow_grpo"), "train.balance=sum", trainer="flow_grpo", out=tmp_path / "a"))
-    gdpo, _ = applied_gradients(tiny_run(*balance_overrides("flow_grpo"), "train.advantage_mode=normalize_then_sum", trainer="flow_grpo", out=tmp_path / "b"))
+    balanced, m = applied_gradients(tiny_run(*balance_overrides("flow_grpo"), "train.balance=sum", trainer="flow_grpo",
+                                             out=tmp_path / "a"))
+    gdpo, _ = applied_gradients(tiny_run(*balance_overrides("flow_grpo"), "train.advantage_mode=normalize_then_sum",
+                                         trainer="flow_grpo", out=tmp_path / "b"))
     torch.testing.assert_close(balanced, gdpo, atol=1e-6 * float(gdpo.abs().max()), rtol=1e-5)
     for key in ("balance/worst_cos", "balance/cos_update/tests.helpers.toy_rewards.RedChannel",
                 "balance/cos/tests.helpers.toy_rewards.MeanBrightness|tests.helpers.toy_rewards.RedChannel"):
@@ -378,9 +395,12 @@ def test_balanced_nft_resumes_bit_identically(tiny_run, tmp_path, gram):
     from visalign.trainers.forward import DiffusionNFTTrainer
 
     extra = ["train.max_steps=3", "train.balance=mgda", "train.balance_amortized=true", "train.balance_ema=0.5", *gram]
-    DiffusionNFTTrainer(tiny_run(*balance_overrides("diffusion_nft"), *extra, trainer="diffusion_nft", out=tmp_path / "a")).train()
-    DiffusionNFTTrainer(tiny_run(*balance_overrides("diffusion_nft"), *extra, trainer="diffusion_nft", out=tmp_path / "b")).train(stop_after=2)
-    DiffusionNFTTrainer(tiny_run(*balance_overrides("diffusion_nft"), *extra, trainer="diffusion_nft", out=tmp_path / "b")).train()
+    DiffusionNFTTrainer(tiny_run(*balance_overrides("diffusion_nft"), *extra, trainer="diffusion_nft",
+                                 out=tmp_path / "a")).train()
+    DiffusionNFTTrainer(tiny_run(*balance_overrides("diffusion_nft"), *extra, trainer="diffusion_nft",
+                                 out=tmp_path / "b")).train(stop_after=2)
+    DiffusionNFTTrainer(tiny_run(*balance_overrides("diffusion_nft"), *extra, trainer="diffusion_nft",
+                                 out=tmp_path / "b")).train()
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "a" / "final" / "pytorch_lora_weights.safetensors"))
@@ -421,7 +441,8 @@ def test_advantage_space_alternatives_in_a_trainer_step(tiny_run, tmp_path, extr
     ("flow_grpo", [("train.constraints={tests.helpers.toy_rewards.MeanBrightness: 0.5, "
                     "tests.helpers.toy_rewards.RedChannel: 0.5}")], "some, not all"),
     ("diffusion_nft", ["train.balance=mgda", "train.balance_normalize=true",
-                       "rewards={tests.helpers.toy_rewards.MeanBrightness: 2.0, tests.helpers.toy_rewards.RedChannel: 1.0}"],
+                       ("rewards={tests.helpers.toy_rewards.MeanBrightness: 2.0, "
+                        "tests.helpers.toy_rewards.RedChannel: 1.0}")],
      "ignores reward weights"),
 ])
 def test_balance_config_errors(tiny_run, tmp_path, trainer, extra, match):

@@ -6,14 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from visalign.config import ConfigError
+from visalign.prompts import prompt_source
 from visalign.rewards import RewardError
+from visalign.train import main as train_main
+from visalign.trainers import load_train_config
 from visalign.trainers.common import step_generator
 from visalign.trainers.engine import lr_factor
 from visalign.trainers.flow_grpo import FlowGRPOTrainer
-from visalign.config import ConfigError
-from visalign.prompts import prompt_source
-from visalign.trainers import load_train_config
-from visalign.train import main as train_main
 from visalign.world.model import WorldAdapter
 
 
@@ -63,8 +63,10 @@ def test_reward_options_reach_the_reward_and_bad_ones_fail_at_config_time(tiny_r
     weights = tmp_path / "artifact.safetensors"
     save_artifact_model(detector, weights, {})
     trained = "rewards={world-verifier: 1.0, artifact: 0.5}"
-    cfg = tiny_run(f"model.path={world_ckpt}", "train.max_steps=1", trained, "eval_rewards=[quality-nss]", f"reward_options={{artifact: {{weights: {weights}, batch_size: 7}}, "
-                f"quality-nss: {{pristine: {tmp_path / 'pristine.safetensors'}}}}}", model="world", out=tmp_path / "run")
+    cfg = tiny_run(f"model.path={world_ckpt}", "train.max_steps=1", trained, "eval_rewards=[quality-nss]",
+                   f"reward_options={{artifact: {{weights: {weights}, batch_size: 7}}, "
+                   f"quality-nss: {{pristine: {tmp_path / 'pristine.safetensors'}}}}}",
+                   model="world", out=tmp_path / "run")
     trainer = FlowGRPOTrainer(cfg)
     reward = trainer.rewards["artifact"]
     assert reward.batch_size == 7  # an option of the Reward base class, passed on through **kwargs
@@ -113,7 +115,8 @@ def test_corrupted_checkpoint_is_detected_and_previous_stays_usable(tiny_run, wo
 
 
 def test_nan_rewards_are_dropped_and_counted(tiny_run, world_ckpt, tmp_path):
-    cfg = tiny_run(f"model.path={world_ckpt}", "train.max_steps=1", "rewards={tests.helpers.toy_rewards.NaNForRedPrompts: 1.0}", model="world")
+    cfg = tiny_run(f"model.path={world_ckpt}", "train.max_steps=1",
+                   "rewards={tests.helpers.toy_rewards.NaNForRedPrompts: 1.0}", model="world")
     trainer = FlowGRPOTrainer(cfg)
     before = [p.detach().clone() for p in trainer.params]
     history = trainer.train()
@@ -121,11 +124,12 @@ def test_nan_rewards_are_dropped_and_counted(tiny_run, world_ckpt, tmp_path):
     assert history[0]["invalid_rewards"] == red
     assert all(torch.isfinite(p).all() for p in trainer.params)
     if red < 8:
-        assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params))
+        assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))
 
 
 def test_all_nan_rewards_is_a_clear_error(tiny_run, world_ckpt, tmp_path):
-    cfg = tiny_run(f"model.path={world_ckpt}", "train.max_steps=1", "rewards={tests.helpers.toy_rewards.AlwaysNaN: 1.0}", model="world")
+    cfg = tiny_run(f"model.path={world_ckpt}", "train.max_steps=1",
+                   "rewards={tests.helpers.toy_rewards.AlwaysNaN: 1.0}", model="world")
     with pytest.raises(RewardError, match="every sample has an invalid"):
         FlowGRPOTrainer(cfg).train()
 
@@ -147,7 +151,8 @@ def test_config_errors_before_any_model_loads(tmp_path, capsys):
 ])
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_tiny_models_train_two_steps(tiny_run, model, request_overrides, finetune, tmp_path):
-    cfg = tiny_run(f"model.finetune={finetune}", "model.lora_rank=4", "train.kl_beta=0.1", "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}", *request_overrides, model=model)
+    cfg = tiny_run(f"model.finetune={finetune}", "model.lora_rank=4", "train.kl_beta=0.1",
+                   "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}", *request_overrides, model=model)
     trainer = FlowGRPOTrainer(cfg)
     named = dict(trainer.adapter.denoiser.named_parameters())
     before = {n: p.detach().clone() for n, p in named.items()}
@@ -164,7 +169,9 @@ def test_tiny_models_train_two_steps(tiny_run, model, request_overrides, finetun
 
 
 def test_fast_window_cps_shared_noise_best_of_n(tiny_run, world_ckpt, tmp_path):
-    cfg = tiny_run(f"model.path={world_ckpt}", "sampling.sde=cps", "sampling.noise_level=0.8", "sampling.window_size=2", "sampling.window_range=[0, 3]", "sampling.same_noise_per_group=true", "train.best_of_n=2", "train.max_steps=1", model="world")
+    cfg = tiny_run(f"model.path={world_ckpt}", "sampling.sde=cps", "sampling.noise_level=0.8", "sampling.window_size=2",
+                   "sampling.window_range=[0, 3]", "sampling.same_noise_per_group=true", "train.best_of_n=2",
+                   "train.max_steps=1", model="world")
     trainer = FlowGRPOTrainer(cfg)
     history = trainer.train()
     assert history[0]["train/trained_timesteps"] <= 2
@@ -173,7 +180,9 @@ def test_fast_window_cps_shared_noise_best_of_n(tiny_run, world_ckpt, tmp_path):
 
 
 def test_metrics_and_outputs(tiny_run, world_ckpt, tmp_path):
-    cfg = tiny_run(f"model.path={world_ckpt}", "run.eval_every=2", "run.eval_num_prompts=4", "run.eval_steps=2", "eval_rewards=[world-cleanliness]", "run.log_with=tensorboard", "run.checkpoint_every=2", model="world")
+    cfg = tiny_run(f"model.path={world_ckpt}", "run.eval_every=2", "run.eval_num_prompts=4", "run.eval_steps=2",
+                   "eval_rewards=[world-cleanliness]", "run.log_with=tensorboard", "run.checkpoint_every=2",
+                   model="world")
     FlowGRPOTrainer(cfg).train()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     last = lines[-1]
@@ -188,7 +197,9 @@ def test_metrics_and_outputs(tiny_run, world_ckpt, tmp_path):
 
 
 def test_grpo_guard_option_trains_on_policy(tiny_run, world_ckpt, tmp_path):
-    history = FlowGRPOTrainer(tiny_run("train.grpo_guard=true", "train.clip_range=2e-6", "train.max_steps=1", "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}", model="tiny-sd3")).train()
+    history = FlowGRPOTrainer(tiny_run("train.grpo_guard=true", "train.clip_range=2e-6", "train.max_steps=1",
+                                       "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}",
+                                       model="tiny-sd3")).train()
     assert history[0]["train/first_ratio_max_dev"] <= 1e-6 and history[0]["train/grad_norm"] > 0
 
 
@@ -231,7 +242,8 @@ def test_reward_drift_config_errors(tiny_run, tmp_path, extra, match):
 def test_coarse_noise_rollouts_stay_on_policy_and_train(tiny_run, world_ckpt, tmp_path):
     from visalign.sampling.steps import block_project
 
-    cfg = tiny_run(f"model.path={world_ckpt}", "sampling.noise_block=8", "sampling.same_noise_per_group=true", "train.max_steps=1", model="world")
+    cfg = tiny_run(f"model.path={world_ckpt}", "sampling.noise_block=8", "sampling.same_noise_per_group=true",
+                   "train.max_steps=1", model="world")
     trainer = FlowGRPOTrainer(cfg)
     before = [p.detach().clone() for p in trainer.adapter.trainable_parameters()]
     rs = trainer.rollout_step(0)
@@ -240,7 +252,7 @@ def test_coarse_noise_rollouts_stay_on_policy_and_train(tiny_run, world_ckpt, tm
     torch.testing.assert_close(block_project(residual, 8), residual, atol=1e-6, rtol=0)
     history = trainer.train()
     assert history[0]["train/first_ratio_max_dev"] <= 1e-6
-    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.adapter.trainable_parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.adapter.trainable_parameters(), strict=True))
 
 
 def test_noise_block_config_error(tiny_run, tmp_path):

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from visalign.trainers.alarms import AlarmMonitor, check_alarm
 from visalign.eval.stats import bootstrap_mean_ci, paired_delta
+from visalign.trainers.alarms import AlarmMonitor, check_alarm
 
 
 def test_alarm_fires_when_trained_rises_and_heldout_falls():
@@ -72,8 +72,8 @@ def test_bootstrap_interval_and_paired_delta():
 
 
 def test_training_run_fires_the_alarm_and_stops(tmp_path):
-    from visalign.trainers.flow_grpo import FlowGRPOTrainer
     from visalign.trainers import load_train_config
+    from visalign.trainers.flow_grpo import FlowGRPOTrainer
 
     over = [f"run.out_dir={tmp_path}", "model.name=tiny-sd3", "model.height=32", "model.width=32",
             "train.max_steps=6", "train.prompts_per_step=2", "train.group_size=4", "train.train_batch_size=4",
@@ -99,8 +99,8 @@ def test_world_comparison_mode_reports_paired_deltas(tmp_path, capsys):
 
     other = tmp_path / "random.safetensors"
     WorldAdapter.random(0).save_pretrained(other)
-    code = main(["eval", "--suite", "world", "--out", str(tmp_path / "cmp"), "--compare", "base", "--compare", str(other),
-                 "n_per_template=3", "steps=4", "splits=[seen]"])
+    code = main(["eval", "--suite", "world", "--out", str(tmp_path / "cmp"), "--compare", "base", "--compare",
+                 str(other), "n_per_template=3", "steps=4", "splits=[seen]"])
     assert code == 0
     deltas = json.loads((tmp_path / "cmp" / "comparison.json").read_text())[str(other)]["seen"]
     base = json.loads((tmp_path / "cmp" / "entry_0" / "results.json").read_text())["seen"]
@@ -114,8 +114,8 @@ def test_world_comparison_mode_reports_paired_deltas(tmp_path, capsys):
 def test_alarm_rollback_restores_the_best_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
-    from visalign.trainers.flow_grpo import FlowGRPOTrainer
     from visalign.trainers import load_train_config
+    from visalign.trainers.flow_grpo import FlowGRPOTrainer
 
     over = [f"run.out_dir={tmp_path}", "model.name=tiny-sd3", "model.height=32", "model.width=32",
             "train.max_steps=8", "train.prompts_per_step=2", "train.group_size=4", "train.train_batch_size=4",

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from visalign.pairs import PairFileError, load_video, read_pairs
 from visalign.trainers.common import EMA
 from visalign.trainers.dpo import FlowDPOTrainer, group_pairs
 from visalign.trainers.engine import accumulation_schedule
@@ -24,7 +25,6 @@ from visalign.trainers.forward import (
     sample_sigmas,
 )
 from visalign.trainers.losses import dpo_loss, nft_loss, nft_reward_weight, per_sample_mse, rwr_weights
-from visalign.pairs import PairFileError, load_video, read_pairs
 from visalign.world.model import WorldAdapter
 
 TRAINERS = {"diffusion_nft": DiffusionNFTTrainer, "flow_rwr": FlowRWRTrainer, "flow_dpo": FlowDPOTrainer}
@@ -129,14 +129,14 @@ def test_sigma_sampling_and_interpolation():
     with pytest.raises(ValueError, match="exceeds"):
         sample_sigmas("grid", 1, 5, grid, g)
     ln = sample_sigmas("logit_normal", 4000, 1, grid, g)
-    assert 0 < ln.min() and ln.max() < 1 and abs(ln.median().item() - 0.5) < 0.03
+    assert ln.min() > 0 and ln.max() < 1 and abs(ln.median().item() - 0.5) < 0.03
     # train.min_sigma: only the high-noise levels are trained.
     high = sample_sigmas("grid", 5, 2, grid, g, min_sigma=0.5)
     assert set(high.flatten().tolist()) <= {1.0, 0.75, 0.5}
     with pytest.raises(ValueError, match=">= train.min_sigma=0.6"):
         sample_sigmas("grid", 1, 3, grid, g, min_sigma=0.6)
     ln_high = sample_sigmas("logit_normal", 4000, 1, grid, g, min_sigma=0.6)
-    assert 0.6 < ln_high.min() and abs(ln_high.median().item() - 0.8) < 0.02
+    assert ln_high.min() > 0.6 and abs(ln_high.median().item() - 0.8) < 0.02
     x0, eps = torch.zeros(2, 3), torch.ones(2, 3)
     torch.testing.assert_close(noised(x0, eps, torch.tensor([0.25, 1.0])), torch.tensor([[0.25] * 3, [1.0] * 3]))
     assert per_sample_mse(torch.zeros(2, 3), torch.ones(2, 3)).tolist() == [1.0, 1.0]
@@ -163,7 +163,8 @@ def test_group_pairs_best_and_worst_of_each_group():
 # ---- trainers -------------------------------------------------------------------------------------------------
 
 # On top of the shared tiny run (conftest.tiny_run): LoRA rank 4, two noise levels per sample, one toy reward.
-FORWARD = ("model.lora_rank=4", "train.timesteps_per_sample=2", "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}")
+FORWARD = ("model.lora_rank=4", "train.timesteps_per_sample=2",
+           "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}")
 
 
 REQUESTS = {"tiny-sd3": ["model.height=32", "model.width=32"],
@@ -214,13 +215,14 @@ def test_resume_is_bit_identical(tiny_run, trainer, model, tmp_path):
 
 
 def test_nft_old_policy_follows_softly(tiny_run, tmp_path):
-    cfg = tiny_run(*FORWARD, "train.max_steps=1", "train.old_decay_rate=0.5", *REQUESTS["tiny-sd3"], trainer="diffusion_nft")
+    cfg = tiny_run(*FORWARD, "train.max_steps=1", "train.old_decay_rate=0.5", *REQUESTS["tiny-sd3"],
+                   trainer="diffusion_nft")
     t = DiffusionNFTTrainer(cfg)
     start = [p.detach().clone() for p in t.params]
     t.train()
     # After step 0 the decay is min(0.5 * 0, 0.5) = 0: the old policy equals the trained weights.
-    assert all(torch.equal(s, p) for s, p in zip(t.old.shadow, t.params))
-    assert any(not torch.equal(s, p) for s, p in zip(start, t.params))
+    assert all(torch.equal(s, p) for s, p in zip(t.old.shadow, t.params, strict=True))
+    assert any(not torch.equal(s, p) for s, p in zip(start, t.params, strict=True))
     assert t.old_decay(1) == 0.5 and t.old_decay(5) == 0.5
 
 
@@ -229,7 +231,8 @@ def test_nft_skips_the_old_policy_pass_while_it_equals_the_trained_weights(tiny_
     # the decay is not 0, so v_old comes from its own pass; rate 0 reuses the trained pass's velocity throughout.
     runs = {}
     for rate in ("0", "1e-30"):
-        cfg = tiny_run(*FORWARD, "train.max_steps=3", f"train.old_decay_rate={rate}", "train.sample_with_old=false", "train.kl_beta=0.1", *REQUESTS["tiny-sd3"], trainer="diffusion_nft", out=tmp_path / rate)
+        cfg = tiny_run(*FORWARD, "train.max_steps=3", f"train.old_decay_rate={rate}", "train.sample_with_old=false",
+                       "train.kl_beta=0.1", *REQUESTS["tiny-sd3"], trainer="diffusion_nft", out=tmp_path / rate)
         t = DiffusionNFTTrainer(cfg)
         swaps = []
         swapped = t.old.swapped
@@ -238,7 +241,7 @@ def test_nft_skips_the_old_policy_pass_while_it_equals_the_trained_weights(tiny_
         runs[rate] = ([p.detach().clone() for p in t.params], len(swaps))
     (reused, reused_swaps), (separate, separate_swaps) = runs.values()
     assert reused_swaps == 0 < separate_swaps  # the old copy never swapped in at rate 0
-    assert all(torch.equal(a, b) for a, b in zip(reused, separate))  # and the same update
+    assert all(torch.equal(a, b) for a, b in zip(reused, separate, strict=True))  # and the same update
 
 
 def test_nft_frozen_reference_runs_in_the_trained_pass_precision(tiny_run, tmp_path, request):
@@ -250,7 +253,8 @@ def test_nft_frozen_reference_runs_in_the_trained_pass_precision(tiny_run, tmp_p
 
     AcceleratorState._reset_state(True)  # the process-wide state keeps the first mixed_precision otherwise
     request.addfinalizer(lambda: AcceleratorState._reset_state(True))
-    cfg = tiny_run(*FORWARD, "train.max_steps=1", "model.finetune=full", "train.kl_beta=0.1", "train.mixed_precision=bf16", *REQUESTS["tiny-sd3"], trainer="diffusion_nft")
+    cfg = tiny_run(*FORWARD, "train.max_steps=1", "model.finetune=full", "train.kl_beta=0.1",
+                   "train.mixed_precision=bf16", *REQUESTS["tiny-sd3"], trainer="diffusion_nft")
     t = DiffusionNFTTrainer(cfg)
     assert t.ref_denoiser is not None
     history = t.train()
@@ -270,14 +274,15 @@ def test_ema_without_warmup_blends_at_the_fixed_decay():
 
 
 def test_sample_with_ema_rolls_out_with_the_ema_and_keeps_the_live_weights(tiny_run, tmp_path):
-    cfg = tiny_run(*FORWARD, "train.ema_decay=0.9", "train.sample_with_ema=true", *REQUESTS["tiny-sd3"], trainer="flow_rwr")
+    cfg = tiny_run(*FORWARD, "train.ema_decay=0.9", "train.sample_with_ema=true", *REQUESTS["tiny-sd3"],
+                   trainer="flow_rwr")
     t = FlowRWRTrainer(cfg)
     with torch.no_grad():  # the live weights leave the EMA's (which starts at the loaded weights)
         for p in t.params:
             p.add_(0.05 * torch.randn_like(p))
     live = [p.detach().clone() for p in t.params]
     with_ema = t.rollout_step(0).ro.traj.final
-    assert all(torch.equal(a, p) for a, p in zip(live, t.params))  # restored after the rollout
+    assert all(torch.equal(a, p) for a, p in zip(live, t.params, strict=True))  # restored after the rollout
     t.cfg.train.sample_with_ema = False
     own = t.rollout_step(0).ro.traj.final
     with t.ema.swapped():
@@ -287,11 +292,12 @@ def test_sample_with_ema_rolls_out_with_the_ema_and_keeps_the_live_weights(tiny_
 
 def test_rwr_positive_with_no_spread_trains_nothing(tiny_run, tmp_path):
     # Every group ties: no sample is above its group's mean, so the step keeps none and leaves the weights alone.
-    cfg = tiny_run(*FORWARD, "train.max_steps=1", "train.weighting=positive", *REQUESTS["tiny-sd3"], "rewards={tests.helpers.toy_rewards.Constant: 1.0}", trainer="flow_rwr")
+    cfg = tiny_run(*FORWARD, "train.max_steps=1", "train.weighting=positive", *REQUESTS["tiny-sd3"],
+                   "rewards={tests.helpers.toy_rewards.Constant: 1.0}", trainer="flow_rwr")
     t = FlowRWRTrainer(cfg)
     before = [p.detach().clone() for p in t.params]
     assert t.train()[0]["trained_fraction"] == 0.0
-    assert all(torch.equal(b, p) for b, p in zip(before, t.params))
+    assert all(torch.equal(b, p) for b, p in zip(before, t.params, strict=True))
 
 
 def test_sample_with_ema_resumes_bit_identically(tiny_run, tmp_path):
@@ -324,7 +330,7 @@ def _micro(group_noise, batch_size, groups, k=2, step=5):
     sigma, noise = {}, {}
     for pos, s, j in micro:
         n = draw(pos, j, (len(pos), 3, 4, 4))
-        for p, si, ni in zip(pos.tolist(), s, n):
+        for p, si, ni in zip(pos.tolist(), s, n, strict=True):
             sigma[p, j], noise[p, j] = float(si), ni
     return sigma, noise
 
@@ -354,7 +360,10 @@ def test_group_noise_cancels_a_signal_free_nft_gradient(tiny_run, tmp_path):
     # sample's own noise it is not. 8 samples in micro-batches of 3, 3, 2: it also needs every sample weighed alike.
     norms = {}
     for shared in (False, True):
-        cfg = tiny_run(*FORWARD, "train.max_steps=1", "sampling.same_noise_per_group=true", f"train.group_noise={str(shared).lower()}", *REQUESTS["tiny-sd3"], "rewards={tests.helpers.toy_rewards.BatchPosition: 1.0}", trainer="diffusion_nft", out=tmp_path / str(shared))
+        cfg = tiny_run(*FORWARD, "train.max_steps=1", "sampling.same_noise_per_group=true",
+                       f"train.group_noise={str(shared).lower()}", *REQUESTS["tiny-sd3"],
+                       "rewards={tests.helpers.toy_rewards.BatchPosition: 1.0}", trainer="diffusion_nft",
+                       out=tmp_path / str(shared))
         norms[shared] = DiffusionNFTTrainer(cfg).train()[0]["train/grad_norm"]
     assert norms[False] > 0 and norms[True] < 1e-4 * norms[False]
 
@@ -382,12 +391,14 @@ def test_offline_dpo_trains_from_real_image_files(tiny_run, tmp_path):
     path = _pair_file(tmp_path, rows)
     wc = tmp_path / "w.safetensors"
     WorldAdapter.random(0).save_pretrained(wc)
-    cfg = tiny_run(*FORWARD, "train.mode=offline", f"train.pairs={path}", "train.pairs_per_step=2", "model.finetune=full", "model.height=32", "model.width=32", f"model.path={wc}", "rewards={}", trainer="flow_dpo", model="world", out=tmp_path / "run")
+    cfg = tiny_run(*FORWARD, "train.mode=offline", f"train.pairs={path}", "train.pairs_per_step=2",
+                   "model.finetune=full", "model.height=32", "model.width=32", f"model.path={wc}", "rewards={}",
+                   trainer="flow_dpo", model="world", out=tmp_path / "run")
     t = FlowDPOTrainer(cfg)
     before = [p.detach().clone() for p in t.params]
     history = t.train()
     assert history[0]["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert any(not torch.equal(b, p) for b, p in zip(before, t.params))
+    assert any(not torch.equal(b, p) for b, p in zip(before, t.params, strict=True))
 
 
 @pytest.mark.parametrize("row, message", [
@@ -403,14 +414,16 @@ def test_offline_dpo_stops_on_a_malformed_row_before_any_model_loads(tiny_run, r
         raise AssertionError("a model was loaded before the pair file was checked")
 
     monkeypatch.setattr(visalign.models, "load_model", no_model)
-    cfg = tiny_run(*FORWARD, "train.mode=offline", f"train.pairs={path}", "rewards={}", trainer="flow_dpo", out=tmp_path / "run")
+    cfg = tiny_run(*FORWARD, "train.mode=offline", f"train.pairs={path}", "rewards={}", trainer="flow_dpo",
+                   out=tmp_path / "run")
     with pytest.raises(PairFileError, match=message):
         FlowDPOTrainer(cfg)
 
 
 def test_offline_dpo_rejects_images_of_the_wrong_size(tiny_run, tmp_path):
     path = _pair_file(tmp_path, [{"prompt": "p", "chosen": "img/a.png", "rejected": "img/b.png"}], size=16)
-    cfg = tiny_run(*FORWARD, "train.mode=offline", f"train.pairs={path}", "rewards={}", *REQUESTS["tiny-sd3"], trainer="flow_dpo", out=tmp_path / "run")
+    cfg = tiny_run(*FORWARD, "train.mode=offline", f"train.pairs={path}", "rewards={}", *REQUESTS["tiny-sd3"],
+                   trainer="flow_dpo", out=tmp_path / "run")
     with pytest.raises(PairFileError, match=r"pairs.jsonl:1: 'chosen' image is 16×16; the model trains at 32×32"):
         FlowDPOTrainer(cfg)
 
@@ -467,14 +480,15 @@ def test_offline_dpo_trains_from_video_pairs(tiny_run, tmp_path):
     rows = [{"prompt": "a red circle moving left", "chosen": "vid/a.gif", "rejected": "vid/b"},
             {"prompt": "a blue square", "chosen": "vid/b", "rejected": "vid/c.gif"}]
     path = _video_pair_file(tmp_path, rows)
-    cfg = tiny_run(*FORWARD, "train.mode=offline", f"train.pairs={path}", "train.pairs_per_step=2", *REQUESTS["tiny-wan"], "rewards={}", trainer="flow_dpo", model="tiny-wan", out=tmp_path / "run")
+    cfg = tiny_run(*FORWARD, "train.mode=offline", f"train.pairs={path}", "train.pairs_per_step=2",
+                   *REQUESTS["tiny-wan"], "rewards={}", trainer="flow_dpo", model="tiny-wan", out=tmp_path / "run")
     t = FlowDPOTrainer(cfg)
     x_w, x_l, _, _, _ = t._offline_batch(0)
     assert x_w.shape == x_l.shape == (2, *t.adapter.latent_shape(16, 16, 5))  # [B, C, f, h, w]
     before = [p.detach().clone() for p in t.params]
     history = t.train()
     assert history[0]["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert any(not torch.equal(b, p) for b, p in zip(before, t.params))
+    assert any(not torch.equal(b, p) for b, p in zip(before, t.params, strict=True))
 
 
 @pytest.mark.parametrize("rejected, message", [
@@ -486,7 +500,8 @@ def test_offline_dpo_trains_from_video_pairs(tiny_run, tmp_path):
     ("vid/clip.mp4", r"pairs.jsonl:2: 'rejected' .*clip.mp4: .mp4 videos are not read"),
     ("vid/unpadded", r"pairs.jsonl:2: 'rejected' frame directory .*unpadded: sorted file names are not in"),
 ], ids=["gif-frames", "directory-frames", "size", "missing", "image", "mp4", "unpadded-names"])
-def test_offline_dpo_stops_on_a_bad_video_row_before_any_model_loads(tiny_run, rejected, message, tmp_path, monkeypatch):
+def test_offline_dpo_stops_on_a_bad_video_row_before_any_model_loads(tiny_run, rejected, message, tmp_path,
+                                                                     monkeypatch):
     good = {"prompt": "p", "chosen": "vid/a.gif", "rejected": "vid/b"}
     path = _video_pair_file(tmp_path, [good, {**good, "rejected": rejected}])
     import visalign.models
@@ -495,6 +510,7 @@ def test_offline_dpo_stops_on_a_bad_video_row_before_any_model_loads(tiny_run, r
         raise AssertionError("a model was loaded before the pair file was checked")
 
     monkeypatch.setattr(visalign.models, "load_model", no_model)
-    cfg = tiny_run(*FORWARD, "train.mode=offline", f"train.pairs={path}", "rewards={}", *REQUESTS["tiny-wan"], trainer="flow_dpo", model="tiny-wan", out=tmp_path / "run")
+    cfg = tiny_run(*FORWARD, "train.mode=offline", f"train.pairs={path}", "rewards={}", *REQUESTS["tiny-wan"],
+                   trainer="flow_dpo", model="tiny-wan", out=tmp_path / "run")
     with pytest.raises(PairFileError, match=message):
         FlowDPOTrainer(cfg)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from visalign.cli import main
-from visalign.world.suite import markdown_table, score_world, suite_prompts
 from visalign.sampling import SDEOptions, sample, trajectory_log_prob
 from visalign.world.grammar import TEMPLATES
 from visalign.world.model import SHIPPED, WorldAdapter
 from visalign.world.motion import parse_motion_prompt
 from visalign.world.pretrain import PretrainConfig, _Trainable, batch_for_step, flow_matching_loss, pretrain
 from visalign.world.render import render_batch
+from visalign.world.suite import markdown_table, score_world, suite_prompts
 
 
 @pytest.fixture
@@ -161,7 +161,7 @@ def test_caption_noise_misdescribes_directions_only():
     assert torch.equal(x0, x1) and torch.equal(n0, n1) and torch.equal(s0, s1)
     assert batch_for_step(noisy, 5)[0] == p1  # reproducible per (seed, step)
     changed = 0
-    for a, b in zip(p0, p1):
+    for a, b in zip(p0, p1, strict=True):
         sa, sb = parse_motion_prompt(a), parse_motion_prompt(b)
         assert sa.template == sb.template
         assert [(o.color, o.shape, o.speed, o.stops) for o in sa.objects] == \
@@ -237,7 +237,7 @@ def test_token_embedding_std_redraws_only_the_word_embeddings():
     for name in after:
         if name != key:
             assert torch.equal(before[name], after[name]), name
-    for a, b in zip(plain.denoiser.parameters(), scaled.denoiser.parameters()):
+    for a, b in zip(plain.denoiser.parameters(), scaled.denoiser.parameters(), strict=True):
         assert torch.equal(a, b)
     words = after[key]
     assert abs(words.std().item() - 0.5) < 0.05 and abs(before[key].std().item() - 0.02) < 0.005

@@ -241,7 +241,9 @@ def test_motion_reward_and_suite_scores(truth):
 
 
 def test_travel_score_by_hand():
-    sig = lambda m: 1 / (1 + math.exp(-m / 2.0))  # TRAVEL_SCALE = 2 px
+    def sig(margin):  # TRAVEL_SCALE = 2 px
+        return 1 / (1 + math.exp(-margin / 2.0))
+
     right = MovingObject("red", "circle", "right")
     # 8 px right, 1 px down: margin = 8 - max(1, MIN_TRAVEL) = 5; a missing middle frame is skipped.
     track = [(10.0, 10.0), None] + [(10.0 + k, 10.0 + k / 8) for k in range(2, 9)]
@@ -303,4 +305,4 @@ def test_video_rewards_train_the_world_video_model(tmp_path):
         assert all(math.isfinite(h[f"rewards/{name}/mean"]) for h in history)
     assert "rewards/world-motion/direction_correct/mean" in history[-1] or any(
         "direction_correct" in k for k in history[-1])
-    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params))
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))

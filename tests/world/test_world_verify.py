@@ -78,7 +78,7 @@ def test_render_is_deterministic_and_in_range():
     spec = parse_prompt("three cyan triangles")
     image = render(spec, 5)
     assert image.shape == (3, CANVAS, CANVAS) and image.dtype == torch.float32
-    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert image.min() >= 0.0 and image.max() <= 1.0
     assert torch.equal(image, render(spec, 5))
     assert not torch.equal(image, render(spec, 6))
     generator = torch.Generator().manual_seed(5)
@@ -308,8 +308,8 @@ def test_a_batch_is_detected_once_across_world_rewards(monkeypatch):
     keyed by the pixels, so an edited batch is detected afresh and matches a cold detection."""
     import sys
 
-    from visalign.world.rewards import WorldCleanlinessReward, WorldMotionReward
     from visalign.world.motion import render_clips, sample_motion_specs
+    from visalign.world.rewards import WorldCleanlinessReward, WorldMotionReward
 
     module = sys.modules["visalign.world.verify"]
     specs = sample_motion_specs(4, "seen", generator=5)

@@ -1,1 +1,1 @@
-"""visalign demo (arrives with its issue; see docs/architecture.md)."""
+"""The Gradio comparison demo (`visalign demo`): `app.py` serves it, `screenshot.py` drives it in Chromium."""

@@ -130,7 +130,7 @@ def generate_missing(adapter: FlowModelAdapter, items: list[dict], cfg: RewardEv
         traj = sample(adapter, cond, num_steps=cfg.steps, height=height, width=width, num_frames=cfg.num_frames,
                       guidance_scale=cfg.guidance, seeds=[sample_seed(i, s) for i, s in chunk])
         pixels = torch.from_numpy(to_uint8(adapter.decode(traj.final)))
-        for (i, s), px in zip(chunk, pixels):
+        for (i, s), px in zip(chunk, pixels, strict=True):
             tmp = sample_dir / f"{sample_key(i, s)}.tmp"
             save_file({"pixels": px.contiguous()}, str(tmp))
             tmp.rename(sample_dir / f"{sample_key(i, s)}.safetensors")  # a killed run leaves no half-written sample
@@ -177,7 +177,7 @@ def score_missing(items: list[dict], cfg: RewardEvalConfig, names: list[str], sa
                 with torch.no_grad():
                     scores = combined(reward(prompts=[items[i]["prompt"] for i, _ in chunk], metadata=metadata,
                                              **media)).float().tolist()
-                for (i, s), value in zip(chunk, scores):
+                for (i, s), value in zip(chunk, scores, strict=True):
                     f.write(json.dumps({"key": sample_key(i, s), "reward": name, "score": value}) + "\n")
                 computed += len(chunk)
     return computed
@@ -270,7 +270,8 @@ def comparison_table(results: dict[str, dict], deltas: dict, level: float) -> st
     names = list(results)
     rewards = [k for k in results[names[0]] if not k.startswith("_")]
     pct = round(level * 100)
-    rows = ["| reward | " + " | ".join(names) + " | " + " | ".join(f"Δ {n} ({pct}% CI) | wins" for n in names[1:]) + " |",
+    rows = ["| reward | " + " | ".join(names) + " | " +
+            " | ".join(f"Δ {n} ({pct}% CI) | wins" for n in names[1:]) + " |",
             "|---|" + "---|" * (len(names) + 2 * (len(names) - 1))]
     for reward in rewards:
         cells = [f"{results[n][reward]['mean']:.4f}" for n in names]

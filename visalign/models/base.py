@@ -111,9 +111,11 @@ class FlowModelAdapter(ABC):
                 raise ValueError(f"{label}={v!r} is not allowed for {self.name}: it must be a positive multiple of {m}")
         if self.is_video:
             if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 4:
-                raise ValueError(f"num_frames={num_frames!r} is not allowed for {self.name}: it must be 4k+1 (1, 5, 9, ...)")
+                raise ValueError(f"num_frames={num_frames!r} is not allowed for {self.name}: "
+                                 "it must be 4k+1 (1, 5, 9, ...)")
         elif num_frames not in (None, 1):
-            raise ValueError(f"num_frames={num_frames!r} given to image model {self.name}: allowed values are None or 1")
+            raise ValueError(f"num_frames={num_frames!r} given to image model {self.name}: "
+                             "allowed values are None or 1")
 
     @abstractmethod
     def latent_shape(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:

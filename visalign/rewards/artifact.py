@@ -78,14 +78,14 @@ class ArtifactConfig:
 
 
 class ArtifactNet(nn.Module):
-    """3×3 convs (strides from the config) with batch norm and ReLU, global mean and max pooling, and a linear head to 1 + K logits: [artifact, kind_1 ... kind_K]. Input: images [B, 3, S, S] in
-    [0, 1]."""
+    """3×3 convs (strides from the config) with batch norm and ReLU, global mean and max pooling, and a linear head
+    to 1 + K logits: [artifact, kind_1 ... kind_K]. Input: images [B, 3, S, S] in [0, 1]."""
 
     def __init__(self, config: ArtifactConfig):
         super().__init__()
         self.config = config
         layers, channels = [], 3
-        for width, stride in zip(config.widths, config.strides):
+        for width, stride in zip(config.widths, config.strides, strict=True):
             layers += [nn.Conv2d(channels, width, 3, stride=stride, padding=1, bias=False),
                        nn.BatchNorm2d(width), nn.ReLU()]
             channels = width

@@ -84,14 +84,14 @@ class WeightedSum(_Composite):
 
     def __init__(self, rewards: Mapping[RewardLike, float], name: str = "weighted_sum", **kwargs):
         super().__init__(list(rewards), name, **kwargs)
-        self.weights = {key: float(w) for key, w in zip(self.members, rewards.values())}
+        self.weights = {key: float(w) for key, w in zip(self.members, rewards.values(), strict=True)}
         for key, reward in self.members.items():
             if not reward.higher_is_better and self.weights[key] > 0:
                 raise ValueError(f"{name}: member {key!r} is lower-is-better; give it a negative weight")
         ranges = [r.value_range for r in self.members.values()]
         if all(rng is not None for rng in ranges):
-            low = sum(min(w * lo, w * hi) for w, (lo, hi) in zip(self.weights.values(), ranges))
-            high = sum(max(w * lo, w * hi) for w, (lo, hi) in zip(self.weights.values(), ranges))
+            low = sum(min(w * lo, w * hi) for w, (lo, hi) in zip(self.weights.values(), ranges, strict=True))
+            high = sum(max(w * lo, w * hi) for w, (lo, hi) in zip(self.weights.values(), ranges, strict=True))
             self.value_range = (low, high)
 
     def score(self, *, prompts, images, videos, metadata):
@@ -131,7 +131,7 @@ class LogSigmoidSum(_Composite):
 
     def __init__(self, rewards: Mapping[RewardLike, Reference], name: str = "log_sigmoid_sum", **kwargs):
         super().__init__(list(rewards), name, **kwargs)
-        self.refs = dict(zip(self.members, rewards.values()))
+        self.refs = dict(zip(self.members, rewards.values(), strict=True))
         for key, reward in self.members.items():
             if not reward.higher_is_better:
                 raise ValueError(f"{name}: member {key!r} is lower-is-better; negate it first")

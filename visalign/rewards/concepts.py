@@ -320,7 +320,7 @@ class HFZeroShotDetector:
                 result = self.processor.post_process_grounded_object_detection(
                     outputs, inputs.input_ids, threshold=self.min_score, text_threshold=self.min_score,
                     target_sizes=[(height, width)])[0]
-                lookup = {q.lower(): c for q, c in zip(queries, names)}
+                lookup = {q.lower(): c for q, c in zip(queries, names, strict=True)}
                 labels = [lookup.get(t, t) for t in result["text_labels"]]
             else:
                 inputs = self.processor(text=[queries], images=array, return_tensors="pt").to(self.device)
@@ -332,7 +332,8 @@ class HFZeroShotDetector:
                     outputs, threshold=self.min_score, target_sizes=[size])[0]
                 labels = [names[int(i)] for i in result["labels"]]
             out.append([Detection(label, tuple(float(v) for v in box), float(score))
-                        for label, box, score in zip(labels, result["boxes"].tolist(), result["scores"].tolist())])
+                        for label, box, score in zip(labels, result["boxes"].tolist(), result["scores"].tolist(),
+                                                     strict=True)])
         return out
 
 
@@ -433,7 +434,7 @@ class DetectorConceptReward(Reward):
         classes = [[c["class"] for c in s["include"]] + [c["class"] for c in s["exclude"]] for s in specs]
         detections = self.detector(images, classes)
         values = []
-        for image, spec, dets in zip(images, specs, detections):
+        for image, spec, dets in zip(images, specs, detections, strict=True):
             threshold = self.counting_threshold if spec["tag"] == "counting" else self.threshold
             objects = select_detections(dets, threshold, self.max_objects, self.nms_iou)
             colours = None if self.colours is None else (lambda cls, ds, im=image: self.colours(im, cls, ds))
@@ -518,7 +519,7 @@ class VQAConceptReward(Reward):
             start += len(q)
             scores.append(combine_probabilities(probs, self.combine))
             for g in GROUPS:
-                members = [p for p, (group, _, _) in zip(probs, q) if group == g]
+                members = [p for p, (group, _, _) in zip(probs, q, strict=True) if group == g]
                 out[g].append(torch.stack(members).mean() if members else probs.new_tensor(math.nan))
         result = {g: torch.stack(v).float() for g, v in out.items()}
         result["score"] = torch.stack(scores).float()

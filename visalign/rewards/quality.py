@@ -169,7 +169,7 @@ def dead_leaves(n: int, size: int = 96, seed: int = 0, min_radius: float = 1.0, 
         grey = rng.random(discs)
         canvas = np.full((size * ss, size * ss), rng.random())
         covered = np.zeros_like(canvas, dtype=bool)
-        for i, (r, x, y, g) in enumerate(zip(radius, cx, cy, grey)):
+        for i, (r, x, y, g) in enumerate(zip(radius, cx, cy, grey, strict=True)):
             x0, x1 = np.searchsorted(axis, [x - r, x + r])
             y0, y1 = np.searchsorted(axis, [y - r, y + r])
             if x1 <= x0 or y1 <= y0:

@@ -73,7 +73,7 @@ class BlipVQA:
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
                 probs = self._p_yes(images[chunk], torch.tensor([ids[i] for i in chunk], device=self.device))
-                for i, p in zip(chunk, probs):
+                for i, p in zip(chunk, probs, strict=True):
                     out[i] = p
         return torch.stack(out)
 
@@ -141,7 +141,8 @@ class VLMYesNo:
         prompt_ids = inputs["input_ids"]
         batch = {**inputs, "input_ids": torch.cat([prompt_ids, ids.expand(prompt_ids.shape[0], -1)], 1)}
         if "attention_mask" in inputs:
-            batch["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(batch["input_ids"][:, :len(ids)])], 1)
+            batch["attention_mask"] = torch.cat([inputs["attention_mask"],
+                                                 torch.ones_like(batch["input_ids"][:, :len(ids)])], 1)
         logits = self.model(**batch).logits[:, prompt_ids.shape[1] - 1:-1].float()
         return logits.log_softmax(-1).gather(-1, ids.expand(logits.shape[0], -1)[..., None]).sum((1, 2)).exp()
 
@@ -150,7 +151,7 @@ class VLMYesNo:
         if images.shape[0] != len(questions):
             raise ValueError(f"VLMYesNo: {images.shape[0]} images but {len(questions)} questions")
         out = []
-        for array, question in zip(to_uint8_hwc(images), questions):  # one by one: no padding side effects
+        for array, question in zip(to_uint8_hwc(images), questions, strict=True):  # one by one: no padding side effects
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             inputs = dict(self.processor(images=[array], text=[text], return_tensors="pt").to(self.device))
@@ -186,7 +187,8 @@ def tiny_llava(seed: int = 0, image_size: int = 32):
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                      pre_tokenizers.Punctuation()])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
-                                        bos_token="<s>", eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+                                        bos_token="<s>", eos_token="</s>",
+                                        extra_special_tokens={"image_token": "<image>"})
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     chat = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
             "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"

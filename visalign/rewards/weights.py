@@ -62,7 +62,8 @@ def hf_model_and_processor(model, processor, model_cls, processor_cls, *, dtype:
         processor = model if processor is None else processor
         model = hf_pretrained(model_cls, model, dtype)
     if processor is None:
-        raise ValueError(f"{label}: pass the processor / tokenizer (an object, local dir or hub id) with a model object")
+        raise ValueError(f"{label}: pass the processor / tokenizer (an object, local dir or hub id) "
+                         "with a model object")
     if isinstance(processor, (str, Path)):
         processor = processor_cls.from_pretrained(str(processor))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), processor

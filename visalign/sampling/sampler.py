@@ -178,6 +178,11 @@ def share_noise(noise: Tensor, noise_groups: Sequence[int]) -> Tensor:
     return noise[torch.tensor(source, device=noise.device)]
 
 
+def _at_step(drift: Callable, step: int) -> Callable:
+    """`drift(x0, std, step)` with this step bound (the form `transition` calls)."""
+    return lambda x0, std: drift(x0, std, step)
+
+
 @torch.no_grad()
 def sample(adapter: FlowModelAdapter, cond: Conditioning, *, num_steps: int, height: int, width: int,
            num_frames: int | None = None, guidance_scale: float = 1.0, sde: SDEOptions = ODE,
@@ -217,9 +222,7 @@ def sample(adapter: FlowModelAdapter, cond: Conditioning, *, num_steps: int, hei
         noise = None
         if stochastic[i]:
             noise = draw_noise(shape, batch, gens, generator, device)
-        step_drift = None
-        if drift is not None and stochastic[i]:
-            step_drift = lambda x0, std, i=i: drift(x0, std, i)
+        step_drift = _at_step(drift, i) if drift is not None and stochastic[i] else None
         step = transition(adapter, x, sigmas[i], sigmas[i + 1], cond, guidance_scale, sde, sigmas[1],
                           stochastic=bool(stochastic[i]), noise=noise, drift=step_drift)
         if drift is not None:

@@ -77,4 +77,5 @@ def steer(model, prompts: list[str], rewards, method="fk", *, steps: int = 20, g
     return result
 
 
-__all__ = ["METHODS", "BestOfN", "FKSteering", "ReNO", "RewardDrift", "RewardGuidance", "SteerResult", "as_adapter", "steer"]
+__all__ = ["METHODS", "BestOfN", "FKSteering", "ReNO", "RewardDrift", "RewardGuidance", "SteerResult", "as_adapter",
+           "steer"]

@@ -46,8 +46,7 @@ class SteerConfig:
 
 def run(cfg: SteerConfig) -> dict:
     from visalign.media import save_pixels
-    from visalign.models import DTYPES
-    from visalign.models import load_model
+    from visalign.models import DTYPES, load_model
     from visalign.steering import steer
 
     adapter = load_model(cfg.model, cfg.model_path, torch_dtype=DTYPES[cfg.dtype], device=cfg.device)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from visalign.rewards.base import Reward, combined
 from visalign.models.base import Conditioning, FlowModelAdapter
+from visalign.rewards.base import Reward, combined
 
 # ---- rewards -------------------------------------------------------------------------------------------------
 

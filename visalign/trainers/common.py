@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from visalign import rewards as rewards_lib
-from visalign.rewards.base import Reward, RewardError, combined
 from visalign.models.base import Conditioning, FlowModelAdapter
 from visalign.prompts import PromptSource
+from visalign.rewards.base import Reward, RewardError, combined
 from visalign.sampling import SDEOptions, Trajectory, sample
 
 
@@ -180,13 +180,13 @@ class ParamCopy:
     @torch.no_grad()
     def blend(self, decay: float) -> None:
         """shadow <- decay * shadow + (1 - decay) * live."""
-        for s, p in zip(self.shadow, self.params):
+        for s, p in zip(self.shadow, self.params, strict=True):
             s.lerp_(p.detach(), 1 - decay)
 
     @torch.no_grad()
     def swap(self) -> None:
         """Exchange live and shadow weights (call twice to restore)."""
-        for s, p in zip(self.shadow, self.params):
+        for s, p in zip(self.shadow, self.params, strict=True):
             tmp = p.detach().clone()
             p.copy_(s)
             s.copy_(tmp)
@@ -204,7 +204,7 @@ class ParamCopy:
         return {"shadow": [s.clone() for s in self.shadow]}
 
     def load_state_dict(self, state: dict) -> None:
-        for s, v in zip(self.shadow, state["shadow"]):
+        for s, v in zip(self.shadow, state["shadow"], strict=True):
             s.copy_(v)
 
 

@@ -193,7 +193,7 @@ class FlowDPOTrainer(ForwardTrainer):
             grid = self.adapter.sigmas(cfg.sampling.steps, tuple(x_w.shape[1:]))
             micro, draw = self.micro_batches(len(x_w), step, grid)
             self.model.train()
-            for (idx, sigma, j), (size, last) in zip(micro, self.accumulation(micro)):
+            for (idx, sigma, j), (size, last) in zip(micro, self.accumulation(micro), strict=True):
                 noise = draw(idx, j, x_w[idx].shape).to(x_w.device)  # shared by winner and loser
                 c = cond.index(idx)
                 with torch.no_grad(), self.reference.swapped():

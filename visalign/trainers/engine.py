@@ -20,6 +20,11 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from visalign import rewards as rewards_lib
+from visalign.models import DTYPES
+from visalign.prompts import prompt_source
+from visalign.rewards.registry import FRAMES_PREFIX
+from visalign.sampling import SDEOptions, sample
 from visalign.trainers.advantages import combine_advantages, group_advantages
 from visalign.trainers.common import (
     EMA,
@@ -38,11 +43,6 @@ from visalign.trainers.common import (
     verify_checkpoint,
     write_manifest,
 )
-from visalign import rewards as rewards_lib
-from visalign.models import DTYPES
-from visalign.rewards.registry import FRAMES_PREFIX
-from visalign.prompts import prompt_source
-from visalign.sampling import SDEOptions, sample
 
 
 @dataclass
@@ -80,7 +80,8 @@ class SamplingConfig:
                 "dimensions for the policy gradient; 1 = isotropic; visalign.sampling.SDEOptions)"})
     batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (per process)"})
     drift_scale: float = field(default=0.0, metadata={
-        "help": "Euphonium reward-gradient drift on the SDE steps of rollouts (0 = off; visalign.steering.RewardDrift)"})
+        "help": "Euphonium reward-gradient drift on the SDE steps of rollouts (0 = off; "
+                "visalign.steering.RewardDrift)"})
     drift_mode: Literal["tilt", "fixed"] = field(default="tilt", metadata={
         "help": "tilt: shift = scale * std^2 * grad r; fixed: shift = scale * grad r"})
     drift_normalize: Literal["none", "sample", "batch"] = field(default="none", metadata={
@@ -174,7 +175,8 @@ class BaseTrainConfig:
     advantage_mode: Literal["sum_then_normalize", "normalize_then_sum", "cmo", "hypervolume"] = field(
         default="sum_then_normalize", metadata={
             "help": "multi-reward in advantage space: weighted sum of rewards, of per-reward advantages (GDPO), "
-                    "CMO correlation weights, or hypervolume-guided dynamic weights (visalign.trainers.balance.advantages)"})
+                    "CMO correlation weights, or hypervolume-guided dynamic weights "
+                    "(visalign.trainers.balance.advantages)"})
     cmo_tau: float = field(default=0.5, metadata={"help": "CMO softmax temperature"})
     hypervolume_reference: dict[str, float] | None = field(default=None, metadata={
         "help": "hypervolume reference point per reward (default: each reward's lower value bound)"})
@@ -185,8 +187,8 @@ class BaseTrainConfig:
                 "with Lagrange multipliers updated by dual ascent"})
     constraint_lr: float = field(default=0.1, metadata={"help": "dual-ascent step of the Lagrange multipliers"})
     balance: Literal["none", "sum", "mgda", "pcgrad", "cagrad", "upgrad"] = field(default="none", metadata={
-        "help": "multi-reward balancing in gradient space (visalign.trainers.balance): one gradient per reward, combined by "
-                "this aggregator (flow_grpo, diffusion_nft)"})
+        "help": "multi-reward balancing in gradient space (visalign.trainers.balance): one gradient per reward, "
+                "combined by this aggregator (flow_grpo, diffusion_nft)"})
     balance_ema: float = field(default=0.0, metadata={"help": "EMA decay of the aggregator's coefficients (MARBLE)"})
     balance_normalize: bool = field(default=False, metadata={
         "help": "per-reward gradients to unit norm first; the reward weights then become a preference among them "
@@ -223,7 +225,8 @@ class BaseTrainConfig:
             raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps} must be in [0, max_steps={self.max_steps})")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
-        if self.balance_every < 1 or self.balance_refresh_batches < 1 or not 0 <= self.balance_ema < 1 or self.cagrad_c < 0:
+        if self.balance_every < 1 or self.balance_refresh_batches < 1 or not 0 <= self.balance_ema < 1 \
+                or self.cagrad_c < 0:
             raise ValueError("balance_every and balance_refresh_batches must be >= 1, balance_ema in [0, 1), "
                              "cagrad_c >= 0")
         if not 0 <= self.balance_track < 1:
@@ -304,8 +307,8 @@ def check_rewards(trained: dict[str, float], heldout: list[str], required: bool 
         if train.constraints:
             unknown = [k for k in train.constraints if k not in trained]
             if unknown or len(train.constraints) >= len(trained):
-                raise ValueError(f"train.constraints must name some, not all, trained rewards; got {list(train.constraints)} "
-                                 f"for rewards {list(trained)}")
+                raise ValueError("train.constraints must name some, not all, trained rewards; "
+                                 f"got {list(train.constraints)} for rewards {list(trained)}")
         if train.balance != "none":
             from visalign.trainers.balance.balancer import check_weights
 
@@ -384,11 +387,13 @@ class OnlineTrainer:
         cfg, acc = self.cfg, self.accelerator
         self.source = prompt_source(cfg.train.prompts)
         self.eval_source = prompt_source(cfg.run.eval_prompts or cfg.train.prompts)
-        adapter = load_model(cfg.model.name, cfg.model.path, torch_dtype=DTYPES[cfg.model.dtype], device=str(acc.device))
+        adapter = load_model(cfg.model.name, cfg.model.path, torch_dtype=DTYPES[cfg.model.dtype],
+                             device=str(acc.device))
         adapter.check_request(cfg.model.height, cfg.model.width, cfg.model.num_frames)
         self.ref_denoiser = None
         if cfg.model.finetune == "lora":
-            adapter.add_lora(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, target_modules=cfg.model.lora_targets)
+            adapter.add_lora(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
+                             target_modules=cfg.model.lora_targets)
         else:
             if self.wants_frozen_reference():
                 self.ref_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False)
@@ -703,7 +708,7 @@ class OnlineTrainer:
         """After an alarm: load the checkpoint, among those saved at evaluated steps, where the signal that fell
         was best (the earliest on ties), keeping the alarm's full history. None when no such checkpoint exists."""
         fired = self.alarm.fired
-        values = dict(zip(self.alarm.steps, self.alarm.heldout[fired.signal]))
+        values = dict(zip(self.alarm.steps, self.alarm.heldout[fired.signal], strict=True))
         sign = self.alarm.directions.get(fired.signal, 1)
         candidates = [d for d in checkpoint_dirs(self.out) if int(d.name.split("-")[1]) in values]
         message = {"rolled_back_to": None}
@@ -715,7 +720,8 @@ class OnlineTrainer:
             self.alarm.load_state_dict(history)  # the checkpoint holds an older history; keep the one that fired
             message = {"rolled_back_to": str(best), "step": self.state.step}
         if self.accelerator.is_main_process:
-            tqdm.write(f"rollback: {message['rolled_back_to'] or 'no checkpoint at an evaluated step; keeping the weights'}")
+            tqdm.write(
+                f"rollback: {message['rolled_back_to'] or 'no checkpoint at an evaluated step; keeping the weights'}")
             with (self.out / "alarms.jsonl").open("a") as f:
                 f.write(json.dumps(message) + "\n")
         return best

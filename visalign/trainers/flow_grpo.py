@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from visalign.sampling import trajectory_log_prob
 from visalign.trainers.advantages import best_of_n_mask
 from visalign.trainers.common import checkpoint_dirs, num_trained_steps, step_generator
 from visalign.trainers.engine import (
@@ -34,7 +35,6 @@ from visalign.trainers.engine import (
     check_rewards,
 )
 from visalign.trainers.losses import grpo_loss, guard_log_ratio
-from visalign.sampling import trajectory_log_prob
 
 
 @dataclass
@@ -142,7 +142,7 @@ class FlowGRPOTrainer(OnlineTrainer):
         logs: dict[str, list[float]] = {}
         first_ratio_dev = None
         balance_logs: dict[str, float] = {}
-        for (idx, j), (size, last) in zip(micro, schedule):
+        for (idx, j), (size, last) in zip(micro, schedule, strict=True):
             steps_j = steps_per_sample[idx, j]
             cond = ro.cond.index(idx)
             with self.micro_context(last) if per_reward is None else self.balance_context():
@@ -156,18 +156,16 @@ class FlowGRPOTrainer(OnlineTrainer):
                                                           traj.means[idx, steps_j].to(out.mean.device), out.std),
                              "step_weight": 1.0 / (sig[steps_j] - sig[steps_j + 1])}
                 dev = out.log_prob.device
-
-                def loss_for(a):
-                    return grpo_loss(out.log_prob, old_lp, a[idx].to(dev), cfg.train.clip_range, mask=mask[idx].to(dev),
-                                     mean=out.mean, ref_mean=ref_mean, std=out.std, kl_beta=cfg.train.kl_beta, **guard)
-
+                # One loss per advantage (with train.balance, one per reward), all on this micro-batch's forward.
+                losses = [grpo_loss(out.log_prob, old_lp, a[idx].to(dev), cfg.train.clip_range, mask=mask[idx].to(dev),
+                                    mean=out.mean, ref_mean=ref_mean, std=out.std, kl_beta=cfg.train.kl_beta, **guard)
+                          for a in ([adv] if per_reward is None else per_reward)]
                 if per_reward is None:
-                    loss, m = loss_for(adv)
-                    acc.backward(loss / size)
+                    acc.backward(losses[0][0] / size)
                 else:
-                    for k in range(len(per_reward)):
-                        loss, m = loss_for(per_reward[k])
-                        self.grad_buffer.add(k, loss / size, retain_graph=k + 1 < len(per_reward))
+                    for r, (loss, _) in enumerate(losses):
+                        self.grad_buffer.add(r, loss / size, retain_graph=r + 1 < len(losses))
+                m = losses[-1][1]  # logged: the last reward's metrics
             if first_ratio_dev is None:
                 first_ratio_dev = m["ratio_max_dev"]
             for key, v in m.items():
@@ -191,7 +189,8 @@ class FlowGRPOTrainer(OnlineTrainer):
         """The reference policy's transition mean: LoRA disabled, or the frozen copy for full fine-tuning."""
         if self.ref_denoiser is None:
             with self.adapter.lora_disabled():
-                return trajectory_log_prob(self.adapter, traj, steps_j, cond, self.cfg.sampling.guidance, index=idx).mean
+                return trajectory_log_prob(self.adapter, traj, steps_j, cond, self.cfg.sampling.guidance,
+                                           index=idx).mean
         self.adapter.set_forward_module(self.ref_denoiser)
         try:
             return trajectory_log_prob(self.adapter, traj, steps_j, cond, self.cfg.sampling.guidance, index=idx).mean

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from visalign.trainers.balance import diagnostics, output_space_gram
 from visalign.trainers.common import ParamCopy, step_generator
 from visalign.trainers.engine import (
     REWARD_OPTIONS_HELP,
@@ -34,7 +36,6 @@ from visalign.trainers.engine import (
     check_rewards,
 )
 from visalign.trainers.losses import nft_loss, nft_reward_weight, per_sample_mse, rwr_weights
-from visalign.trainers.balance import diagnostics, output_space_gram
 
 
 def blend_reward_weights(alpha: Tensor, r_k: Tensor) -> tuple[Tensor, float]:
@@ -118,8 +119,10 @@ class ForwardTrainer(OnlineTrainer):
         if shared:
             ids, inverse = torch.unique(groups, return_inverse=True)
             per_group = torch.stack([sample_sigmas(cfg.sigma_sampling, 1, k, grid,
-                                                   step_generator(self.cfg.run.seed, step, _GROUP_SALT + int(i) * (k + 1)),
-                                                   cfg.min_sigma)[0] for i in ids]) if len(ids) else grid.new_zeros(0, k)
+                                                   step_generator(self.cfg.run.seed, step,
+                                                                  _GROUP_SALT + int(i) * (k + 1)),
+                                                   cfg.min_sigma)[0]
+                                     for i in ids]) if len(ids) else grid.new_zeros(0, k)
             sigmas = per_group[inverse]
         else:
             sigmas = sample_sigmas(cfg.sigma_sampling, n, k, grid, g, cfg.min_sigma)
@@ -213,7 +216,7 @@ class FlowRWRTrainer(ForwardTrainer):
         micro, draw = self.micro_batches(len(keep), step, rs.ro.traj.sigmas, rs.plan.groups[keep])
         self.model.train()
         logs: dict[str, list[float]] = {}
-        for (pos, sigma, j), (size, last) in zip(micro, self.accumulation(micro)):
+        for (pos, sigma, j), (size, last) in zip(micro, self.accumulation(micro), strict=True):
             idx = keep[pos]
             noise = draw(pos, j, x0[idx].shape).to(x0.device)
             target = noise - x0[idx]
@@ -337,7 +340,7 @@ class DiffusionNFTTrainer(ForwardTrainer):
         # update copied them whole (decay 0: the first step, or train.old_decay_rate=0): v_old is then the trained
         # pass's own velocity, detached, and the old-policy pass is skipped.
         old_is_live = step == 0 or self.old_decay(step - 1) == 0
-        for i, ((pos, sigma, j), (size, last)) in enumerate(zip(micro, schedule)):
+        for i, ((pos, sigma, j), (size, last)) in enumerate(zip(micro, schedule, strict=True)):
             idx = keep[pos]
             noise = draw(pos, j, x0[idx].shape).to(x0.device)
             x_t = noised(x0[idx], noise, sigma)
@@ -347,12 +350,8 @@ class DiffusionNFTTrainer(ForwardTrainer):
                 with torch.no_grad(), self.old.swapped():
                     v_old = self.velocity(x_t, sigma, cond)
             v_ref = self.reference_velocity(x_t, sigma, cond) if cfg.train.kl_beta > 0 else None
-
-            def loss_for(v, weights):
-                return nft_loss(v, v.detach() if v_old is None else v_old, x_t, x0[idx], sigma,
-                                weights[idx].to(v.device), cfg.train.nft_beta, cfg.train.adv_clip, v_ref=v_ref,
-                                kl_beta=cfg.train.kl_beta)
-
+            # loss_for(v, weights): the NFT loss of velocity v with per-sample reward weights [n] (indexed here).
+            loss_for = partial(self._nft_loss, v_old=v_old, x_t=x_t, x0=x0[idx], sigma=sigma, idx=idx, v_ref=v_ref)
             if r_k is None:
                 with self.micro_context(last):
                     loss, m = loss_for(self.velocity(x_t, sigma, cond), r)
@@ -383,9 +382,9 @@ class DiffusionNFTTrainer(ForwardTrainer):
                 # Explicit per-reward gradients (and the amortised form's Gram refresh on its first n_refresh).
                 with self.balance_context():
                     v = self.velocity(x_t, sigma, cond)
-                    for k in range(len(r_k)):
-                        loss, m = loss_for(v, r_k[k])
-                        self.grad_buffer.add(k, loss / size, retain_graph=k + 1 < len(r_k))
+                    for r_i in range(len(r_k)):
+                        loss, m = loss_for(v, r_k[r_i])
+                        self.grad_buffer.add(r_i, loss / size, retain_graph=r_i + 1 < len(r_k))
                 if last or (cfg.train.balance_amortized and i == n_refresh - 1):
                     alpha, balance_logs = self.balance_update()
                     self.grad_buffer.apply(alpha)
@@ -405,5 +404,13 @@ class DiffusionNFTTrainer(ForwardTrainer):
                    "trained_fraction": len(keep) / max(1, len(r)), "invalid_rewards": int((~rs.valid).sum()),
                    "time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0}
         return metrics
+
+    def _nft_loss(self, v: Tensor, weights: Tensor, *, v_old: Tensor | None, x_t: Tensor, x0: Tensor, sigma: Tensor,
+                  idx: Tensor, v_ref: Tensor | None) -> tuple[Tensor, dict]:
+        """DiffusionNFT's loss of the live velocity `v` on one micro-batch; v_old None: the old policy is the live
+        weights themselves (its velocity is v, detached)."""
+        train = self.cfg.train
+        return nft_loss(v, v.detach() if v_old is None else v_old, x_t, x0, sigma, weights[idx].to(v.device),
+                        train.nft_beta, train.adv_clip, v_ref=v_ref, kl_beta=train.kl_beta)
 
 __all__ = ["DiffusionNFTConfig", "DiffusionNFTTrainer", "FlowRWRConfig", "FlowRWRTrainer", "noised", "sample_sigmas"]

@@ -125,7 +125,8 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x0: Tensor, sigma: Ten
 
         v+ = beta v_theta + (1 - beta) v_old,      v- = (1 + beta) v_old - beta v_theta,
         x0± = x_t - sigma v±,    w± = stopgrad(mean |x0± - x0|)   (adaptive per-sample weighting),
-        L_i = A_max / beta * [ r_i ||x0+ - x0||² / w+  +  (1 - r_i) ||x0- - x0||² / w- ]  (+ kl_beta ||v_theta - v_ref||²),
+        L_i = A_max / beta * [ r_i ||x0+ - x0||² / w+  +  (1 - r_i) ||x0- - x0||² / w- ]
+              (+ kl_beta ||v_theta - v_ref||²),
 
     with ||·||² the mean over dimensions. L_i is affine in the reward weight r_i: L_i = L-_i + r_i (L+_i - L-_i),
     which the multi-reward balancing relies on. The weights are floored at 1e-5 to avoid dividing by zero.

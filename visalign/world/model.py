@@ -301,7 +301,8 @@ class WorldAdapter(FlowModelAdapter):
         path = Path(path)
         if not path.exists():
             raise ValueError(f"LoRA path {str(path)!r} does not exist")
-        directory, weight_name = (path, "pytorch_lora_weights.safetensors") if path.is_dir() else (path.parent, path.name)
+        directory, weight_name = (path, "pytorch_lora_weights.safetensors") if path.is_dir() \
+            else (path.parent, path.name)
         self.denoiser.load_lora_adapter(str(directory), weight_name=weight_name, adapter_name=adapter_name,
                                         prefix=None, use_safetensors=True)
         self.denoiser.requires_grad_(False)

@@ -282,9 +282,9 @@ def sample_clip_layout(spec: MotionSpec, rng: random.Random, attempts: int = 200
             tracks.append([PlacedShape(obj.shape, rgb, cx + ox, cy + oy, width)
                            for ox, oy in (frame_offset(obj, speed, f) for f in range(NUM_FRAMES))])
         inside = all(min(s.bbox[:2]) >= BORDER and max(s.bbox[2:]) <= CANVAS - BORDER for t in tracks for s in t)
-        apart = len(tracks) == 1 or all(_boxes_apart(a.bbox, b.bbox) for a, b in zip(*tracks))
+        apart = len(tracks) == 1 or all(_boxes_apart(a.bbox, b.bbox) for a, b in zip(*tracks, strict=True))
         if inside and apart:
-            return [list(frame) for frame in zip(*tracks)]
+            return [list(frame) for frame in zip(*tracks, strict=True)]
     raise RuntimeError(f"could not place {spec.prompt!r} in {attempts} attempts")
 
 
@@ -432,9 +432,11 @@ def verify_motion(videos: torch.Tensor, specs: list[MotionSpec | str]) -> Motion
         score.append(sum(verdicts) / len(verdicts))
         all_concepts.append(concepts)
         all_tracks.append(tracks)
-    t = lambda xs: torch.tensor(xs, dtype=torch.float32)
-    return MotionResult(**{g: t(v) for g, v in groups.items()}, direction_correct=t(direction_ok),
-                        passed=t(passed), score=t(score), concepts=all_concepts, tracks=all_tracks)
+    def floats(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32)
+
+    return MotionResult(**{g: floats(v) for g, v in groups.items()}, direction_correct=floats(direction_ok),
+                        passed=floats(passed), score=floats(score), concepts=all_concepts, tracks=all_tracks)
 
 
 TRAVEL_SCALE = 2.0  # px: the width of the graded travel score's sigmoid
@@ -464,5 +466,6 @@ def travel_score(obj: MovingObject, track: list[tuple[float, float] | None]) -> 
 def travel_scores(result: MotionResult, specs: list[MotionSpec | str]) -> torch.Tensor:
     """[B]: the mean `travel_score` over each clip's objects, from the tracks `verify_motion` returned."""
     specs = [parse_motion_prompt(s) if isinstance(s, str) else s for s in specs]
-    return torch.tensor([sum(travel_score(o, tr) for o, tr in zip(spec.objects, tracks)) / len(spec.objects)
-                         for spec, tracks in zip(specs, result.tracks)], dtype=torch.float32)
+    return torch.tensor([sum(travel_score(o, tr)
+                             for o, tr in zip(spec.objects, tracks, strict=True)) / len(spec.objects)
+                         for spec, tracks in zip(specs, result.tracks, strict=True)], dtype=torch.float32)

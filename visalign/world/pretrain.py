@@ -110,7 +110,7 @@ def batch_for_step(cfg: PretrainConfig, step: int):
         specs = sample_specs(cfg.batch_size, "seen", cfg.template_names, generator=g)
         x0 = render_batch(specs, g) * 2 - 1
     drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout
-    prompts = ["" if d else s.prompt for s, d in zip(specs, drop.tolist())]
+    prompts = ["" if d else s.prompt for s, d in zip(specs, drop.tolist(), strict=True)]
     noise = torch.randn(x0.shape, generator=g)
     sigma = torch.sigmoid(torch.randn(cfg.batch_size, generator=g) * cfg.logit_normal_std)
     return prompts, x0, noise, sigma
@@ -166,7 +166,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
                                      bf16=cfg.bf16)
         with torch.no_grad():
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up so early EMA is not the init
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
+            for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
                 p_ema.lerp_(p, 1 - decay)
         loss_avg = metrics["loss"] if loss_avg is None else 0.98 * loss_avg + 0.02 * metrics["loss"]
         bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{_lr(cfg, step):.1e}")

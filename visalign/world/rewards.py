@@ -135,7 +135,7 @@ class WorldSoftReward(Reward):
         coords = (torch.arange(size, dtype=images.dtype, device=images.device) + 0.5) / size
         area = (0.3 * size) ** 2  # about one medium shape, in pixels
         scores = []
-        for image, spec in zip(images, specs):
+        for image, spec in zip(images, specs, strict=True):
             terms, centres = [], []
             for obj in spec.objects:
                 rgb = torch.tensor(COLORS[obj.color], dtype=image.dtype, device=image.device)[:, None, None]

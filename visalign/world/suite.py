@@ -83,13 +83,13 @@ def score_world(images: torch.Tensor, specs: list[SceneSpec]) -> dict:
     templates = [s.template for s in specs]
 
     def mean_where(values, keep):
-        picked = [float(v) for v, k in zip(values, keep) if k]
+        picked = [float(v) for v, k in zip(values, keep, strict=True) if k]
         return sum(picked) / len(picked) if picked else float("nan")
 
     def concept_rate(kind: str, only: tuple[str, ...] | None = None) -> float:
         """Fraction satisfied among concepts of one kind (names "<object>/<kind>" or "<kind>"), optionally
         only in some templates."""
-        hits = [ok for spec, concepts in zip(specs, main.concepts) if only is None or spec.template in only
+        hits = [ok for spec, concepts in zip(specs, main.concepts, strict=True) if only is None or spec.template in only
                 for name, ok in concepts.items() if name.rsplit("/", 1)[-1] == kind]
         return sum(hits) / len(hits) if hits else float("nan")
 
@@ -198,8 +198,8 @@ def comparison_table(results: dict[str, dict[str, dict]], deltas: dict) -> str:
             "|---|---|" + "---|" * (len(names) + len(names) - 1)]
     for split in results[names[0]]:
         for t in ["overall", *results[names[0]][split]["templates"]]:
-            accs = [results[n][split]["overall"] if t == "overall" else results[n][split]["templates"][t]["whole_prompt"]
-                    for n in names]
+            accs = [results[n][split]["overall"] if t == "overall"
+                    else results[n][split]["templates"][t]["whole_prompt"] for n in names]
             ds = [deltas[n][split][t] for n in names[1:]]
             rows.append(f"| {split} | {t} | " + " | ".join(f"{a:.3f}" for a in accs) + " | " +
                         " | ".join(f"{d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in ds) + " |")

@@ -311,7 +311,7 @@ def _concepts(spec: SceneSpec, detections: list[Detection], judge: Judge) -> lis
     shapes = {judge.shape_of(det) for det in detections}
     matches = [[det for det in detections if judge.matches(det, obj)] for obj in spec.objects]
     concepts = []
-    for obj, found in zip(spec.objects, matches):
+    for obj, found in zip(spec.objects, matches, strict=True):
         name = f"{obj.color} {obj.shape}"
         concepts += [
             ("object", f"{name}/object", bool(found)),
@@ -343,7 +343,7 @@ def _no_extra(
 ) -> bool:
     """Every detection is a mentioned object and each mentioned object appears exactly `count` times."""
     explained = sum(any(judge.matches(det, obj) for obj in spec.objects) for det in detections)
-    exact = all(len(found) == obj.count for obj, found in zip(spec.objects, matches))
+    exact = all(len(found) == obj.count for obj, found in zip(spec.objects, matches, strict=True))
     return explained == len(detections) and exact
 
 
@@ -360,7 +360,7 @@ def verify(images: torch.Tensor, specs: list[SceneSpec | str], strict: bool = Fa
     judge = STRICT_JUDGE if strict else MAIN_JUDGE
 
     # 2. Detect objects and judge every concept.
-    per_sample = [_concepts(spec, dets, judge) for spec, dets in zip(specs, detect_objects(images))]
+    per_sample = [_concepts(spec, dets, judge) for spec, dets in zip(specs, detect_objects(images), strict=True)]
 
     # 3. Aggregate per group, NaN where the group does not apply.
     groups = {}

@@ -6,8 +6,8 @@ with alpha from the Gram matrix (`Balancer`: sum, mgda, pcgrad, cagrad, upgrad; 
 is affine in each sample's reward weight, so with `train.balance_amortized` the same update costs one backward
 with blended weights and the Gram matrix is refreshed every `train.balance_every` steps (MARBLE), or, with
 `train.balance_gram=output`, taken over the whole step in the space of the predicted velocity (MGDA-UB, nearly
-free) and applied to the next step. Advantage-space
-alternatives (GDPO, CMO, Parrot, Lagrange thresholds, hypervolume weights) live in `visalign.trainers.balance.advantages`.
+free) and applied to the next step. Advantage-space alternatives (GDPO, CMO, Parrot, Lagrange thresholds,
+hypervolume weights) live in `visalign.trainers.balance.advantages`.
 """
 
 from visalign.trainers.balance.advantages import (

@@ -72,8 +72,8 @@ class Balancer:
         if not 0 <= ema < 1:
             raise ValueError(f"balance ema={ema} must be in [0, 1)")
         if safeguard and method not in SAFE:
-            raise ValueError(f"the balance safeguard needs an aggregator whose update never conflicts ({', '.join(SAFE)}), "
-                             f"not {method!r}")
+            raise ValueError("the balance safeguard needs an aggregator whose update never conflicts "
+                             f"({', '.join(SAFE)}), not {method!r}")
         check_weights(method, reward_weights, normalize)
         self.method, self.names = method, list(reward_weights)
         self.w = torch.tensor([float(v) for v in reward_weights.values()], dtype=torch.float64)

@@ -20,7 +20,7 @@ class GradientBuffer:
         """J[k] += d loss / d params (parameters the loss does not reach add nothing)."""
         grads = torch.autograd.grad(loss, self.params, retain_graph=retain_graph, allow_unused=True)
         offset = 0
-        for g, n in zip(grads, self.sizes):
+        for g, n in zip(grads, self.sizes, strict=True):
             if g is not None:
                 self.J[k, offset:offset + n].add_(g.reshape(-1).float())
             offset += n
@@ -37,7 +37,7 @@ class GradientBuffer:
         """Write d = Σ_k alpha_k J[k] into the parameters' .grad (added to what is there) and return d."""
         d = (alpha.to(self.J.device, torch.float64)[:, None] * self.J.double()).sum(0).float()
         offset = 0
-        for p, n in zip(self.params, self.sizes):
+        for p, n in zip(self.params, self.sizes, strict=True):
             part = d[offset:offset + n].view_as(p).to(p.dtype)
             p.grad = part.clone() if p.grad is None else p.grad + part
             offset += n
