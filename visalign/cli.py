@@ -1,5 +1,7 @@
-"""The `visalign` command line. Subcommands arrive with their issues; each reads a config dataclass from an
-optional YAML file, then flags, then dotted `key=value` overrides, and validates it before any compute."""
+"""The `visalign` command line. Each subcommand reads a config dataclass from an optional YAML file, then flags,
+then dotted `key=value` overrides, and validates it before any compute.
+
+Each handler imports what it runs, so `visalign --help` and a config error answer without loading torch."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageSequence
 from torch import Tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -91,7 +92,6 @@ def read_pairs(path: str | Path, size: tuple[int, int] | None = None, num_frames
 
 def _check_media(file: Path, where: str, size: tuple[int, int] | None, num_frames: int | None) -> None:
     """Kind, frame count and size of one row's image or video (Pillow opens lazily: images are not decoded)."""
-    from PIL import Image
 
     suffix = file.suffix.lower()
     is_video = file.is_dir() or suffix in VIDEO_SUFFIXES
@@ -144,7 +144,6 @@ def frame_files(directory: str | Path) -> list[Path]:
 
 def load_image(path: str | Path) -> Tensor:
     """An image file as a float tensor [3, H, W] in [0, 1] (RGB; alpha dropped)."""
-    from PIL import Image
 
     try:
         with Image.open(path) as image:
@@ -156,7 +155,6 @@ def load_image(path: str | Path) -> Tensor:
 
 def load_video(path: str | Path) -> Tensor:
     """An animated GIF or a directory of frame images as a float tensor [F, 3, H, W] in [0, 1] (RGB)."""
-    from PIL import Image, ImageSequence
 
     path = Path(path)
     if path.is_dir():

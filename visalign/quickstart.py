@@ -10,7 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from visalign.models import load_model
+from visalign.trainers import load_train_config
+from visalign.trainers.flow_grpo import FlowGRPOTrainer
 from visalign.world.suite import TEMPLATES, WorldEvalConfig, evaluate_world
 
 # Flow-GRPO on the world (configs/flow_grpo_world.yaml, written out so the installed package needs no files).
@@ -38,8 +42,6 @@ def _delta_table(before: dict, after: dict) -> str:
 
 
 def _side_by_side(left: Path, right: Path, out: Path) -> None:
-    from PIL import Image
-
     a, b = Image.open(left).convert("RGB"), Image.open(right).convert("RGB")
     canvas = Image.new("RGB", (a.width + b.width + 16, max(a.height, b.height)), "white")
     canvas.paste(a, (0, 0))
@@ -49,9 +51,6 @@ def _side_by_side(left: Path, right: Path, out: Path) -> None:
 
 def quickstart(out: str | Path, steps: int = 10, n_per_template: int = 16, extra: list[str] = ()) -> str:
     """Run the main job into `out`; returns the before/after markdown table."""
-    from visalign.models import load_model
-    from visalign.trainers import load_train_config
-    from visalign.trainers.flow_grpo import FlowGRPOTrainer
 
     out = Path(out)
     cfg = load_train_config(None, [*TRAIN_OVERRIDES, f"train.max_steps={steps}", f"run.out_dir={out / 'run'}",

@@ -369,9 +369,12 @@ def test_grpo_balanced_sum_equals_normalize_then_sum(tiny_run, tmp_path):
     # gradient path with the weighted-sum aggregator must reproduce GDPO's single backward.
     balanced, m = applied_gradients(tiny_run(*balance_overrides("flow_grpo"), "train.balance=sum", trainer="flow_grpo",
                                              out=tmp_path / "a"))
-    gdpo, _ = applied_gradients(tiny_run(*balance_overrides("flow_grpo"), "train.advantage_mode=normalize_then_sum",
-                                         trainer="flow_grpo", out=tmp_path / "b"))
+    gdpo, m_gdpo = applied_gradients(tiny_run(*balance_overrides("flow_grpo"),
+                                              "train.advantage_mode=normalize_then_sum", trainer="flow_grpo",
+                                              out=tmp_path / "b"))
     torch.testing.assert_close(balanced, gdpo, atol=1e-6 * float(gdpo.abs().max()), rtol=1e-5)
+    # 4 SDE steps, the last never trained: 3 per sample, whether or not the rewards are balanced
+    assert m["train/trained_timesteps"] == m_gdpo["train/trained_timesteps"] == 3
     for key in ("balance/worst_cos", "balance/cos_update/tests.helpers.toy_rewards.RedChannel",
                 "balance/cos/tests.helpers.toy_rewards.MeanBrightness|tests.helpers.toy_rewards.RedChannel"):
         assert -1 <= m[key] <= 1

@@ -16,10 +16,24 @@ scores are computed on exactly those images.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
+
+from visalign import rewards as rewards_lib
+from visalign.media import to_uint8
+from visalign.models import load_model
+from visalign.rewards.base import combined
+from visalign.sampling import sample
+from visalign.steering import steer
+from visalign.world.grammar import parse_prompt
+from visalign.world.verify import verify
+
+# gradio, pandas and matplotlib are imported where the page is built or a table drawn: the demo extra
+# installs them, and the rest of visalign does not need them.
 
 STEER_METHODS = ("none", "best_of_n", "fk", "guidance")
 
@@ -50,7 +64,6 @@ class DemoConfig:
             raise ValueError(f"runs directory {self.runs_dir!r} does not exist")
         if not self.rewards:
             raise ValueError("the demo needs at least one reward")
-        from visalign import rewards as rewards_lib
 
         world = self.model == "world"
         if self.steer_rewards is None:
@@ -67,24 +80,17 @@ class DemoError(ValueError):
 
 def _quantise(pixels: torch.Tensor) -> torch.Tensor:
     """8-bit images as float in [0, 1]: what the page shows is exactly what is scored."""
-    from visalign.media import to_uint8
 
     return torch.from_numpy(to_uint8(pixels)).float() / 255
 
 
 def _pil(pixels: torch.Tensor, scale: int):
-    from PIL import Image
-
-    from visalign.media import to_uint8
-
     img = Image.fromarray(to_uint8(pixels.permute(1, 2, 0)))
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
 class Demo:
     def __init__(self, cfg: DemoConfig):
-        from visalign.models import load_model
-
         self.cfg = cfg
         self.base = load_model(cfg.model, cfg.model_path)
         self._aligned: dict[str, object] = {}
@@ -98,8 +104,6 @@ class Demo:
         if label not in self.cfg.checkpoints:
             raise DemoError(f"unknown checkpoint {label!r}; configured: {', '.join(self.cfg.checkpoints) or 'none'}")
         if label not in self._aligned:
-            from visalign.models import load_model
-
             path = self.cfg.checkpoints[label]
             if path.startswith("lora:"):
                 adapter = load_model(self.cfg.model, self.cfg.model_path)
@@ -130,8 +134,6 @@ class Demo:
     # ---- generation and scoring --------------------------------------------------------------------------
     @torch.no_grad()
     def samples(self, label: str, prompt: str, seed: int, steps: int, guidance: float, size: int, n: int):
-        from visalign.sampling import sample
-
         adapter = self.adapter(label)
         cond = adapter.encode_prompts([prompt], cfg=guidance > 1).repeat_interleave(n)  # encode once
         traj = sample(adapter, cond, num_steps=steps, height=size, width=size, guidance_scale=guidance,
@@ -139,8 +141,6 @@ class Demo:
         return _quantise(adapter.decode(traj.final).float().cpu())
 
     def steered(self, prompt, seed, steps, guidance, size, n, method, k, lam):
-        from visalign.steering import steer
-
         if method == "guidance":
             if not self.cfg.guidance_rewards:
                 raise DemoError("guidance needs a differentiable reward among the demo's rewards")
@@ -159,13 +159,8 @@ class Demo:
         """Rows: one per (column, sample) with every selected reward, and the world's per-concept verdicts."""
         import pandas as pd
 
-        from visalign import rewards as rewards_lib
-        from visalign.rewards.base import combined
-
         specs = None
         if self.base.name == "world":
-            from visalign.world.grammar import parse_prompt
-
             try:
                 specs = parse_prompt(prompt)
             except ValueError:
@@ -178,8 +173,6 @@ class Demo:
                 scores[name] = combined(reward(prompts=[prompt] * len(images), images=images)).float().tolist()
             verdicts = None
             if specs is not None:
-                from visalign.world.verify import verify
-
                 verdicts = verify(images, [specs] * len(images)).concepts
             for j in range(len(images)):
                 row = {"column": label, "sample": j, **{name: round(scores[name][j], 4) for name in rewards}}
@@ -227,9 +220,6 @@ class Demo:
     def score(self, image, prompt, rewards):
         """Score an uploaded image (numpy HWC uint8) with the selected rewards."""
         import pandas as pd
-
-        from visalign import rewards as rewards_lib
-        from visalign.rewards.base import combined
 
         if image is None:
             raise DemoError("upload an image")
@@ -387,7 +377,6 @@ def build_app(demo: Demo, autorun: bool = False):
 def wait_idle(app, timeout: float = 120.0) -> bool:
     """Wait until the app's queue runs no job (before closing it: a job cut off at interpreter exit aborts the
     process). True when idle; reads gradio's queue state, so on an unknown gradio layout it returns at once."""
-    import time
 
     queue = getattr(app, "_queue", None)
     if queue is None or not hasattr(queue, "active_jobs"):

@@ -1,6 +1,6 @@
 """Headless-Chromium screenshot of the demo after one comparison (the README image and the browser test).
 
-    .venv/bin/python -m demo.screenshot docs/images/demo_compare.png [LABEL=CHECKPOINT ...]
+    .venv/bin/python -m visalign.demo.screenshot docs/images/demo_compare.png [LABEL=CHECKPOINT ...]
 
 Starts the demo on 127.0.0.1, drives Debian's chromium with Playwright (its bundled driver; the browser is the
 system's, nothing is downloaded): loads the page, clicks Compare, waits for the score tables and the sample
@@ -26,7 +26,7 @@ def screenshot(url: str, out: str | Path, expected_images: int = 8, width: int =
                timeout_ms: int = 180_000) -> Path:
     """Load the demo at `url`, run one comparison with the page's default inputs (4 seeds × base and steered =
     8 images, more with aligned checkpoints), save a full-page PNG."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # optional: the dev extra installs it
 
     exe = chromium()
     if exe is None:
@@ -50,6 +50,7 @@ def screenshot(url: str, out: str | Path, expected_images: int = 8, width: int =
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The app (torch, the models) loads only to serve: the tests' browser marker imports this module at collection.
     from visalign.demo.app import DemoConfig, launch, wait_idle
 
     argv = sys.argv[1:] if argv is None else argv

@@ -31,9 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from visalign import rewards as rewards_lib
 from visalign.eval.stats import bootstrap_mean_ci, paired_delta
+from visalign.media import save_pixels, to_uint8
 from visalign.models.base import FlowModelAdapter
 from visalign.prompts import prompt_source
+from visalign.rewards.base import combined
+from visalign.sampling import sample
 
 PRESETS: dict[str, list[str]] = {
     "preference": ["pickscore", "hpsv2.1", "imagereward", "aesthetic"],
@@ -82,7 +86,6 @@ class RewardEvalConfig:
             raise ValueError(f"guidance={self.guidance} must be >= 0")
         if len(set(self.compare)) != len(self.compare):
             raise ValueError(f"compare entries must be distinct, got {self.compare}")
-        from visalign import rewards as rewards_lib
 
         for name in self.rewards:
             if name not in rewards_lib.REGISTRY and "." not in name:
@@ -115,8 +118,6 @@ def sample_seed(index: int, seed: int) -> int:
 def generate_missing(adapter: FlowModelAdapter, items: list[dict], cfg: RewardEvalConfig, sample_dir: Path,
                      progress: bool = True) -> int:
     """Generate and store every (prompt, seed) sample not yet in `sample_dir`; returns how many were made."""
-    from visalign.media import to_uint8
-    from visalign.sampling import sample
 
     todo = [(i, s) for s in cfg.seeds for i in range(len(items))
             if not (sample_dir / f"{sample_key(i, s)}.safetensors").exists()]
@@ -153,8 +154,6 @@ def read_scores(path: Path) -> dict[tuple[str, str], float]:
 def score_missing(items: list[dict], cfg: RewardEvalConfig, names: list[str], sample_dir: Path, score_path: Path,
                   progress: bool = True) -> int:
     """Score every (sample, reward) pair not yet in scores.jsonl; returns how many scores were computed."""
-    from visalign import rewards as rewards_lib
-    from visalign.rewards.base import combined
 
     done = read_scores(score_path)
     if score_path.exists() and score_path.stat().st_size and not score_path.read_bytes().endswith(b"\n"):
@@ -218,7 +217,6 @@ def markdown_table(results: dict, level: float) -> str:
 
 def evaluate_rewards(adapter: FlowModelAdapter, cfg: RewardEvalConfig, progress: bool = True) -> dict:
     """Run (or resume) the suite for one model; writes samples/, scores.jsonl, results.json/.md and grid.png."""
-    from visalign.media import save_pixels
 
     if not cfg.rewards:
         raise ValueError("no rewards to evaluate: set rewards (or use a preset suite)")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from visalign.models import diffusers_adapters, tiny
 from visalign.models.base import Conditioning, FlowModelAdapter, resolve_model_path
 from visalign.registry import lookup
 
@@ -21,8 +22,6 @@ def _from_pretrained(class_name: str) -> Callable[..., FlowModelAdapter]:
     def load(path=None, **kwargs):
         if path is None:
             raise ValueError(f"model {class_name} needs --model-path (a local directory or a hub id)")
-        from visalign.models import diffusers_adapters  # diffusers' pipelines take seconds to import
-
 
         return getattr(diffusers_adapters, class_name).from_pretrained(path, **kwargs)
 
@@ -31,9 +30,6 @@ def _from_pretrained(class_name: str) -> Callable[..., FlowModelAdapter]:
 
 def _tiny(fn_name: str) -> Callable[..., FlowModelAdapter]:
     def load(path=None, seed: int = 0, **_):
-        from visalign.models import tiny  # imports diffusers' pipelines: seconds
-
-
         return getattr(tiny, fn_name)(seed)
 
     return load

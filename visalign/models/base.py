@@ -198,7 +198,7 @@ class FlowModelAdapter(ABC):
     def add_lora(self, rank: int = 32, alpha: float | None = None, target_modules: list[str] | None = None,
                  init_lora_weights: str | bool = "gaussian", adapter_name: str = "default") -> None:
         """Attach a LoRA adapter to the denoiser and freeze everything else."""
-        from peft import LoraConfig
+        from peft import LoraConfig  # peft takes seconds to import; only LoRA needs it
 
         config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
                             target_modules=list(target_modules or self.default_lora_targets),
@@ -215,7 +215,7 @@ class FlowModelAdapter(ABC):
 
     def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
         """Write the adapter as `pytorch_lora_weights.safetensors` in diffusers' format (with its rank/alpha)."""
-        from peft.utils import get_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict  # as above
 
         state = get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
         metadata = self.denoiser.peft_config[adapter_name].to_dict()

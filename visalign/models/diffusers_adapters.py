@@ -15,6 +15,9 @@ from torch import Tensor
 
 from visalign.models.base import Conditioning, FlowModelAdapter, resolve_model_path
 
+# diffusers' pipelines are imported where a pipeline is loaded: they take seconds to import, and the model
+# registry imports this module.
+
 
 def _calculate_shift(seq_len: int, config) -> float:
     """Resolution-dependent shift mu, as diffusers' `calculate_shift` (FLUX / SD3.5 dynamic shifting):

@@ -10,6 +10,11 @@ from pathlib import Path
 
 import torch
 
+from visalign.models.diffusers_adapters import FluxAdapter, SD3Adapter, WanAdapter
+
+# diffusers and transformers are imported where a tiny model is built: they take seconds to import, and the
+# rewards read this module's TOKENIZERS path.
+
 TOKENIZERS = Path(__file__).resolve().parents[1] / "assets" / "tiny_tokenizers"
 
 
@@ -119,18 +124,12 @@ def tiny_wan_pipeline(seed: int = 0):
 
 
 def tiny_sd3(seed: int = 0, **_):
-    from visalign.models.diffusers_adapters import SD3Adapter
-
     return SD3Adapter(tiny_sd3_pipeline(seed), max_sequence_length=32)
 
 
 def tiny_flux(seed: int = 0, **_):
-    from visalign.models.diffusers_adapters import FluxAdapter
-
     return FluxAdapter(tiny_flux_pipeline(seed), max_sequence_length=32)
 
 
 def tiny_wan(seed: int = 0, **_):
-    from visalign.models.diffusers_adapters import WanAdapter
-
     return WanAdapter(tiny_wan_pipeline(seed), max_sequence_length=32)

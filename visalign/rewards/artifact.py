@@ -28,7 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from visalign.rewards.base import Reward
 from visalign.rewards.weights import load_state_dict_checked
@@ -39,7 +43,6 @@ IMAGE_SUFFIXES = (".png",)
 
 def load_image_folder(folder: str | Path) -> tuple[Tensor, list[str]]:
     """All PNGs of a folder, sorted by name, as ([N, 3, H, W] in [0, 1], names). They must share one size."""
-    from PIL import Image
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -106,15 +109,12 @@ def _resize(images: Tensor, size: int) -> Tensor:
 
 def save_artifact_model(model: ArtifactNet, path: str | Path, metrics: dict | None = None) -> None:
     """safetensors with the config (and training metrics) as JSON in the metadata."""
-    from safetensors.torch import save_file
 
     metadata = {"config": json.dumps(asdict(model.config)), "metrics": json.dumps(metrics or {})}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
 
 
 def load_artifact_model(path: str | Path) -> ArtifactNet:
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"artifact: no weights at {path}; train them with train_artifact(...) "
@@ -229,8 +229,6 @@ def _split(is_artifact: Tensor, val_fraction: float, generator: torch.Generator)
 
 def _fit(images, is_artifact, kind_labels, known, config, out, epochs, batch_size, lr, val_fraction, seed,
          progress) -> dict[str, float]:
-    from tqdm.auto import tqdm
-
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
     generator = torch.Generator().manual_seed(seed)

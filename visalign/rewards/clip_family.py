@@ -23,9 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visalign.models.tiny import TOKENIZERS
 from visalign.rewards.base import Reward
 from visalign.rewards.preprocess import clip_preprocess, hpsv2_preprocess
 from visalign.rewards.weights import hf_model_and_processor, hf_pretrained, load_checkpoint, load_state_dict_checked
+
+# Model libraries (transformers, open_clip, huggingface_hub) are imported where a model is built: each takes
+# seconds to import, and the registry, option checks and other rewards need none of them.
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -36,8 +40,6 @@ def _freeze(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.M
 
 
 def _tiny_tokenizer_dir() -> Path:
-    from visalign.models.tiny import TOKENIZERS
-
     return TOKENIZERS / "clip"
 
 

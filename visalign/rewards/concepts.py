@@ -29,8 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visalign.rewards.base import Reward, RewardError
+from visalign.rewards.clip_family import tiny_hf_clip, tiny_hf_tokenizer
 from visalign.rewards.preprocess import clip_preprocess, to_uint8_hwc
+from visalign.rewards.vqa import BlipVQA
 from visalign.rewards.weights import hf_model_and_processor
+
+# transformers is imported where a model is built: it takes seconds to import.
 
 # djghosh13/geneval `evaluation/evaluate_images.py`: COLORS, the three colour prompt templates, and the
 # defaults THRESHOLD 0.3, COUNTING_THRESHOLD 0.9, MAX_OBJECTS 16, NMS off, POSITION_THRESHOLD 0.1.
@@ -423,7 +427,6 @@ class DetectorConceptReward(Reward):
     @classmethod
     def tiny(cls, seed: int = 0, **kwargs) -> DetectorConceptReward:
         """Random OWL-ViT and CLIP at a few ten thousand parameters with the tiny CLIP tokenizer (tests)."""
-        from visalign.rewards.clip_family import tiny_hf_clip, tiny_hf_tokenizer
 
         model, processor = tiny_owlvit(seed)
         colours = ColourClassifier(tiny_hf_clip(seed), tiny_hf_tokenizer())
@@ -447,8 +450,6 @@ class DetectorConceptReward(Reward):
 def tiny_owlvit(seed: int = 0, image_size: int = 32):
     """A random `OwlViTForObjectDetection` and its processor over the tiny CLIP tokenizer (tests, offline)."""
     from transformers import OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
-
-    from visalign.rewards.clip_family import tiny_hf_tokenizer
 
     torch.manual_seed(seed)
     config = OwlViTConfig(
@@ -503,8 +504,6 @@ class VQAConceptReward(Reward):
 
     @classmethod
     def tiny(cls, seed: int = 0, **kwargs) -> VQAConceptReward:
-        from visalign.rewards.vqa import BlipVQA
-
         return cls(BlipVQA.tiny(seed), **kwargs)
 
     def score(self, *, prompts, images, videos, metadata):

@@ -18,6 +18,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
+
+from visalign.pairs import load_image
+from visalign.rewards.base import combined
 
 # Default tie parameter θ = 2 (η = log 2): at equal scores a win, a loss and a tie are equally likely (1/3 each).
 LOG_2 = math.log(2.0)
@@ -89,7 +93,6 @@ def bt_ties_loss(score_a: Tensor, score_b: Tensor, outcome: Tensor, eta: Tensor 
 
 def _score_images(reward, prompts: list[str], images: list[Tensor], batch_size: int) -> Tensor:
     """Combined scores of images of possibly different sizes: batched within each size."""
-    from visalign.rewards.base import combined
 
     scores = torch.empty(len(images), dtype=torch.float64)
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -108,9 +111,6 @@ def evaluate_pairs(reward, pairs, batch_size: int = 16, progress: bool = True) -
     """Score both images of every pair (`visalign.pairs.read_pairs`) with `reward` and report pairwise
     accuracy with and without ties. The margin is score(chosen) − score(rejected), or its negation for rewards
     where lower is better."""
-    from tqdm.auto import tqdm
-
-    from visalign.pairs import load_image
 
     chosen, rejected = [], []
     for start in tqdm(range(0, len(pairs), batch_size), desc=f"scoring pairs with {reward.name}",

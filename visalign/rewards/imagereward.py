@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from visalign.models.tiny import TOKENIZERS
 from visalign.rewards.base import Reward
 from visalign.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+
+# transformers and timm are imported where the model is built: each takes seconds to import.
 
 # ImageReward/ImageReward.py: ImageReward.__init__ (self.mean, self.std).
 REWARD_MEAN = 0.16717362830052426
@@ -196,8 +199,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"imagereward: checkpoint {str(path)!r} is not a file (download ImageReward.pt from the "
                          "THUDM/ImageReward hub repo and pass its local path)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, Mapping):

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from visalign.rewards.base import Reward
@@ -202,8 +203,6 @@ def fit_pristine(images: Tensor, shrinkage: float = SHRINKAGE, batch_size: int =
 
 
 def save_pristine(model: dict[str, Tensor], path: str | Path) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in model.items()}, str(path))
 
 
@@ -237,8 +236,6 @@ class NSSQuality(Reward):
         if pristine is None:
             pristine = default_pristine()
         elif not isinstance(pristine, dict):
-            from safetensors.torch import load_file
-
             path = Path(pristine)
             if not path.is_file():
                 raise FileNotFoundError(f"{self.name}: no pristine model at {path}")

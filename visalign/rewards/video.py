@@ -52,6 +52,9 @@ from visalign.rewards.preprocess import (
 from visalign.rewards.registry import load
 from visalign.rewards.weights import load_checkpoint, load_state_dict_checked
 
+# The backbones' libraries (timm, open_clip, torchvision's RAFT, OpenCV) are imported where a backbone is
+# built: each takes seconds to import, and the weight-free metrics need none of them.
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # VBench `dino_transform` (vbench/utils.py)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -47,12 +47,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from visalign.models.tiny import TOKENIZERS
 from visalign.rewards.base import Reward, RewardError
 from visalign.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize
 from visalign.rewards.weights import hf_pretrained, load_checkpoint, load_state_dict_checked
+
+# transformers and huggingface_hub are imported where the model is built: they take seconds to import.
 
 DIMENSIONS = ("VQ", "MQ", "TA")
 # train_reward.py create_model_and_processor: added in this order, so their ids are consecutive.
@@ -510,7 +513,6 @@ def load_released(root: Path, base_model: str | Path | None, step: int | None, d
 
 def load_saved(root: Path, dtype: torch.dtype):
     """(VideoAlignModel, processor, VideoAlignConfig) from a `VideoAlignReward.save_pretrained` directory."""
-    from safetensors.torch import load_file
     from transformers import AutoProcessor, Qwen2VLModel
 
     settings = VideoAlignConfig.from_model_config(_read_model_config(root), str(root / MODEL_CONFIG))
@@ -650,7 +652,6 @@ class VideoAlignReward(Reward):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write model_config.json, the backbone (config.json + model.safetensors), reward_head.safetensors and
         the processor, which `VideoAlignReward(directory)` reads back."""
-        from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

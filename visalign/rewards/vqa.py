@@ -18,8 +18,11 @@ import torch
 from torch import Tensor
 
 from visalign.rewards.base import Reward
+from visalign.rewards.imagereward import TINY_TOKENIZER, blip_tokenizer
 from visalign.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize, to_uint8_hwc
 from visalign.rewards.weights import hf_model_and_processor
+
+# transformers and tokenizers are imported where a model is built: they take seconds to import.
 
 # linzhiqiu/t2v_metrics (v3.0) `clip_t5_model.py`: the VQAScore question and answer.
 VQASCORE_QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'
@@ -89,8 +92,6 @@ class BlipVQA:
 def tiny_blip_vqa(seed: int = 0, image_size: int = 32):
     """A random `BlipForQuestionAnswering` and `BlipProcessor` over the shipped tiny BERT vocabulary."""
     from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
-
-    from visalign.rewards.imagereward import TINY_TOKENIZER, blip_tokenizer
 
     tokenizer = blip_tokenizer(TINY_TOKENIZER)
     torch.manual_seed(seed)

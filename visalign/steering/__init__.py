@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from visalign.models.base import FlowModelAdapter
+from visalign.models.diffusers_adapters import FluxAdapter, SD3Adapter, WanAdapter
 from visalign.registry import lookup
 from visalign.steering.core import Request, SteerResult, metered, resolve_rewards
 from visalign.steering.drift import RewardDrift
@@ -26,7 +27,6 @@ def as_adapter(model) -> FlowModelAdapter:
     """An adapter as is, or a diffusers pipeline object wrapped in the matching adapter."""
     if isinstance(model, FlowModelAdapter):
         return model
-    from visalign.models.diffusers_adapters import FluxAdapter, SD3Adapter, WanAdapter
 
     by_pipeline = {"StableDiffusion3Pipeline": SD3Adapter, "FluxPipeline": FluxAdapter, "WanPipeline": WanAdapter}
     cls = by_pipeline.get(type(model).__name__)

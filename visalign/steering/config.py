@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from visalign.media import save_pixels
+from visalign.models import DTYPES, load_model
+from visalign.steering import METHODS, steer
+
 
 @dataclass
 class SteerConfig:
@@ -36,7 +40,6 @@ class SteerConfig:
             raise ValueError("prompts must be a non-empty list of non-empty strings")
         if not self.rewards:
             raise ValueError("rewards must name at least one reward")
-        from visalign.steering import METHODS
 
         try:
             METHODS[self.method](**self.options)
@@ -45,10 +48,6 @@ class SteerConfig:
 
 
 def run(cfg: SteerConfig) -> dict:
-    from visalign.media import save_pixels
-    from visalign.models import DTYPES, load_model
-    from visalign.steering import steer
-
     adapter = load_model(cfg.model, cfg.model_path, torch_dtype=DTYPES[cfg.dtype], device=cfg.device)
     if cfg.lora:
         adapter.load_lora(cfg.lora)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from visalign import rewards as rewards_lib
 from visalign.models.base import Conditioning, FlowModelAdapter
 from visalign.rewards.base import Reward, combined
 
@@ -20,7 +21,6 @@ from visalign.rewards.base import Reward, combined
 def resolve_rewards(rewards) -> dict[str, tuple[Reward, float]]:
     """`rewards` as given to `steer`: a name / Reward, a list of them (weight 1 each) or {name or Reward: weight}.
     Weights are chosen at call time; names load through `visalign.rewards.load`."""
-    from visalign import rewards as rewards_lib
 
     if isinstance(rewards, (str, Reward)):
         rewards = {rewards: 1.0}

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from visalign.pairs import load_image, load_video, read_pairs
 from visalign.trainers.common import ParamCopy, step_generator
 from visalign.trainers.engine import REWARD_OPTIONS_HELP, ModelConfig, RunConfig, SamplingConfig, check_rewards
 from visalign.trainers.forward import ForwardTrainConfig, ForwardTrainer, noised
@@ -122,7 +123,6 @@ class FlowDPOTrainer(ForwardTrainer):
             raise ValueError("pairs_per_step must be divisible by the number of processes")
         if cfg.train.mode == "offline":
             # Every row, size and (video) frame count is checked before any model loads; errors name the row.
-            from visalign.pairs import read_pairs
 
             self.pairs = read_pairs(cfg.train.pairs, size=(cfg.model.height, cfg.model.width),
                                     num_frames=cfg.model.num_frames)
@@ -148,7 +148,6 @@ class FlowDPOTrainer(ForwardTrainer):
         chosen = torch.randint(len(self.pairs), (cfg.train.pairs_per_step,), generator=g).tolist()
         n = cfg.train.pairs_per_step // acc.num_processes
         mine = [self.pairs[i] for i in chosen[acc.process_index * n:(acc.process_index + 1) * n]]
-        from visalign.pairs import load_image, load_video
 
         load = load_image if cfg.model.num_frames is None else load_video  # [3, H, W] or [F, 3, H, W]
 

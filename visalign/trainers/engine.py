@@ -13,19 +13,35 @@ from __future__ import annotations
 import copy
 import json
 import math
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from visalign import rewards as rewards_lib
-from visalign.models import DTYPES
+from visalign.config import save_config
+from visalign.media import save_pixels
+from visalign.models import DTYPES, load_model
 from visalign.prompts import prompt_source
 from visalign.rewards.registry import FRAMES_PREFIX
 from visalign.sampling import SDEOptions, sample
+from visalign.steering import RewardDrift
 from visalign.trainers.advantages import combine_advantages, group_advantages
+from visalign.trainers.alarms import AlarmMonitor
+from visalign.trainers.balance import (
+    Balancer,
+    GradientBuffer,
+    LagrangeThresholds,
+    cmo_advantages,
+    hypervolume_weights,
+    pareto_mask,
+)
+from visalign.trainers.balance.balancer import SAFE, check_weights
 from visalign.trainers.common import (
     EMA,
     Rollout,
@@ -241,7 +257,6 @@ class BaseTrainConfig:
         if self.balance_gram == "output" and (self.balance_every != 1 or self.balance_refresh_batches != 1):
             raise ValueError("balance_every and balance_refresh_batches choose the explicit refreshes of "
                              "balance_gram=params; balance_gram=output refreshes from every micro-batch of every step")
-        from visalign.trainers.balance.balancer import SAFE
 
         if self.balance_safeguard and self.balance not in SAFE:
             raise ValueError(f"balance_safeguard needs train.balance in {SAFE} (an update that never conflicts), "
@@ -310,8 +325,6 @@ def check_rewards(trained: dict[str, float], heldout: list[str], required: bool 
                 raise ValueError("train.constraints must name some, not all, trained rewards; "
                                  f"got {list(train.constraints)} for rewards {list(trained)}")
         if train.balance != "none":
-            from visalign.trainers.balance.balancer import check_weights
-
             check_weights(train.balance, trained, train.balance_normalize)
         if train.hypervolume_reference is not None and set(train.hypervolume_reference) != set(trained):
             raise ValueError("train.hypervolume_reference must give one value per trained reward")
@@ -365,9 +378,6 @@ class OnlineTrainer:
     name = "trainer"
 
     def __init__(self, cfg, accelerator=None):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-
         self.cfg = cfg
         self.out = Path(cfg.run.out_dir)
         log_with = None if cfg.run.log_with == "none" else cfg.run.log_with
@@ -382,8 +392,6 @@ class OnlineTrainer:
         return False
 
     def _build(self) -> None:
-        from visalign.models import load_model
-
         cfg, acc = self.cfg, self.accelerator
         self.source = prompt_source(cfg.train.prompts)
         self.eval_source = prompt_source(cfg.run.eval_prompts or cfg.train.prompts)
@@ -414,8 +422,6 @@ class OnlineTrainer:
         self.balancer = self.grad_buffer = self.lagrange = None
         tc = cfg.train
         if tc.balance != "none":
-            from visalign.trainers.balance import Balancer, GradientBuffer
-
             self.balancer = Balancer(tc.balance, dict(cfg.rewards), ema=tc.balance_ema, normalize=tc.balance_normalize,
                                      cagrad_c=tc.cagrad_c, seed=cfg.run.seed, safeguard=tc.balance_safeguard)
             if tc.balance_gram == "params":  # K x P floats; the output-space Gram needs none
@@ -424,8 +430,6 @@ class OnlineTrainer:
             if tc.balance_track > 0:  # the tracked gradients are state: a resumed run must continue them
                 acc.register_for_checkpointing(self.grad_buffer)
         if tc.constraints:
-            from visalign.trainers.balance import LagrangeThresholds
-
             self.lagrange = LagrangeThresholds(dict(tc.constraints), tc.constraint_lr)
             acc.register_for_checkpointing(self.lagrange)
         self.hypervolume_reference = None
@@ -441,8 +445,6 @@ class OnlineTrainer:
         self.drift = None
         drift_weights = drift_reward_weights(cfg.sampling, cfg.rewards)
         if drift_weights:
-            from visalign.steering import RewardDrift
-
             start, stop = cfg.sampling.drift_window or (0, None)
             self.drift = RewardDrift(cfg.sampling.drift_scale, cfg.sampling.drift_mode, cfg.sampling.drift_normalize,
                                      start, stop)
@@ -455,8 +457,6 @@ class OnlineTrainer:
         acc.register_for_checkpointing(self.state)
         self.alarm = None
         if cfg.run.alarm_tolerance is not None:
-            from visalign.trainers.alarms import AlarmMonitor
-
             self.alarm = AlarmMonitor(cfg.run.alarm_tolerance, cfg.run.alarm_rise, cfg.run.alarm_window)
             acc.register_for_checkpointing(self.alarm)
         self._diversity: list[float] = []
@@ -477,7 +477,6 @@ class OnlineTrainer:
         """A fresh context of the configured autocast (`train.mixed_precision`; a no-op for "no"): rollouts, each
         micro-batch, and passes of modules accelerate did not prepare (it autocasts the prepared model's forward
         itself)."""
-        from contextlib import nullcontext
 
         return self.accelerator.autocast() if self.cfg.train.mixed_precision != "no" else nullcontext()
 
@@ -517,7 +516,6 @@ class OnlineTrainer:
     def micro_context(self, last: bool):
         """Context for one micro-batch's forward and backward: gradients sync across processes only on the
         last micro-batch of an optimizer step (DDP `no_sync` otherwise), under autocast when configured."""
-        from contextlib import ExitStack
 
         stack = ExitStack()
         if not last:
@@ -529,7 +527,6 @@ class OnlineTrainer:
         """Group-relative advantages of the trained rewards over the gathered batch, and their metrics: weighted
         sum of rewards, of per-reward advantages (GDPO), CMO or hypervolume weights, or the Lagrangian of
         `constraints` (`visalign.trainers.balance.advantages`)."""
-        from visalign.trainers.balance import cmo_advantages, hypervolume_weights
 
         cfg = self.cfg.train
         weights = dict(self.cfg.rewards)
@@ -579,7 +576,6 @@ class OnlineTrainer:
         """Samples to train on: finite rewards, and with `pareto_filter` only the batch's non-dominated ones."""
         if not self.cfg.train.pareto_filter:
             return valid
-        from visalign.trainers.balance import pareto_mask
 
         keep = torch.zeros_like(valid)
         stacked = torch.stack([scores[n].double() for n in self.cfg.rewards], 1)
@@ -620,7 +616,6 @@ class OnlineTrainer:
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
         """ODE samples of a fixed prompt set with fixed seeds; trained and held-out rewards; a grid PNG."""
-        from visalign.media import save_pixels
 
         cfg = self.cfg
         items = self.eval_source.draw(cfg.run.eval_num_prompts, step_generator(cfg.run.seed, -1, 9))
@@ -734,7 +729,6 @@ class OnlineTrainer:
         """Run until max_steps (or until `stop_after` more steps, to simulate an interruption). Trackers are
         finished; the process group is left up, so a distributed script keeps `acc = trainer.accelerator`, drops
         the trainer and ends with `visalign.train.end_distributed(acc)` (the CLI does)."""
-        from visalign.config import save_config
 
         cfg, acc = self.cfg, self.accelerator
         resume = resolve_resume(self.out, cfg.run.resume_from)

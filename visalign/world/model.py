@@ -22,11 +22,17 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from visalign.models.base import Conditioning, FlowModelAdapter
 from visalign.world.grammar import VOCABULARY
+from visalign.world.motion import MOTION_VOCABULARY
+
+# diffusers, transformers and tokenizers are imported where the networks are built: they take seconds to
+# import, and the grammar, renderer and verifier users of this package need none of them.
 
 CANVAS = 32
 MAX_TOKENS = 16
@@ -63,8 +69,6 @@ TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads
 
 
 def world_vocab(video: bool = False) -> dict[str, int]:
-    from visalign.world.motion import MOTION_VOCABULARY
-
     words = list(SPECIAL) + sorted(MOTION_VOCABULARY if video else VOCABULARY)
     return {w: i for i, w in enumerate(words)}
 
@@ -177,8 +181,6 @@ class WorldAdapter(FlowModelAdapter):
     def from_pretrained(cls, path: str | Path | None = None, device="cpu", torch_dtype=torch.float32,
                         **_) -> WorldAdapter:
         """Load a checkpoint written by `save_pretrained` (default: the shipped base model)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
 
         path = Path(path) if path is not None else cls.shipped
         if path.is_dir():
@@ -207,7 +209,6 @@ class WorldAdapter(FlowModelAdapter):
                         dtype: torch.dtype | None = None) -> Path:
         """One safetensors file: denoiser and text-encoder weights (cast to `dtype` if given; loading casts back to
         the model's dtype) plus the vocabulary and the denoiser's kind in its metadata."""
-        from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from visalign.media import image_grid, save_pixels
 from visalign.models.base import FlowModelAdapter
+from visalign.rewards.video import temporal_flicker
 from visalign.sampling import sample
 from visalign.world.motion import MOTION_TEMPLATES, NUM_FRAMES, MotionSpec, verify_motion
 from visalign.world.prompts import WorldVideoPrompts
@@ -73,7 +75,6 @@ def generate_clips(adapter: FlowModelAdapter, prompts: list[str], *, steps: int,
 
 def score_motion(videos: torch.Tensor, specs: list[MotionSpec]) -> dict:
     """Per-template and overall motion accuracies of clips against specs (one split)."""
-    from visalign.rewards.video import temporal_flicker
 
     result = verify_motion(videos, specs)
     b, f = videos.shape[:2]
@@ -118,7 +119,6 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def filmstrip(videos: torch.Tensor, pad: int = 2) -> torch.Tensor:
     """Clips [B, F, 3, H, W] -> one image [3, H', W'] with a row per clip and a column per frame."""
-    from visalign.media import image_grid
 
     b, f = videos.shape[:2]
     return image_grid(videos.reshape(b * f, *videos.shape[2:]), columns=f, pad=pad)
@@ -126,7 +126,6 @@ def filmstrip(videos: torch.Tensor, pad: int = 2) -> torch.Tensor:
 
 def evaluate_motion(adapter: FlowModelAdapter, cfg: MotionEvalConfig, progress: bool = True) -> dict[str, dict]:
     """Run the suite; write results.json, results.md and a filmstrip PNG per split into cfg.out."""
-    from visalign.media import save_pixels
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 
 from visalign.rewards.base import Reward
+from visalign.world.grammar import COLORS, parse_prompt
+from visalign.world.motion import parse_motion_prompt, travel_scores, verify_motion
 from visalign.world.verify import cleanliness, shape_fidelity, verify
 
 
@@ -43,8 +45,6 @@ class WorldMotionReward(Reward):
     inputs = ("videos",)
 
     def score(self, *, prompts, images, videos, metadata):
-        from visalign.world.motion import verify_motion
-
         result = verify_motion(videos, _specs(prompts, metadata))
         out = {k: v.float() for k, v in result.sub_scores().items()}
         out["cleanliness"] = _frame_cleanliness(videos)
@@ -63,8 +63,6 @@ class WorldMotionTravelReward(Reward):
     inputs = ("videos",)
 
     def score(self, *, prompts, images, videos, metadata):
-        from visalign.world.motion import parse_motion_prompt, travel_scores, verify_motion
-
         specs = [parse_motion_prompt(s) if isinstance(s, str) else s for s in _specs(prompts, metadata)]  # once
         result = verify_motion(videos, specs)
         return {"score": travel_scores(result, specs), "direction_correct": result.direction_correct.float(),
@@ -128,8 +126,6 @@ class WorldSoftReward(Reward):
         self.tau, self.sharpness = tau, sharpness
 
     def score(self, *, prompts, images, videos, metadata):
-        from visalign.world.grammar import COLORS, parse_prompt
-
         specs = [s if not isinstance(s, str) else parse_prompt(s) for s in _specs(prompts, metadata)]
         size = images.shape[-1]
         coords = (torch.arange(size, dtype=images.dtype, device=images.device) + 0.5) / size

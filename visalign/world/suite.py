@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from visalign.eval.stats import paired_delta
+from visalign.media import save_pixels
 from visalign.models.base import FlowModelAdapter
 from visalign.sampling import sample
 from visalign.world.grammar import SPLITS, TEMPLATE_TIERS, TEMPLATES, SceneSpec
@@ -148,7 +150,6 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def evaluate_world(adapter: FlowModelAdapter, cfg: WorldEvalConfig, progress: bool = True) -> dict[str, dict]:
     """Run the suite; write results.json, results.md and a sample grid per split into cfg.out."""
-    from visalign.media import save_pixels
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +169,6 @@ def evaluate_world(adapter: FlowModelAdapter, cfg: WorldEvalConfig, progress: bo
 def compare_world(results: dict[str, dict[str, dict]], level: float = 0.95, seed: int = 0) -> dict:
     """Paired deltas of every entry against the first, per split and template and overall, with bootstrap
     intervals over prompts (same prompts and seeds on every side)."""
-    from visalign.eval.stats import paired_delta
 
     names = list(results)
     base = results[names[0]]

@@ -17,6 +17,7 @@ per reward out, so the update is d = Σ_k alpha_k g_k and nothing of size P (the
 from __future__ import annotations
 
 import numpy as np
+import quadprog
 import torch
 from torch import Tensor
 
@@ -26,7 +27,6 @@ AGGREGATORS = ("sum", "mgda", "pcgrad", "cagrad", "upgrad")
 def min_norm_weights(gram: Tensor) -> Tensor:
     """The exact MGDA weights: argmin alphaᵀ G alpha over the simplex (quadprog; a 1e-10 relative ridge keeps a
     singular G, e.g. two parallel gradients, positive definite). Returns float64 [K]."""
-    import quadprog
 
     g = gram.detach().double().cpu().numpy()
     k = g.shape[0]
@@ -51,7 +51,7 @@ def aggregator_weights(name: str, gram: Tensor, *, cagrad_c: float = 0.4, seed: 
         return torch.ones(k, dtype=torch.float64)
     if name == "mgda":
         return min_norm_weights(gram)
-    import torchjd.aggregation as tjd
+    import torchjd.aggregation as tjd  # seconds to import (its CAGrad solver); only these aggregators need it
 
     if name == "pcgrad":
         with torch.random.fork_rng(devices=[]):
