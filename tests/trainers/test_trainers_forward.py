@@ -326,12 +326,12 @@ def _micro(group_noise, batch_size, groups, k=2, step=5):
                           run=SimpleNamespace(seed=0))
     t = ForwardTrainer.__new__(ForwardTrainer)
     t.cfg, t.accelerator = cfg, SimpleNamespace(process_index=0)
-    micro, draw = t.micro_batches(len(groups), step, torch.linspace(1, 0, 11), groups)
+    micro, draw = t.noise_plan(len(groups), step, torch.linspace(1, 0, 11), groups)
     sigma, noise = {}, {}
-    for pos, s, j in micro:
-        n = draw(pos, j, (len(pos), 3, 4, 4))
-        for p, si, ni in zip(pos.tolist(), s, n, strict=True):
-            sigma[p, j], noise[p, j] = float(si), ni
+    for mb in micro:
+        n = draw(mb.idx, mb.slot, (len(mb.idx), 3, 4, 4))
+        for p, si, ni in zip(mb.idx.tolist(), mb.sigma, n, strict=True):
+            sigma[p, mb.slot], noise[p, mb.slot] = float(si), ni
     return sigma, noise
 
 

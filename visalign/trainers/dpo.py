@@ -23,7 +23,6 @@ predictions; online DPO refreshes it every `train.ref_update_every` steps (flow_
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +31,16 @@ from torch import Tensor
 
 from visalign.pairs import load_image, load_video, read_pairs
 from visalign.trainers.common import ParamCopy, step_generator
-from visalign.trainers.engine import REWARD_OPTIONS_HELP, ModelConfig, RunConfig, SamplingConfig, check_rewards
+from visalign.trainers.engine import (
+    REWARD_OPTIONS_HELP,
+    MicroBatch,
+    MicroLoss,
+    ModelConfig,
+    RunConfig,
+    SamplingConfig,
+    StepData,
+    check_rewards,
+)
 from visalign.trainers.forward import ForwardTrainConfig, ForwardTrainer, noised
 from visalign.trainers.losses import dpo_loss, per_sample_mse
 
@@ -130,8 +138,10 @@ class FlowDPOTrainer(ForwardTrainer):
         if cfg.train.mode == "offline" and not self.adapter.is_video and cfg.model.num_frames is not None:
             raise ValueError(f"model.num_frames={cfg.model.num_frames} makes offline DPO read video pairs, but "
                              f"{cfg.model.name} is an image model: drop model.num_frames")
-        self.reference = ParamCopy(self.params)  # at step 0: the base model (LoRA B = 0) or the initial weights
-        self.accelerator.register_for_checkpointing(self.reference)
+
+    def recipe_state(self) -> dict:
+        # The reference: at step 0 the base model (LoRA B = 0) or the initial weights.
+        return {"reference": ParamCopy(self.params)}
 
     def errors(self, x0: Tensor, noise: Tensor, sigma: Tensor, cond) -> Tensor:
         """Per-sample error of the live weights' prediction at x_t (velocity or implied-noise target)."""
@@ -179,39 +189,45 @@ class FlowDPOTrainer(ForwardTrainer):
                    "pair_gap_mean": float(gaps.mean()) if len(gaps) else 0.0, "invalid_rewards": int((~rs.valid).sum())}
         return x0[w_idx], x0[l_idx], rs.ro.cond.index(w_idx), pair_weight, metrics
 
-    def step(self, step: int) -> dict:
-        cfg, acc = self.cfg, self.accelerator
-        t0 = time.perf_counter()
-        if cfg.train.mode == "offline":
-            x_w, x_l, cond, pair_weight, metrics = self._offline_batch(step)
-        else:
-            x_w, x_l, cond, pair_weight, metrics = self._online_batch(step)
-        t_train = time.perf_counter()
-        logs: dict[str, list[float]] = {}
-        if len(x_w):
-            grid = self.adapter.sigmas(cfg.sampling.steps, tuple(x_w.shape[1:]))
-            micro, draw = self.micro_batches(len(x_w), step, grid)
-            self.model.train()
-            for (idx, sigma, j), (size, last) in zip(micro, self.accumulation(micro), strict=True):
-                noise = draw(idx, j, x_w[idx].shape).to(x_w.device)  # shared by winner and loser
-                c = cond.index(idx)
-                with torch.no_grad(), self.reference.swapped():
-                    ref_w, ref_l = self.errors(x_w[idx], noise, sigma, c), self.errors(x_l[idx], noise, sigma, c)
-                with self.micro_context(last):
-                    err_w, err_l = self.errors(x_w[idx], noise, sigma, c), self.errors(x_l[idx], noise, sigma, c)
-                    loss, m = dpo_loss(err_w, err_l, ref_w, ref_l, cfg.train.beta, pair_weight[idx])
-                    acc.backward(loss / size)
-                for key, value in m.items():
-                    logs.setdefault(key, []).append(value)
-                if last:
-                    logs.setdefault("grad_norm", []).append(self.optimizer_step())
-        if cfg.train.mode == "online" and cfg.train.ref_update_every and (step + 1) % cfg.train.ref_update_every == 0:
+    def collect(self, step: int) -> StepData:
+        """A batch of preference pairs: drawn from the pair file (offline) or each rollout group's best and worst
+        sample (online); the weights are the pairs' (1, or their reward gap with GAPO)."""
+        batch = self._offline_batch(step) if self.cfg.train.mode == "offline" else self._online_batch(step)
+        x_w, x_l, cond, pair_weight, metrics = batch
+        return StepData(weights=pair_weight, metrics=metrics, extra={"x_w": x_w, "x_l": x_l, "cond": cond})
+
+    def weigh(self, data: StepData) -> None:
+        """The pair weights are set by `collect`."""
+
+    def micro_batches(self, data: StepData, step: int) -> list[MicroBatch]:
+        x_w = data.extra["x_w"]
+        if not len(x_w):
+            return []
+        grid = self.adapter.sigmas(self.cfg.sampling.steps, tuple(x_w.shape[1:]))
+        micro, data.extra["draw"] = self.noise_plan(len(x_w), step, grid)
+        return micro
+
+    def prepare_micro(self, data: StepData, mb: MicroBatch):
+        """The pair's shared noise, and the reference's errors on winner and loser (no gradient)."""
+        idx, x_w, x_l = mb.idx, data.extra["x_w"], data.extra["x_l"]
+        noise = data.extra["draw"](idx, mb.slot, x_w[idx].shape).to(x_w.device)  # shared by winner and loser
+        cond = data.extra["cond"].index(idx)
+        with torch.no_grad(), self.reference.swapped():
+            ref_w, ref_l = self.errors(x_w[idx], noise, mb.sigma, cond), self.errors(x_l[idx], noise, mb.sigma, cond)
+        return noise, cond, ref_w, ref_l
+
+    def micro_loss(self, data: StepData, mb: MicroBatch, prepared) -> MicroLoss:
+        noise, cond, ref_w, ref_l = prepared
+        idx, sigma = mb.idx, mb.sigma
+        err_w = self.errors(data.extra["x_w"][idx], noise, sigma, cond)
+        err_l = self.errors(data.extra["x_l"][idx], noise, sigma, cond)
+        return MicroLoss(lambda weights: dpo_loss(err_w, err_l, ref_w, ref_l, self.cfg.train.beta, weights[idx]))
+
+    def after_update(self, data: StepData, step: int) -> dict:
+        train = self.cfg.train
+        if train.mode == "online" and train.ref_update_every and (step + 1) % train.ref_update_every == 0:
             self.reference.blend(0.0)  # OnlineDPO: the reference becomes the current policy
-        if self.ema is not None:
-            self.ema.update(step)
-        metrics.update({"step": step, **{f"train/{k}": sum(v) / len(v) for k, v in logs.items()},
-                        "time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0})
-        return metrics
+        return {}
 
     def progress_postfix(self, metrics: dict) -> dict:
         out = {"loss": f"{metrics.get('train/dpo_loss', float('nan')):.4f}"}

@@ -1,8 +1,14 @@
-"""The engine every online trainer shares (Flow-GRPO, Flow-RWR, DiffusionNFT, online Flow-DPO): the model
-(LoRA or full fine-tuning through the adapter), accelerate (DDP / DeepSpeed / FSDP, mixed precision), the
-optimizer, rewards, EMA, self-verifying `save_state` checkpoints with resume, evaluation, logging and the
-training loop. A recipe subclasses `OnlineTrainer` and implements `step(step) -> metrics`; `rollout_step`
-gives it the step's prompt groups, samples, gathered rewards and validity.
+"""The engine every recipe runs on (Flow-GRPO, Flow-RWR, DiffusionNFT, Flow-DPO): the model (LoRA or full
+fine-tuning through the adapter), accelerate (DDP / DeepSpeed / FSDP, mixed precision), the optimizer and its
+schedule, rewards, the step (rollout, advantages, micro-batches with accumulation, backward, multi-reward
+gradient combination, clipping, optimizer step), EMA, self-verifying `save_state` checkpoints with resume,
+evaluation, the hacking alarm, logging and the training loop.
+
+A recipe subclasses `OnlineTrainer` and supplies only what it alone knows (see "what a recipe supplies" below):
+how advantages become its per-sample training weights (`weigh`), its micro-batches (`micro_batches`), what it
+computes before each one outside the gradient context (`prepare_micro`: an old policy's or a reference's
+prediction), its loss as a function of those weights (`micro_loss`), and what it does after an optimizer step
+or a whole update (`after_optimizer_step`, `after_update`).
 
 Config sections shared by every recipe live here (`ModelConfig`, `SamplingConfig`, `RunConfig`); each recipe
 has its own config dataclass with its own `train:` section.
@@ -13,6 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,16 +39,8 @@ from visalign.prompts import prompt_source
 from visalign.rewards.registry import FRAMES_PREFIX
 from visalign.sampling import SDEOptions, sample
 from visalign.steering import RewardDrift
-from visalign.trainers.advantages import combine_advantages, group_advantages
 from visalign.trainers.alarms import AlarmMonitor
-from visalign.trainers.balance import (
-    Balancer,
-    GradientBuffer,
-    LagrangeThresholds,
-    cmo_advantages,
-    hypervolume_weights,
-    pareto_mask,
-)
+from visalign.trainers.balance import Balancer, GradientBuffer, diagnostics, output_space_gram
 from visalign.trainers.balance.balancer import SAFE, check_weights
 from visalign.trainers.common import (
     EMA,
@@ -59,6 +59,7 @@ from visalign.trainers.common import (
     verify_checkpoint,
     write_manifest,
 )
+from visalign.trainers.weighting import AdvantageWeighting
 
 
 @dataclass
@@ -232,8 +233,12 @@ class BaseTrainConfig:
         "help": "flow_grpo's EMA warm-up min(decay, (1 + s) / (10 + s)); false: the fixed decay from the first "
                 "update (the EMA starts at the pretrained weights, so there is no initialisation to forget)"})
     mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "autocast"})
+    best_of_n: int | None = field(default=None, metadata={
+        "help": "train only on the n/2 best and n/2 worst samples of each group (DanceGRPO)"})
 
     def __post_init__(self):
+        if self.best_of_n is not None and not (2 <= self.best_of_n <= self.group_size and self.best_of_n % 2 == 0):
+            raise ValueError(f"best_of_n={self.best_of_n} must be even and in [2, group_size]")
         for name in ("max_steps", "prompts_per_step", "group_size", "train_batch_size", "optimizer_steps_per_rollout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -369,11 +374,58 @@ class RolloutStep:
         return slice(self.plan.start, self.plan.start + len(self.plan.items))
 
 
+@dataclass
+class StepData:
+    """What one step trains on. The engine fills the rollout and its advantages (`collect`); the recipe's `weigh`
+    turns them into per-sample training weights of this process's samples (`weights`, and `per_reward` [K, n] when
+    the rewards are balanced in gradient space) and may keep what its micro-batches need in `extra`."""
+
+    rs: RolloutStep | None = None  # None when the step trains on something else (offline preference pairs)
+    adv: torch.Tensor | None = None  # gathered advantages of the weighted rewards [N]
+    per_reward_adv: dict[str, torch.Tensor] | None = None  # gathered per-reward advantages (train.balance)
+    mask: torch.Tensor | None = None  # gathered: samples to train on (finite rewards, Pareto filter)
+    weights: torch.Tensor | None = None  # local per-sample training weights (the recipe's reading of `adv`)
+    per_reward: torch.Tensor | None = None  # local per-reward training weights [K, n] (train.balance)
+    metrics: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class MicroBatch:
+    """Positions `idx` into the step's trained samples, and, for forward-process recipes, the noise level of each
+    and the timestep slot; `size` (len(idx)) weighs it in gradient accumulation."""
+
+    idx: torch.Tensor
+    slot: int
+    sigma: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.idx)
+
+
+@dataclass
+class MicroLoss:
+    """A micro-batch's forward, done once: `loss(weights)` gives (scalar loss, metrics) for per-sample training
+    weights [n] (indexed by the micro-batch inside), so one forward serves every reward when balancing; `output`
+    is the prediction the output-space Gram matrix differentiates (train.balance_gram=output)."""
+
+    loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
+    output: torch.Tensor | None = None
+
+
+def blend_reward_weights(alpha: torch.Tensor, r_k: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """MARBLE's one backward: a loss affine in the reward weight has Σ_k alpha_k L(r_k) = S · L(r̄) with
+    r̄ = Σ_k (alpha_k / S) r_k and S = Σ_k alpha_k. Returns (r̄ [n], S)."""
+    total = alpha.sum()
+    return ((alpha / total).float()[:, None] * r_k).sum(0), float(total)
+
+
 class OnlineTrainer:
-    """Shared engine. Subclasses set `name` and implement `step`. `train()` runs to `train.max_steps`, resuming
-    from the latest verified checkpoint; the config needs `model`, `sampling`, `train` (with `lr`, `betas`,
-    `weight_decay`, `max_steps`, `prompts`, `prompts_per_step`, `group_size`, `ema_decay`, `ema_every`,
-    `mixed_precision`), `run`, `rewards` and `eval_rewards` sections."""
+    """Shared engine. Subclasses set `name` and implement the hooks under "what a recipe supplies". `train()` runs
+    to `train.max_steps`, resuming from the latest verified checkpoint; the config needs `model`, `sampling`,
+    `train` (with `lr`, `betas`, `weight_decay`, `max_steps`, `prompts`, `prompts_per_step`, `group_size`,
+    `ema_decay`, `ema_every`, `mixed_precision`), `run`, `rewards` and `eval_rewards` sections."""
 
     name = "trainer"
 
@@ -419,8 +471,10 @@ class OnlineTrainer:
         self.params = params
         self.rewards = load_rewards(cfg.rewards, cfg.reward_options)
         self.eval_rewards = load_rewards(cfg.eval_rewards, cfg.reward_options)
-        self.balancer = self.grad_buffer = self.lagrange = None
+        self.balancer = self.grad_buffer = None
         tc = cfg.train
+        self.weighting = AdvantageWeighting(tc, cfg.rewards, self.rewards, per_reward=tc.balance != "none",
+                                            drop_zero_spread=self.drop_zero_spread_groups)
         if tc.balance != "none":
             self.balancer = Balancer(tc.balance, dict(cfg.rewards), ema=tc.balance_ema, normalize=tc.balance_normalize,
                                      cagrad_c=tc.cagrad_c, seed=cfg.run.seed, safeguard=tc.balance_safeguard)
@@ -429,19 +483,8 @@ class OnlineTrainer:
             acc.register_for_checkpointing(self.balancer)
             if tc.balance_track > 0:  # the tracked gradients are state: a resumed run must continue them
                 acc.register_for_checkpointing(self.grad_buffer)
-        if tc.constraints:
-            self.lagrange = LagrangeThresholds(dict(tc.constraints), tc.constraint_lr)
-            acc.register_for_checkpointing(self.lagrange)
-        self.hypervolume_reference = None
-        if tc.advantage_mode == "hypervolume":
-            self.hypervolume_reference = dict(tc.hypervolume_reference or {})
-            for name, reward in self.rewards.items():
-                if name not in self.hypervolume_reference:
-                    low = (reward.value_range or (None, None))[0]
-                    if low is None or not math.isfinite(low):
-                        raise ValueError(f"advantage_mode=hypervolume: {name} has no finite lower bound; set "
-                                         "train.hypervolume_reference")
-                    self.hypervolume_reference[name] = float(low)
+        if self.weighting.lagrange is not None:
+            acc.register_for_checkpointing(self.weighting.lagrange)
         self.drift = None
         drift_weights = drift_reward_weights(cfg.sampling, cfg.rewards)
         if drift_weights:
@@ -462,6 +505,9 @@ class OnlineTrainer:
         self._diversity: list[float] = []
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
+        for name, state in self.recipe_state().items():  # checkpointed with the rest, restored on resume
+            setattr(self, name, state)
+            acc.register_for_checkpointing(state)
 
     def _sde(self, step: int) -> SDEOptions:
         s = self.cfg.sampling
@@ -523,65 +569,6 @@ class OnlineTrainer:
         stack.enter_context(self.autocast_context())
         return stack
 
-    def advantages(self, scores: dict[str, torch.Tensor], groups: torch.Tensor, valid: torch.Tensor):
-        """Group-relative advantages of the trained rewards over the gathered batch, and their metrics: weighted
-        sum of rewards, of per-reward advantages (GDPO), CMO or hypervolume weights, or the Lagrangian of
-        `constraints` (`visalign.trainers.balance.advantages`)."""
-
-        cfg = self.cfg.train
-        weights = dict(self.cfg.rewards)
-        kw = {"eps": cfg.adv_eps, "global_std": cfg.global_std, "clip": cfg.adv_clip, "valid": valid}
-        metrics = {}
-        if self.lagrange is not None:
-            free = [n for n in weights if n not in self.lagrange.names]
-            bound = torch.stack([scores[n].double() for n in self.lagrange.names], 1)
-            main = sum(weights[n] * scores[n].double() for n in free)
-            total = self.lagrange.objective(main, bound)
-            metrics.update(self.lagrange.update(bound[valid]))  # after use: this step's objective, next step's lambda
-            adv, m = group_advantages(total, groups, **kw)
-            return adv, {**m, **metrics}
-        if cfg.advantage_mode == "sum_then_normalize" or len(weights) == 1:
-            total = sum(w * scores[name].double() for name, w in weights.items())
-            return group_advantages(total, groups, **kw)
-        if cfg.advantage_mode == "cmo":
-            stacked = torch.stack([scores[n].double() for n in weights], 1)
-            adv = torch.zeros(len(groups), dtype=torch.float64)
-            adv[valid], w = cmo_advantages(stacked[valid], groups[valid], cfg.cmo_tau, cfg.adv_eps)
-            adv = adv.clamp(-cfg.adv_clip, cfg.adv_clip)
-            metrics.update({f"cmo/weight/{n}": float(w[:, i].mean()) for i, n in enumerate(weights)})
-            return adv, {**metrics, "zero_std_fraction": float((adv == 0).float().mean())}
-        if cfg.advantage_mode == "hypervolume":
-            means = torch.stack([scores[n][valid].double().mean() for n in weights])
-            reference = torch.tensor([self.hypervolume_reference[n] for n in weights], dtype=torch.float64)
-            dyn = hypervolume_weights(means, reference)
-            weights = {n: float(dyn[i]) for i, n in enumerate(weights)}
-            metrics.update({f"hypervolume/weight/{n}": w for n, w in weights.items()})
-        per_reward = self.per_reward_advantages(scores, groups, valid, weights, metrics)
-        adv = combine_advantages(per_reward, weights)
-        metrics["zero_std_fraction"] = float((adv == 0).float().mean())
-        return adv, metrics
-
-    def per_reward_advantages(self, scores, groups, valid, names=None, metrics: dict | None = None) -> dict:
-        """{reward: group-normalised advantage [N]} for each trained reward (unweighted)."""
-        cfg = self.cfg.train
-        kw = {"eps": cfg.adv_eps, "global_std": cfg.global_std, "clip": cfg.adv_clip, "valid": valid}
-        out = {}
-        for name in names or self.cfg.rewards:
-            out[name], m = group_advantages(scores[name], groups, **kw)
-            if metrics is not None:
-                metrics.update({f"{k}/{name}": v for k, v in m.items()})
-        return out
-
-    def training_mask(self, scores: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
-        """Samples to train on: finite rewards, and with `pareto_filter` only the batch's non-dominated ones."""
-        if not self.cfg.train.pareto_filter:
-            return valid
-
-        keep = torch.zeros_like(valid)
-        stacked = torch.stack([scores[n].double() for n in self.cfg.rewards], 1)
-        keep[valid] = pareto_mask(stacked[valid])
-        return keep
-
     # ---- gradient-space balancing ------------------------------------------------------------------------
     def balance_update(self) -> tuple[torch.Tensor, dict]:
         """Average the per-reward gradients over processes, refresh the balancer from their Gram matrix."""
@@ -609,8 +596,134 @@ class OnlineTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
-    def step(self, step: int) -> dict:
+    # ---- what a recipe supplies ----------------------------------------------------------------------------
+    drop_zero_spread_groups = False  # mask groups whose rewards have no spread (their advantages are all 0)
+
+    def recipe_state(self) -> dict[str, Any]:
+        """State only the recipe has (e.g. an old policy's weights), by attribute name: the engine sets each as an
+        attribute and checkpoints it with `state_dict` / `load_state_dict`."""
+        return {}
+
+    def weigh(self, data: StepData) -> None:
+        """Set `data.weights` (and `data.per_reward` when balancing) from the advantages: by default this
+        process's share of the advantages themselves."""
+        local = data.rs.local
+        data.weights = data.adv[local]
+        if data.per_reward_adv is not None:
+            data.per_reward = torch.stack([data.per_reward_adv[n] for n in self.cfg.rewards])[:, local]
+
+    def micro_batches(self, data: StepData, step: int) -> list[MicroBatch]:
+        """The step's micro-batches, in training order."""
         raise NotImplementedError
+
+    def prepare_micro(self, data: StepData, mb: MicroBatch) -> Any:
+        """Work for one micro-batch outside its gradient context (an old policy's or a reference's prediction)."""
+        return None
+
+    def micro_loss(self, data: StepData, mb: MicroBatch, prepared: Any) -> MicroLoss:
+        """The micro-batch's forward, inside its gradient context, and its loss as a function of the weights."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimizer step."""
+
+    def after_update(self, data: StepData, step: int) -> dict:
+        """Called once the step's updates are done, before the EMA; returns extra metrics."""
+        return {}
+
+    def step_metrics(self, data: StepData) -> dict:
+        """The recipe's own metrics of the step."""
+        return {}
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+    def collect(self, step: int) -> StepData:
+        """The step's rollout, its advantages (`advantages`: the weighted rewards; per reward when balancing in
+        gradient space) and its training mask."""
+        rs = self.rollout_step(step)
+        a = self.weighting(rs.gathered, rs.groups, rs.valid)
+        metrics = {**rs.ro.timings, **a.metrics, **self.reward_metrics(rs.gathered),
+                   "invalid_rewards": int((~rs.valid).sum())}
+        return StepData(rs=rs, adv=a.adv, per_reward_adv=a.per_reward, mask=a.mask, metrics=metrics)
+
+    def step(self, step: int) -> dict:
+        """One step: collect, weigh, then the micro-batches' updates. Returns the step's metrics."""
+        t0 = time.perf_counter()
+        data = self.collect(step)
+        self.weigh(data)
+        t_train = time.perf_counter()
+        micro = self.micro_batches(data, step)
+        logs, balance_logs = self.update(data, micro, step)
+        metrics = {"step": step, **data.metrics, **{f"train/{k}": sum(v) / len(v) for k, v in logs.items()},
+                   **balance_logs, **self.after_update(data, step)}
+        if self.ema is not None:
+            self.ema.update(step)
+        metrics.update(self.step_metrics(data))
+        metrics.update({"time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0})
+        return metrics
+
+    def update(self, data: StepData, micro: list[MicroBatch], step: int) -> tuple[dict[str, list], dict]:
+        """Forward and backward of every micro-batch, accumulated into `train.optimizer_steps_per_rollout`
+        optimizer steps. With several rewards balanced in gradient space (`train.balance`) each micro-batch's
+        per-reward losses share its forward: explicit per-reward gradients, combined at each optimizer step; or,
+        for a loss affine in the weight (`balance_amortized`), one backward of the blended weights, with the
+        Gram matrix refreshed from explicit gradients or from the prediction's (`balance_gram=output`)."""
+        tc, acc = self.cfg.train, self.accelerator
+        schedule = accumulation_schedule(len(micro), tc.optimizer_steps_per_rollout, [mb.size for mb in micro])
+        r_k = data.per_reward
+        refresh = tc.balance_amortized and step % tc.balance_every == 0
+        n_refresh = min(tc.balance_refresh_batches, len(micro))  # micro-batches that estimate the Gram
+        gram = torch.zeros(len(self.cfg.rewards), len(self.cfg.rewards), dtype=torch.float64)  # balance_gram=output
+        logs: dict[str, list[float]] = {}
+        balance_logs: dict[str, float] = {}
+        self.first_micro_metrics = None
+        self.model.train()
+        for i, (mb, (size, last)) in enumerate(zip(micro, schedule, strict=True)):
+            prepared = self.prepare_micro(data, mb)
+            if r_k is None:
+                with self.micro_context(last):
+                    loss, m = self.micro_loss(data, mb, prepared).loss(data.weights)
+                    acc.backward(loss / size)
+            elif tc.balance_gram == "output":
+                # MARBLE's blended backward with the coefficients of the previous refresh (the configured weights
+                # before the first); meanwhile the Gram matrix of this step's per-reward gradients of the prediction
+                # accumulates over every micro-batch (MGDA-UB) and refreshes the balancer at the end.
+                alpha = self.balancer.alpha if self.balancer.alpha is not None else self.balancer.w
+                r_bar, total = blend_reward_weights(alpha, r_k)
+                with self.micro_context(last):
+                    ml = self.micro_loss(data, mb, prepared)
+                    gram = gram + output_space_gram([ml.loss(r_k[k])[0] / size for k in range(len(r_k))], ml.output)
+                    loss, m = ml.loss(r_bar)
+                    acc.backward(total * loss / size)
+                if last:
+                    gram = acc.reduce(gram.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else gram
+                    _, balance_logs = self.balancer.update(gram)
+                    # The logged weights and cosines are those of the update just applied, not of the next one.
+                    balance_logs.update(diagnostics(gram, alpha, list(self.cfg.rewards)))
+                    gram = torch.zeros_like(gram)
+            elif tc.balance_amortized and not (refresh and i < n_refresh):
+                r_bar, total = blend_reward_weights(self.balancer.alpha, r_k)
+                with self.micro_context(last):
+                    loss, m = self.micro_loss(data, mb, prepared).loss(r_bar)
+                    acc.backward(total * loss / size)
+            else:
+                # Explicit per-reward gradients (and the amortised form's Gram refresh on its first n_refresh).
+                with self.balance_context():
+                    ml = self.micro_loss(data, mb, prepared)
+                    for k in range(len(r_k)):
+                        loss, m = ml.loss(r_k[k])
+                        self.grad_buffer.add(k, loss / size, retain_graph=k + 1 < len(r_k))
+                if last or (tc.balance_amortized and i == n_refresh - 1):
+                    alpha, balance_logs = self.balance_update()
+                    self.grad_buffer.apply(alpha)
+                    self.grad_buffer.zero()
+            if self.first_micro_metrics is None:
+                self.first_micro_metrics = m
+            for key, value in m.items():
+                logs.setdefault(key, []).append(value)
+            if last:
+                logs.setdefault("grad_norm", []).append(self.optimizer_step())
+                self.after_optimizer_step()
+        return logs, balance_logs
 
     # ---- evaluation, checkpoints, loop ---------------------------------------------------------------------
     @torch.no_grad()

@@ -15,7 +15,6 @@ Both share the engine (`visalign.trainers.engine.OnlineTrainer`): rollouts, rewa
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -23,26 +22,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from visalign.trainers.balance import diagnostics, output_space_gram
 from visalign.trainers.common import ParamCopy, step_generator
 from visalign.trainers.engine import (
     REWARD_OPTIONS_HELP,
     BaseTrainConfig,
+    MicroBatch,
+    MicroLoss,
     ModelConfig,
     OnlineTrainer,
     RunConfig,
     SamplingConfig,
-    accumulation_schedule,
+    StepData,
     check_rewards,
 )
 from visalign.trainers.losses import nft_loss, nft_reward_weight, per_sample_mse, rwr_weights
-
-
-def blend_reward_weights(alpha: Tensor, r_k: Tensor) -> tuple[Tensor, float]:
-    """MARBLE's one backward: the NFT loss is affine in the reward weight, so Σ_k alpha_k L(r_k) = S · L(r̄) with
-    r̄ = Σ_k (alpha_k / S) r_k and S = Σ_k alpha_k. Returns (r̄ [n], S)."""
-    total = alpha.sum()
-    return ((alpha / total).float()[:, None] * r_k).sum(0), float(total)
 
 
 def _ode_sampling() -> SamplingConfig:
@@ -107,8 +100,8 @@ class ForwardTrainConfig(BaseTrainConfig):
 class ForwardTrainer(OnlineTrainer):
     """Shared by the forward-process recipes: micro-batches of (sample, noise level, noise) and the velocity."""
 
-    def micro_batches(self, n: int, step: int, grid: Tensor, groups: Tensor | None = None):
-        """[(sample positions, sigma [b], timestep slot j)] over samples × timesteps in a fixed order, and
+    def noise_plan(self, n: int, step: int, grid: Tensor, groups: Tensor | None = None):
+        """Micro-batches (sample positions, sigma [b], timestep slot j) over samples × timesteps in a fixed order, and
         `noise(pos, j, shape)` that draws the matching noise. With `train.group_noise` and `groups` (the prompt
         group of each of the n samples) a group shares its levels and, per slot, its noise; both are then pure
         functions of (seed, step, group, slot), so a group split across processes agrees."""
@@ -128,7 +121,7 @@ class ForwardTrainer(OnlineTrainer):
             sigmas = sample_sigmas(cfg.sigma_sampling, n, k, grid, g, cfg.min_sigma)
         order = torch.randperm(n, generator=g)
         chunks = [order[i:i + cfg.train_batch_size] for i in range(0, n, cfg.train_batch_size)]
-        micro = [(idx, sigmas[idx, j], j) for idx in chunks for j in range(k)]
+        micro = [MicroBatch(idx, j, sigmas[idx, j]) for idx in chunks for j in range(k)]
         if not shared:
             return micro, lambda pos, j, shape: torch.randn(shape, generator=g)
         bank: dict[tuple[int, int], Tensor] = {}
@@ -155,9 +148,17 @@ class ForwardTrainer(OnlineTrainer):
         with weights.swapped():
             return super().rollout_step(step)
 
-    def accumulation(self, micro) -> list[tuple[float, bool]]:
-        """`accumulation_schedule` of these micro-batches, weighing every sample alike."""
-        return accumulation_schedule(len(micro), self.cfg.train.optimizer_steps_per_rollout, [len(m[0]) for m in micro])
+    def micro_batches(self, data: StepData, step: int) -> list[MicroBatch]:
+        """The kept rollout samples (`data.extra["keep"]`, positions among this process's) × noise levels."""
+        keep = data.extra["keep"]
+        micro, data.extra["draw"] = self.noise_plan(len(keep), step, data.rs.ro.traj.sigmas, data.rs.plan.groups[keep])
+        return micro
+
+    def noised_sample(self, data: StepData, mb: MicroBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """(indices into the rollout, clean samples x0, fresh noise) of a micro-batch."""
+        idx = data.extra["keep"][mb.idx]
+        x0 = data.rs.ro.traj.final[idx]
+        return idx, x0, data.extra["draw"](mb.idx, mb.slot, x0.shape).to(x0.device)
 
     def velocity(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
         return self.adapter.predict_velocity(x_t, sigma.to(x_t.device), cond, self.cfg.train.train_guidance)
@@ -203,40 +204,30 @@ class FlowRWRConfig:
 class FlowRWRTrainer(ForwardTrainer):
     name = "flow-rwr"
 
-    def step(self, step: int) -> dict:
-        cfg, acc = self.cfg, self.accelerator
-        t0 = time.perf_counter()
-        rs = self.rollout_step(step)
-        adv, adv_metrics = self.advantages(rs.gathered, rs.groups, rs.valid)
-        mask = self.training_mask(rs.gathered, rs.valid)
-        weights = rwr_weights(adv, rs.groups, mask, cfg.train.weighting, cfg.train.temperature)[rs.local]
-        x0 = rs.ro.traj.final
-        keep = torch.nonzero(weights > 0).flatten()  # zero-weight samples contribute nothing
-        t_train = time.perf_counter()
-        micro, draw = self.micro_batches(len(keep), step, rs.ro.traj.sigmas, rs.plan.groups[keep])
-        self.model.train()
-        logs: dict[str, list[float]] = {}
-        for (pos, sigma, j), (size, last) in zip(micro, self.accumulation(micro), strict=True):
-            idx = keep[pos]
-            noise = draw(pos, j, x0[idx].shape).to(x0.device)
-            target = noise - x0[idx]
-            with self.micro_context(last):
-                v = self.velocity(noised(x0[idx], noise, sigma), sigma, rs.ro.cond.index(idx))
-                err = per_sample_mse(v, target)
-                loss = (weights[idx].to(err.device) * err).mean()
-                acc.backward(loss / size)
-            logs.setdefault("rwr_loss", []).append(loss.item())
-            logs.setdefault("mse", []).append(err.mean().item())
-            if last:
-                logs.setdefault("grad_norm", []).append(self.optimizer_step())
-        if self.ema is not None:
-            self.ema.update(step)
-        metrics = {"step": step, **rs.ro.timings, **adv_metrics, **self.reward_metrics(rs.gathered),
-                   **{f"train/{k}": sum(v) / len(v) for k, v in logs.items()},
-                   "train/weight_max": float(weights.max()) if len(weights) else 0.0,
-                   "trained_fraction": len(keep) / max(1, len(weights)), "invalid_rewards": int((~rs.valid).sum()),
-                   "time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0}
-        return metrics
+    def weigh(self, data: StepData) -> None:
+        cfg = self.cfg.train
+        data.weights = rwr_weights(data.adv, data.rs.groups, data.mask, cfg.weighting, cfg.temperature)[data.rs.local]
+        data.extra["keep"] = torch.nonzero(data.weights > 0).flatten()  # zero-weight samples contribute nothing
+
+    def prepare_micro(self, data: StepData, mb: MicroBatch):
+        idx, x0, noise = self.noised_sample(data, mb)
+        return idx, x0, noise, noise - x0
+
+    def micro_loss(self, data: StepData, mb: MicroBatch, prepared) -> MicroLoss:
+        idx, x0, noise, target = prepared
+        v = self.velocity(noised(x0, noise, mb.sigma), mb.sigma, data.rs.ro.cond.index(idx))
+        err = per_sample_mse(v, target)
+
+        def loss(weights: Tensor):
+            value = (weights[idx].to(err.device) * err).mean()
+            return value, {"rwr_loss": value.item(), "mse": err.mean().item()}
+
+        return MicroLoss(loss, v)
+
+    def step_metrics(self, data: StepData) -> dict:
+        weights = data.weights
+        return {"train/weight_max": float(weights.max()) if len(weights) else 0.0,
+                "trained_fraction": len(data.extra["keep"]) / max(1, len(weights))}
 
 
 # ---------------------------------------------------------------------------------------------- DiffusionNFT
@@ -288,10 +279,8 @@ class DiffusionNFTTrainer(ForwardTrainer):
     def wants_frozen_reference(self) -> bool:
         return self.cfg.train.kl_beta > 0
 
-    def _build(self) -> None:
-        super()._build()
-        self.old = ParamCopy(self.params)
-        self.accelerator.register_for_checkpointing(self.old)
+    def recipe_state(self) -> dict:
+        return {"old": ParamCopy(self.params)}  # the old policy, soft-updated after every step
 
     def old_decay(self, step: int) -> float:
         """d = min(rate × step, max) (DiffusionNFT's soft old-policy update), applied after step `step`."""
@@ -315,95 +304,51 @@ class DiffusionNFTTrainer(ForwardTrainer):
     def rollout_weights(self):
         return self.old if self.cfg.train.sample_with_old else super().rollout_weights()
 
-    def step(self, step: int) -> dict:
-        cfg, acc = self.cfg, self.accelerator
-        t0 = time.perf_counter()
-        rs = self.rollout_step(step)
-        adv, adv_metrics = self.advantages(rs.gathered, rs.groups, rs.valid)
-        r = nft_reward_weight(adv, cfg.train.adv_clip)[rs.local]
-        r_k = None  # per-reward weights [K, n] when balancing in gradient space
-        if self.balancer is not None:
-            per = self.per_reward_advantages(rs.gathered, rs.groups, rs.valid, metrics=adv_metrics)
-            r_k = torch.stack([nft_reward_weight(per[n], cfg.train.adv_clip)[rs.local] for n in cfg.rewards])
-        keep = torch.nonzero(self.training_mask(rs.gathered, rs.valid)[rs.local]).flatten()  # others: not trained
-        x0 = rs.ro.traj.final
-        t_train = time.perf_counter()
-        micro, draw = self.micro_batches(len(keep), step, rs.ro.traj.sigmas, rs.plan.groups[keep])
-        self.model.train()
-        logs: dict[str, list[float]] = {}
-        balance_logs: dict[str, float] = {}
-        refresh = cfg.train.balance_amortized and step % cfg.train.balance_every == 0
-        n_refresh = min(cfg.train.balance_refresh_batches, len(micro))  # micro-batches that estimate the Gram
-        schedule = self.accumulation(micro)
-        gram = torch.zeros(len(cfg.rewards), len(cfg.rewards), dtype=torch.float64)  # balance_gram=output
+    def weigh(self, data: StepData) -> None:
+        """r = clip(A / 2A_max + 1/2) per sample (and per reward when balancing); untrained samples are dropped."""
+        clip, local = self.cfg.train.adv_clip, data.rs.local
+        data.weights = nft_reward_weight(data.adv, clip)[local]
+        if data.per_reward_adv is not None:
+            data.per_reward = torch.stack([nft_reward_weight(data.per_reward_adv[n], clip)[local]
+                                           for n in self.cfg.rewards])
+        data.extra["keep"] = torch.nonzero(data.mask[local]).flatten()  # others: not trained
+
+    def micro_batches(self, data: StepData, step: int) -> list[MicroBatch]:
         # The old copy is the trained weights themselves until this step's first optimizer step when the last soft
         # update copied them whole (decay 0: the first step, or train.old_decay_rate=0): v_old is then the trained
         # pass's own velocity, detached, and the old-policy pass is skipped.
-        old_is_live = step == 0 or self.old_decay(step - 1) == 0
-        for i, ((pos, sigma, j), (size, last)) in enumerate(zip(micro, schedule, strict=True)):
-            idx = keep[pos]
-            noise = draw(pos, j, x0[idx].shape).to(x0.device)
-            x_t = noised(x0[idx], noise, sigma)
-            cond = rs.ro.cond.index(idx)
-            v_old = None
-            if not old_is_live:
-                with torch.no_grad(), self.old.swapped():
-                    v_old = self.velocity(x_t, sigma, cond)
-            v_ref = self.reference_velocity(x_t, sigma, cond) if cfg.train.kl_beta > 0 else None
-            # loss_for(v, weights): the NFT loss of velocity v with per-sample reward weights [n] (indexed here).
-            loss_for = partial(self._nft_loss, v_old=v_old, x_t=x_t, x0=x0[idx], sigma=sigma, idx=idx, v_ref=v_ref)
-            if r_k is None:
-                with self.micro_context(last):
-                    loss, m = loss_for(self.velocity(x_t, sigma, cond), r)
-                    acc.backward(loss / size)
-            elif cfg.train.balance_gram == "output":
-                # MARBLE's blended backward with the coefficients of the previous refresh (the configured weights
-                # before the first); meanwhile the Gram matrix of this step's per-reward gradients of the predicted
-                # velocity accumulates over every micro-batch (MGDA-UB) and refreshes the balancer at the end.
-                alpha = self.balancer.alpha if self.balancer.alpha is not None else self.balancer.w
-                r_bar, total = blend_reward_weights(alpha, r_k)
-                with self.micro_context(last):
-                    v = self.velocity(x_t, sigma, cond)
-                    gram = gram + output_space_gram([loss_for(v, r_k[k])[0] / size for k in range(len(r_k))], v)
-                    loss, m = loss_for(v, r_bar)
-                    acc.backward(total * loss / size)
-                if last:
-                    gram = acc.reduce(gram.to(x0.device), reduction="sum").cpu() if acc.num_processes > 1 else gram
-                    _, balance_logs = self.balancer.update(gram)
-                    # The logged weights and cosines are those of the update just applied, not of the next one.
-                    balance_logs.update(diagnostics(gram, alpha, list(cfg.rewards)))
-                    gram = torch.zeros_like(gram)
-            elif cfg.train.balance_amortized and not (refresh and i < n_refresh):
-                r_bar, total = blend_reward_weights(self.balancer.alpha, r_k)
-                with self.micro_context(last):
-                    loss, m = loss_for(self.velocity(x_t, sigma, cond), r_bar)
-                    acc.backward(total * loss / size)
-            else:
-                # Explicit per-reward gradients (and the amortised form's Gram refresh on its first n_refresh).
-                with self.balance_context():
-                    v = self.velocity(x_t, sigma, cond)
-                    for r_i in range(len(r_k)):
-                        loss, m = loss_for(v, r_k[r_i])
-                        self.grad_buffer.add(r_i, loss / size, retain_graph=r_i + 1 < len(r_k))
-                if last or (cfg.train.balance_amortized and i == n_refresh - 1):
-                    alpha, balance_logs = self.balance_update()
-                    self.grad_buffer.apply(alpha)
-                    self.grad_buffer.zero()
-            for key, value in m.items():
-                logs.setdefault(key, []).append(value)
-            if last:
-                logs.setdefault("grad_norm", []).append(self.optimizer_step())
-                old_is_live = False
+        self.old_is_live = step == 0 or self.old_decay(step - 1) == 0
+        return super().micro_batches(data, step)
+
+    def prepare_micro(self, data: StepData, mb: MicroBatch) -> dict:
+        """x_t, and the old policy's and the reference's velocities there (no gradient)."""
+        idx, x0, noise = self.noised_sample(data, mb)
+        x_t = noised(x0, noise, mb.sigma)
+        cond = data.rs.ro.cond.index(idx)
+        v_old = None
+        if not self.old_is_live:
+            with torch.no_grad(), self.old.swapped():
+                v_old = self.velocity(x_t, mb.sigma, cond)
+        v_ref = self.reference_velocity(x_t, mb.sigma, cond) if self.cfg.train.kl_beta > 0 else None
+        return {"x_t": x_t, "x0": x0, "cond": cond, "v_old": v_old, "v_ref": v_ref}
+
+    def micro_loss(self, data: StepData, mb: MicroBatch, prepared: dict) -> MicroLoss:
+        v = self.velocity(prepared["x_t"], mb.sigma, prepared["cond"])
+        loss = partial(self._nft_loss, v, v_old=prepared["v_old"], x_t=prepared["x_t"], x0=prepared["x0"],
+                       sigma=mb.sigma, idx=data.extra["keep"][mb.idx], v_ref=prepared["v_ref"])
+        return MicroLoss(loss, v)
+
+    def after_optimizer_step(self) -> None:
+        self.old_is_live = False
+
+    def after_update(self, data: StepData, step: int) -> dict:
+        """The old policy follows the trained weights softly (DiffusionNFT)."""
         decay = self.old_decay(step)
         self.old.blend(decay)
-        if self.ema is not None:
-            self.ema.update(step)
-        metrics = {"step": step, **rs.ro.timings, **adv_metrics, **self.reward_metrics(rs.gathered),
-                   **{f"train/{k}": sum(v) / len(v) for k, v in logs.items()}, "train/old_decay": decay,
-                   **balance_logs,
-                   "trained_fraction": len(keep) / max(1, len(r)), "invalid_rewards": int((~rs.valid).sum()),
-                   "time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0}
-        return metrics
+        return {"train/old_decay": decay}
+
+    def step_metrics(self, data: StepData) -> dict:
+        return {"trained_fraction": len(data.extra["keep"]) / max(1, len(data.weights))}
 
     def _nft_loss(self, v: Tensor, weights: Tensor, *, v_old: Tensor | None, x_t: Tensor, x0: Tensor, sigma: Tensor,
                   idx: Tensor, v_ref: Tensor | None) -> tuple[Tensor, dict]:
