@@ -2,7 +2,7 @@
 were recorded in `regression/` (bit for bit). Refactors of the trainer core must keep these passing; a deliberate
 change of numerics re-records them and says why in its commit:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tests/trainers/test_regression.py --record
+    HF_HUB_OFFLINE=1 .venv/bin/python tests/trainers/test_regression.py --record [NAME ...]
 """
 
 import json
@@ -38,6 +38,8 @@ RUNS = {
     "flow_rwr": ("flow_rwr", *FORWARD, "train.weighting=exp", "train.temperature=0.5"),
     "flow_dpo_online": ("flow_dpo", *FORWARD, "train.ref_update_every=2", "train.gap_weighting=true"),
     "flow_dpo_offline": ("flow_dpo", *FORWARD, "train.mode=offline", "train.pairs_per_step=2", "rewards={}"),
+    "awm": ("awm", *FORWARD, "train.kl_beta=0.1", "train.old_decay_rate=0.25"),
+    "dgpo": ("dgpo", *FORWARD, "train.train_batch_size=4", "train.old_decay_rate=0.25"),
 }
 
 
@@ -74,19 +76,19 @@ def test_three_steps_end_in_the_recorded_parameters(name, tmp_path):
     assert not changed, f"{name}: {len(changed)} of {len(got)} tensors differ, e.g. {changed[:3]}"
 
 
-def record() -> None:
+def record(names: list[str]) -> None:
     import tempfile
 
     sys.path.insert(0, str(FIXTURES.parents[2]))  # the toy rewards' dotted paths start at the repository root
     FIXTURES.mkdir(exist_ok=True)
     torch.set_num_threads(1)  # as the test run (tests/conftest.py)
-    for name in RUNS:
+    for name in names or RUNS:
         with tempfile.TemporaryDirectory() as tmp:
             save_file(trained_parameters(name, Path(tmp)), str(FIXTURES / f"{name}.safetensors"))
         print("recorded", name)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--record"]:
+    if sys.argv[1:2] != ["--record"] or not set(sys.argv[2:]) <= set(RUNS):
         sys.exit(__doc__)
-    record()
+    record(sys.argv[2:])

@@ -1,5 +1,6 @@
 """Training recipes on one engine: Flow-GRPO (`flow_grpo`), DiffusionNFT and Flow-RWR (`forward`), Flow-DPO
-(`dpo`). A config's `trainer:` key picks one from `TRAINERS`; see docs/architecture.md for the step each runs.
+(`dpo`), Advantage Weighted Matching (`awm`), DGPO (`dgpo`). A config's `trainer:` key picks one from `TRAINERS`; see
+docs/architecture.md for the step each runs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ TRAINERS = {
     "diffusion_nft": ("visalign.trainers.forward:DiffusionNFTConfig", "visalign.trainers.forward:DiffusionNFTTrainer"),
     "flow_rwr": ("visalign.trainers.forward:FlowRWRConfig", "visalign.trainers.forward:FlowRWRTrainer"),
     "flow_dpo": ("visalign.trainers.dpo:FlowDPOConfig", "visalign.trainers.dpo:FlowDPOTrainer"),
+    "awm": ("visalign.trainers.awm:AWMConfig", "visalign.trainers.awm:AWMTrainer"),
+    "dgpo": ("visalign.trainers.dgpo:DGPOConfig", "visalign.trainers.dgpo:DGPOTrainer"),
 }
 
 

@@ -56,7 +56,19 @@ def sample_sigmas(kind: str, n: int, k: int, grid: Tensor, generator: torch.Gene
         return torch.stack(draws).float() if draws else grid.new_zeros(0, k).float()  # n = 0: nothing kept
     if kind == "logit_normal":
         return min_sigma + (1 - min_sigma) * torch.sigmoid(torch.randn(n, k, generator=generator))
-    raise ValueError(f"sigma_sampling {kind!r}: allowed 'grid' or 'logit_normal'")
+    if kind == "stratified":
+        # AWM's "discrete_wo_init" (scxue/advantage_weighted_matching `scripts/train_sd3_awm.py`): the grid indices
+        # 1 .. int(0.9 N) (never sigma = 1, nor the last, sharpest tenth) split into k bins, one index drawn from
+        # each, per sample here (the reference draws one per micro-batch).
+        last = int(0.9 * (len(grid) - 1))
+        bounds = torch.linspace(1, last, k + 1).long()
+        if (bounds[1:] <= bounds[:-1]).any() or grid[last] < min_sigma:
+            raise ValueError(f"timesteps_per_sample={k} needs at least {k} grid levels in [1, {last}] of the "
+                             f"{len(grid) - 1}-step schedule at or above train.min_sigma={min_sigma}")
+        lo, width = bounds[:-1], bounds[1:] - bounds[:-1]
+        idx = lo + (torch.rand(n, k, generator=generator) * width).long()
+        return grid[idx].float().clamp(min=min_sigma)
+    raise ValueError(f"sigma_sampling {kind!r}: allowed 'grid', 'logit_normal' or 'stratified'")
 
 
 _GROUP_SALT = 1_000_003  # generator salts of group-shared noise, away from the per-process ones (3 + rank)
@@ -71,8 +83,9 @@ def noised(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
 @dataclass
 class ForwardTrainConfig(BaseTrainConfig):
     timesteps_per_sample: int = field(default=4, metadata={"help": "noised copies of each sample trained per step"})
-    sigma_sampling: Literal["grid", "logit_normal"] = field(default="grid", metadata={
-        "help": "noise levels: the sampler's grid (DiffusionNFT) or logit-normal (SD3 / Flow-DPO)"})
+    sigma_sampling: Literal["grid", "logit_normal", "stratified"] = field(default="grid", metadata={
+        "help": "noise levels: the sampler's grid (DiffusionNFT), logit-normal (SD3 / Flow-DPO), or one grid level "
+                "from each of timesteps_per_sample bins of its first 90% (AWM)"})
     train_guidance: float = field(default=1.0, metadata={
         "help": "CFG scale of the trained prediction: 1 = the conditional velocity only (CFG-free, as DiffusionNFT "
                 "and Flow-DPO train); > 1 regresses the guided combination, which collapsed Flow-RWR on the world"})
@@ -100,11 +113,14 @@ class ForwardTrainConfig(BaseTrainConfig):
 class ForwardTrainer(OnlineTrainer):
     """Shared by the forward-process recipes: micro-batches of (sample, noise level, noise) and the velocity."""
 
-    def noise_plan(self, n: int, step: int, grid: Tensor, groups: Tensor | None = None):
+    whole_groups = False  # micro-batches hold whole prompt groups (a loss over a group's samples)
+
+    def noise_plan(self, n: int, step: int, grid: Tensor, groups: Tensor | None = None, whole_groups: bool = False):
         """Micro-batches (sample positions, sigma [b], timestep slot j) over samples × timesteps in a fixed order, and
         `noise(pos, j, shape)` that draws the matching noise. With `train.group_noise` and `groups` (the prompt
         group of each of the n samples) a group shares its levels and, per slot, its noise; both are then pure
-        functions of (seed, step, group, slot), so a group split across processes agrees."""
+        functions of (seed, step, group, slot), so a group split across processes agrees. `whole_groups` keeps
+        each group's samples together in the micro-batches (train_batch_size a multiple of the group size)."""
         cfg = self.cfg.train
         g = step_generator(self.cfg.run.seed, step, 3 + self.accelerator.process_index)
         shared = cfg.group_noise and groups is not None
@@ -120,6 +136,10 @@ class ForwardTrainer(OnlineTrainer):
         else:
             sigmas = sample_sigmas(cfg.sigma_sampling, n, k, grid, g, cfg.min_sigma)
         order = torch.randperm(n, generator=g)
+        if whole_groups:  # the groups in random order, each group's samples together
+            ids = torch.unique(groups)
+            order = torch.cat([torch.nonzero(groups == ids[i]).flatten() for i in torch.randperm(len(ids), generator=g)]
+                              ) if len(ids) else order
         chunks = [order[i:i + cfg.train_batch_size] for i in range(0, n, cfg.train_batch_size)]
         micro = [MicroBatch(idx, j, sigmas[idx, j]) for idx in chunks for j in range(k)]
         if not shared:
@@ -151,7 +171,8 @@ class ForwardTrainer(OnlineTrainer):
     def micro_batches(self, data: StepData, step: int) -> list[MicroBatch]:
         """The kept rollout samples (`data.extra["keep"]`, positions among this process's) × noise levels."""
         keep = data.extra["keep"]
-        micro, data.extra["draw"] = self.noise_plan(len(keep), step, data.rs.ro.traj.sigmas, data.rs.plan.groups[keep])
+        micro, data.extra["draw"] = self.noise_plan(len(keep), step, data.rs.ro.traj.sigmas, data.rs.plan.groups[keep],
+                                                    whole_groups=self.whole_groups)
         return micro
 
     def noised_sample(self, data: StepData, mb: MicroBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -162,6 +183,60 @@ class ForwardTrainer(OnlineTrainer):
 
     def velocity(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
         return self.adapter.predict_velocity(x_t, sigma.to(x_t.device), cond, self.cfg.train.train_guidance)
+
+    @torch.no_grad()
+    def reference_velocity(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
+        """The reference policy's velocity: LoRA disabled, or the frozen copy of full fine-tuning."""
+        if self.ref_denoiser is None:
+            with self.adapter.lora_disabled():
+                return self.velocity(x_t, sigma, cond)
+        self.adapter.set_forward_module(self.ref_denoiser)
+        try:
+            # The frozen copy is not accelerate's prepared model, whose forward is autocast: without the context it
+            # ran in fp32 against a bf16 trained pass (flow_grpo `scripts/train_sd3.py` runs its reference pass
+            # inside the trained pass's autocast).
+            with self.autocast_context():
+                return self.velocity(x_t, sigma, cond)
+        finally:
+            self.adapter.set_forward_module(self.model)
+
+
+class OldPolicyTrainer(ForwardTrainer):
+    """A forward-process recipe with an old policy: a copy of the trained weights that follows them softly,
+    old ← d old + (1 - d) theta after every step with d = min(train.old_decay_rate × step, train.old_decay_max)
+    (DiffusionNFT's old policy; AWM's "EMA" adapter)."""
+
+    def wants_frozen_reference(self) -> bool:
+        return self.cfg.train.kl_beta > 0  # the KL to the reference policy (full fine-tuning keeps a frozen copy)
+
+    def recipe_state(self) -> dict:
+        return {"old": ParamCopy(self.params)}
+
+    def old_decay(self, step: int) -> float:
+        """The decay d applied after step `step`."""
+        return min(self.cfg.train.old_decay_rate * step, self.cfg.train.old_decay_max)
+
+    def micro_batches(self, data: StepData, step: int) -> list[MicroBatch]:
+        # The old copy is the trained weights themselves until this step's first optimizer step when the last soft
+        # update copied them whole (decay 0: the first step, or train.old_decay_rate=0): v_old is then the trained
+        # pass's own velocity, detached, and the old-policy pass is skipped.
+        self.old_is_live = step == 0 or self.old_decay(step - 1) == 0
+        return super().micro_batches(data, step)
+
+    def old_velocity(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor | None:
+        """The old policy's velocity (no gradient), or None while it equals the trained weights."""
+        if self.old_is_live:
+            return None
+        with torch.no_grad(), self.old.swapped():
+            return self.velocity(x_t, sigma, cond)
+
+    def after_optimizer_step(self) -> None:
+        self.old_is_live = False
+
+    def after_update(self, data: StepData, step: int) -> dict:
+        decay = self.old_decay(step)
+        self.old.blend(decay)
+        return {"train/old_decay": decay}
 
 
 # ---------------------------------------------------------------------------------------------- Flow-RWR
@@ -273,33 +348,8 @@ class DiffusionNFTConfig:
                       options=self.reward_options)
 
 
-class DiffusionNFTTrainer(ForwardTrainer):
+class DiffusionNFTTrainer(OldPolicyTrainer):
     name = "diffusion-nft"
-
-    def wants_frozen_reference(self) -> bool:
-        return self.cfg.train.kl_beta > 0
-
-    def recipe_state(self) -> dict:
-        return {"old": ParamCopy(self.params)}  # the old policy, soft-updated after every step
-
-    def old_decay(self, step: int) -> float:
-        """d = min(rate × step, max) (DiffusionNFT's soft old-policy update), applied after step `step`."""
-        return min(self.cfg.train.old_decay_rate * step, self.cfg.train.old_decay_max)
-
-    @torch.no_grad()
-    def reference_velocity(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
-        if self.ref_denoiser is None:
-            with self.adapter.lora_disabled():
-                return self.velocity(x_t, sigma, cond)
-        self.adapter.set_forward_module(self.ref_denoiser)
-        try:
-            # The frozen copy is not accelerate's prepared model, whose forward is autocast: without the context it
-            # ran in fp32 against a bf16 trained pass (flow_grpo `scripts/train_sd3.py` runs its reference pass
-            # inside the trained pass's autocast).
-            with self.autocast_context():
-                return self.velocity(x_t, sigma, cond)
-        finally:
-            self.adapter.set_forward_module(self.model)
 
     def rollout_weights(self):
         return self.old if self.cfg.train.sample_with_old else super().rollout_weights()
@@ -313,39 +363,19 @@ class DiffusionNFTTrainer(ForwardTrainer):
                                            for n in self.cfg.rewards])
         data.extra["keep"] = torch.nonzero(data.mask[local]).flatten()  # others: not trained
 
-    def micro_batches(self, data: StepData, step: int) -> list[MicroBatch]:
-        # The old copy is the trained weights themselves until this step's first optimizer step when the last soft
-        # update copied them whole (decay 0: the first step, or train.old_decay_rate=0): v_old is then the trained
-        # pass's own velocity, detached, and the old-policy pass is skipped.
-        self.old_is_live = step == 0 or self.old_decay(step - 1) == 0
-        return super().micro_batches(data, step)
-
     def prepare_micro(self, data: StepData, mb: MicroBatch) -> dict:
         """x_t, and the old policy's and the reference's velocities there (no gradient)."""
         idx, x0, noise = self.noised_sample(data, mb)
         x_t = noised(x0, noise, mb.sigma)
         cond = data.rs.ro.cond.index(idx)
-        v_old = None
-        if not self.old_is_live:
-            with torch.no_grad(), self.old.swapped():
-                v_old = self.velocity(x_t, mb.sigma, cond)
         v_ref = self.reference_velocity(x_t, mb.sigma, cond) if self.cfg.train.kl_beta > 0 else None
-        return {"x_t": x_t, "x0": x0, "cond": cond, "v_old": v_old, "v_ref": v_ref}
+        return {"x_t": x_t, "x0": x0, "cond": cond, "v_old": self.old_velocity(x_t, mb.sigma, cond), "v_ref": v_ref}
 
     def micro_loss(self, data: StepData, mb: MicroBatch, prepared: dict) -> MicroLoss:
         v = self.velocity(prepared["x_t"], mb.sigma, prepared["cond"])
         loss = partial(self._nft_loss, v, v_old=prepared["v_old"], x_t=prepared["x_t"], x0=prepared["x0"],
                        sigma=mb.sigma, idx=data.extra["keep"][mb.idx], v_ref=prepared["v_ref"])
         return MicroLoss(loss, v)
-
-    def after_optimizer_step(self) -> None:
-        self.old_is_live = False
-
-    def after_update(self, data: StepData, step: int) -> dict:
-        """The old policy follows the trained weights softly (DiffusionNFT)."""
-        decay = self.old_decay(step)
-        self.old.blend(decay)
-        return {"train/old_decay": decay}
 
     def step_metrics(self, data: StepData) -> dict:
         return {"trained_fraction": len(data.extra["keep"]) / max(1, len(data.weights))}

@@ -153,3 +153,81 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x0: Tensor, sigma: Ten
                    "loss_negative": l_neg.mean().item(), "reward_weight_mean": r.float().mean().item(),
                    "kl": kl.mean().item()}
     return loss, metrics
+
+
+def awm_loss(v_theta: Tensor, target: Tensor, sigma: Tensor, advantages: Tensor, *, power: float = 0.25,
+             v_ref: Tensor | None = None, kl_beta: float = 0.0, v_old: Tensor | None = None,
+             old_beta: float = 0.0) -> tuple[Tensor, dict]:
+    """Advantage Weighted Matching (Xue et al., ICML 2026; scxue/advantage_weighted_matching
+    `scripts/train_sd3_awm.py`: `compute_log_prob_awm` and the policy / KL terms of its training loop).
+
+    The flow-matching error of a rollout sample stands in for its log-likelihood, reweighted by the noise level
+    and a generalised Huber power p ('ghuber', the reference default):
+
+        l_i = ||v_theta - (eps - x0)||²,    lp_i = -sigma_i [(l_i + 1e-10)^p - (1e-10)^p] / p,
+        L = mean_i -A_i exp(lp_i - sg(lp_i))  (+ kl_beta ||v_theta - v_ref||²  + old_beta ||v_theta - v_old||²),
+
+    on policy, so the ratio is exactly 1 (the reference's PPO clip never acts) and the gradient is
+    -A_i grad lp_i: the advantage-weighted flow-matching gradient, damped on samples the model fits badly. The
+    error is taken in float64, as the reference does. ||·||² is the mean over dimensions."""
+    dims = tuple(range(1, v_theta.ndim))
+    err = (v_theta.double() - target.double()).pow(2).mean(dims)
+    s = sigma.to(err)
+    eps = 1e-10
+    lp = -s * ((err + eps) ** power - eps**power) / power
+    ratio = torch.exp(lp - lp.detach())
+    per_sample = -advantages.to(err) * ratio
+    kl = old = torch.zeros_like(per_sample)
+    if kl_beta > 0:
+        if v_ref is None:
+            raise ValueError("kl_beta > 0 needs v_ref")
+        kl = (v_theta - v_ref).double().pow(2).mean(dims)
+        per_sample = per_sample + kl_beta * kl
+    if old_beta > 0:
+        if v_old is None:
+            raise ValueError("old_beta > 0 needs v_old")
+        old = (v_theta - v_old).double().pow(2).mean(dims)
+        per_sample = per_sample + old_beta * old
+    loss = per_sample.mean().float()
+    with torch.no_grad():
+        metrics = {"awm_loss": loss.item(), "mse": err.mean().item(), "log_prob": lp.mean().item(),
+                   "kl": kl.mean().item(), "kl_old": old.mean().item()}
+    return loss, metrics
+
+
+def dgpo_loss(err: Tensor, err_ref: Tensor, advantages: Tensor, groups: Tensor, beta: float, group_size: int,
+              err_old: Tensor | None = None, clip_range: float | None = None) -> tuple[Tensor, dict]:
+    """DGPO, group-level preference optimisation (Luo et al., ICLR 2026; Luo-Yihong/DGPO
+    `scripts/train_sd3_dgpo.py`, `compute_group_dgpo_loss_allreduce` and its clip), on the per-sample
+    flow-matching errors of the trained (`err`) and reference (`err_ref`) velocities at shared noise.
+
+    A group's samples with positive advantage form G+, those with negative G-, each weighted |A_i| / G, and the
+    implicit reward is R(x) = -beta (l_theta(x) - l_ref(x)). The loss -log sigmoid(R(G+) - R(G-)) has the gradient
+    sigmoid(S_g) (beta / G) sum_i A_i grad l_theta,i with S_g = sum_{i in g} A_i beta (l_theta,i - l_ref,i) / G, so,
+    as the reference, this optimises the surrogate
+
+        L = mean_i sg(sigmoid(S_g(i))) A_i l_theta,i
+
+    (the same gradient up to the positive factor beta / G). With `clip_range` c and the old policy's errors, a
+    sample whose ratio exp(l_old - l_theta) has left [1 - c, 1 + c] in its advantage's direction contributes no
+    gradient (the reference's PPO-style clip). `groups` are the samples' group ids; the micro-batch must hold
+    whole groups."""
+    a = advantages.to(err)
+    ids, inverse = torch.unique(groups.to(err.device), return_inverse=True)
+    per_sample = a * beta * (err.detach() - err_ref) / group_size
+    s_g = torch.zeros(len(ids), dtype=err.dtype, device=err.device).index_add_(0, inverse, per_sample)
+    weight = torch.sigmoid(s_g)[inverse].detach()
+    trained = err
+    clipped = torch.zeros_like(err, dtype=torch.bool)
+    if clip_range is not None:
+        if err_old is None:
+            raise ValueError("clip_range needs err_old")
+        ratio = torch.exp(err_old - err.detach())
+        clipped = ((a > 0) & (ratio > 1 + clip_range)) | ((a < 0) & (ratio < 1 - clip_range))
+        trained = torch.where(clipped, err.detach(), err)
+    loss = (weight * a * trained).mean()
+    with torch.no_grad():
+        metrics = {"dgpo_loss": loss.item(), "group_score_mean": s_g.mean().item(),
+                   "group_weight_mean": weight.mean().item(), "mse": err.mean().item(),
+                   "clipped_fraction": clipped.float().mean().item()}
+    return loss, metrics
