@@ -9,6 +9,7 @@ size, so equal rollouts per step):
   verifier           Flow-GRPO, reward = world-verifier partial credit (`--config`, default flow_grpo_world.yaml)
   verifier+clean     Flow-GRPO, reward = world-verifier + 0.5 × world-cleanliness (holds background drift down)
   nft / rwr / dpo    DiffusionNFT, Flow-RWR, online Flow-DPO with their world configs (configs/*_world.yaml)
+  awm / dgpo / draft Advantage Weighted Matching, DGPO, direct reward backprop (DRaFT-1 on world-soft)
 
 Every `--eval-every` steps (and at step 0) the current weights are evaluated with fresh seeds (the same ones at
 every point, so the curve's differences are paired) on a fixed set of
@@ -38,6 +39,9 @@ ARMS = {
     "nft": ("configs/nft_world.yaml", []),
     "rwr": ("configs/rwr_world.yaml", []),
     "dpo": ("configs/dpo_world.yaml", []),
+    "awm": ("configs/awm_world.yaml", []),
+    "dgpo": ("configs/dgpo_world.yaml", []),
+    "draft": ("configs/draft_world.yaml", []),
 }
 
 

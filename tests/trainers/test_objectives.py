@@ -1,19 +1,20 @@
-"""The faster objectives (AWM, DGPO): their losses against hand values, their noise levels, that each raises an
-easy reward against the same run with the advantages zeroed, on tiny-sd3 and on the world, and bit-identical
-resume."""
+"""The faster objectives (AWM, DGPO, direct reward backprop): their losses against hand values, their noise
+levels, that each raises an easy reward (against the same run with the advantages zeroed, or, for reward
+backprop, against the base) on tiny-sd3 and on the world, and bit-identical resume."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from visalign.trainers import trainer_class
+from visalign.trainers.draft import direct_align_x0
 from visalign.trainers.forward import sample_sigmas
-from visalign.trainers.losses import awm_loss, dgpo_loss
+from visalign.trainers.losses import awm_loss, dgpo_loss, reward_backprop_loss
 
 TOY = "tests.helpers.toy_rewards"
-SMALL = ("sampling.sde=ode", "train.timesteps_per_sample=2", "model.lora_rank=4", "model.height=32",
-         "model.width=32", "train.train_batch_size=4")
-RECIPES = ["awm", "dgpo"]
+SMALL = ("sampling.sde=ode", "model.lora_rank=4", "model.height=32", "model.width=32", "train.train_batch_size=4")
+NOISE_LEVELS = {"awm": ("train.timesteps_per_sample=2",), "dgpo": ("train.timesteps_per_sample=2",), "draft": ()}
+RECIPES = ["awm", "dgpo", "draft"]
 
 
 def test_awm_loss_value_and_gradient_by_hand():
@@ -86,15 +87,37 @@ def test_dgpo_clip_stops_the_gradient_of_samples_past_the_range():
     assert m["clipped_fraction"] == 0.5
 
 
+def test_reward_backprop_loss_by_hand():
+    r = torch.tensor([0.5, 2.5, 1.0], requires_grad=True)
+    loss, _ = reward_backprop_loss(r)
+    assert loss.item() == pytest.approx(-4.0 / 3)
+    loss, m = reward_backprop_loss(r, margin=2.0)  # ReFL: ReLU(2 - r); the sample past the margin is left alone
+    assert loss.item() == pytest.approx((1.5 + 0.0 + 1.0) / 3)
+    (grad,) = torch.autograd.grad(loss, r)
+    torch.testing.assert_close(grad, torch.tensor([-1 / 3, 0.0, -1 / 3]))
+
+
+def test_direct_align_recovers_x0_exactly_from_the_true_velocity():
+    torch.manual_seed(0)
+    x0, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    hi, lo = 0.9, 0.88
+    x_hi = hi * noise + (1 - hi) * x0
+    v = (noise - x0).requires_grad_(True)
+    out = direct_align_x0(x_hi, v, noise, hi, lo)
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(out.sum(), v)  # d x0 / d v = -(hi - lo) / (1 - lo)
+    torch.testing.assert_close(grad, torch.full_like(v, -(hi - lo) / (1 - lo)))
+
+
 # tiny-sd3 at random weights takes a large step; the shipped world base model a LoRA at a moderate rate.
 SETTINGS = {"tiny-sd3": ("train.lr=3e-2", "model.finetune=full"),
             "world": ("train.lr=3e-3", "model.finetune=lora")}
 
 
-def _eval_brightness(tiny_run, trainer: str, model: str, reward: str, out):
-    cfg = tiny_run(*SMALL, *SETTINGS[model], "train.max_steps=4", "sampling.guidance=1.0", "run.eval_num_prompts=8",
-                   "run.eval_steps=4", f"rewards={{{reward}: 1.0}}", "eval_rewards=[brightness]", trainer=trainer,
-                   model=model, out=out)
+def _eval_brightness(tiny_run, trainer: str, model: str, reward: str, out, *extra):
+    cfg = tiny_run(*SMALL, *NOISE_LEVELS[trainer], *SETTINGS[model], *extra, "train.max_steps=4",
+                   "sampling.guidance=1.0", "run.eval_num_prompts=8", "run.eval_steps=4", f"rewards={{{reward}: 1.0}}",
+                   "eval_rewards=[brightness]", trainer=trainer, model=model, out=out)
     t = trainer_class(trainer)(cfg)
     before = t.evaluate(0)["eval/brightness/mean"]
     t.train()
@@ -102,7 +125,7 @@ def _eval_brightness(tiny_run, trainer: str, model: str, reward: str, out):
 
 
 @pytest.mark.parametrize("model", list(SETTINGS))
-@pytest.mark.parametrize("trainer", RECIPES)
+@pytest.mark.parametrize("trainer", ["awm", "dgpo"])
 def test_raises_brightness_against_zeroed_advantages(tiny_run, trainer, model, tmp_path):
     base, trained = _eval_brightness(tiny_run, trainer, model, "brightness", tmp_path / "a")
     base_c, control = _eval_brightness(tiny_run, trainer, model, f"{TOY}.Constant", tmp_path / "b")  # all A = 0
@@ -110,10 +133,22 @@ def test_raises_brightness_against_zeroed_advantages(tiny_run, trainer, model, t
     assert trained > control + 0.03, (base, trained, control)
 
 
+@pytest.mark.parametrize("model", list(SETTINGS))
+@pytest.mark.parametrize("mode", ["draft", "refl", "direct_align"])
+def test_reward_backprop_raises_brightness(tiny_run, mode, model, tmp_path):
+    extra = [f"train.mode={mode}", "train.truncation_steps=2", "train.refl_fraction=0.5"]
+    if model == "world":  # the shipped model needs far smaller steps than random weights
+        extra.append("train.lr=1e-3")
+    base, trained = _eval_brightness(tiny_run, "draft", model, "brightness", tmp_path, *extra)
+    assert trained > base + 0.03, (base, trained)
+
+
 @pytest.mark.parametrize("trainer", RECIPES)
 def test_resumes_bit_identically(tiny_run, trainer, tmp_path):
-    extra = [*SMALL, "train.max_steps=3", "train.old_decay_rate=0.2", "train.kl_beta=0.1",
+    extra = [*SMALL, *NOISE_LEVELS[trainer], "train.max_steps=3", "train.kl_beta=0.1",
              f"rewards={{{TOY}.MeanBrightness: 1.0}}"]
+    if trainer != "draft":
+        extra.append("train.old_decay_rate=0.2")
     cls = trainer_class(trainer)
     cls(tiny_run(*extra, trainer=trainer, out=tmp_path / "a")).train()
     cls(tiny_run(*extra, trainer=trainer, out=tmp_path / "b")).train(stop_after=1)

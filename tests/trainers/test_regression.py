@@ -40,6 +40,7 @@ RUNS = {
     "flow_dpo_offline": ("flow_dpo", *FORWARD, "train.mode=offline", "train.pairs_per_step=2", "rewards={}"),
     "awm": ("awm", *FORWARD, "train.kl_beta=0.1", "train.old_decay_rate=0.25"),
     "dgpo": ("dgpo", *FORWARD, "train.train_batch_size=4", "train.old_decay_rate=0.25"),
+    "draft": ("draft", "sampling.sde=ode", "train.truncation_steps=2", "train.kl_beta=0.1"),
 }
 
 

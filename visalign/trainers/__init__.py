@@ -1,6 +1,6 @@
 """Training recipes on one engine: Flow-GRPO (`flow_grpo`), DiffusionNFT and Flow-RWR (`forward`), Flow-DPO
-(`dpo`), Advantage Weighted Matching (`awm`), DGPO (`dgpo`). A config's `trainer:` key picks one from `TRAINERS`; see
-docs/architecture.md for the step each runs.
+(`dpo`), Advantage Weighted Matching (`awm`), DGPO (`dgpo`), direct reward backprop (`draft`). A config's
+`trainer:` key picks one from `TRAINERS`; see docs/architecture.md for the step each runs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ TRAINERS = {
     "flow_dpo": ("visalign.trainers.dpo:FlowDPOConfig", "visalign.trainers.dpo:FlowDPOTrainer"),
     "awm": ("visalign.trainers.awm:AWMConfig", "visalign.trainers.awm:AWMTrainer"),
     "dgpo": ("visalign.trainers.dgpo:DGPOConfig", "visalign.trainers.dgpo:DGPOTrainer"),
+    "draft": ("visalign.trainers.draft:DraftConfig", "visalign.trainers.draft:DraftTrainer"),
 }
 
 

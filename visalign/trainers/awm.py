@@ -18,17 +18,15 @@ old ← d old + (1 - d) theta with d = min(0.001 step, 0.3) (the reference's "KL
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from visalign.trainers.engine import (
-    REWARD_OPTIONS_HELP,
     MicroBatch,
     MicroLoss,
-    ModelConfig,
-    RunConfig,
+    RecipeConfig,
     SamplingConfig,
     StepData,
-    check_rewards,
+    ode_sampling,
 )
 from visalign.trainers.forward import ForwardTrainConfig, OldPolicyTrainer, noised
 from visalign.trainers.losses import awm_loss
@@ -58,28 +56,14 @@ class AWMTrainConfig(ForwardTrainConfig):
             raise ValueError("old_decay_max must be in [0, 1) and old_decay_rate >= 0")
 
 
-def _ode_sampling() -> SamplingConfig:
-    return SamplingConfig(sde="ode")
-
 
 @dataclass
-class AWMConfig:
+class AWMConfig(RecipeConfig):
     """Advantage Weighted Matching: advantage-weighted flow matching on rollouts."""
 
     trainer: Literal["awm"] = field(default="awm", metadata={"help": "which trainer runs"})
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=_ode_sampling)
+    sampling: SamplingConfig = field(default_factory=ode_sampling)
     train: AWMTrainConfig = field(default_factory=AWMTrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
-                                      metadata={"help": "trained rewards and their weights"})
-    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
-    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
-
-    def __post_init__(self):
-        # The loss is affine in the advantage, so every multi-reward form applies, the amortised ones included.
-        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train,
-                      options=self.reward_options)
 
 
 class AWMTrainer(OldPolicyTrainer):

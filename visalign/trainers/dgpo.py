@@ -12,19 +12,17 @@ trained weights, old ← d old + (1 - d) theta with d = min(0.001 step, 0.3).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from visalign.trainers.engine import (
-    REWARD_OPTIONS_HELP,
     MicroBatch,
     MicroLoss,
-    ModelConfig,
-    RunConfig,
+    RecipeConfig,
     SamplingConfig,
     StepData,
-    check_rewards,
+    ode_sampling,
 )
 from visalign.trainers.forward import ForwardTrainConfig, OldPolicyTrainer, noised
 from visalign.trainers.losses import dgpo_loss, per_sample_mse
@@ -63,27 +61,14 @@ class DGPOTrainConfig(ForwardTrainConfig):
                              "sigmoid(S_g) is not, so it balances explicit per-reward gradients")
 
 
-def _ode_sampling() -> SamplingConfig:
-    return SamplingConfig(sde="ode")
-
 
 @dataclass
-class DGPOConfig:
+class DGPOConfig(RecipeConfig):
     """DGPO: group-level preference optimisation on ODE rollouts."""
 
     trainer: Literal["dgpo"] = field(default="dgpo", metadata={"help": "which trainer runs"})
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=_ode_sampling)
+    sampling: SamplingConfig = field(default_factory=ode_sampling)
     train: DGPOTrainConfig = field(default_factory=DGPOTrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
-                                      metadata={"help": "trained rewards and their weights"})
-    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
-    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
-
-    def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train,
-                      options=self.reward_options)
 
 
 class DGPOTrainer(OldPolicyTrainer):

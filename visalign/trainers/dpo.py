@@ -24,7 +24,7 @@ predictions; online DPO refreshes it every `train.ref_update_every` steps (flow_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -32,14 +32,12 @@ from torch import Tensor
 from visalign.pairs import load_image, load_video, read_pairs
 from visalign.trainers.common import ParamCopy, step_generator
 from visalign.trainers.engine import (
-    REWARD_OPTIONS_HELP,
     MicroBatch,
     MicroLoss,
-    ModelConfig,
-    RunConfig,
+    RecipeConfig,
     SamplingConfig,
     StepData,
-    check_rewards,
+    ode_sampling,
 )
 from visalign.trainers.forward import ForwardTrainConfig, ForwardTrainer, noised
 from visalign.trainers.losses import dpo_loss, per_sample_mse
@@ -76,27 +74,19 @@ class DPOTrainConfig(ForwardTrainConfig):
                              "alike")
 
 
-def _ode_sampling() -> SamplingConfig:
-    return SamplingConfig(sde="ode")
-
 
 @dataclass
-class FlowDPOConfig:
+class FlowDPOConfig(RecipeConfig):
     """Flow-DPO: preference optimisation of a flow model against a reference, offline or online."""
 
     trainer: Literal["flow_dpo"] = field(default="flow_dpo", metadata={"help": "which trainer runs"})
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=_ode_sampling)
+    sampling: SamplingConfig = field(default_factory=ode_sampling)
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
     rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
                                       metadata={"help": "online: rewards that rank each group (weighted sum)"})
-    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
-    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
 
-    def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards, required=self.train.mode == "online",
-                      sampling=self.sampling, options=self.reward_options)
+    def rewards_required(self) -> bool:
+        return self.train.mode == "online"
 
 
 def group_pairs(total: Tensor, groups: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -21,7 +21,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -359,6 +359,35 @@ def drift_reward_weights(sampling: SamplingConfig, trained: dict[str, float]) ->
 
 
 @dataclass
+class RecipeConfig:
+    """The sections of every recipe's config. A recipe's config subclasses it and overrides `trainer` (its name),
+    `train` (its own section, a `BaseTrainConfig` subclass) and, if it samples differently, `sampling`'s default;
+    `__post_init__` checks the rewards and their options against the sections before any model loads."""
+
+    trainer: str = field(default="", metadata={"help": "which trainer runs"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: BaseTrainConfig = field(default_factory=BaseTrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
+                                      metadata={"help": "trained rewards and their weights"})
+    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
+
+    def rewards_required(self) -> bool:
+        return True
+
+    def __post_init__(self):
+        check_rewards(self.rewards, self.eval_rewards, required=self.rewards_required(), sampling=self.sampling,
+                      train=self.train, options=self.reward_options)
+
+
+def ode_sampling() -> SamplingConfig:
+    """The `sampling` default of recipes that need no log-probabilities: the ODE."""
+    return SamplingConfig(sde="ode")
+
+
+@dataclass
 class RolloutStep:
     """A step's rollout as every recipe sees it: this process's share (`ro`), the gathered scores of the whole
     batch in global order, each sample's prompt group, and which samples have finite trained rewards."""
@@ -518,6 +547,24 @@ class OnlineTrainer:
                 self.cfg.run.seed, step, 2)))
             window = (start, start + s.window_size)
         return SDEOptions(s.sde, s.noise_level, window, s.noise_block)
+
+    @contextmanager
+    def reference_policy(self):
+        """The adapter runs the reference policy inside: LoRA disabled, or the frozen copy of full fine-tuning
+        (`wants_frozen_reference`)."""
+        if self.ref_denoiser is None:
+            with self.adapter.lora_disabled():
+                yield
+            return
+        self.adapter.set_forward_module(self.ref_denoiser)
+        try:
+            # The frozen copy is not accelerate's prepared model, whose forward is autocast: without the context it
+            # ran in fp32 against a bf16 trained pass (flow_grpo `scripts/train_sd3.py` runs its reference pass
+            # inside the trained pass's autocast).
+            with self.autocast_context():
+                yield
+        finally:
+            self.adapter.set_forward_module(self.model)
 
     def autocast_context(self):
         """A fresh context of the configured autocast (`train.mixed_precision`; a no-op for "no"): rollouts, each

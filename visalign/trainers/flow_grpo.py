@@ -16,23 +16,19 @@ weights (flow_grpo `ema.py`), GRPO-Guard's ratio normalisation and step reweight
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from visalign.sampling import trajectory_log_prob
 from visalign.trainers.common import num_trained_steps, step_generator
 from visalign.trainers.engine import (
-    REWARD_OPTIONS_HELP,
     BaseTrainConfig,
     MicroBatch,
     MicroLoss,
-    ModelConfig,
     OnlineTrainer,
-    RunConfig,
-    SamplingConfig,
+    RecipeConfig,
     StepData,
-    check_rewards,
 )
 from visalign.trainers.losses import grpo_loss, guard_log_ratio
 
@@ -55,22 +51,14 @@ class TrainConfig(BaseTrainConfig):
 
 
 @dataclass
-class FlowGRPOConfig:
+class FlowGRPOConfig(RecipeConfig):
     """Flow-GRPO: one recipe for every model adapter."""
 
     trainer: Literal["flow_grpo"] = field(default="flow_grpo", metadata={"help": "which trainer runs"})
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
-                                      metadata={"help": "trained rewards and their weights"})
-    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
-    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
 
     def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train,
-                      options=self.reward_options)
+        super().__post_init__()
         if self.sampling.sde == "ode":
             raise ValueError("sampling.sde=ode: Flow-GRPO needs a stochastic sampler (flow_grpo, cps or dance)")
 

@@ -17,29 +17,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from visalign.trainers.common import ParamCopy, step_generator
 from visalign.trainers.engine import (
-    REWARD_OPTIONS_HELP,
     BaseTrainConfig,
     MicroBatch,
     MicroLoss,
-    ModelConfig,
     OnlineTrainer,
-    RunConfig,
+    RecipeConfig,
     SamplingConfig,
     StepData,
-    check_rewards,
+    ode_sampling,
 )
 from visalign.trainers.losses import nft_loss, nft_reward_weight, per_sample_mse, rwr_weights
-
-
-def _ode_sampling() -> SamplingConfig:
-    return SamplingConfig(sde="ode")
 
 
 def sample_sigmas(kind: str, n: int, k: int, grid: Tensor, generator: torch.Generator,
@@ -187,18 +181,8 @@ class ForwardTrainer(OnlineTrainer):
     @torch.no_grad()
     def reference_velocity(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
         """The reference policy's velocity: LoRA disabled, or the frozen copy of full fine-tuning."""
-        if self.ref_denoiser is None:
-            with self.adapter.lora_disabled():
-                return self.velocity(x_t, sigma, cond)
-        self.adapter.set_forward_module(self.ref_denoiser)
-        try:
-            # The frozen copy is not accelerate's prepared model, whose forward is autocast: without the context it
-            # ran in fp32 against a bf16 trained pass (flow_grpo `scripts/train_sd3.py` runs its reference pass
-            # inside the trained pass's autocast).
-            with self.autocast_context():
-                return self.velocity(x_t, sigma, cond)
-        finally:
-            self.adapter.set_forward_module(self.model)
+        with self.reference_policy():
+            return self.velocity(x_t, sigma, cond)
 
 
 class OldPolicyTrainer(ForwardTrainer):
@@ -258,22 +242,12 @@ class RWRTrainConfig(ForwardTrainConfig):
 
 
 @dataclass
-class FlowRWRConfig:
+class FlowRWRConfig(RecipeConfig):
     """Flow-RWR / reward-filtered SFT: reward-weighted flow matching on rollouts."""
 
     trainer: Literal["flow_rwr"] = field(default="flow_rwr", metadata={"help": "which trainer runs"})
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=_ode_sampling)
+    sampling: SamplingConfig = field(default_factory=ode_sampling)
     train: RWRTrainConfig = field(default_factory=RWRTrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
-                                      metadata={"help": "trained rewards and their weights"})
-    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
-    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
-
-    def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train,
-                      options=self.reward_options)
 
 
 class FlowRWRTrainer(ForwardTrainer):
@@ -330,22 +304,12 @@ class NFTTrainConfig(ForwardTrainConfig):
 
 
 @dataclass
-class DiffusionNFTConfig:
+class DiffusionNFTConfig(RecipeConfig):
     """DiffusionNFT: negative-aware fine-tuning on the forward process."""
 
     trainer: Literal["diffusion_nft"] = field(default="diffusion_nft", metadata={"help": "which trainer runs"})
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=_ode_sampling)
+    sampling: SamplingConfig = field(default_factory=ode_sampling)
     train: NFTTrainConfig = field(default_factory=NFTTrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
-                                      metadata={"help": "trained rewards and their weights"})
-    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
-    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
-
-    def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards, sampling=self.sampling, train=self.train,
-                      options=self.reward_options)
 
 
 class DiffusionNFTTrainer(OldPolicyTrainer):

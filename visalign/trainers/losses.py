@@ -231,3 +231,14 @@ def dgpo_loss(err: Tensor, err_ref: Tensor, advantages: Tensor, groups: Tensor, 
                    "group_weight_mean": weight.mean().item(), "mse": err.mean().item(),
                    "clipped_fraction": clipped.float().mean().item()}
     return loss, metrics
+
+
+def reward_backprop_loss(reward: Tensor, margin: float | None = None) -> tuple[Tensor, dict]:
+    """Direct reward backprop: ascend a differentiable reward of the generated samples. With no margin the loss is
+    -mean(r) (DRaFT, Clark et al. 2023, arXiv 2309.17400); with a margin m it is mean ReLU(m - r), which stops
+    pushing a sample once its reward reaches m (ReFL, THUDM/ImageReward `ImageReward/ReFL.py`: m = 2 on
+    ImageReward's z-scored scale; SRPO `fastvideo/SRPO.py`: m = 0.7)."""
+    loss = (-reward).mean() if margin is None else torch.relu(margin - reward).mean()
+    with torch.no_grad():
+        metrics = {"reward_loss": loss.item(), "reward": reward.mean().item()}
+    return loss, metrics
