@@ -1,5 +1,6 @@
 """The built wheel holds the `visalign` namespace only, and works installed (not editable) in a fresh venv."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -15,7 +16,11 @@ def run(*args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_the_wheel_installs_visalign_only_and_runs(tmp_path):
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path / "dist", ROOT)
+    # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "outputs", "runs",
+                                                                  "__pycache__", "*.egg-info", ".pytest_cache"))
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path / "dist", source)
     (wheel,) = (tmp_path / "dist").glob("visalign-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"visalign", wheel.name.split("-py3")[0] + ".dist-info"}

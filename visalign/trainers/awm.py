@@ -20,14 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from visalign.trainers.engine import (
-    MicroBatch,
-    MicroLoss,
-    RecipeConfig,
-    SamplingConfig,
-    StepData,
-    ode_sampling,
-)
+from visalign.trainers.config import RecipeConfig, SamplingConfig, ode_sampling
+from visalign.trainers.engine import MicroBatch, MicroLoss, StepData
 from visalign.trainers.forward import ForwardTrainConfig, OldPolicyTrainer, noised
 from visalign.trainers.losses import awm_loss
 

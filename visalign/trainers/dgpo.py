@@ -16,14 +16,8 @@ from typing import Literal
 
 import torch
 
-from visalign.trainers.engine import (
-    MicroBatch,
-    MicroLoss,
-    RecipeConfig,
-    SamplingConfig,
-    StepData,
-    ode_sampling,
-)
+from visalign.trainers.config import RecipeConfig, SamplingConfig, ode_sampling
+from visalign.trainers.engine import MicroBatch, MicroLoss, StepData
 from visalign.trainers.forward import ForwardTrainConfig, OldPolicyTrainer, noised
 from visalign.trainers.losses import dgpo_loss, per_sample_mse
 

@@ -31,14 +31,8 @@ from torch import Tensor
 
 from visalign.pairs import load_image, load_video, read_pairs
 from visalign.trainers.common import ParamCopy, step_generator
-from visalign.trainers.engine import (
-    MicroBatch,
-    MicroLoss,
-    RecipeConfig,
-    SamplingConfig,
-    StepData,
-    ode_sampling,
-)
+from visalign.trainers.config import RecipeConfig, SamplingConfig, ode_sampling
+from visalign.trainers.engine import MicroBatch, MicroLoss, StepData
 from visalign.trainers.forward import ForwardTrainConfig, ForwardTrainer, noised
 from visalign.trainers.losses import dpo_loss, per_sample_mse
 

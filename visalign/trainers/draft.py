@@ -31,16 +31,8 @@ from visalign.rewards.base import combined
 from visalign.rewards.registry import describe
 from visalign.sampling.steps import ode_step
 from visalign.trainers.common import step_generator
-from visalign.trainers.engine import (
-    BaseTrainConfig,
-    MicroBatch,
-    MicroLoss,
-    OnlineTrainer,
-    RecipeConfig,
-    SamplingConfig,
-    StepData,
-    ode_sampling,
-)
+from visalign.trainers.config import BaseTrainConfig, RecipeConfig, SamplingConfig, ode_sampling
+from visalign.trainers.engine import MicroBatch, MicroLoss, OnlineTrainer, StepData
 from visalign.trainers.losses import reward_backprop_loss
 
 
@@ -129,8 +121,7 @@ class DraftTrainer(OnlineTrainer):
 
     def prepare_micro(self, data: StepData, mb: MicroBatch) -> dict:
         """Where the chain with gradient starts, drawn for this micro-batch (no gradient)."""
-        train, traj = self.cfg.train, data.rs.ro.traj
-        sigmas, n_steps = traj.sigmas, len(traj.sigmas) - 1
+        train, n_steps = self.cfg.train, len(data.rs.ro.traj.sigmas) - 1
         g = data.extra["generator"]
         if train.mode == "draft":
             return {"start": n_steps - train.truncation_steps}
@@ -138,7 +129,7 @@ class DraftTrainer(OnlineTrainer):
             first = n_steps - max(1, round(train.refl_fraction * n_steps))
             return {"start": int(torch.randint(first, n_steps, (1,), generator=g))}
         lo, hi = train.align_sigma
-        return {"sigma_hi": float(lo + (hi - lo) * torch.rand((), generator=g)), "sigmas": sigmas}
+        return {"sigma_hi": float(lo + (hi - lo) * torch.rand((), generator=g))}
 
     def _velocity(self, x: Tensor, sigma: float, cond, v_ref_terms: list) -> Tensor:
         s = torch.full((len(x),), sigma, device=x.device)

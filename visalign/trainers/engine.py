@@ -24,24 +24,21 @@ from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from visalign import rewards as rewards_lib
 from visalign.config import save_config
 from visalign.media import save_pixels
 from visalign.models import DTYPES, load_model
 from visalign.prompts import prompt_source
-from visalign.rewards.registry import FRAMES_PREFIX
 from visalign.sampling import SDEOptions, sample
 from visalign.steering import RewardDrift
 from visalign.trainers.alarms import AlarmMonitor
 from visalign.trainers.balance import Balancer, GradientBuffer, diagnostics, output_space_gram
-from visalign.trainers.balance.balancer import SAFE, check_weights
 from visalign.trainers.common import (
     EMA,
     Rollout,
@@ -59,102 +56,8 @@ from visalign.trainers.common import (
     verify_checkpoint,
     write_manifest,
 )
+from visalign.trainers.config import drift_reward_weights
 from visalign.trainers.weighting import AdvantageWeighting
-
-
-@dataclass
-class ModelConfig:
-    name: str = field(default="world", metadata={"help": "registered model (world, sd3, flux, wan, tiny-*)"})
-    path: str | None = field(default=None, metadata={"help": "local directory or hub id (world: checkpoint)"})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights"})
-    height: int = field(default=32, metadata={"help": "image height"})
-    width: int = field(default=32, metadata={"help": "image width"})
-    num_frames: int | None = field(default=None, metadata={"help": "video models: 4k+1 frames"})
-    finetune: Literal["lora", "full"] = field(default="lora", metadata={"help": "LoRA adapter or all weights"})
-    lora_rank: int = field(default=32, metadata={"help": "LoRA rank (flow_grpo: 32)"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 × rank)"})
-    lora_targets: list[str] | None = field(default=None, metadata={"help": "module names (default per model)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
-
-    def __post_init__(self):
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank={self.lora_rank} must be >= 1")
-
-
-@dataclass
-class SamplingConfig:
-    steps: int = field(default=10, metadata={"help": "denoising steps in rollouts (flow_grpo: 10)"})
-    guidance: float = field(default=4.5, metadata={"help": "CFG scale for rollouts and training (1 = no CFG)"})
-    sde: Literal["flow_grpo", "cps", "dance", "ode"] = field(default="flow_grpo", metadata={
-        "help": "rollout sampler: an SDE (flow_grpo, cps, dance) or ode (NFT, RWR, DPO need no log-probs)"})
-    noise_level: float = field(default=0.7, metadata={"help": "a (flow_grpo, cps) or eta (dance)"})
-    window_size: int | None = field(default=None, metadata={"help": "SDE only on this many consecutive steps"})
-    window_range: tuple[int, int] | None = field(default=None, metadata={
-        "help": "[lo, hi): the window lies inside; its start is drawn each step (Flow-GRPO-Fast)"})
-    same_noise_per_group: bool = field(default=False, metadata={"help": "DanceGRPO: a group shares x_T"})
-    noise_block: int = field(default=1, metadata={
-        "help": "SDE noise constant on noise_block × noise_block latent tiles (coarse-subspace SDE, fewer noise "
-                "dimensions for the policy gradient; 1 = isotropic; visalign.sampling.SDEOptions)"})
-    batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (per process)"})
-    drift_scale: float = field(default=0.0, metadata={
-        "help": "Euphonium reward-gradient drift on the SDE steps of rollouts (0 = off; "
-                "visalign.steering.RewardDrift)"})
-    drift_mode: Literal["tilt", "fixed"] = field(default="tilt", metadata={
-        "help": "tilt: shift = scale * std^2 * grad r; fixed: shift = scale * grad r"})
-    drift_normalize: Literal["none", "sample", "batch"] = field(default="none", metadata={
-        "help": "normalise the reward gradient per sample or by the batch norm (Euphonium)"})
-    drift_window: tuple[int, int] | None = field(default=None, metadata={
-        "help": "[start, stop) steps with drift (default: every SDE step)"})
-    drift_rewards: dict[str, float] | None = field(default=None, metadata={
-        "help": "differentiable rewards and weights for the drift (default: the trained rewards)"})
-
-    def __post_init__(self):
-        if self.drift_scale < 0:
-            raise ValueError(f"sampling.drift_scale={self.drift_scale} must be >= 0")
-        if self.drift_scale > 0 and self.sde == "ode":
-            raise ValueError("sampling.drift_scale > 0 needs an SDE sampler (sampling.sde); an ODE step has no noise "
-                             "to steer")
-        if self.drift_window is not None and not 0 <= self.drift_window[0] < self.drift_window[1]:
-            raise ValueError(f"sampling.drift_window={self.drift_window} must satisfy 0 <= start < stop")
-        if self.steps < 2:
-            raise ValueError(f"steps={self.steps} must be >= 2 (the last step is never trained)")
-        if self.noise_block < 1:
-            raise ValueError(f"sampling.noise_block={self.noise_block} must be >= 1")
-        if self.window_size is not None:
-            lo, hi = self.window_range or (0, self.steps - 1)
-            if not (1 <= self.window_size <= hi - lo and 0 <= lo < hi <= self.steps):
-                raise ValueError(f"window_size={self.window_size} must fit in window_range=[{lo}, {hi}) "
-                                 f"within {self.steps} steps")
-        elif self.window_range is not None:
-            raise ValueError("window_range needs window_size")
-
-
-@dataclass
-class RunConfig:
-    out_dir: str = field(default="runs/flow_grpo", metadata={"help": "checkpoints, logs, samples"})
-    seed: int = field(default=0, metadata={"help": "seeds prompts, noise and shuffles"})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
-    checkpoints_total_limit: int | None = field(default=2, metadata={"help": "keep this many checkpoints"})
-    resume_from: str | None = field(default="latest", metadata={"help": "latest, a checkpoint dir, or null"})
-    log_with: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard", metadata={"help": "tracker"})
-    eval_every: int = field(default=25, metadata={"help": "steps between evaluations (0 = never)"})
-    eval_prompts: str | None = field(default=None, metadata={"help": "prompt source for evaluation (default: "
-                                                                    "the training source)"})
-    eval_num_prompts: int = field(default=32, metadata={"help": "evaluation prompts (fixed seeds)"})
-    eval_steps: int = field(default=20, metadata={"help": "ODE steps for evaluation samples"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    alarm_tolerance: float | None = field(default=None, metadata={
-        "help": "reward-hacking alarm: fire when a held-out signal (eval_rewards, rollout diversity) falls by more "
-                "than this since the first evaluation while the trained reward rises (None = off)"})
-    alarm_rise: float = field(default=0.0, metadata={"help": "alarm: minimum rise of the trained reward"})
-    alarm_window: int = field(default=1, metadata={"help": "alarm: moving average over this many evaluations"})
-    alarm_action: Literal["log", "stop", "rollback"] = field(default="log", metadata={
-        "help": "alarm: log it; also stop; or stop and restore the saved checkpoint whose evaluation had the best "
-                "value of the signal that fell (keep checkpoint_every = eval_every and enough checkpoints)"})
-
-    def __post_init__(self):
-        if self.alarm_tolerance is not None and self.eval_every < 1:
-            raise ValueError("alarm_tolerance needs evaluations: set run.eval_every >= 1")
 
 
 def within_group_diversity(images: torch.Tensor, groups: torch.Tensor) -> float:
@@ -167,107 +70,6 @@ def within_group_diversity(images: torch.Tensor, groups: torch.Tensor) -> float:
             d = torch.cdist(x, x) / flat.shape[1] ** 0.5
             values.append(d.sum() / (len(x) * (len(x) - 1)))
     return float(torch.stack(values).mean()) if values else 0.0
-
-
-@dataclass
-class BaseTrainConfig:
-    """The `train:` fields every online recipe shares; each recipe subclasses it with its own."""
-
-    prompts: str = field(default="world:seen", metadata={"help": "world:seen, or a .txt / .jsonl file"})
-    max_steps: int = field(default=100, metadata={"help": "rollout-and-update iterations"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompt groups per step (all processes)"})
-    group_size: int = field(default=8, metadata={"help": "samples per prompt (G)"})
-    train_batch_size: int = field(default=16, metadata={"help": "samples per training micro-batch (per process)"})
-    optimizer_steps_per_rollout: int = field(default=1, metadata={"help": "flow_grpo uses 2"})
-    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate (flow_grpo LoRA: 3e-4)"})
-    lr_schedule: Literal["constant", "linear", "cosine"] = field(default="constant", metadata={
-        "help": "learning-rate decay over train.max_steps (to 0 at the end; trainers.engine.lr_factor)"})
-    lr_warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up from lr / (warmup + 1)"})
-    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    adv_clip: float = field(default=5.0, metadata={"help": "advantage clamp"})
-    adv_eps: float = field(default=1e-4, metadata={"help": "epsilon added to the std"})
-    global_std: bool = field(default=False, metadata={"help": "normalise by the batch std instead of the group's"})
-    advantage_mode: Literal["sum_then_normalize", "normalize_then_sum", "cmo", "hypervolume"] = field(
-        default="sum_then_normalize", metadata={
-            "help": "multi-reward in advantage space: weighted sum of rewards, of per-reward advantages (GDPO), "
-                    "CMO correlation weights, or hypervolume-guided dynamic weights "
-                    "(visalign.trainers.balance.advantages)"})
-    cmo_tau: float = field(default=0.5, metadata={"help": "CMO softmax temperature"})
-    hypervolume_reference: dict[str, float] | None = field(default=None, metadata={
-        "help": "hypervolume reference point per reward (default: each reward's lower value bound)"})
-    pareto_filter: bool = field(default=False, metadata={
-        "help": "Parrot: train only on the batch's Pareto-optimal samples (non-dominated on the trained rewards)"})
-    constraints: dict[str, float] | None = field(default=None, metadata={
-        "help": "constrained RLHF: {reward: minimum mean}; maximise the other trained reward(s) subject to these, "
-                "with Lagrange multipliers updated by dual ascent"})
-    constraint_lr: float = field(default=0.1, metadata={"help": "dual-ascent step of the Lagrange multipliers"})
-    balance: Literal["none", "sum", "mgda", "pcgrad", "cagrad", "upgrad"] = field(default="none", metadata={
-        "help": "multi-reward balancing in gradient space (visalign.trainers.balance): one gradient per reward, "
-                "combined by this aggregator (flow_grpo, diffusion_nft)"})
-    balance_ema: float = field(default=0.0, metadata={"help": "EMA decay of the aggregator's coefficients (MARBLE)"})
-    balance_normalize: bool = field(default=False, metadata={
-        "help": "per-reward gradients to unit norm first; the reward weights then become a preference among them "
-                "(sum, upgrad; mgda / pcgrad / cagrad need equal weights)"})
-    balance_track: float = field(default=0.0, metadata={
-        "help": "decay of per-reward gradients tracked across refreshes; > 0 takes the coefficients from their "
-                "Gram matrix (MoCo) instead of the step's alone (explicit Gram, balance_gram=params; 0 = off)"})
-    balance_safeguard: bool = field(default=False, metadata={
-        "help": "mgda / upgrad: when the EMA-smoothed coefficients would point the update against a reward's "
-                "gradient (on the refresh's Gram matrix), use the refresh's own coefficients instead"})
-    balance_amortized: bool = field(default=False, metadata={
-        "help": "diffusion_nft: one backward with blended reward weights (MARBLE); the Gram matrix is refreshed "
-                "on the first balance_refresh_batches micro-batches every balance_every steps"})
-    balance_gram: Literal["params", "output"] = field(default="params", metadata={
-        "help": "amortised form: Gram matrix of the per-reward gradients of the parameters (explicit backwards on "
-                "balance_refresh_batches micro-batches) or of the predicted velocity over every micro-batch of the "
-                "step (MGDA-UB: backward through the loss only), whose coefficients then apply to the next step"})
-    balance_every: int = field(default=1, metadata={"help": "steps between Gram refreshes (amortised form)"})
-    balance_refresh_batches: int = field(default=1, metadata={
-        "help": "amortised form: micro-batches whose per-reward gradients estimate the Gram matrix at a refresh"})
-    cagrad_c: float = field(default=0.4, metadata={"help": "CAGrad's c"})
-    ema_decay: float | None = field(default=None, metadata={"help": "EMA of trained weights (flow_grpo: 0.9)"})
-    ema_every: int = field(default=1, metadata={"help": "steps between EMA updates"})
-    ema_warmup: bool = field(default=True, metadata={
-        "help": "flow_grpo's EMA warm-up min(decay, (1 + s) / (10 + s)); false: the fixed decay from the first "
-                "update (the EMA starts at the pretrained weights, so there is no initialisation to forget)"})
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "autocast"})
-    best_of_n: int | None = field(default=None, metadata={
-        "help": "train only on the n/2 best and n/2 worst samples of each group (DanceGRPO)"})
-
-    def __post_init__(self):
-        if self.best_of_n is not None and not (2 <= self.best_of_n <= self.group_size and self.best_of_n % 2 == 0):
-            raise ValueError(f"best_of_n={self.best_of_n} must be even and in [2, group_size]")
-        for name in ("max_steps", "prompts_per_step", "group_size", "train_batch_size", "optimizer_steps_per_rollout"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if not 0 <= self.lr_warmup_steps < self.max_steps:
-            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps} must be in [0, max_steps={self.max_steps})")
-        if self.group_size < 2:
-            raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
-        if self.balance_every < 1 or self.balance_refresh_batches < 1 or not 0 <= self.balance_ema < 1 \
-                or self.cagrad_c < 0:
-            raise ValueError("balance_every and balance_refresh_batches must be >= 1, balance_ema in [0, 1), "
-                             "cagrad_c >= 0")
-        if not 0 <= self.balance_track < 1:
-            raise ValueError(f"balance_track={self.balance_track} must be in [0, 1)")
-        if self.balance_track > 0 and (self.balance == "none" or self.balance_gram == "output"):
-            raise ValueError("balance_track tracks the per-reward parameter gradients: it needs train.balance and "
-                             "balance_gram=params")
-        if self.balance_amortized and self.balance == "none":
-            raise ValueError("balance_amortized needs train.balance (e.g. mgda)")
-        if self.balance_gram == "output" and not self.balance_amortized:
-            raise ValueError("balance_gram=output is a form of the amortised update: set train.balance_amortized=true")
-        if self.balance_gram == "output" and (self.balance_every != 1 or self.balance_refresh_batches != 1):
-            raise ValueError("balance_every and balance_refresh_batches choose the explicit refreshes of "
-                             "balance_gram=params; balance_gram=output refreshes from every micro-batch of every step")
-
-        if self.balance_safeguard and self.balance not in SAFE:
-            raise ValueError(f"balance_safeguard needs train.balance in {SAFE} (an update that never conflicts), "
-                             f"not {self.balance!r}")
-        if self.balance != "none" and (self.advantage_mode != "sum_then_normalize" or self.constraints):
-            raise ValueError("train.balance combines per-reward gradients; it excludes advantage_mode / constraints")
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
@@ -303,88 +105,6 @@ def accumulation_schedule(n_micro: int, optimizer_steps: int,
         out += [(end - start if sizes is None else total / sizes[i], i + 1 == end) for i in range(start, end)]
         start = end
     return out
-
-
-# A recipe's `reward_options` field, the same in every trainer config:
-#     reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
-REWARD_OPTIONS_HELP = {
-    "help": "constructor options per reward, e.g. {pickscore: {model: /ckpt/PickScore_v1}, artifact: {weights: "
-            "artifact.safetensors}}; applies wherever that reward is used (trained, held-out, drift)"}
-
-
-def check_rewards(trained: dict[str, float], heldout: list[str], required: bool = True,
-                  sampling: SamplingConfig | None = None, train: BaseTrainConfig | None = None,
-                  options: dict[str, dict[str, Any]] | None = None) -> None:
-    """Config-time check of a recipe's `rewards` (non-empty unless not required) and `eval_rewards` names, of
-    the rollout drift's rewards (known, differentiable), of the multi-reward options and of `reward_options`,
-    before any model loads."""
-    if required and not trained:
-        raise ValueError("rewards must name at least one reward")
-    if train is not None:
-        multi = train.balance != "none" or train.advantage_mode != "sum_then_normalize" or train.pareto_filter
-        if multi and len(trained) < 2:
-            raise ValueError("train.balance / advantage_mode / pareto_filter need at least two trained rewards")
-        if train.constraints:
-            unknown = [k for k in train.constraints if k not in trained]
-            if unknown or len(train.constraints) >= len(trained):
-                raise ValueError("train.constraints must name some, not all, trained rewards; "
-                                 f"got {list(train.constraints)} for rewards {list(trained)}")
-        if train.balance != "none":
-            check_weights(train.balance, trained, train.balance_normalize)
-        if train.hypervolume_reference is not None and set(train.hypervolume_reference) != set(trained):
-            raise ValueError("train.hypervolume_reference must give one value per trained reward")
-    drift = drift_reward_weights(sampling, trained) if sampling is not None else {}
-    for name in [*trained, *heldout, *drift]:
-        if name.startswith(FRAMES_PREFIX):
-            rewards_lib.describe(name)  # the wrapped image reward must exist and score images
-        elif name not in rewards_lib.REGISTRY and "." not in name:
-            raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(rewards_lib.list_rewards())}, "
-                             "frames/<image reward>")
-    for name in drift:
-        if not rewards_lib.describe(name)["differentiable"]:
-            raise ValueError(f"sampling.drift needs differentiable rewards; {name} is not (set "
-                             "sampling.drift_rewards to differentiable ones, e.g. world-soft)")
-    used = list(dict.fromkeys([*trained, *heldout, *drift]))
-    for name, opts in (options or {}).items():
-        if name not in used:
-            raise ValueError(f"reward_options names {name!r}, which this recipe does not use; its rewards: {used}")
-        rewards_lib.check_options(name, opts)
-
-
-def drift_reward_weights(sampling: SamplingConfig, trained: dict[str, float]) -> dict[str, float]:
-    """The rewards the rollout drift climbs: `drift_rewards`, else the trained ones; {} when the drift is off."""
-    if sampling.drift_scale == 0:
-        return {}
-    return dict(sampling.drift_rewards) if sampling.drift_rewards is not None else dict(trained)
-
-
-@dataclass
-class RecipeConfig:
-    """The sections of every recipe's config. A recipe's config subclasses it and overrides `trainer` (its name),
-    `train` (its own section, a `BaseTrainConfig` subclass) and, if it samples differently, `sampling`'s default;
-    `__post_init__` checks the rewards and their options against the sections before any model loads."""
-
-    trainer: str = field(default="", metadata={"help": "which trainer runs"})
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    train: BaseTrainConfig = field(default_factory=BaseTrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    rewards: dict[str, float] = field(default_factory=lambda: {"world-verifier": 1.0},
-                                      metadata={"help": "trained rewards and their weights"})
-    eval_rewards: list[str] = field(default_factory=list, metadata={"help": "held-out rewards, logged only"})
-    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
-
-    def rewards_required(self) -> bool:
-        return True
-
-    def __post_init__(self):
-        check_rewards(self.rewards, self.eval_rewards, required=self.rewards_required(), sampling=self.sampling,
-                      train=self.train, options=self.reward_options)
-
-
-def ode_sampling() -> SamplingConfig:
-    """The `sampling` default of recipes that need no log-probabilities: the ODE."""
-    return SamplingConfig(sde="ode")
 
 
 @dataclass

@@ -22,14 +22,8 @@ import torch
 
 from visalign.sampling import trajectory_log_prob
 from visalign.trainers.common import num_trained_steps, step_generator
-from visalign.trainers.engine import (
-    BaseTrainConfig,
-    MicroBatch,
-    MicroLoss,
-    OnlineTrainer,
-    RecipeConfig,
-    StepData,
-)
+from visalign.trainers.config import BaseTrainConfig, RecipeConfig
+from visalign.trainers.engine import MicroBatch, MicroLoss, OnlineTrainer, StepData
 from visalign.trainers.losses import grpo_loss, guard_log_ratio
 
 

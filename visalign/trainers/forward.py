@@ -23,16 +23,8 @@ import torch
 from torch import Tensor
 
 from visalign.trainers.common import ParamCopy, step_generator
-from visalign.trainers.engine import (
-    BaseTrainConfig,
-    MicroBatch,
-    MicroLoss,
-    OnlineTrainer,
-    RecipeConfig,
-    SamplingConfig,
-    StepData,
-    ode_sampling,
-)
+from visalign.trainers.config import BaseTrainConfig, RecipeConfig, SamplingConfig, ode_sampling
+from visalign.trainers.engine import MicroBatch, MicroLoss, OnlineTrainer, StepData
 from visalign.trainers.losses import nft_loss, nft_reward_weight, per_sample_mse, rwr_weights
 
 
