@@ -2,7 +2,8 @@
 
 1. Evaluate the shipped base model with the exact verifier (seen and held-out compositions).
 2. Align it with Flow-GRPO on the verifier (plus a cleanliness term against background drift).
-3. Evaluate again with the same prompts and seeds; write a before/after table and grid.
+3. Evaluate again with the same prompts and seeds; write a before/after table, with the paired 95% interval of
+   every change, and grids.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from PIL import Image
 from visalign.models import load_model
 from visalign.trainers import load_train_config
 from visalign.trainers.flow_grpo import FlowGRPOTrainer
-from visalign.world.suite import TEMPLATES, WorldEvalConfig, evaluate_world
+from visalign.world.suite import TEMPLATES, WorldEvalConfig, compare_world, evaluate_world
 
 # Flow-GRPO on the world (configs/flow_grpo_world.yaml, written out so the installed package needs no files).
 TRAIN_OVERRIDES = [
@@ -28,16 +29,24 @@ TRAIN_OVERRIDES = [
 ]
 
 
+def _interval(ci: dict | None) -> str:
+    return "—" if ci is None else f"[{ci['low']:+.3f}, {ci['high']:+.3f}]"
+
+
 def _delta_table(before: dict, after: dict) -> str:
-    rows = ["| metric | split | base | aligned | Δ |", "|---|---|---|---|---|"]
+    """Base, aligned and Δ per template and split, with the paired 95% bootstrap interval of Δ over the prompts
+    (same prompts and seeds on both sides; `compare_world`)."""
+    deltas = compare_world({"base": before, "aligned": after})["aligned"]
+    rows = ["| metric | split | base | aligned | Δ | 95% interval of Δ (paired) |", "|---|---|---|---|---|---|"]
     for split in before:
-        b, a = before[split], after[split]
-        entries = [(f"{t} whole-prompt", b["templates"][t]["whole_prompt"], a["templates"][t]["whole_prompt"])
+        b, a, d = before[split], after[split], deltas[split]
+        entries = [(f"{t} whole-prompt", b["templates"][t]["whole_prompt"], a["templates"][t]["whole_prompt"], d[t])
                    for t in TEMPLATES if t in b["templates"]]
-        entries += [("**overall whole-prompt**", b["overall"], a["overall"]),
-                     ("overall, strict judge", b["overall_strict"], a["overall_strict"]),
-                     ("cleanliness", b["cleanliness"], a["cleanliness"])]
-        rows += [f"| {name} | {split} | {x:.3f} | {y:.3f} | {y - x:+.3f} |" for name, x, y in entries]
+        entries += [("**overall whole-prompt**", b["overall"], a["overall"], d["overall"]),
+                     ("overall, strict judge", b["overall_strict"], a["overall_strict"], None),
+                     ("cleanliness", b["cleanliness"], a["cleanliness"], d.get("cleanliness"))]
+        rows += [f"| {name} | {split} | {x:.3f} | {y:.3f} | {y - x:+.3f} | {_interval(ci)} |"
+                 for name, x, y, ci in entries]
     return "\n".join(rows) + "\n"
 
 

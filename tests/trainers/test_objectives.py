@@ -38,6 +38,27 @@ def test_awm_loss_value_and_gradient_by_hand():
     torch.testing.assert_close(v.grad.double(), expected, rtol=1e-5, atol=1e-8)
 
 
+def test_awm_loss_is_affine_in_the_advantage_so_marble_blending_applies():
+    # sum_k alpha_k L(A_k) = S L(sum_k alpha_k / S A_k), S = sum_k alpha_k: what the amortised balancing needs.
+    from visalign.trainers.engine import blend_reward_weights
+
+    torch.manual_seed(1)
+    v = torch.randn(3, 4, requires_grad=True)
+    target, v_ref = torch.randn(3, 4), torch.randn(3, 4)
+    sigma, adv_k, alpha = torch.tensor([0.9, 0.5, 0.2]), torch.randn(2, 3), torch.tensor([0.7, 0.2])
+
+    def loss(a):
+        return awm_loss(v, target, sigma, a, v_ref=v_ref, kl_beta=0.3)[0]
+
+    explicit = sum(alpha[k] * loss(adv_k[k]) for k in range(2))
+    blended, total = blend_reward_weights(alpha, adv_k)
+    amortised = total * loss(blended)
+    torch.testing.assert_close(amortised, explicit)
+    (g_exp,) = torch.autograd.grad(explicit, v)
+    (g_am,) = torch.autograd.grad(amortised, v)
+    torch.testing.assert_close(g_am, g_exp)
+
+
 def test_power_one_is_the_sigma_weighted_flow_matching_gradient():
     v = torch.zeros(1, 4, requires_grad=True)
     target = torch.tensor([[1.0, -1.0, 2.0, 0.0]])

@@ -91,26 +91,6 @@ def test_training_run_fires_the_alarm_and_stops(tmp_path):
     assert (tmp_path / "alarms.jsonl").is_file()
 
 
-def test_world_comparison_mode_reports_paired_deltas(tmp_path, capsys):
-    import json
-
-    from visalign.cli import main
-    from visalign.world.model import WorldAdapter
-
-    other = tmp_path / "random.safetensors"
-    WorldAdapter.random(0).save_pretrained(other)
-    code = main(["eval", "--suite", "world", "--out", str(tmp_path / "cmp"), "--compare", "base", "--compare",
-                 str(other), "n_per_template=3", "steps=4", "splits=[seen]"])
-    assert code == 0
-    deltas = json.loads((tmp_path / "cmp" / "comparison.json").read_text())[str(other)]["seen"]
-    base = json.loads((tmp_path / "cmp" / "entry_0" / "results.json").read_text())["seen"]
-    rand = json.loads((tmp_path / "cmp" / "entry_1" / "results.json").read_text())["seen"]
-    assert deltas["overall"]["delta"] == pytest.approx(rand["overall"] - base["overall"])
-    assert deltas["overall"]["low"] <= deltas["overall"]["delta"] <= deltas["overall"]["high"]
-    assert deltas["overall"]["n"] == 18 and set(deltas) == {"overall", *base["templates"]}
-    assert "Δ" in capsys.readouterr().out
-
-
 def test_alarm_rollback_restores_the_best_checkpoint(tmp_path):
     from safetensors.torch import load_file
 

@@ -213,6 +213,11 @@ def test_quickstart_end_to_end_small(tmp_path, capsys):
     assert rc == 0
     table = (tmp_path / "table.md").read_text()
     assert "| **overall whole-prompt** | seen |" in table and "| cleanliness | heldout |" in table
+    assert "95% interval of Δ (paired)" in table
+    overall = next(line for line in table.splitlines() if line.startswith("| **overall whole-prompt** | seen"))
+    low, high = (float(v) for v in overall.rsplit("[", 1)[1].split("]")[0].split(","))
+    delta = float(overall.split("|")[5])
+    assert low <= delta <= high  # the paired interval brackets the change it describes
     assert (tmp_path / "before_after_seen.png").exists() and (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert "before_after" in capsys.readouterr().out
 
@@ -225,7 +230,10 @@ def test_world_suite_on_the_shipped_model_reproduces_across_runs(tmp_path):
                                                   batch_size=8 + 5 * i), progress=False) for i in range(2)]
     for split in ("seen", "heldout"):
         a, b = runs[0][split], runs[1][split]
-        assert a["per_sample"] == b["per_sample"]  # same verdict on every prompt, different batching
+        # same verdict on every prompt, different batching (cleanliness to float rounding)
+        assert {k: a["per_sample"][k] for k in ("template", "passed")} == \
+            {k: b["per_sample"][k] for k in ("template", "passed")}
+        assert a["per_sample"]["cleanliness"] == pytest.approx(b["per_sample"]["cleanliness"], abs=5e-4)
         assert round(a["overall"], 3) == round(b["overall"], 3) and a["cleanliness"] == pytest.approx(
             b["cleanliness"], abs=5e-4)
 
@@ -245,3 +253,24 @@ def test_token_embedding_std_redraws_only_the_word_embeddings():
     assert torch.equal(words, WorldAdapter.random(3, token_embedding_std=0.5).text_encoder.state_dict()[key])
     with pytest.raises(ValueError, match="token_embedding_std"):
         WorldAdapter.random(3, token_embedding_std=0.0)
+
+
+def test_world_comparison_mode_reports_paired_deltas(tmp_path, capsys):
+    import json
+
+    from visalign.cli import main
+    from visalign.world.model import WorldAdapter
+
+    other = tmp_path / "random.safetensors"
+    WorldAdapter.random(0).save_pretrained(other)
+    code = main(["eval", "--suite", "world", "--out", str(tmp_path / "cmp"), "--compare", "base", "--compare",
+                 str(other), "n_per_template=3", "steps=4", "splits=[seen]"])
+    assert code == 0
+    deltas = json.loads((tmp_path / "cmp" / "comparison.json").read_text())[str(other)]["seen"]
+    base = json.loads((tmp_path / "cmp" / "entry_0" / "results.json").read_text())["seen"]
+    rand = json.loads((tmp_path / "cmp" / "entry_1" / "results.json").read_text())["seen"]
+    assert deltas["overall"]["delta"] == pytest.approx(rand["overall"] - base["overall"])
+    assert deltas["overall"]["low"] <= deltas["overall"]["delta"] <= deltas["overall"]["high"]
+    assert deltas["overall"]["n"] == 18 and set(deltas) == {"overall", "cleanliness", *base["templates"]}
+    assert deltas["cleanliness"]["delta"] == pytest.approx(rand["cleanliness"] - base["cleanliness"], abs=1e-6)
+    assert "Δ" in capsys.readouterr().out

@@ -121,7 +121,8 @@ def score_world(images: torch.Tensor, specs: list[SceneSpec]) -> dict:
         "cleanliness": float(clean.mean()),
         "n": len(specs),
         # per prompt, in suite order: what comparison mode pairs across checkpoints
-        "per_sample": {"template": templates, "passed": [bool(v) for v in main.passed]},
+        "per_sample": {"template": templates, "passed": [bool(v) for v in main.passed],
+                       "cleanliness": [float(v) for v in clean]},
     }
 
 
@@ -185,6 +186,8 @@ def compare_world(results: dict[str, dict[str, dict]], level: float = 0.95, seed
             for t in dict.fromkeys(a["template"]):
                 keep = torch.tensor([x == t for x in a["template"]])
                 rows[t] = paired_delta(passed_a[keep], passed_b[keep], level=level, seed=seed)
+            if "cleanliness" in a and "cleanliness" in b:  # results written before it was recorded lack it
+                rows["cleanliness"] = paired_delta(a["cleanliness"], b["cleanliness"], level=level, seed=seed)
             out[name][split] = rows
     return out
 
