@@ -22,19 +22,18 @@ from typing import Literal
 
 from visalign.trainers.config import RecipeConfig, SamplingConfig, ode_sampling
 from visalign.trainers.engine import MicroBatch, MicroLoss, StepData
-from visalign.trainers.forward import ForwardTrainConfig, OldPolicyTrainer, noised
+from visalign.trainers.forward import OldPolicyTrainConfig, OldPolicyTrainer, noised
 from visalign.trainers.losses import awm_loss
 
 
 @dataclass
-class AWMTrainConfig(ForwardTrainConfig):
+class AWMTrainConfig(OldPolicyTrainConfig):
     power: float = field(default=0.25, metadata={
         "help": "generalised-Huber power p of the per-sample error (the reference's 'ghuber' weighting); 1 gives "
                 "the sigma-weighted flow-matching loss"})
     kl_beta: float = field(default=1e-3, metadata={"help": "weight of ||v - v_ref||² to the base (AWM GenEval: 1e-3)"})
     old_beta: float = field(default=1.0, metadata={"help": "weight of ||v - v_old||² to the fast EMA (ema_beta)"})
-    old_decay_rate: float = field(default=0.001, metadata={"help": "EMA decay d = min(rate × step, max)"})
-    old_decay_max: float = field(default=0.3, metadata={"help": "upper bound of the EMA decay"})
+    old_decay_max: float = field(default=0.3, metadata={"help": "upper bound of the EMA decay (AWM: 0.3)"})
     timesteps_per_sample: int = field(default=6, metadata={"help": "noise levels trained per sample (AWM: 6)"})
     sigma_sampling: Literal["grid", "logit_normal", "stratified"] = field(default="stratified", metadata={
         "help": "noise levels: one grid level per bin of the schedule's first 90% (AWM), the grid, or logit-normal"})
@@ -44,10 +43,8 @@ class AWMTrainConfig(ForwardTrainConfig):
         super().__post_init__()
         if self.power <= 0:
             raise ValueError(f"power={self.power} must be > 0")
-        if self.kl_beta < 0 or self.old_beta < 0:
-            raise ValueError("kl_beta and old_beta must be >= 0")
-        if not 0 <= self.old_decay_max < 1 or self.old_decay_rate < 0:
-            raise ValueError("old_decay_max must be in [0, 1) and old_decay_rate >= 0")
+        if self.old_beta < 0:
+            raise ValueError(f"old_beta={self.old_beta} must be >= 0")
 
 
 

@@ -18,19 +18,18 @@ import torch
 
 from visalign.trainers.config import RecipeConfig, SamplingConfig, ode_sampling
 from visalign.trainers.engine import MicroBatch, MicroLoss, StepData
-from visalign.trainers.forward import ForwardTrainConfig, OldPolicyTrainer, noised
+from visalign.trainers.forward import OldPolicyTrainConfig, OldPolicyTrainer, noised
 from visalign.trainers.losses import dgpo_loss, per_sample_mse
 
 
 @dataclass
-class DGPOTrainConfig(ForwardTrainConfig):
+class DGPOTrainConfig(OldPolicyTrainConfig):
     beta: float = field(default=100.0, metadata={"help": "DPO beta of the implicit reward (DGPO: 100)"})
     kl_beta: float = field(default=0.02, metadata={"help": "weight of ||v - v_ref||² to the base (DGPO: 0.02)"})
     clip_range: float | None = field(default=1e-2, metadata={
         "help": "no gradient for a sample whose ratio exp(l_old - l_theta) left [1 - c, 1 + c] in its advantage's "
                 "direction (DGPO: 1e-2; null = off, and no old-policy pass)"})
-    old_decay_rate: float = field(default=0.001, metadata={"help": "old-policy decay d = min(rate × step, max)"})
-    old_decay_max: float = field(default=0.3, metadata={"help": "upper bound of the old-policy decay"})
+    old_decay_max: float = field(default=0.3, metadata={"help": "upper bound of the old-policy decay (DGPO: 0.3)"})
     timesteps_per_sample: int = field(default=4, metadata={"help": "noise levels per group and step (DGPO: 4)"})
     min_sigma: float = field(default=0.3, metadata={"help": "train noise levels >= this (DGPO: the first 60%)"})
     group_noise: bool = field(default=True, metadata={
@@ -39,8 +38,8 @@ class DGPOTrainConfig(ForwardTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.beta <= 0 or self.kl_beta < 0:
-            raise ValueError("beta must be > 0 and kl_beta >= 0")
+        if self.beta <= 0:
+            raise ValueError(f"beta={self.beta} must be > 0")
         if self.clip_range is not None and self.clip_range <= 0:
             raise ValueError(f"clip_range={self.clip_range} must be > 0 (or null)")
         if not self.group_noise:
@@ -48,8 +47,6 @@ class DGPOTrainConfig(ForwardTrainConfig):
         if self.train_batch_size % self.group_size:
             raise ValueError(f"train_batch_size={self.train_batch_size} must be a multiple of group_size="
                              f"{self.group_size}: a micro-batch holds whole groups")
-        if not 0 <= self.old_decay_max < 1 or self.old_decay_rate < 0:
-            raise ValueError("old_decay_max must be in [0, 1) and old_decay_rate >= 0")
         if self.balance_amortized:
             raise ValueError("balance_amortized needs a loss affine in the advantage; DGPO's group weight "
                              "sigmoid(S_g) is not, so it balances explicit per-reward gradients")

@@ -177,6 +177,24 @@ class ForwardTrainer(OnlineTrainer):
             return self.velocity(x_t, sigma, cond)
 
 
+@dataclass
+class OldPolicyTrainConfig(ForwardTrainConfig):
+    """The `train:` fields of a recipe with an old policy (`OldPolicyTrainer`) and a KL to the base."""
+
+    kl_beta: float = field(default=0.0, metadata={"help": "weight of ||v_theta - v_ref||² to the base"})
+    old_decay_rate: float = field(default=0.001, metadata={
+        "help": "old-policy decay d = min(rate × step, max); 0 keeps the old policy equal to the trained weights "
+                "(on-policy v_old, taken from the trained pass, whose own pass is then skipped)"})
+    old_decay_max: float = field(default=0.5, metadata={"help": "upper bound of the old-policy decay"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kl_beta < 0:
+            raise ValueError(f"kl_beta={self.kl_beta} must be >= 0")
+        if not 0 <= self.old_decay_max < 1 or self.old_decay_rate < 0:
+            raise ValueError("old_decay_max must be in [0, 1) and old_decay_rate >= 0")
+
+
 class OldPolicyTrainer(ForwardTrainer):
     """A forward-process recipe with an old policy: a copy of the trained weights that follows them softly,
     old ← d old + (1 - d) theta after every step with d = min(train.old_decay_rate × step, train.old_decay_max)
@@ -275,21 +293,15 @@ class FlowRWRTrainer(ForwardTrainer):
 
 
 @dataclass
-class NFTTrainConfig(ForwardTrainConfig):
+class NFTTrainConfig(OldPolicyTrainConfig):
     nft_beta: float = field(default=1.0, metadata={"help": "beta of the implicit policies v± (DiffusionNFT)"})
     kl_beta: float = field(default=1e-4, metadata={"help": "weight of ||v_theta - v_ref||² (DiffusionNFT: 1e-4)"})
-    old_decay_rate: float = field(default=0.001, metadata={
-        "help": "old-policy decay d = min(rate × step, max); 0 keeps the old policy equal to the trained weights "
-                "(on-policy v_old, taken from the trained pass, whose own pass is then skipped)"})
-    old_decay_max: float = field(default=0.5, metadata={"help": "upper bound of the old-policy decay"})
     sample_with_old: bool = field(default=True, metadata={"help": "roll out with the old policy (DiffusionNFT)"})
 
     def __post_init__(self):
         super().__post_init__()
         if self.nft_beta <= 0:
             raise ValueError(f"nft_beta={self.nft_beta} must be > 0")
-        if not 0 <= self.old_decay_max < 1 or self.old_decay_rate < 0:
-            raise ValueError("old_decay_max must be in [0, 1) and old_decay_rate >= 0")
         if self.sample_with_old and self.sample_with_ema:
             raise ValueError("train.sample_with_old and train.sample_with_ema both pick the rollout policy; "
                              "set one of them false")
