@@ -52,7 +52,6 @@ class DGPOTrainConfig(OldPolicyTrainConfig):
                              "sigmoid(S_g) is not, so it balances explicit per-reward gradients")
 
 
-
 @dataclass
 class DGPOConfig(RecipeConfig):
     """DGPO: group-level preference optimisation on ODE rollouts."""

@@ -116,16 +116,9 @@ class FlowGRPOTrainer(OnlineTrainer):
 
     @torch.no_grad()
     def _reference_mean(self, traj, steps_j, cond, idx):
-        """The reference policy's transition mean: LoRA disabled, or the frozen copy for full fine-tuning."""
-        if self.ref_denoiser is None:
-            with self.adapter.lora_disabled():
-                return trajectory_log_prob(self.adapter, traj, steps_j, cond, self.cfg.sampling.guidance,
-                                           index=idx).mean
-        self.adapter.set_forward_module(self.ref_denoiser)
-        try:
+        """The reference policy's transition mean (LoRA disabled, or the frozen copy of full fine-tuning)."""
+        with self.reference_policy():
             return trajectory_log_prob(self.adapter, traj, steps_j, cond, self.cfg.sampling.guidance, index=idx).mean
-        finally:
-            self.adapter.set_forward_module(self.model)
 
     def progress_postfix(self, metrics: dict) -> dict:
         return {**super().progress_postfix(metrics), "ratio": f"{metrics.get('train/ratio_mean', 1):.4f}"}

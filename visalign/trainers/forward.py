@@ -247,8 +247,8 @@ class RWRTrainConfig(ForwardTrainConfig):
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
         if self.balance != "none":
-            raise ValueError("train.balance applies to flow_grpo and diffusion_nft; Flow-RWR combines rewards in "
-                             "advantage space (train.advantage_mode)")
+            raise ValueError("train.balance needs one loss per reward; Flow-RWR's weights are normalised over the "
+                             "batch, so it combines rewards in advantage space (train.advantage_mode)")
 
 
 @dataclass
