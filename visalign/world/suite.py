@@ -122,7 +122,7 @@ def score_world(images: torch.Tensor, specs: list[SceneSpec]) -> dict:
         "n": len(specs),
         # per prompt, in suite order: what comparison mode pairs across checkpoints
         "per_sample": {"template": templates, "passed": [bool(v) for v in main.passed],
-                       "cleanliness": [float(v) for v in clean]},
+                       "strict": [bool(v) for v in strict.passed], "cleanliness": [float(v) for v in clean]},
     }
 
 
