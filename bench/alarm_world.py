@@ -4,7 +4,7 @@
 
 Two DiffusionNFT runs from the shipped base model (configs/nft_world.yaml), same prompts, same held-out signals
 (the strict world judge, not trained on, and within-group rollout diversity), alarm on
-(`run.alarm_tolerance`, evaluated every `--eval-every` steps on fixed prompts and seeds):
+(`run.alarm.tolerance`, evaluated every `--eval-every` steps on fixed prompts and seeds):
   proxy     rewards = saturation-area (pays for strongly coloured pixels however they are made)
   verifier  rewards = world-verifier + 0.5 world-cleanliness
 Prints, per run, the trained reward and each held-out signal at the first and last evaluation and whether / when
@@ -29,7 +29,7 @@ def run(name: str, rewards: str, args) -> dict:
     out = Path(args.out) / name
     overrides = [rewards, f"run.out_dir={out}", "run.resume_from=null", f"train.max_steps={args.steps}",
                  f"run.eval_every={args.eval_every}", "eval_rewards=[world-strict]", "run.log_with=none",
-                 f"run.alarm_tolerance={args.tolerance}", f"run.alarm_window={args.window}", "run.alarm_action=log",
+                 f"run.alarm.tolerance={args.tolerance}", f"run.alarm.window={args.window}", "run.alarm.action=log",
                  f"run.checkpoint_every={args.steps}", "run.progress=false", f"run.eval_num_prompts={args.n}",
                  *args.overrides]
     cfg = load_train_config(args.config, overrides)

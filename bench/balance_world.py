@@ -20,8 +20,8 @@ held-out samples (samples_start.png, samples_end.png), and results.json also rec
 ("background"; 0.90 on renders), which tells a shifted background from speckle when cleanliness falls.
 
 Arms (all per-reward gradients, so the weighted sum's cosines are measured too; its update equals GDPO's):
-  sum      train.balance=sum (weights 1, 1, 1)
-  mgda     train.balance=mgda, unit-normalised gradients, EMA 0.9, explicit K backwards every micro-batch
+  sum      train.balance.method=sum (weights 1, 1, 1)
+  mgda     train.balance.method=mgda, unit-normalised gradients, EMA 0.9, explicit K backwards every micro-batch
   marble   the same weights amortised (MARBLE): one backward with blended reward weights; every 3rd step the Gram
            matrix comes from the explicit per-reward gradients of all of that step's micro-batches (the whole step's,
            as in mgda), the EMA-smoothed weights carry over in between, and the safeguard replaces EMA weights that
@@ -32,10 +32,10 @@ Arms (all per-reward gradients, so the weighted sum's cosines are measured too; 
            1/K of the update where MGDA can give it far less (configs/marble_world.yaml)
   marble-sub  amortised, refreshed every step from 2 of the step's 8 micro-batches, with the safeguard
   marble-ub  amortised with the Gram matrix of the per-reward gradients of the predicted velocity over all of the
-           step's micro-batches (MGDA-UB, `train.balance_gram=output`, no extra backward through the network),
+           step's micro-batches (MGDA-UB, `train.balance.gram=output`, no extra backward through the network),
            applied to the next step, with the safeguard; its cosines are measured in that output space
   marble4  the earlier amortised arm: Gram from one micro-batch every 4 steps, no safeguard
-  pcgrad   train.balance=pcgrad
+  pcgrad   train.balance.method=pcgrad
   alone-verifier, alone-quality, alone-style  that reward trained alone (no balancing): how far each can rise in
            the budget on its own, and what it does to the other two
 """
@@ -103,20 +103,20 @@ def score_mean(reward: str, images, options: dict) -> float:
     return rewards_lib.combined(rewards_lib.load(reward, **options.get(reward, {}))(images=images)).mean().item()
 
 
-SMOOTHED = ["train.balance_normalize=true", "train.balance_ema=0.9"]  # every arm but sum and pcgrad
-AMORTISED = [*SMOOTHED, "train.balance_amortized=true"]
-MARBLE = [*AMORTISED, "train.balance_every=3", "train.balance_refresh_batches=8", "train.balance_safeguard=true"]
+SMOOTHED = ["train.balance.normalize=true", "train.balance.ema=0.9"]  # every arm but sum and pcgrad
+AMORTISED = [*SMOOTHED, "train.balance.amortized=true"]
+MARBLE = [*AMORTISED, "train.balance.every=3", "train.balance.refresh_batches=8", "train.balance.safeguard=true"]
 ARMS = {
-    "sum": ["train.balance=sum"],
-    "mgda": ["train.balance=mgda", *SMOOTHED],
-    "marble": ["train.balance=mgda", *MARBLE],
-    "upgrad": ["train.balance=upgrad", *SMOOTHED],
-    "marble-upgrad": ["train.balance=upgrad", *MARBLE],
-    "marble-sub": ["train.balance=mgda", *AMORTISED, "train.balance_every=1", "train.balance_refresh_batches=2",
-                   "train.balance_safeguard=true"],
-    "marble-ub": ["train.balance=mgda", *AMORTISED, "train.balance_gram=output", "train.balance_safeguard=true"],
-    "marble4": ["train.balance=mgda", *AMORTISED, "train.balance_every=4"],
-    "pcgrad": ["train.balance=pcgrad"],
+    "sum": ["train.balance.method=sum"],
+    "mgda": ["train.balance.method=mgda", *SMOOTHED],
+    "marble": ["train.balance.method=mgda", *MARBLE],
+    "upgrad": ["train.balance.method=upgrad", *SMOOTHED],
+    "marble-upgrad": ["train.balance.method=upgrad", *MARBLE],
+    "marble-sub": ["train.balance.method=mgda", *AMORTISED, "train.balance.every=1", "train.balance.refresh_batches=2",
+                   "train.balance.safeguard=true"],
+    "marble-ub": ["train.balance.method=mgda", *AMORTISED, "train.balance.gram=output", "train.balance.safeguard=true"],
+    "marble4": ["train.balance.method=mgda", *AMORTISED, "train.balance.every=4"],
+    "pcgrad": ["train.balance.method=pcgrad"],
 }
 SINGLE = ["rewards={world-verifier: 1.0}"]
 ALONE = ("alone-verifier", "alone-quality", "alone-style")  # one of the three rewards trained alone: its ceiling
@@ -198,7 +198,7 @@ def run_arm(name: str, args, single=None) -> dict:
     # Refresh steps only carry cosines in the amortised arm.
     cos = [s["worst_cos"] for s in steps if s["worst_cos"] is not None]
     train = trainer.cfg.train
-    timed = timed_steps(steps, train.balance_every if train.balance_amortized else 1)
+    timed = timed_steps(steps, train.balance.every if train.balance.amortized else 1)
     if not timed:  # the run is kept; only its time ratio is unknown
         print(f"[{name}] {len(steps)} steps hold no whole refresh cycle after the first: no time ratio "
               "(train longer)", flush=True)

@@ -13,7 +13,9 @@ Supported annotations: `int`, `float` (ints accepted), `bool` (no 0/1), `str`, `
 other unions (first arm that fits), `Literal[...]`, `list[T]`, `tuple[T, ...]`, `tuple[A, B]`,
 `dict[K, V]`, nested dataclasses and `Any` (any YAML value, kept as read; for options passed on to a
 constructor that checks them itself). Dataclasses must be defined at module level, since string
-annotations (`from __future__ import annotations`) are resolved with `typing.get_type_hints`.
+annotations (`from __future__ import annotations`) are resolved with `typing.get_type_hints`. A dataclass
+that moved fields into a section lists them in a `MOVED` class attribute (old name -> new dotted path), so
+old configs and saved runs still load, with a FutureWarning.
 
 YAML is read with YAML 1.2 scalars: `1e-4` is a float (YAML 1.1 reads it as a string), only
 `true`/`false` are booleans (YAML 1.1 also turns `yes`, `no`, `on`, `off` into booleans) and
@@ -27,6 +29,7 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -161,6 +164,7 @@ def from_dict(cls: type[T], data: Mapping, prefix: str = "") -> T:
         raise ConfigError(
             f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__} {data!r}"
         )
+    data = _migrate(data, getattr(cls, "MOVED", {}), prefix)
     hints = typing.get_type_hints(cls)
     init_fields = [f for f in dataclasses.fields(cls) if f.init]
     names = [f.name for f in init_fields]
@@ -178,6 +182,27 @@ def from_dict(cls: type[T], data: Mapping, prefix: str = "") -> T:
         raise
     except ValueError as e:
         raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from e
+
+
+def _migrate(data: Mapping, moved: Mapping[str, str], prefix: str) -> dict:
+    """Move keys a dataclass renamed (its `MOVED` class attribute: old field name -> new dotted path below it)
+    to their new place, warning once per key. An old name that is now a section's name (`balance` ->
+    `balance.method`) moves only when its value is not already a mapping."""
+    data = dict(data)
+    # a section's own old name first, so that the other keys moved into it land in the mapping it becomes
+    for old, new in sorted(moved.items(), key=lambda kv: kv[0] != kv[1].split(".")[0]):
+        if old not in data or (old == new.split(".")[0] and isinstance(data[old], Mapping)):
+            continue
+        value = data.pop(old)
+        *sections, leaf = new.split(".")
+        node = data
+        for section in sections:
+            node[section] = dict(node.get(section) or {})
+            node = node[section]
+        node[leaf] = value
+        warnings.warn(f"config: {_join(prefix, old)} is now {_join(prefix, new)}; the old name still loads but "
+                      "will go", FutureWarning, stacklevel=2)
+    return data
 
 
 def to_dict(obj: Any) -> dict:

@@ -179,3 +179,41 @@ def test_save_load_round_trip(tmp_path):
     assert saved == to_dict(cfg)
     assert saved["train"]["output_dir"] == "outputs/run"
     assert saved["train"]["betas"] == [0.9, 0.999]
+
+
+def test_moved_flat_keys_load_into_their_sections_with_a_warning(tmp_path):
+    """Configs written before the train sections nested (flat `balance: mgda`, `balance_ema`, `ema_decay`,
+    `adv_clip`, `sampling.drift_scale`, `run.alarm_tolerance`) load into the sections, warning per key; a saved
+    config is written nested and reads back equal without a warning."""
+    from visalign.trainers import load_train_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("trainer: diffusion_nft\nsampling: {sde: ode, drift_window: [1, 3]}\n"
+                   "train: {balance: mgda, balance_ema: 0.5, ema_decay: 0.9, adv_clip: 2.0}\n"
+                   "rewards: {world-verifier: 1.0, world-cleanliness: 1.0}\nrun: {alarm_tolerance: 0.1}\n")
+    with pytest.warns(FutureWarning, match=r"train\.balance_ema is now train\.balance\.ema"):
+        cfg = load_train_config(old, ["train.cagrad_c=0.2"])
+    assert (cfg.train.balance.method, cfg.train.balance.ema, cfg.train.balance.cagrad_c) == ("mgda", 0.5, 0.2)
+    assert (cfg.train.ema.decay, cfg.train.advantage.clip) == (0.9, 2.0)
+    assert (cfg.sampling.drift.window, cfg.run.alarm.tolerance) == ((1, 3), 0.1)
+    save_config(cfg, tmp_path / "new.yaml")
+    saved = yaml.safe_load((tmp_path / "new.yaml").read_text())
+    assert saved["train"]["balance"]["method"] == "mgda" and "balance_ema" not in saved["train"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_train_config(tmp_path / "new.yaml") == cfg
+
+
+def test_sections_check_their_own_values():
+    from visalign.trainers import load_train_config
+
+    with pytest.raises(ConfigError, match=r"train\.balance: ema=1\.5 must be in \[0, 1\)"):
+        load_train_config(None, ["train.balance.ema=1.5"])
+    with pytest.raises(ConfigError, match=r"train\.advantage: best_of_n=3 must be even"):
+        load_train_config(None, ["train.advantage.best_of_n=3"])
+    with pytest.raises(ConfigError, match=r"train: advantage\.best_of_n=16 must be <= group_size=8"):
+        load_train_config(None, ["train.advantage.best_of_n=16"])
+    with pytest.raises(ConfigError, match=r"unknown field train\.balance\.emma"):
+        load_train_config(None, ["train.balance.emma=0.5"])

@@ -316,10 +316,10 @@ def applied_gradients(trainer):
 
 
 def test_marble_amortised_nft_update_equals_the_explicit_combination(tiny_run, tmp_path):
-    explicit, m_exp = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda",
+    explicit, m_exp = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance.method=mgda",
                                                  trainer="diffusion_nft", out=tmp_path / "a"))
-    amortised, m_am = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda",
-                                                 "train.balance_amortized=true", trainer="diffusion_nft",
+    amortised, m_am = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance.method=mgda",
+                                                 "train.balance.amortized=true", trainer="diffusion_nft",
                                                  out=tmp_path / "b"))
     assert explicit.norm() > 0
     torch.testing.assert_close(amortised, explicit, atol=1e-5 * float(explicit.abs().max()), rtol=1e-5)
@@ -329,11 +329,11 @@ def test_marble_amortised_nft_update_equals_the_explicit_combination(tiny_run, t
 
 def test_amortised_refresh_over_every_micro_batch_is_the_explicit_update(tiny_run, tmp_path):
     # Three micro-batches; a refresh that estimates the Gram matrix on all of them is the explicit form exactly.
-    explicit, _ = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda",
+    explicit, _ = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance.method=mgda",
                                              "train.train_batch_size=3", trainer="diffusion_nft", out=tmp_path / "a"))
-    amortised, _ = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda",
-                                              "train.train_batch_size=3", "train.balance_amortized=true",
-                                              "train.balance_refresh_batches=8", trainer="diffusion_nft",
+    amortised, _ = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance.method=mgda",
+                                              "train.train_batch_size=3", "train.balance.amortized=true",
+                                              "train.balance.refresh_batches=8", trainer="diffusion_nft",
                                               out=tmp_path / "b"))
     torch.testing.assert_close(amortised, explicit, atol=1e-5 * float(explicit.abs().max()), rtol=1e-5)
 
@@ -342,16 +342,16 @@ def test_output_space_gram_applies_the_previous_steps_coefficients(tiny_run, tmp
     from visalign.trainers import trainer_class
 
     # Step 0 has no Gram matrix yet: it applies the configured weights, i.e. the explicit weighted sum.
-    first, m0 = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda",
-                                           "train.balance_amortized=true", "train.balance_gram=output",
+    first, m0 = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance.method=mgda",
+                                           "train.balance.amortized=true", "train.balance.gram=output",
                                            "train.train_batch_size=3", trainer="diffusion_nft", out=tmp_path / "a"))
-    weighted, _ = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=sum",
+    weighted, _ = applied_gradients(tiny_run(*balance_overrides("diffusion_nft"), "train.balance.method=sum",
                                              "train.train_batch_size=3", trainer="diffusion_nft", out=tmp_path / "b"))
     torch.testing.assert_close(first, weighted, atol=1e-5 * float(weighted.abs().max()), rtol=1e-5)
     assert m0["balance/weight/tests.helpers.toy_rewards.RedChannel"] == 0.5
     # Its Gram matrix (over all three micro-batches) sets the min-norm coefficients the next step applies.
-    t = trainer_class("diffusion_nft")(tiny_run(*balance_overrides("diffusion_nft"), "train.balance=mgda",
-                                                "train.balance_amortized=true", "train.balance_gram=output",
+    t = trainer_class("diffusion_nft")(tiny_run(*balance_overrides("diffusion_nft"), "train.balance.method=mgda",
+                                                "train.balance.amortized=true", "train.balance.gram=output",
                                                 "train.train_batch_size=3", "train.max_steps=2",
                                                 trainer="diffusion_nft", out=tmp_path / "c"))
     t.step(0)
@@ -367,10 +367,10 @@ def test_output_space_gram_applies_the_previous_steps_coefficients(tiny_run, tmp
 def test_grpo_balanced_sum_equals_normalize_then_sum(tiny_run, tmp_path):
     # On-policy the GRPO loss is linear in the advantage, so Σ_k w_k ∇L(A_k) = ∇L(Σ_k w_k A_k): the per-reward
     # gradient path with the weighted-sum aggregator must reproduce GDPO's single backward.
-    balanced, m = applied_gradients(tiny_run(*balance_overrides("flow_grpo"), "train.balance=sum", trainer="flow_grpo",
+    balanced, m = applied_gradients(tiny_run(*balance_overrides("flow_grpo"), "train.balance.method=sum", trainer="flow_grpo",
                                              out=tmp_path / "a"))
     gdpo, m_gdpo = applied_gradients(tiny_run(*balance_overrides("flow_grpo"),
-                                              "train.advantage_mode=normalize_then_sum", trainer="flow_grpo",
+                                              "train.advantage.mode=normalize_then_sum", trainer="flow_grpo",
                                               out=tmp_path / "b"))
     torch.testing.assert_close(balanced, gdpo, atol=1e-6 * float(gdpo.abs().max()), rtol=1e-5)
     # 4 SDE steps, the last never trained: 3 per sample, whether or not the rewards are balanced
@@ -382,7 +382,7 @@ def test_grpo_balanced_sum_equals_normalize_then_sum(tiny_run, tmp_path):
 
 
 def test_grpo_mgda_update_is_the_min_norm_combination(tiny_run, tmp_path):
-    cfg = tiny_run(*balance_overrides("flow_grpo"), "train.balance=mgda", trainer="flow_grpo")
+    cfg = tiny_run(*balance_overrides("flow_grpo"), "train.balance.method=mgda", trainer="flow_grpo")
     _, m = applied_gradients(cfg)
     w = [m[f"balance/weight/tests.helpers.toy_rewards.{n}"] for n in ("MeanBrightness", "RedChannel")]
     # Coefficients on the raw gradients = simplex weights × the configured reward weights (1, 0.5).
@@ -391,13 +391,13 @@ def test_grpo_mgda_update_is_the_min_norm_combination(tiny_run, tmp_path):
     assert m["balance/worst_cos"] >= -1e-6
 
 
-@pytest.mark.parametrize("gram", [["train.balance_every=2"], ["train.balance_gram=output"],
-                                  ["train.balance_every=2", "train.balance_track=0.5"]],
+@pytest.mark.parametrize("gram", [["train.balance.every=2"], ["train.balance.gram=output"],
+                                  ["train.balance.every=2", "train.balance.track=0.5"]],
                          ids=["params", "output", "tracked"])
 def test_balanced_nft_resumes_bit_identically(tiny_run, tmp_path, gram):
     from visalign.trainers.forward import DiffusionNFTTrainer
 
-    extra = ["train.max_steps=3", "train.balance=mgda", "train.balance_amortized=true", "train.balance_ema=0.5", *gram]
+    extra = ["train.max_steps=3", "train.balance.method=mgda", "train.balance.amortized=true", "train.balance.ema=0.5", *gram]
     DiffusionNFTTrainer(tiny_run(*balance_overrides("diffusion_nft"), *extra, trainer="diffusion_nft",
                                  out=tmp_path / "a")).train()
     DiffusionNFTTrainer(tiny_run(*balance_overrides("diffusion_nft"), *extra, trainer="diffusion_nft",
@@ -412,11 +412,11 @@ def test_balanced_nft_resumes_bit_identically(tiny_run, tmp_path, gram):
 
 
 @pytest.mark.parametrize("extra, key", [
-    (["train.advantage_mode=cmo"], "cmo/weight/tests.helpers.toy_rewards.RedChannel"),
-    (["train.advantage_mode=hypervolume"], "hypervolume/weight/tests.helpers.toy_rewards.RedChannel"),
-    (["train.constraints={tests.helpers.toy_rewards.RedChannel: 0.9}", "train.constraint_lr=1.0"],
+    (["train.advantage.mode=cmo"], "cmo/weight/tests.helpers.toy_rewards.RedChannel"),
+    (["train.advantage.mode=hypervolume"], "hypervolume/weight/tests.helpers.toy_rewards.RedChannel"),
+    (["train.advantage.constraints={tests.helpers.toy_rewards.RedChannel: 0.9}", "train.advantage.constraint_lr=1.0"],
      "lagrange/lambda/tests.helpers.toy_rewards.RedChannel"),
-    (["train.pareto_filter=true"], "trained_fraction"),
+    (["train.advantage.pareto_filter=true"], "trained_fraction"),
 ])
 def test_advantage_space_alternatives_in_a_trainer_step(tiny_run, tmp_path, extra, key):
     grad, m = applied_gradients(tiny_run(*balance_overrides("flow_grpo"), *extra, trainer="flow_grpo"))
@@ -430,20 +430,20 @@ def test_advantage_space_alternatives_in_a_trainer_step(tiny_run, tmp_path, extr
 
 
 @pytest.mark.parametrize("trainer, extra, match", [
-    ("flow_grpo", ["train.balance=mgda", "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}"], "two trained"),
-    ("flow_grpo", ["train.balance=mgda", "train.balance_amortized=true"], "affine"),
-    ("flow_rwr", ["train.balance=mgda", "sampling.sde=ode"], "advantage space"),
-    ("flow_grpo", ["train.balance=mgda", "train.advantage_mode=cmo"], "excludes"),
-    ("diffusion_nft", ["train.balance=pcgrad", "train.balance_safeguard=true"], "never conflicts"),
-    ("diffusion_nft", ["train.balance=mgda", "train.balance_amortized=true", "train.balance_gram=output",
-                       "train.balance_track=0.5"], "balance_gram=params"),
-    ("diffusion_nft", ["train.balance=mgda", "train.balance_track=1.0"], r"\[0, 1\)"),
-    ("diffusion_nft", ["train.balance=mgda", "train.balance_gram=output"], "amortised"),
-    ("diffusion_nft", ["train.balance=mgda", "train.balance_amortized=true", "train.balance_gram=output",
-                       "train.balance_refresh_batches=2"], "every micro-batch"),
-    ("flow_grpo", [("train.constraints={tests.helpers.toy_rewards.MeanBrightness: 0.5, "
+    ("flow_grpo", ["train.balance.method=mgda", "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}"], "two trained"),
+    ("flow_grpo", ["train.balance.method=mgda", "train.balance.amortized=true"], "affine"),
+    ("flow_rwr", ["train.balance.method=mgda", "sampling.sde=ode"], "advantage space"),
+    ("flow_grpo", ["train.balance.method=mgda", "train.advantage.mode=cmo"], "excludes"),
+    ("diffusion_nft", ["train.balance.method=pcgrad", "train.balance.safeguard=true"], "never conflicts"),
+    ("diffusion_nft", ["train.balance.method=mgda", "train.balance.amortized=true", "train.balance.gram=output",
+                       "train.balance.track=0.5"], "gram=params"),
+    ("diffusion_nft", ["train.balance.method=mgda", "train.balance.track=1.0"], r"\[0, 1\)"),
+    ("diffusion_nft", ["train.balance.method=mgda", "train.balance.gram=output"], "amortised"),
+    ("diffusion_nft", ["train.balance.method=mgda", "train.balance.amortized=true", "train.balance.gram=output",
+                       "train.balance.refresh_batches=2"], "every micro-batch"),
+    ("flow_grpo", [("train.advantage.constraints={tests.helpers.toy_rewards.MeanBrightness: 0.5, "
                     "tests.helpers.toy_rewards.RedChannel: 0.5}")], "some, not all"),
-    ("diffusion_nft", ["train.balance=mgda", "train.balance_normalize=true",
+    ("diffusion_nft", ["train.balance.method=mgda", "train.balance.normalize=true",
                        ("rewards={tests.helpers.toy_rewards.MeanBrightness: 2.0, "
                         "tests.helpers.toy_rewards.RedChannel: 1.0}")],
      "ignores reward weights"),

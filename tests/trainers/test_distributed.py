@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.distributed
 
 
-BALANCED = ["train.balance=mgda", "train.balance_ema=0.5",
+BALANCED = ["train.balance.method=mgda", "train.balance.ema=0.5",
             "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0, tests.helpers.toy_rewards.RedChannel: 0.5}"]
 
 

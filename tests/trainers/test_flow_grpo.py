@@ -89,7 +89,7 @@ def test_reward_options_reach_the_reward_and_bad_ones_fail_at_config_time(tiny_r
                   "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}"]),  # world-verifier scores images only
 ], ids=["tiny-sd3", "tiny-wan"])
 def test_resume_is_bit_identical(tiny_run, model, request_overrides, tmp_path):
-    extra = ["train.max_steps=3", "train.kl_beta=0.01", "train.ema_decay=0.9", "model.lora_rank=4",
+    extra = ["train.max_steps=3", "train.kl_beta=0.01", "train.ema.decay=0.9", "model.lora_rank=4",
              "train.lr_schedule=cosine", "train.lr_warmup_steps=1", *request_overrides]
     FlowGRPOTrainer(tiny_run(*extra, model=model, out=tmp_path / "a")).train()
     FlowGRPOTrainer(tiny_run(*extra, model=model, out=tmp_path / "b")).train(stop_after=1)  # "killed" after step 1
@@ -170,7 +170,7 @@ def test_tiny_models_train_two_steps(tiny_run, model, request_overrides, finetun
 
 def test_fast_window_cps_shared_noise_best_of_n(tiny_run, world_ckpt, tmp_path):
     cfg = tiny_run(f"model.path={world_ckpt}", "sampling.sde=cps", "sampling.noise_level=0.8", "sampling.window_size=2",
-                   "sampling.window_range=[0, 3]", "sampling.same_noise_per_group=true", "train.best_of_n=2",
+                   "sampling.window_range=[0, 3]", "sampling.same_noise_per_group=true", "train.advantage.best_of_n=2",
                    "train.max_steps=1", model="world")
     trainer = FlowGRPOTrainer(cfg)
     history = trainer.train()
@@ -214,8 +214,8 @@ def test_world_prompt_source_templates():
 
 
 def test_reward_drift_rollouts_stay_on_policy(tiny_run, world_ckpt, tmp_path):
-    extra = ["train.max_steps=1", "sampling.drift_scale=50.0", "sampling.drift_rewards={world-soft: 1.0}",
-             "sampling.drift_normalize=sample"]
+    extra = ["train.max_steps=1", "sampling.drift.scale=50.0", "sampling.drift.rewards={world-soft: 1.0}",
+             "sampling.drift.normalize=sample"]
     trainer = FlowGRPOTrainer(tiny_run(f"model.path={world_ckpt}", *extra, model="world"))
     rs = trainer.rollout_step(0)
     drifts = rs.ro.traj.drifts
@@ -229,10 +229,10 @@ def test_reward_drift_rollouts_stay_on_policy(tiny_run, world_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["sampling.drift_scale=1.0"], "world-verifier is not"),  # the trained reward is not differentiable
-    (["sampling.drift_scale=1.0", "sampling.drift_rewards={world-soft: 1.0}", "sampling.drift_window=[3, 2]"],
-     "drift_window"),
-    (["sampling.drift_scale=-1.0"], "drift_scale"),
+    (["sampling.drift.scale=1.0"], "world-verifier is not"),  # the trained reward is not differentiable
+    (["sampling.drift.scale=1.0", "sampling.drift.rewards={world-soft: 1.0}", "sampling.drift.window=[3, 2]"],
+     r"sampling\.drift: window"),
+    (["sampling.drift.scale=-1.0"], r"sampling\.drift: scale=-1\.0"),
 ])
 def test_reward_drift_config_errors(tiny_run, tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):

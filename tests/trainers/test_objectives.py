@@ -181,7 +181,7 @@ def test_resumes_bit_identically(tiny_run, trainer, tmp_path):
 @pytest.mark.parametrize(("extra", "match"), [
     (["train.train_batch_size=3"], "must be a multiple of group_size=4"),
     (["train.train_batch_size=4", "train.group_noise=false"], "group_noise must stay true"),
-    (["train.train_batch_size=4", "train.balance=mgda", "train.balance_amortized=true",
+    (["train.train_batch_size=4", "train.balance.method=mgda", "train.balance.amortized=true",
       f"rewards={{{TOY}.MeanBrightness: 1.0, {TOY}.RedChannel: 1.0}}"], "DGPO's group weight"),
 ])
 def test_dgpo_config_errors(tiny_run, extra, match):

@@ -81,8 +81,8 @@ def test_training_run_fires_the_alarm_and_stops(tmp_path):
             "run.progress=false", "run.checkpoint_every=100", "train.lr=3e-2", "model.finetune=full",
             "run.eval_every=1", "run.eval_num_prompts=4", "run.eval_steps=4",
             "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}",
-            "eval_rewards=[tests.helpers.toy_rewards.Darkness]", "run.alarm_tolerance=0.0",
-            "run.alarm_action=stop"]
+            "eval_rewards=[tests.helpers.toy_rewards.Darkness]", "run.alarm.tolerance=0.0",
+            "run.alarm.action=stop"]
     history = FlowGRPOTrainer(load_train_config(None, over)).train()
     brightness = [h["eval/tests.helpers.toy_rewards.MeanBrightness/mean"] for h in history]
     # Darkness is 1 - brightness: the alarm fires at the first evaluation where brightness is above its start.
@@ -103,8 +103,8 @@ def test_alarm_rollback_restores_the_best_checkpoint(tmp_path):
             "run.progress=false", "run.checkpoint_every=1", "run.checkpoints_total_limit=null", "train.lr=3e-2",
             "model.finetune=full", "run.eval_every=1", "run.eval_num_prompts=4", "run.eval_steps=4",
             "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}",
-            "eval_rewards=[tests.helpers.toy_rewards.Darkness]", "run.alarm_tolerance=0.0",
-            "run.alarm_action=rollback"]
+            "eval_rewards=[tests.helpers.toy_rewards.Darkness]", "run.alarm.tolerance=0.0",
+            "run.alarm.action=rollback"]
     trainer = FlowGRPOTrainer(load_train_config(None, over))
     history = trainer.train()
     dark = [h["eval/tests.helpers.toy_rewards.Darkness/mean"] for h in history]

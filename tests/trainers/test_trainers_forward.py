@@ -198,7 +198,7 @@ def _final_weights(run, step):
 @pytest.mark.parametrize("model", list(REQUESTS))
 @pytest.mark.parametrize("trainer", list(TRAINERS))
 def test_resume_is_bit_identical(tiny_run, trainer, model, tmp_path):
-    extra = ["train.max_steps=3", "train.ema_decay=0.9", *REQUESTS[model]]
+    extra = ["train.max_steps=3", "train.ema.decay=0.9", *REQUESTS[model]]
     if trainer == "flow_dpo":
         extra.append("train.ref_update_every=2")
     TRAINERS[trainer](tiny_run(*FORWARD, *extra, trainer=trainer, model=model, out=tmp_path / "a")).train()
@@ -274,7 +274,7 @@ def test_ema_without_warmup_blends_at_the_fixed_decay():
 
 
 def test_sample_with_ema_rolls_out_with_the_ema_and_keeps_the_live_weights(tiny_run, tmp_path):
-    cfg = tiny_run(*FORWARD, "train.ema_decay=0.9", "train.sample_with_ema=true", *REQUESTS["tiny-sd3"],
+    cfg = tiny_run(*FORWARD, "train.ema.decay=0.9", "train.sample_with_ema=true", *REQUESTS["tiny-sd3"],
                    trainer="flow_rwr")
     t = FlowRWRTrainer(cfg)
     with torch.no_grad():  # the live weights leave the EMA's (which starts at the loaded weights)
@@ -302,7 +302,7 @@ def test_rwr_positive_with_no_spread_trains_nothing(tiny_run, tmp_path):
 
 def test_sample_with_ema_resumes_bit_identically(tiny_run, tmp_path):
     # The rollouts come from the EMA, so resuming must restore it exactly (fixed decay, no warm-up count to lose).
-    extra = ["train.max_steps=3", "train.ema_decay=0.5", "train.ema_warmup=false", "train.sample_with_ema=true",
+    extra = ["train.max_steps=3", "train.ema.decay=0.5", "train.ema.warmup=false", "train.sample_with_ema=true",
              "train.weighting=positive", *REQUESTS["tiny-sd3"]]
     FlowRWRTrainer(tiny_run(*FORWARD, *extra, trainer="flow_rwr", out=tmp_path / "a")).train()
     FlowRWRTrainer(tiny_run(*FORWARD, *extra, trainer="flow_rwr", out=tmp_path / "b")).train(stop_after=1)
@@ -312,8 +312,8 @@ def test_sample_with_ema_resumes_bit_identically(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("trainer, extra, message", [
-    ("flow_rwr", [], "needs train.ema_decay"),
-    ("diffusion_nft", ["train.ema_decay=0.9"], "sample_with_old and train.sample_with_ema"),
+    ("flow_rwr", [], "needs train.ema.decay"),
+    ("diffusion_nft", ["train.ema.decay=0.9"], "sample_with_old and train.sample_with_ema"),
 ])
 def test_sample_with_ema_needs_one_ema_policy(tiny_run, trainer, extra, message, tmp_path):
     with pytest.raises(ValueError, match=message):

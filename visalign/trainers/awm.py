@@ -3,7 +3,7 @@
 fresh noise, weighted by the samples' group advantages. No log-probabilities of the sampler, so any rollout
 sampler works.
 
-    A_i = clip(group-relative advantage, ±train.adv_clip) / train.adv_clip       (advantage_max 1)
+    A_i = clip(group-relative advantage, ±train.advantage.clip) / train.advantage.clip       (advantage_max 1)
     L   = mean_i -A_i exp(lp_i - sg(lp_i)) + kl_beta ||v - v_ref||² + old_beta ||v - v_old||²
     lp_i = -sigma [(l_i + 1e-10)^p - (1e-10)^p] / p,     l_i = ||v_theta(x_sigma) - (eps - x0_i)||²
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from visalign.trainers.config import RecipeConfig, SamplingConfig, ode_sampling
+from visalign.trainers.config import AdvantageConfig, RecipeConfig, SamplingConfig, batch_std_advantage, ode_sampling
 from visalign.trainers.engine import MicroBatch, MicroLoss, StepData
 from visalign.trainers.forward import OldPolicyTrainConfig, OldPolicyTrainer, noised
 from visalign.trainers.losses import awm_loss
@@ -37,7 +37,8 @@ class AWMTrainConfig(OldPolicyTrainConfig):
     timesteps_per_sample: int = field(default=6, metadata={"help": "noise levels trained per sample (AWM: 6)"})
     sigma_sampling: Literal["grid", "logit_normal", "stratified"] = field(default="stratified", metadata={
         "help": "noise levels: one grid level per bin of the schedule's first 90% (AWM), the grid, or logit-normal"})
-    global_std: bool = field(default=True, metadata={"help": "normalise advantages by the batch std (AWM)"})
+    advantage: AdvantageConfig = field(default_factory=batch_std_advantage, metadata={
+        "help": "advantages by the batch std (AWM)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,9 +62,9 @@ class AWMTrainer(OldPolicyTrainer):
     name = "awm"
 
     def weigh(self, data: StepData) -> None:
-        """The advantages scaled to [-1, 1] (clip ±adv_clip, divided by it); every valid sample is trained."""
+        """The advantages scaled to [-1, 1] (clip ±advantage.clip, divided by it); every valid sample is trained."""
         super().weigh(data)
-        scale = self.cfg.train.adv_clip
+        scale = self.cfg.train.advantage.clip
         data.weights = data.weights / scale
         if data.per_reward is not None:
             data.per_reward = data.per_reward / scale

@@ -5,7 +5,7 @@ Everything is validated when the config loads, before any model does."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from visalign import rewards as rewards_lib
 from visalign.rewards.registry import FRAMES_PREFIX
@@ -32,7 +32,33 @@ class ModelConfig:
 
 
 @dataclass
+class DriftConfig:
+    """`sampling.drift`: Euphonium's reward-gradient drift on the SDE steps of rollouts."""
+
+    scale: float = field(default=0.0, metadata={"help": "drift strength (0 = off)"})
+    mode: Literal["tilt", "fixed"] = field(default="tilt", metadata={
+        "help": "tilt: shift = scale * std^2 * grad r; fixed: shift = scale * grad r"})
+    normalize: Literal["none", "sample", "batch"] = field(default="none", metadata={
+        "help": "normalise the reward gradient per sample or by the batch norm (Euphonium)"})
+    window: tuple[int, int] | None = field(default=None, metadata={
+        "help": "[start, stop) steps with drift (default: every SDE step)"})
+    rewards: dict[str, float] | None = field(default=None, metadata={
+        "help": "differentiable rewards and weights for the drift (default: the trained rewards)"})
+
+    def __post_init__(self):
+        if self.scale < 0:
+            raise ValueError(f"scale={self.scale} must be >= 0")
+        if self.window is not None and not 0 <= self.window[0] < self.window[1]:
+            raise ValueError(f"window={self.window} must satisfy 0 <= start < stop")
+
+
+@dataclass
 class SamplingConfig:
+    MOVED: ClassVar[dict[str, str]] = {"drift_scale": "drift.scale", "drift_mode": "drift.mode",
+                                       "drift_normalize": "drift.normalize", "drift_window": "drift.window",
+                                       "drift_rewards": "drift.rewards"}
+
+
     steps: int = field(default=10, metadata={"help": "denoising steps in rollouts (flow_grpo: 10)"})
     guidance: float = field(default=4.5, metadata={"help": "CFG scale for rollouts and training (1 = no CFG)"})
     sde: Literal["flow_grpo", "cps", "dance", "ode"] = field(default="flow_grpo", metadata={
@@ -46,26 +72,12 @@ class SamplingConfig:
         "help": "SDE noise constant on noise_block × noise_block latent tiles (coarse-subspace SDE, fewer noise "
                 "dimensions for the policy gradient; 1 = isotropic; visalign.sampling.SDEOptions)"})
     batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (per process)"})
-    drift_scale: float = field(default=0.0, metadata={
-        "help": "Euphonium reward-gradient drift on the SDE steps of rollouts (0 = off; "
-                "visalign.steering.RewardDrift)"})
-    drift_mode: Literal["tilt", "fixed"] = field(default="tilt", metadata={
-        "help": "tilt: shift = scale * std^2 * grad r; fixed: shift = scale * grad r"})
-    drift_normalize: Literal["none", "sample", "batch"] = field(default="none", metadata={
-        "help": "normalise the reward gradient per sample or by the batch norm (Euphonium)"})
-    drift_window: tuple[int, int] | None = field(default=None, metadata={
-        "help": "[start, stop) steps with drift (default: every SDE step)"})
-    drift_rewards: dict[str, float] | None = field(default=None, metadata={
-        "help": "differentiable rewards and weights for the drift (default: the trained rewards)"})
+    drift: DriftConfig = field(default_factory=DriftConfig, metadata={
+        "help": "Euphonium reward-gradient drift on the SDE steps of rollouts (visalign.steering.RewardDrift)"})
 
     def __post_init__(self):
-        if self.drift_scale < 0:
-            raise ValueError(f"sampling.drift_scale={self.drift_scale} must be >= 0")
-        if self.drift_scale > 0 and self.sde == "ode":
-            raise ValueError("sampling.drift_scale > 0 needs an SDE sampler (sampling.sde); an ODE step has no noise "
-                             "to steer")
-        if self.drift_window is not None and not 0 <= self.drift_window[0] < self.drift_window[1]:
-            raise ValueError(f"sampling.drift_window={self.drift_window} must satisfy 0 <= start < stop")
+        if self.drift.scale > 0 and self.sde == "ode":
+            raise ValueError("drift.scale > 0 needs an SDE sampler (sampling.sde); an ODE step has no noise to steer")
         if self.steps < 2:
             raise ValueError(f"steps={self.steps} must be >= 2 (the last step is never trained)")
         if self.noise_block < 1:
@@ -80,7 +92,31 @@ class SamplingConfig:
 
 
 @dataclass
+class AlarmConfig:
+    """`run.alarm`: the reward-hacking alarm, checked at every evaluation."""
+
+    tolerance: float | None = field(default=None, metadata={
+        "help": "fire when a held-out signal (eval_rewards, rollout diversity) falls by more than this since the "
+                "first evaluation while the trained reward rises (None = off)"})
+    rise: float = field(default=0.0, metadata={"help": "minimum rise of the trained reward"})
+    window: int = field(default=1, metadata={"help": "moving average over this many evaluations"})
+    action: Literal["log", "stop", "rollback"] = field(default="log", metadata={
+        "help": "log it; also stop; or stop and restore the saved checkpoint whose evaluation had the best value "
+                "of the signal that fell (keep checkpoint_every = eval_every and enough checkpoints)"})
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"window={self.window} must be >= 1")
+        if self.tolerance is not None and self.tolerance < 0:
+            raise ValueError(f"tolerance={self.tolerance} must be >= 0")
+
+
+@dataclass
 class RunConfig:
+    MOVED: ClassVar[dict[str, str]] = {"alarm_tolerance": "alarm.tolerance", "alarm_rise": "alarm.rise",
+                                       "alarm_window": "alarm.window", "alarm_action": "alarm.action"}
+
+
     out_dir: str = field(default="runs/flow_grpo", metadata={"help": "checkpoints, logs, samples"})
     seed: int = field(default=0, metadata={"help": "seeds prompts, noise and shuffles"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
@@ -93,23 +129,138 @@ class RunConfig:
     eval_num_prompts: int = field(default=32, metadata={"help": "evaluation prompts (fixed seeds)"})
     eval_steps: int = field(default=20, metadata={"help": "ODE steps for evaluation samples"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    alarm_tolerance: float | None = field(default=None, metadata={
-        "help": "reward-hacking alarm: fire when a held-out signal (eval_rewards, rollout diversity) falls by more "
-                "than this since the first evaluation while the trained reward rises (None = off)"})
-    alarm_rise: float = field(default=0.0, metadata={"help": "alarm: minimum rise of the trained reward"})
-    alarm_window: int = field(default=1, metadata={"help": "alarm: moving average over this many evaluations"})
-    alarm_action: Literal["log", "stop", "rollback"] = field(default="log", metadata={
-        "help": "alarm: log it; also stop; or stop and restore the saved checkpoint whose evaluation had the best "
-                "value of the signal that fell (keep checkpoint_every = eval_every and enough checkpoints)"})
+    alarm: AlarmConfig = field(default_factory=AlarmConfig, metadata={
+        "help": "the reward-hacking alarm (visalign.trainers.alarms)"})
 
     def __post_init__(self):
-        if self.alarm_tolerance is not None and self.eval_every < 1:
+        if self.alarm.tolerance is not None and self.eval_every < 1:
             raise ValueError("alarm_tolerance needs evaluations: set run.eval_every >= 1")
 
 
 @dataclass
+class AdvantageConfig:
+    """`train.advantage`: how a step's rewards become one advantage per sample, and which samples train
+    (`visalign.trainers.weighting.AdvantageWeighting`)."""
+
+    mode: Literal["sum_then_normalize", "normalize_then_sum", "cmo", "hypervolume"] = field(
+        default="sum_then_normalize", metadata={
+            "help": "multi-reward in advantage space: weighted sum of rewards, of per-reward advantages (GDPO), "
+                    "CMO correlation weights, or hypervolume-guided dynamic weights "
+                    "(visalign.trainers.balance.advantages)"})
+    clip: float = field(default=5.0, metadata={"help": "advantage clamp"})
+    eps: float = field(default=1e-4, metadata={"help": "epsilon added to the std"})
+    global_std: bool = field(default=False, metadata={"help": "normalise by the batch std instead of the group's"})
+    cmo_tau: float = field(default=0.5, metadata={"help": "CMO softmax temperature"})
+    hypervolume_reference: dict[str, float] | None = field(default=None, metadata={
+        "help": "hypervolume reference point per reward (default: each reward's lower value bound)"})
+    pareto_filter: bool = field(default=False, metadata={
+        "help": "Parrot: train only on the batch's Pareto-optimal samples (non-dominated on the trained rewards)"})
+    best_of_n: int | None = field(default=None, metadata={
+        "help": "train only on the n/2 best and n/2 worst samples of each group (DanceGRPO)"})
+    constraints: dict[str, float] | None = field(default=None, metadata={
+        "help": "constrained RLHF: {reward: minimum mean}; maximise the other trained reward(s) subject to these, "
+                "with Lagrange multipliers updated by dual ascent"})
+    constraint_lr: float = field(default=0.1, metadata={"help": "dual-ascent step of the Lagrange multipliers"})
+
+    def __post_init__(self):
+        if self.best_of_n is not None and (self.best_of_n < 2 or self.best_of_n % 2):
+            raise ValueError(f"best_of_n={self.best_of_n} must be even and >= 2")
+        if self.constraints and self.mode != "sum_then_normalize":
+            raise ValueError("constraints form their own objective; they exclude mode="
+                             f"{self.mode!r} (keep sum_then_normalize)")
+
+
+@dataclass
+class BalanceConfig:
+    """`train.balance`: multi-reward balancing in gradient space (`visalign.trainers.balance`): one gradient per
+    reward, combined by an aggregator; MARBLE's amortised form takes one backward of blended weights."""
+
+    method: Literal["none", "sum", "mgda", "pcgrad", "cagrad", "upgrad"] = field(default="none", metadata={
+        "help": "the aggregator of the per-reward gradients (none = the weighted rewards' single gradient)"})
+    ema: float = field(default=0.0, metadata={"help": "EMA decay of the aggregator's coefficients (MARBLE)"})
+    normalize: bool = field(default=False, metadata={
+        "help": "per-reward gradients to unit norm first; the reward weights then become a preference among them "
+                "(sum, upgrad; mgda / pcgrad / cagrad need equal weights)"})
+    track: float = field(default=0.0, metadata={
+        "help": "decay of per-reward gradients tracked across refreshes; > 0 takes the coefficients from their "
+                "Gram matrix (MoCo) instead of the step's alone (explicit Gram, gram=params; 0 = off)"})
+    safeguard: bool = field(default=False, metadata={
+        "help": "mgda / upgrad: when the EMA-smoothed coefficients would point the update against a reward's "
+                "gradient (on the refresh's Gram matrix), use the refresh's own coefficients instead"})
+    amortized: bool = field(default=False, metadata={
+        "help": "one backward with blended reward weights (MARBLE; losses affine in the weight); the Gram matrix "
+                "is refreshed on the first refresh_batches micro-batches every `every` steps"})
+    gram: Literal["params", "output"] = field(default="params", metadata={
+        "help": "amortised form: Gram matrix of the per-reward gradients of the parameters (explicit backwards on "
+                "refresh_batches micro-batches) or of the predicted velocity over every micro-batch of the step "
+                "(MGDA-UB: backward through the loss only), whose coefficients then apply to the next step"})
+    every: int = field(default=1, metadata={"help": "steps between Gram refreshes (amortised form)"})
+    refresh_batches: int = field(default=1, metadata={
+        "help": "amortised form: micro-batches whose per-reward gradients estimate the Gram matrix at a refresh"})
+    cagrad_c: float = field(default=0.4, metadata={"help": "CAGrad's c"})
+
+    def __post_init__(self):
+        if self.every < 1 or self.refresh_batches < 1:
+            raise ValueError(f"every={self.every} and refresh_batches={self.refresh_batches} must be >= 1")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema={self.ema} must be in [0, 1)")
+        if self.cagrad_c < 0:
+            raise ValueError(f"cagrad_c={self.cagrad_c} must be >= 0")
+        if not 0 <= self.track < 1:
+            raise ValueError(f"track={self.track} must be in [0, 1)")
+        off = self.method == "none"
+        if self.track > 0 and (off or self.gram == "output"):
+            raise ValueError("track tracks the per-reward parameter gradients: it needs a method and gram=params")
+        if self.amortized and off:
+            raise ValueError("amortized needs a method (e.g. mgda)")
+        if self.gram == "output" and not self.amortized:
+            raise ValueError("gram=output is a form of the amortised update: set amortized=true")
+        if self.gram == "output" and (self.every != 1 or self.refresh_batches != 1):
+            raise ValueError("every and refresh_batches choose the explicit refreshes of gram=params; gram=output "
+                             "refreshes from every micro-batch of every step")
+        if self.safeguard and self.method not in SAFE:
+            raise ValueError(f"safeguard needs method in {SAFE} (an update that never conflicts), not "
+                             f"{self.method!r}")
+
+    @property
+    def on(self) -> bool:
+        return self.method != "none"
+
+
+@dataclass
+class EMAConfig:
+    """`train.ema`: an exponential moving average of the trained weights, used for evaluation and saved."""
+
+    decay: float | None = field(default=None, metadata={"help": "EMA decay (flow_grpo: 0.9; None = no EMA)"})
+    every: int = field(default=1, metadata={"help": "steps between EMA updates"})
+    warmup: bool = field(default=True, metadata={
+        "help": "flow_grpo's warm-up min(decay, (1 + s) / (10 + s)); false: the fixed decay from the first "
+                "update (the EMA starts at the pretrained weights, so there is no initialisation to forget)"})
+
+    def __post_init__(self):
+        if self.decay is not None and not 0 <= self.decay < 1:
+            raise ValueError(f"decay={self.decay} must be in [0, 1) (0 or None: no EMA)")
+        if self.every < 1:
+            raise ValueError(f"every={self.every} must be >= 1")
+
+
+@dataclass
 class BaseTrainConfig:
-    """The `train:` fields every online recipe shares; each recipe subclasses it with its own."""
+    """The `train:` fields every online recipe shares, with its sections `advantage`, `balance` and `ema`; each
+    recipe subclasses it with its own fields."""
+
+    # Flat names of fields that moved into a section; a config that still uses them loads with a warning.
+    MOVED: ClassVar[dict[str, str]] = {
+        "advantage_mode": "advantage.mode", "adv_clip": "advantage.clip", "adv_eps": "advantage.eps",
+        "global_std": "advantage.global_std", "cmo_tau": "advantage.cmo_tau",
+        "hypervolume_reference": "advantage.hypervolume_reference", "pareto_filter": "advantage.pareto_filter",
+        "best_of_n": "advantage.best_of_n", "constraints": "advantage.constraints",
+        "constraint_lr": "advantage.constraint_lr", "balance": "balance.method", "balance_ema": "balance.ema",
+        "balance_normalize": "balance.normalize", "balance_track": "balance.track",
+        "balance_safeguard": "balance.safeguard", "balance_amortized": "balance.amortized",
+        "balance_gram": "balance.gram", "balance_every": "balance.every",
+        "balance_refresh_batches": "balance.refresh_batches", "cagrad_c": "balance.cagrad_c",
+        "ema_decay": "ema.decay", "ema_every": "ema.every", "ema_warmup": "ema.warmup"}
 
     prompts: str = field(default="world:seen", metadata={"help": "world:seen, or a .txt / .jsonl file"})
     max_steps: int = field(default=100, metadata={"help": "rollout-and-update iterations"})
@@ -124,59 +275,12 @@ class BaseTrainConfig:
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    adv_clip: float = field(default=5.0, metadata={"help": "advantage clamp"})
-    adv_eps: float = field(default=1e-4, metadata={"help": "epsilon added to the std"})
-    global_std: bool = field(default=False, metadata={"help": "normalise by the batch std instead of the group's"})
-    advantage_mode: Literal["sum_then_normalize", "normalize_then_sum", "cmo", "hypervolume"] = field(
-        default="sum_then_normalize", metadata={
-            "help": "multi-reward in advantage space: weighted sum of rewards, of per-reward advantages (GDPO), "
-                    "CMO correlation weights, or hypervolume-guided dynamic weights "
-                    "(visalign.trainers.balance.advantages)"})
-    cmo_tau: float = field(default=0.5, metadata={"help": "CMO softmax temperature"})
-    hypervolume_reference: dict[str, float] | None = field(default=None, metadata={
-        "help": "hypervolume reference point per reward (default: each reward's lower value bound)"})
-    pareto_filter: bool = field(default=False, metadata={
-        "help": "Parrot: train only on the batch's Pareto-optimal samples (non-dominated on the trained rewards)"})
-    constraints: dict[str, float] | None = field(default=None, metadata={
-        "help": "constrained RLHF: {reward: minimum mean}; maximise the other trained reward(s) subject to these, "
-                "with Lagrange multipliers updated by dual ascent"})
-    constraint_lr: float = field(default=0.1, metadata={"help": "dual-ascent step of the Lagrange multipliers"})
-    balance: Literal["none", "sum", "mgda", "pcgrad", "cagrad", "upgrad"] = field(default="none", metadata={
-        "help": "multi-reward balancing in gradient space (visalign.trainers.balance): one gradient per reward, "
-                "combined by this aggregator (flow_grpo, diffusion_nft)"})
-    balance_ema: float = field(default=0.0, metadata={"help": "EMA decay of the aggregator's coefficients (MARBLE)"})
-    balance_normalize: bool = field(default=False, metadata={
-        "help": "per-reward gradients to unit norm first; the reward weights then become a preference among them "
-                "(sum, upgrad; mgda / pcgrad / cagrad need equal weights)"})
-    balance_track: float = field(default=0.0, metadata={
-        "help": "decay of per-reward gradients tracked across refreshes; > 0 takes the coefficients from their "
-                "Gram matrix (MoCo) instead of the step's alone (explicit Gram, balance_gram=params; 0 = off)"})
-    balance_safeguard: bool = field(default=False, metadata={
-        "help": "mgda / upgrad: when the EMA-smoothed coefficients would point the update against a reward's "
-                "gradient (on the refresh's Gram matrix), use the refresh's own coefficients instead"})
-    balance_amortized: bool = field(default=False, metadata={
-        "help": "diffusion_nft: one backward with blended reward weights (MARBLE); the Gram matrix is refreshed "
-                "on the first balance_refresh_batches micro-batches every balance_every steps"})
-    balance_gram: Literal["params", "output"] = field(default="params", metadata={
-        "help": "amortised form: Gram matrix of the per-reward gradients of the parameters (explicit backwards on "
-                "balance_refresh_batches micro-batches) or of the predicted velocity over every micro-batch of the "
-                "step (MGDA-UB: backward through the loss only), whose coefficients then apply to the next step"})
-    balance_every: int = field(default=1, metadata={"help": "steps between Gram refreshes (amortised form)"})
-    balance_refresh_batches: int = field(default=1, metadata={
-        "help": "amortised form: micro-batches whose per-reward gradients estimate the Gram matrix at a refresh"})
-    cagrad_c: float = field(default=0.4, metadata={"help": "CAGrad's c"})
-    ema_decay: float | None = field(default=None, metadata={"help": "EMA of trained weights (flow_grpo: 0.9)"})
-    ema_every: int = field(default=1, metadata={"help": "steps between EMA updates"})
-    ema_warmup: bool = field(default=True, metadata={
-        "help": "flow_grpo's EMA warm-up min(decay, (1 + s) / (10 + s)); false: the fixed decay from the first "
-                "update (the EMA starts at the pretrained weights, so there is no initialisation to forget)"})
     mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "autocast"})
-    best_of_n: int | None = field(default=None, metadata={
-        "help": "train only on the n/2 best and n/2 worst samples of each group (DanceGRPO)"})
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self):
-        if self.best_of_n is not None and not (2 <= self.best_of_n <= self.group_size and self.best_of_n % 2 == 0):
-            raise ValueError(f"best_of_n={self.best_of_n} must be even and in [2, group_size]")
         for name in ("max_steps", "prompts_per_step", "group_size", "train_batch_size", "optimizer_steps_per_rollout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -184,28 +288,12 @@ class BaseTrainConfig:
             raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps} must be in [0, max_steps={self.max_steps})")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
-        if self.balance_every < 1 or self.balance_refresh_batches < 1 or not 0 <= self.balance_ema < 1 \
-                or self.cagrad_c < 0:
-            raise ValueError("balance_every and balance_refresh_batches must be >= 1, balance_ema in [0, 1), "
-                             "cagrad_c >= 0")
-        if not 0 <= self.balance_track < 1:
-            raise ValueError(f"balance_track={self.balance_track} must be in [0, 1)")
-        if self.balance_track > 0 and (self.balance == "none" or self.balance_gram == "output"):
-            raise ValueError("balance_track tracks the per-reward parameter gradients: it needs train.balance and "
-                             "balance_gram=params")
-        if self.balance_amortized and self.balance == "none":
-            raise ValueError("balance_amortized needs train.balance (e.g. mgda)")
-        if self.balance_gram == "output" and not self.balance_amortized:
-            raise ValueError("balance_gram=output is a form of the amortised update: set train.balance_amortized=true")
-        if self.balance_gram == "output" and (self.balance_every != 1 or self.balance_refresh_batches != 1):
-            raise ValueError("balance_every and balance_refresh_batches choose the explicit refreshes of "
-                             "balance_gram=params; balance_gram=output refreshes from every micro-batch of every step")
-
-        if self.balance_safeguard and self.balance not in SAFE:
-            raise ValueError(f"balance_safeguard needs train.balance in {SAFE} (an update that never conflicts), "
-                             f"not {self.balance!r}")
-        if self.balance != "none" and (self.advantage_mode != "sum_then_normalize" or self.constraints):
-            raise ValueError("train.balance combines per-reward gradients; it excludes advantage_mode / constraints")
+        n = self.advantage.best_of_n
+        if n is not None and n > self.group_size:
+            raise ValueError(f"advantage.best_of_n={n} must be <= group_size={self.group_size}")
+        if self.balance.on and (self.advantage.mode != "sum_then_normalize" or self.advantage.constraints):
+            raise ValueError("balance combines per-reward gradients; it excludes advantage.mode / "
+                             "advantage.constraints")
 
 
 # A recipe's `reward_options` field, the same in every trainer config:
@@ -224,18 +312,20 @@ def check_rewards(trained: dict[str, float], heldout: list[str], required: bool 
     if required and not trained:
         raise ValueError("rewards must name at least one reward")
     if train is not None:
-        multi = train.balance != "none" or train.advantage_mode != "sum_then_normalize" or train.pareto_filter
+        adv, bal = train.advantage, train.balance
+        multi = bal.on or adv.mode != "sum_then_normalize" or adv.pareto_filter
         if multi and len(trained) < 2:
-            raise ValueError("train.balance / advantage_mode / pareto_filter need at least two trained rewards")
-        if train.constraints:
-            unknown = [k for k in train.constraints if k not in trained]
-            if unknown or len(train.constraints) >= len(trained):
-                raise ValueError("train.constraints must name some, not all, trained rewards; "
-                                 f"got {list(train.constraints)} for rewards {list(trained)}")
-        if train.balance != "none":
-            check_weights(train.balance, trained, train.balance_normalize)
-        if train.hypervolume_reference is not None and set(train.hypervolume_reference) != set(trained):
-            raise ValueError("train.hypervolume_reference must give one value per trained reward")
+            raise ValueError("train.balance / advantage.mode / advantage.pareto_filter need at least two trained "
+                             "rewards")
+        if adv.constraints:
+            unknown = [k for k in adv.constraints if k not in trained]
+            if unknown or len(adv.constraints) >= len(trained):
+                raise ValueError("train.advantage.constraints must name some, not all, trained rewards; "
+                                 f"got {list(adv.constraints)} for rewards {list(trained)}")
+        if bal.on:
+            check_weights(bal.method, trained, bal.normalize)
+        if adv.hypervolume_reference is not None and set(adv.hypervolume_reference) != set(trained):
+            raise ValueError("train.advantage.hypervolume_reference must give one value per trained reward")
     drift = drift_reward_weights(sampling, trained) if sampling is not None else {}
     for name in [*trained, *heldout, *drift]:
         if name.startswith(FRAMES_PREFIX):
@@ -246,7 +336,7 @@ def check_rewards(trained: dict[str, float], heldout: list[str], required: bool 
     for name in drift:
         if not rewards_lib.describe(name)["differentiable"]:
             raise ValueError(f"sampling.drift needs differentiable rewards; {name} is not (set "
-                             "sampling.drift_rewards to differentiable ones, e.g. world-soft)")
+                             "sampling.drift.rewards to differentiable ones, e.g. world-soft)")
     used = list(dict.fromkeys([*trained, *heldout, *drift]))
     for name, opts in (options or {}).items():
         if name not in used:
@@ -256,9 +346,9 @@ def check_rewards(trained: dict[str, float], heldout: list[str], required: bool 
 
 def drift_reward_weights(sampling: SamplingConfig, trained: dict[str, float]) -> dict[str, float]:
     """The rewards the rollout drift climbs: `drift_rewards`, else the trained ones; {} when the drift is off."""
-    if sampling.drift_scale == 0:
+    if sampling.drift.scale == 0:
         return {}
-    return dict(sampling.drift_rewards) if sampling.drift_rewards is not None else dict(trained)
+    return dict(sampling.drift.rewards) if sampling.drift.rewards is not None else dict(trained)
 
 
 @dataclass
@@ -283,6 +373,11 @@ class RecipeConfig:
     def __post_init__(self):
         check_rewards(self.rewards, self.eval_rewards, required=self.rewards_required(), sampling=self.sampling,
                       train=self.train, options=self.reward_options)
+
+
+def batch_std_advantage() -> AdvantageConfig:
+    """The `train.advantage` default of recipes that normalise by the batch's std (AWM, DGPO)."""
+    return AdvantageConfig(global_std=True)
 
 
 def ode_sampling() -> SamplingConfig:

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from visalign.trainers.config import RecipeConfig, SamplingConfig, ode_sampling
+from visalign.trainers.config import AdvantageConfig, RecipeConfig, SamplingConfig, batch_std_advantage, ode_sampling
 from visalign.trainers.engine import MicroBatch, MicroLoss, StepData
 from visalign.trainers.forward import OldPolicyTrainConfig, OldPolicyTrainer, noised
 from visalign.trainers.losses import dgpo_loss, per_sample_mse
@@ -34,7 +34,8 @@ class DGPOTrainConfig(OldPolicyTrainConfig):
     min_sigma: float = field(default=0.3, metadata={"help": "train noise levels >= this (DGPO: the first 60%)"})
     group_noise: bool = field(default=True, metadata={
         "help": "a group's samples share noise levels and noise (required: the group is compared at equal noise)"})
-    global_std: bool = field(default=True, metadata={"help": "normalise advantages by the batch std (DGPO)"})
+    advantage: AdvantageConfig = field(default_factory=batch_std_advantage, metadata={
+        "help": "advantages by the batch std (DGPO)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -47,8 +48,8 @@ class DGPOTrainConfig(OldPolicyTrainConfig):
         if self.train_batch_size % self.group_size:
             raise ValueError(f"train_batch_size={self.train_batch_size} must be a multiple of group_size="
                              f"{self.group_size}: a micro-batch holds whole groups")
-        if self.balance_amortized:
-            raise ValueError("balance_amortized needs a loss affine in the advantage; DGPO's group weight "
+        if self.balance.amortized:
+            raise ValueError("balance.amortized needs a loss affine in the advantage; DGPO's group weight "
                              "sigmoid(S_g) is not, so it balances explicit per-reward gradients")
 
 

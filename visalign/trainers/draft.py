@@ -64,9 +64,9 @@ class DraftTrainConfig(BaseTrainConfig):
         if not 0 < self.align_step < lo <= hi < 1:
             raise ValueError(f"align_sigma={self.align_sigma} and align_step={self.align_step} must satisfy "
                              "0 < align_step < low <= high < 1")
-        if self.balance != "none" or self.advantage_mode != "sum_then_normalize" or self.constraints:
+        if self.balance.on or self.advantage.mode != "sum_then_normalize" or self.advantage.constraints:
             raise ValueError("draft backpropagates the weighted sum of the rewards itself: train.balance, "
-                             "advantage_mode and constraints do not apply")
+                             "advantage.mode and advantage.constraints do not apply")
 
 
 

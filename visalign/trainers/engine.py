@@ -157,7 +157,7 @@ class MicroBatch:
 class MicroLoss:
     """A micro-batch's forward, done once: `loss(weights)` gives (scalar loss, metrics) for per-sample training
     weights [n] (indexed by the micro-batch inside), so one forward serves every reward when balancing; `output`
-    is the prediction the output-space Gram matrix differentiates (train.balance_gram=output)."""
+    is the prediction the output-space Gram matrix differentiates (train.balance.gram=output)."""
 
     loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
     output: torch.Tensor | None = None
@@ -174,7 +174,7 @@ class OnlineTrainer:
     """Shared engine. Subclasses set `name` and implement the hooks under "what a recipe supplies". `train()` runs
     to `train.max_steps`, resuming from the latest verified checkpoint; the config needs `model`, `sampling`,
     `train` (with `lr`, `betas`, `weight_decay`, `max_steps`, `prompts`, `prompts_per_step`, `group_size`,
-    `ema_decay`, `ema_every`, `mixed_precision`), `run`, `rewards` and `eval_rewards` sections."""
+    `ema`, `mixed_precision`), `run`, `rewards` and `eval_rewards` sections."""
 
     name = "trainer"
 
@@ -222,34 +222,35 @@ class OnlineTrainer:
         self.eval_rewards = load_rewards(cfg.eval_rewards, cfg.reward_options)
         self.balancer = self.grad_buffer = None
         tc = cfg.train
-        self.weighting = AdvantageWeighting(tc, cfg.rewards, self.rewards, per_reward=tc.balance != "none",
+        self.weighting = AdvantageWeighting(tc.advantage, cfg.rewards, self.rewards, per_reward=tc.balance.on,
                                             drop_zero_spread=self.drop_zero_spread_groups)
-        if tc.balance != "none":
-            self.balancer = Balancer(tc.balance, dict(cfg.rewards), ema=tc.balance_ema, normalize=tc.balance_normalize,
-                                     cagrad_c=tc.cagrad_c, seed=cfg.run.seed, safeguard=tc.balance_safeguard)
-            if tc.balance_gram == "params":  # K x P floats; the output-space Gram needs none
+        if tc.balance.on:
+            b = tc.balance
+            self.balancer = Balancer(b.method, dict(cfg.rewards), ema=b.ema, normalize=b.normalize,
+                                     cagrad_c=b.cagrad_c, seed=cfg.run.seed, safeguard=b.safeguard)
+            if tc.balance.gram == "params":  # K x P floats; the output-space Gram needs none
                 self.grad_buffer = GradientBuffer(params, len(cfg.rewards))
             acc.register_for_checkpointing(self.balancer)
-            if tc.balance_track > 0:  # the tracked gradients are state: a resumed run must continue them
+            if tc.balance.track > 0:  # the tracked gradients are state: a resumed run must continue them
                 acc.register_for_checkpointing(self.grad_buffer)
         if self.weighting.lagrange is not None:
             acc.register_for_checkpointing(self.weighting.lagrange)
         self.drift = None
         drift_weights = drift_reward_weights(cfg.sampling, cfg.rewards)
         if drift_weights:
-            start, stop = cfg.sampling.drift_window or (0, None)
-            self.drift = RewardDrift(cfg.sampling.drift_scale, cfg.sampling.drift_mode, cfg.sampling.drift_normalize,
+            start, stop = cfg.sampling.drift.window or (0, None)
+            self.drift = RewardDrift(cfg.sampling.drift.scale, cfg.sampling.drift.mode, cfg.sampling.drift.normalize,
                                      start, stop)
             # rewards.load caches: the trained rewards are the same objects
             loaded = load_rewards(drift_weights, cfg.reward_options)
             self.drift_rewards = {name: (loaded[name], w) for name, w in drift_weights.items()}
-        self.ema = (EMA(params, cfg.train.ema_decay, cfg.train.ema_every, warmup=cfg.train.ema_warmup)
-                    if cfg.train.ema_decay else None)
+        self.ema = (EMA(params, cfg.train.ema.decay, cfg.train.ema.every, warmup=cfg.train.ema.warmup)
+                    if cfg.train.ema.decay else None)
         self.state = TrainerState()
         acc.register_for_checkpointing(self.state)
         self.alarm = None
-        if cfg.run.alarm_tolerance is not None:
-            self.alarm = AlarmMonitor(cfg.run.alarm_tolerance, cfg.run.alarm_rise, cfg.run.alarm_window)
+        if cfg.run.alarm.tolerance is not None:
+            self.alarm = AlarmMonitor(cfg.run.alarm.tolerance, cfg.run.alarm.rise, cfg.run.alarm.window)
             acc.register_for_checkpointing(self.alarm)
         self._diversity: list[float] = []
         if self.ema is not None:
@@ -340,7 +341,7 @@ class OnlineTrainer:
     def balance_update(self) -> tuple[torch.Tensor, dict]:
         """Average the per-reward gradients over processes, refresh the balancer from their Gram matrix."""
         self.grad_buffer.reduce(self.accelerator)
-        track = self.cfg.train.balance_track
+        track = self.cfg.train.balance.track
         tracked = self.grad_buffer.track(track) if track > 0 else None
         return self.balancer.update(self.grad_buffer.gram(), tracked)
 
@@ -432,14 +433,14 @@ class OnlineTrainer:
         """Forward and backward of every micro-batch, accumulated into `train.optimizer_steps_per_rollout`
         optimizer steps. With several rewards balanced in gradient space (`train.balance`) each micro-batch's
         per-reward losses share its forward: explicit per-reward gradients, combined at each optimizer step; or,
-        for a loss affine in the weight (`balance_amortized`), one backward of the blended weights, with the
-        Gram matrix refreshed from explicit gradients or from the prediction's (`balance_gram=output`)."""
+        for a loss affine in the weight (`balance.amortized`), one backward of the blended weights, with the
+        Gram matrix refreshed from explicit gradients or from the prediction's (`balance.gram=output`)."""
         tc, acc = self.cfg.train, self.accelerator
         schedule = accumulation_schedule(len(micro), tc.optimizer_steps_per_rollout, [mb.size for mb in micro])
         r_k = data.per_reward
-        refresh = tc.balance_amortized and step % tc.balance_every == 0
-        n_refresh = min(tc.balance_refresh_batches, len(micro))  # micro-batches that estimate the Gram
-        gram = torch.zeros(len(self.cfg.rewards), len(self.cfg.rewards), dtype=torch.float64)  # balance_gram=output
+        refresh = tc.balance.amortized and step % tc.balance.every == 0
+        n_refresh = min(tc.balance.refresh_batches, len(micro))  # micro-batches that estimate the Gram
+        gram = torch.zeros(len(self.cfg.rewards), len(self.cfg.rewards), dtype=torch.float64)  # balance.gram=output
         logs: dict[str, list[float]] = {}
         balance_logs: dict[str, float] = {}
         self.first_micro_metrics = None
@@ -450,7 +451,7 @@ class OnlineTrainer:
                 with self.micro_context(last):
                     loss, m = self.micro_loss(data, mb, prepared).loss(data.weights)
                     acc.backward(loss / size)
-            elif tc.balance_gram == "output":
+            elif tc.balance.gram == "output":
                 # MARBLE's blended backward with the coefficients of the previous refresh (the configured weights
                 # before the first); meanwhile the Gram matrix of this step's per-reward gradients of the prediction
                 # accumulates over every micro-batch (MGDA-UB) and refreshes the balancer at the end.
@@ -467,7 +468,7 @@ class OnlineTrainer:
                     # The logged weights and cosines are those of the update just applied, not of the next one.
                     balance_logs.update(diagnostics(gram, alpha, list(self.cfg.rewards)))
                     gram = torch.zeros_like(gram)
-            elif tc.balance_amortized and not (refresh and i < n_refresh):
+            elif tc.balance.amortized and not (refresh and i < n_refresh):
                 r_bar, total = blend_reward_weights(self.balancer.alpha, r_k)
                 with self.micro_context(last):
                     loss, m = self.micro_loss(data, mb, prepared).loss(r_bar)
@@ -479,7 +480,7 @@ class OnlineTrainer:
                     for k in range(len(r_k)):
                         loss, m = ml.loss(r_k[k])
                         self.grad_buffer.add(k, loss / size, retain_graph=k + 1 < len(r_k))
-                if last or (tc.balance_amortized and i == n_refresh - 1):
+                if last or (tc.balance.amortized and i == n_refresh - 1):
                     alpha, balance_logs = self.balance_update()
                     self.grad_buffer.apply(alpha)
                     self.grad_buffer.zero()
@@ -577,7 +578,7 @@ class OnlineTrainer:
             tqdm.write(alarm.message())
             with (self.out / "alarms.jsonl").open("a") as f:
                 f.write(json.dumps({"message": alarm.message(), **alarm.__dict__}) + "\n")
-        return self.cfg.run.alarm_action in ("stop", "rollback")
+        return self.cfg.run.alarm.action in ("stop", "rollback")
 
     def rollback(self) -> Path | None:
         """After an alarm: load the checkpoint, among those saved at evaluated steps, where the signal that fell
@@ -642,7 +643,7 @@ class OnlineTrainer:
             bar.set_postfix(self.progress_postfix(metrics))
             history.append(metrics)
             if stop_for_alarm:
-                if cfg.run.alarm_action == "rollback":  # no new checkpoint: it could prune the one to restore
+                if cfg.run.alarm.action == "rollback":  # no new checkpoint: it could prune the one to restore
                     rolled_back = self.rollback() is not None
                 else:
                     self.save_checkpoint(step + 1)

@@ -79,7 +79,7 @@ class ForwardTrainConfig(BaseTrainConfig):
         "help": "train only noise levels >= this: the high-noise steps decide layout and motion, while the low-noise "
                 "steps of self-generated samples teach their residual speckle back to the model"})
     sample_with_ema: bool = field(default=False, metadata={
-        "help": "roll out with the EMA of the trained weights (train.ema_decay), a slow teacher whose samples the "
+        "help": "roll out with the EMA of the trained weights (train.ema.decay), a slow teacher whose samples the "
                 "live weights learn from, as DiffusionNFT rolls out with its old policy; the live weights' own "
                 "samples can degrade faster than the update learns from them"})
     group_noise: bool = field(default=False, metadata={
@@ -92,8 +92,8 @@ class ForwardTrainConfig(BaseTrainConfig):
             raise ValueError(f"timesteps_per_sample={self.timesteps_per_sample} must be >= 1")
         if not 0 <= self.min_sigma < 1:
             raise ValueError(f"min_sigma={self.min_sigma} must be in [0, 1)")
-        if self.sample_with_ema and not self.ema_decay:
-            raise ValueError("train.sample_with_ema needs train.ema_decay (the EMA to roll out with)")
+        if self.sample_with_ema and not self.ema.decay:
+            raise ValueError("train.sample_with_ema needs train.ema.decay (the EMA to roll out with)")
 
 
 class ForwardTrainer(OnlineTrainer):
@@ -246,9 +246,9 @@ class RWRTrainConfig(ForwardTrainConfig):
         super().__post_init__()
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
-        if self.balance != "none":
+        if self.balance.on:
             raise ValueError("train.balance needs one loss per reward; Flow-RWR's weights are normalised over the "
-                             "batch, so it combines rewards in advantage space (train.advantage_mode)")
+                             "batch, so it combines rewards in advantage space (train.advantage.mode)")
 
 
 @dataclass
@@ -324,7 +324,7 @@ class DiffusionNFTTrainer(OldPolicyTrainer):
 
     def weigh(self, data: StepData) -> None:
         """r = clip(A / 2A_max + 1/2) per sample (and per reward when balancing); untrained samples are dropped."""
-        clip, local = self.cfg.train.adv_clip, data.rs.local
+        clip, local = self.cfg.train.advantage.clip, data.rs.local
         data.weights = nft_reward_weight(data.adv, clip)[local]
         if data.per_reward_adv is not None:
             data.per_reward = torch.stack([nft_reward_weight(data.per_reward_adv[n], clip)[local]
@@ -354,6 +354,6 @@ class DiffusionNFTTrainer(OldPolicyTrainer):
         weights themselves (its velocity is v, detached)."""
         train = self.cfg.train
         return nft_loss(v, v.detach() if v_old is None else v_old, x_t, x0, sigma, weights[idx].to(v.device),
-                        train.nft_beta, train.adv_clip, v_ref=v_ref, kl_beta=train.kl_beta)
+                        train.nft_beta, train.advantage.clip, v_ref=v_ref, kl_beta=train.kl_beta)
 
 __all__ = ["DiffusionNFTConfig", "DiffusionNFTTrainer", "FlowRWRConfig", "FlowRWRTrainer", "noised", "sample_sigmas"]

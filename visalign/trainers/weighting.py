@@ -1,11 +1,11 @@
 """One step's advantages, training mask and multi-reward weighting, computed once from the gathered scores.
 
-The advantage of the weighted rewards is group-relative (`group_advantages`): a weighted sum of the rewards, of
-per-reward advantages (GDPO), CMO or hypervolume weights, or the Lagrangian of `train.constraints`
-(`visalign.trainers.balance.advantages`). With `train.balance` each reward also keeps its own advantage, for
-the engine to combine in gradient space. The training mask keeps finite rewards, the Pareto-optimal samples
-(`train.pareto_filter`), each group's extremes (`train.best_of_n`), and, for a recipe that asks, drops groups
-without reward spread.
+`train.advantage` configures it. The advantage of the weighted rewards is group-relative (`group_advantages`):
+a weighted sum of the rewards, of per-reward advantages (GDPO), CMO or hypervolume weights, or the Lagrangian of
+`constraints` (`visalign.trainers.balance.advantages`). With `train.balance` each reward also keeps its own
+advantage, for the engine to combine in gradient space. The training mask keeps finite rewards, the Pareto-optimal
+samples (`pareto_filter`), each group's extremes (`best_of_n`), and, for a recipe that asks, drops groups without
+reward spread.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import Tensor
 from visalign.rewards import Reward
 from visalign.trainers.advantages import best_of_n_mask, combine_advantages, group_advantages
 from visalign.trainers.balance import LagrangeThresholds, cmo_advantages, hypervolume_weights, pareto_mask
+from visalign.trainers.config import AdvantageConfig
 
 
 @dataclass
@@ -32,20 +33,20 @@ class StepAdvantages:
 class AdvantageWeighting:
     """Called once per step with the gathered scores; holds the state that spans steps (Lagrange multipliers)."""
 
-    def __init__(self, train, weights: dict[str, float], rewards: dict[str, Reward], *, per_reward: bool,
+    def __init__(self, cfg: AdvantageConfig, weights: dict[str, float], rewards: dict[str, Reward], *, per_reward: bool,
                  drop_zero_spread: bool):
-        self.cfg, self.weights, self.names = train, dict(weights), list(weights)
+        self.cfg, self.weights, self.names = cfg, dict(weights), list(weights)
         self.keep_per_reward, self.drop_zero_spread = per_reward, drop_zero_spread
-        self.lagrange = LagrangeThresholds(dict(train.constraints), train.constraint_lr) if train.constraints else None
+        self.lagrange = LagrangeThresholds(dict(cfg.constraints), cfg.constraint_lr) if cfg.constraints else None
         self.hypervolume_reference = None
-        if train.advantage_mode == "hypervolume":
-            self.hypervolume_reference = dict(train.hypervolume_reference or {})
+        if cfg.mode == "hypervolume":
+            self.hypervolume_reference = dict(cfg.hypervolume_reference or {})
             for name, reward in rewards.items():
                 if name not in self.hypervolume_reference:
                     low = (reward.value_range or (None, None))[0]
                     if low is None or not math.isfinite(low):
-                        raise ValueError(f"advantage_mode=hypervolume: {name} has no finite lower bound; set "
-                                         "train.hypervolume_reference")
+                        raise ValueError(f"advantage.mode=hypervolume: {name} has no finite lower bound; set "
+                                         "train.advantage.hypervolume_reference")
                     self.hypervolume_reference[name] = float(low)
 
     def __call__(self, scores: dict[str, Tensor], groups: Tensor, valid: Tensor) -> StepAdvantages:
@@ -66,7 +67,7 @@ class AdvantageWeighting:
 
         cfg = self.cfg
         weights = dict(self.weights)
-        kw = {"eps": cfg.adv_eps, "global_std": cfg.global_std, "clip": cfg.adv_clip, "valid": valid}
+        kw = {"eps": cfg.eps, "global_std": cfg.global_std, "clip": cfg.clip, "valid": valid}
         metrics = {}
         if self.lagrange is not None:
             free = [n for n in weights if n not in self.lagrange.names]
@@ -76,17 +77,17 @@ class AdvantageWeighting:
             metrics.update(self.lagrange.update(bound[valid]))  # after use: this step's objective, next step's lambda
             adv, m = group_advantages(total, groups, **kw)
             return adv, {**m, **metrics}
-        if cfg.advantage_mode == "sum_then_normalize" or len(weights) == 1:
+        if cfg.mode == "sum_then_normalize" or len(weights) == 1:
             total = sum(w * scores[name].double() for name, w in weights.items())
             return group_advantages(total, groups, **kw)
-        if cfg.advantage_mode == "cmo":
+        if cfg.mode == "cmo":
             stacked = torch.stack([scores[n].double() for n in weights], 1)
             adv = torch.zeros(len(groups), dtype=torch.float64)
-            adv[valid], w = cmo_advantages(stacked[valid], groups[valid], cfg.cmo_tau, cfg.adv_eps)
-            adv = adv.clamp(-cfg.adv_clip, cfg.adv_clip)
+            adv[valid], w = cmo_advantages(stacked[valid], groups[valid], cfg.cmo_tau, cfg.eps)
+            adv = adv.clamp(-cfg.clip, cfg.clip)
             metrics.update({f"cmo/weight/{n}": float(w[:, i].mean()) for i, n in enumerate(weights)})
             return adv, {**metrics, "zero_std_fraction": float((adv == 0).float().mean())}
-        if cfg.advantage_mode == "hypervolume":
+        if cfg.mode == "hypervolume":
             means = torch.stack([scores[n][valid].double().mean() for n in weights])
             reference = torch.tensor([self.hypervolume_reference[n] for n in weights], dtype=torch.float64)
             dyn = hypervolume_weights(means, reference)
@@ -100,7 +101,7 @@ class AdvantageWeighting:
     def per_reward_advantages(self, scores, groups, valid, names=None, metrics: dict | None = None) -> dict:
         """{reward: group-normalised advantage [N]} for each trained reward (unweighted)."""
         cfg = self.cfg
-        kw = {"eps": cfg.adv_eps, "global_std": cfg.global_std, "clip": cfg.adv_clip, "valid": valid}
+        kw = {"eps": cfg.eps, "global_std": cfg.global_std, "clip": cfg.clip, "valid": valid}
         out = {}
         for name in names or self.names:
             out[name], m = group_advantages(scores[name], groups, **kw)

@@ -1,11 +1,11 @@
 """Multi-reward balancing in gradient space (MARBLE and friends), with diagnostics.
 
-A trainer with `train.balance=<aggregator>` keeps one advantage per reward, takes one gradient per reward on the
+A trainer with `train.balance.method=<aggregator>` keeps one advantage per reward, takes one gradient per reward on the
 shared rollout (`GradientBuffer`, a [K, P] buffer over the trainable parameters), and applies d = Σ_k alpha_k g_k
 with alpha from the Gram matrix (`Balancer`: sum, mgda, pcgrad, cagrad, upgrad; EMA-smoothed). DiffusionNFT's loss
-is affine in each sample's reward weight, so with `train.balance_amortized` the same update costs one backward
-with blended weights and the Gram matrix is refreshed every `train.balance_every` steps (MARBLE), or, with
-`train.balance_gram=output`, taken over the whole step in the space of the predicted velocity (MGDA-UB, nearly
+is affine in each sample's reward weight, so with `train.balance.amortized` the same update costs one backward
+with blended weights and the Gram matrix is refreshed every `train.balance.every` steps (MARBLE), or, with
+`train.balance.gram=output`, taken over the whole step in the space of the predicted velocity (MGDA-UB, nearly
 free) and applied to the next step. Advantage-space alternatives (GDPO, CMO, Parrot, Lagrange thresholds,
 hypervolume weights) live in `visalign.trainers.balance.advantages`.
 """

@@ -2,7 +2,7 @@
 gradient, so one backward suffices). Scores are [N, K] (samples × rewards), groups [N] integer prompt-group ids.
 
 - GDPO (per-reward group normalisation, then the weighted sum): `visalign.trainers.advantages.combine_advantages`, i.e.
-  `train.advantage_mode=normalize_then_sum`.
+  `train.advantage.mode=normalize_then_sum`.
 - CMO correlation weighting, Parrot's batch-wise Pareto selection, per-reward thresholds with Lagrange
   multipliers, hypervolume-guided dynamic weights: below.
 """
