@@ -39,8 +39,8 @@ def policy_gradient(trainer, step: int, seed_offset: int) -> tuple[torch.Tensor,
                  same_noise_per_group=cfg.sampling.same_noise_per_group)
     groups = plan.groups
     valid = torch.ones(len(groups), dtype=torch.bool)
-    adv = trainer.weighting(ro.scores, groups, valid).adv
-    total = sum(w * ro.scores[n].double() for n, w in cfg.rewards.items())
+    adv = trainer.weighting(ro.scores.trained, groups, valid).adv
+    total = sum(w * ro.scores.trained[n].double() for n, w in cfg.rewards.items())
     spread = float(torch.stack([total[groups == g].std() for g in torch.unique(groups)]).mean())
     params = trainer.adapter.trainable_parameters()
     for p in params:

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from visalign.prompts import Prompt
 from visalign.trainers.common import score_rewards
 from visalign.world.motion import render_clips, sample_motion_specs
 from visalign.world.rewards import WorldCleanlinessReward, WorldMotionReward
@@ -43,7 +44,7 @@ def main() -> None:
     batches = []
     for r in range(args.repeats):
         specs = sample_motion_specs(args.clips, "seen", generator=r)
-        batches.append((sampler_like(render_clips(specs, r), r), [{"prompt": s.prompt} for s in specs]))
+        batches.append((sampler_like(render_clips(specs, r), r), [Prompt(s.prompt) for s in specs]))
     cached = verify._detect_pixels
     times, scores = {}, {}
     for arm, detect in (("detect per call", cached.__wrapped__), ("shared detection", cached)):
@@ -56,7 +57,7 @@ def main() -> None:
         finally:
             verify._detect_pixels = cached
     same = all(torch.allclose(a[k], b[k], rtol=0, atol=0, equal_nan=True)  # NaN: a concept the prompt lacks
-               for a, b in zip(*scores.values(), strict=True) for k in a)
+               for (a, _), (b, _) in zip(*scores.values(), strict=True) for k in a)
     for arm, seconds in times.items():
         print(f"{arm:>17}: {seconds:.2f} s per batch of {args.clips} clips")
     print(f"shared detection is {times['detect per call'] / times['shared detection']:.1f}x faster; "

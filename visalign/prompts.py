@@ -3,31 +3,66 @@
 A source spec is a file (`.txt`: one prompt per line; `.jsonl`: {"prompt": ..., other metadata} per line) or
 `NAME:ARGS` with NAME registered in `SOURCES` (or the dotted path of a factory taking ARGS), e.g.
 `world:seen:count,position`. Trainers draw from a source at random (`draw`); evaluation takes its fixed list
-(`fixed`), where each item also names its `category` for per-category tables.
+(`fixed`). Both give `Prompt` records: the text, the metadata every reward receives with it, and a category for
+per-category tables.
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from visalign.registry import lookup
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt as trainers, evaluation and rewards see it: its `text`, the `metadata` every reward receives
+    with it (the world's scene `spec`, a GenEval-style spec, an id), and the `category` evaluation tables group
+    by."""
+
+    text: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    category: str = "all"
+
+    @classmethod
+    def of(cls, item: Prompt | str | Mapping, where: str = "prompt") -> Prompt:
+        """A record from a Prompt, a string, or a mapping {"prompt": text, "category"?: ..., **metadata} (a JSONL
+        line, what a user's source returns); ValueError names `where` and what is wrong."""
+        if isinstance(item, Prompt):
+            return item
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, Mapping) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            raise ValueError(f"{where}: needs a non-empty 'prompt' string, got {item!r}")
+        category = item.get("category", "all")
+        if not isinstance(category, str):
+            raise ValueError(f"{where}: 'category' must be a string, got {category!r}")
+        return cls(item["prompt"], {k: v for k, v in item.items() if k not in ("prompt", "category")}, category)
+
+
 class PromptSource(ABC):
-    """Items are dicts {"prompt": str, ...metadata}; the metadata reaches every reward as `metadata`."""
+    """Where a run's prompts come from. Both methods return `Prompt` records (a user's source may return strings
+    or {"prompt": ..., **metadata} mappings: `prompts_of` reads them)."""
 
     @abstractmethod
-    def draw(self, n: int, generator: torch.Generator) -> list[dict]:
-        """n items drawn at random with `generator` (training)."""
+    def draw(self, n: int, generator: torch.Generator) -> list[Prompt]:
+        """n prompts drawn at random with `generator` (training)."""
 
     @abstractmethod
-    def fixed(self, n_per_category: int) -> list[dict]:
-        """A fixed, ordered list of items with a "category" each (evaluation)."""
+    def fixed(self, n_per_category: int) -> list[Prompt]:
+        """A fixed, ordered list of prompts (evaluation); `n_per_category` applies to generated sources."""
+
+
+def prompts_of(items, where: str) -> list[Prompt]:
+    """`Prompt` records from what a source returned (records, strings or mappings), checked one by one."""
+    return [Prompt.of(item, f"{where}, item {i}") for i, item in enumerate(items)]
 
 
 class FilePrompts(PromptSource):
@@ -45,21 +80,19 @@ class FilePrompts(PromptSource):
                     item = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}, line {i}: not JSON ({err})") from None
-                if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
-                    raise ValueError(f"{path}, line {i}: needs a non-empty 'prompt' string")
-                self.items.append(item)
+                self.items.append(Prompt.of(item, f"{path}, line {i}"))
         else:
-            self.items = [{"prompt": line.strip()} for _, line in lines]
+            self.items = [Prompt(line.strip()) for _, line in lines]
         if not self.items:
             raise ValueError(f"prompt file {str(path)!r} is empty")
 
-    def draw(self, n: int, generator: torch.Generator) -> list[dict]:
+    def draw(self, n: int, generator: torch.Generator) -> list[Prompt]:
         idx = torch.randint(len(self.items), (n,), generator=generator).tolist()
-        return [dict(self.items[i]) for i in idx]
+        return [self.items[i] for i in idx]
 
-    def fixed(self, n_per_category: int) -> list[dict]:
+    def fixed(self, n_per_category: int) -> list[Prompt]:
         """Every line in file order (`n_per_category` applies to generated sources only)."""
-        return [{"category": "all", **item} for item in self.items]
+        return list(self.items)
 
 
 # NAME -> factory(ARGS) -> PromptSource, or its dotted path. The built-in world registers its grammars here.

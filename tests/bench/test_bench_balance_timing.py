@@ -63,9 +63,9 @@ def test_arm_overrides_build_valid_configs_and_alone_arms_train_one_reward(tmp_p
     nft = str(ROOT / "configs/nft_world.yaml")
     marble = load_train_config(nft, arm_overrides("marble-upgrad", args))
     assert marble.rewards == {"world-verifier": 1.0, "artifact": 2.0, "saturation": 1.0}
-    assert marble.reward_options == {"artifact": {"weights": str(weights)}} and marble.train.balance == "upgrad"
+    assert marble.reward_options == {"artifact": {"weights": str(weights)}} and marble.train.balance.method == "upgrad"
     alone = load_train_config(nft, arm_overrides("alone-quality", args))
     assert alone.rewards == {"artifact": 1.0} and alone.reward_options == {"artifact": {"weights": str(weights)}}
-    assert alone.train.balance == "none"
+    assert alone.train.balance.method == "none"
     style = load_train_config(nft, arm_overrides("alone-style", args))  # the detector is not used: no options
     assert style.rewards == {"saturation": 1.0} and style.reward_options == {}

@@ -57,7 +57,7 @@ def test_prompt_files_and_errors(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a red circle", "category": "colour"}\n{"prompt": "two blue squares"}\n')
     items = load_prompts(str(path))
-    assert [it["category"] for it in items] == ["colour", "all"]
+    assert [it.category for it in items] == ["colour", "all"]
     path.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(ValueError, match="line 2"):
         load_prompts(str(path))

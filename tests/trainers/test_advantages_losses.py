@@ -94,3 +94,21 @@ def test_grpo_guard_ratio_by_hand():
     loss, _ = grpo_loss(torch.zeros(1), torch.zeros(1), torch.ones(1), 0.2, log_ratio=torch.zeros(1),
                         step_weight=torch.tensor([4.0]))
     assert loss.item() == pytest.approx(-4.0)
+
+
+def test_step_scores_keep_trained_sub_and_heldout_apart():
+    """Trained rewards feed the advantages; sub-scores and held-out rewards are logged under their own names, also
+    for reward names that hold a '/' (frames/...)."""
+    from visalign.trainers.common import Scores
+
+    nan = float("nan")
+    s = Scores(trained={"frames/pickscore": torch.tensor([1.0, 3.0]), "a": torch.tensor([0.0, nan])},
+               sub={"a/passed": torch.tensor([1.0, 0.0]), "frames/hps/x": torch.tensor([2.0, 2.0])},
+               heldout={"frames/hps": torch.tensor([4.0, 6.0])})
+    m = s.metrics()
+    assert m["rewards/frames/pickscore/mean"] == 2.0 and m["rewards/a/mean"] == 0.0  # NaN dropped
+    assert m["rewards/a/passed/mean"] == 0.5 and m["heldout/frames/hps/x/mean"] == 2.0
+    assert m["heldout/frames/hps/mean"] == 5.0 and "rewards/frames/hps/mean" not in m
+    both = Scores.cat([s, s.map(lambda v: v + 1)])
+    assert both.trained["frames/pickscore"].tolist() == [1.0, 3.0, 2.0, 4.0]
+    assert both.heldout["frames/hps"].tolist() == [4.0, 6.0, 5.0, 7.0]

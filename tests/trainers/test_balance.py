@@ -367,8 +367,8 @@ def test_output_space_gram_applies_the_previous_steps_coefficients(tiny_run, tmp
 def test_grpo_balanced_sum_equals_normalize_then_sum(tiny_run, tmp_path):
     # On-policy the GRPO loss is linear in the advantage, so Σ_k w_k ∇L(A_k) = ∇L(Σ_k w_k A_k): the per-reward
     # gradient path with the weighted-sum aggregator must reproduce GDPO's single backward.
-    balanced, m = applied_gradients(tiny_run(*balance_overrides("flow_grpo"), "train.balance.method=sum", trainer="flow_grpo",
-                                             out=tmp_path / "a"))
+    balanced, m = applied_gradients(tiny_run(*balance_overrides("flow_grpo"), "train.balance.method=sum",
+                                             trainer="flow_grpo", out=tmp_path / "a"))
     gdpo, m_gdpo = applied_gradients(tiny_run(*balance_overrides("flow_grpo"),
                                               "train.advantage.mode=normalize_then_sum", trainer="flow_grpo",
                                               out=tmp_path / "b"))
@@ -397,7 +397,8 @@ def test_grpo_mgda_update_is_the_min_norm_combination(tiny_run, tmp_path):
 def test_balanced_nft_resumes_bit_identically(tiny_run, tmp_path, gram):
     from visalign.trainers.forward import DiffusionNFTTrainer
 
-    extra = ["train.max_steps=3", "train.balance.method=mgda", "train.balance.amortized=true", "train.balance.ema=0.5", *gram]
+    extra = ["train.max_steps=3", "train.balance.method=mgda", "train.balance.amortized=true",
+             "train.balance.ema=0.5", *gram]
     DiffusionNFTTrainer(tiny_run(*balance_overrides("diffusion_nft"), *extra, trainer="diffusion_nft",
                                  out=tmp_path / "a")).train()
     DiffusionNFTTrainer(tiny_run(*balance_overrides("diffusion_nft"), *extra, trainer="diffusion_nft",
@@ -430,7 +431,8 @@ def test_advantage_space_alternatives_in_a_trainer_step(tiny_run, tmp_path, extr
 
 
 @pytest.mark.parametrize("trainer, extra, match", [
-    ("flow_grpo", ["train.balance.method=mgda", "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}"], "two trained"),
+    ("flow_grpo", ["train.balance.method=mgda", "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}"],
+     "two trained"),
     ("flow_grpo", ["train.balance.method=mgda", "train.balance.amortized=true"], "affine"),
     ("flow_rwr", ["train.balance.method=mgda", "sampling.sde=ode"], "advantage space"),
     ("flow_grpo", ["train.balance.method=mgda", "train.advantage.mode=cmo"], "excludes"),

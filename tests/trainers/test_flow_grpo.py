@@ -120,7 +120,7 @@ def test_nan_rewards_are_dropped_and_counted(tiny_run, world_ckpt, tmp_path):
     trainer = FlowGRPOTrainer(cfg)
     before = [p.detach().clone() for p in trainer.params]
     history = trainer.train()
-    red = 4 * sum("red" in it["prompt"] for it in trainer.source.draw(2, step_generator(0, 0, 1)))
+    red = 4 * sum("red" in it.text for it in trainer.source.draw(2, step_generator(0, 0, 1)))
     assert history[0]["invalid_rewards"] == red
     assert all(torch.isfinite(p).all() for p in trainer.params)
     if red < 8:
@@ -206,7 +206,7 @@ def test_grpo_guard_option_trains_on_policy(tiny_run, world_ckpt, tmp_path):
 def test_world_prompt_source_templates():
     source = prompt_source("world:seen:count,position")
     items = source.draw(50, step_generator(0, 0))
-    assert {it["spec"].template for it in items} == {"count", "position"}
+    assert {it.metadata["spec"].template for it in items} == {"count", "position"}
     with pytest.raises(ValueError, match="prompts='world:seen:colour': unknown templates \\['colour'\\]"):
         prompt_source("world:seen:colour")
     with pytest.raises(ValueError, match="allowed world splits are seen, heldout"):

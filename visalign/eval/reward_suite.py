@@ -35,7 +35,7 @@ from visalign import rewards as rewards_lib
 from visalign.eval.stats import bootstrap_mean_ci, paired_delta
 from visalign.media import save_pixels, to_uint8
 from visalign.models.base import FlowModelAdapter
-from visalign.prompts import prompt_source
+from visalign.prompts import Prompt, prompt_source, prompts_of
 from visalign.rewards.base import combined
 from visalign.sampling import sample
 
@@ -95,10 +95,10 @@ class RewardEvalConfig:
             raise ValueError(f"reward_options for {unknown}, which are not in rewards {self.rewards}")
 
 
-def load_prompts(source: str, n_per_template: int = 16, max_prompts: int | None = None) -> list[dict]:
-    """Items {"prompt", "category", ...metadata} in a fixed order: a source's `fixed` list
-    (`visalign.prompts`), n per template for generated sources, cut to `max_prompts`."""
-    items = prompt_source(source).fixed(n_per_template)
+def load_prompts(source: str, n_per_template: int = 16, max_prompts: int | None = None) -> list[Prompt]:
+    """Prompts in a fixed order: a source's `fixed` list (`visalign.prompts`), n per template for generated
+    sources, cut to `max_prompts`."""
+    items = prompts_of(prompt_source(source).fixed(n_per_template), f"prompts={source!r}")
     items = items[:max_prompts] if max_prompts is not None else items
     if not items:
         raise ValueError(f"no prompts in {source!r}")
@@ -115,7 +115,7 @@ def sample_seed(index: int, seed: int) -> int:
 
 
 @torch.no_grad()
-def generate_missing(adapter: FlowModelAdapter, items: list[dict], cfg: RewardEvalConfig, sample_dir: Path,
+def generate_missing(adapter: FlowModelAdapter, items: list[Prompt], cfg: RewardEvalConfig, sample_dir: Path,
                      progress: bool = True) -> int:
     """Generate and store every (prompt, seed) sample not yet in `sample_dir`; returns how many were made."""
 
@@ -127,7 +127,7 @@ def generate_missing(adapter: FlowModelAdapter, items: list[dict], cfg: RewardEv
     adapter.check_request(height, width, cfg.num_frames)
     for start in tqdm(range(0, len(todo), cfg.batch_size), desc="sampling", disable=not progress):
         chunk = todo[start:start + cfg.batch_size]
-        cond = adapter.encode_prompts([items[i]["prompt"] for i, _ in chunk], cfg=cfg.guidance > 1)
+        cond = adapter.encode_prompts([items[i].text for i, _ in chunk], cfg=cfg.guidance > 1)
         traj = sample(adapter, cond, num_steps=cfg.steps, height=height, width=width, num_frames=cfg.num_frames,
                       guidance_scale=cfg.guidance, seeds=[sample_seed(i, s) for i, s in chunk])
         pixels = torch.from_numpy(to_uint8(adapter.decode(traj.final)))
@@ -151,7 +151,7 @@ def read_scores(path: Path) -> dict[tuple[str, str], float]:
     return out
 
 
-def score_missing(items: list[dict], cfg: RewardEvalConfig, names: list[str], sample_dir: Path, score_path: Path,
+def score_missing(items: list[Prompt], cfg: RewardEvalConfig, names: list[str], sample_dir: Path, score_path: Path,
                   progress: bool = True) -> int:
     """Score every (sample, reward) pair not yet in scores.jsonl; returns how many scores were computed."""
 
@@ -172,9 +172,9 @@ def score_missing(items: list[dict], cfg: RewardEvalConfig, names: list[str], sa
                 pixels = torch.stack([load_file(str(sample_dir / f"{sample_key(i, s)}.safetensors"))["pixels"]
                                       for i, s in chunk]).float() / 255
                 media = {"videos": pixels} if pixels.ndim == 5 else {"images": pixels}
-                metadata = [{k: v for k, v in items[i].items() if k != "prompt"} for i, _ in chunk]
+                metadata = [dict(items[i].metadata) for i, _ in chunk]
                 with torch.no_grad():
-                    scores = combined(reward(prompts=[items[i]["prompt"] for i, _ in chunk], metadata=metadata,
+                    scores = combined(reward(prompts=[items[i].text for i, _ in chunk], metadata=metadata,
                                              **media)).float().tolist()
                 for (i, s), value in zip(chunk, scores, strict=True):
                     f.write(json.dumps({"key": sample_key(i, s), "reward": name, "score": value}) + "\n")
@@ -182,11 +182,11 @@ def score_missing(items: list[dict], cfg: RewardEvalConfig, names: list[str], sa
     return computed
 
 
-def summarise(items: list[dict], cfg: RewardEvalConfig, names: list[str], scores: dict) -> dict:
+def summarise(items: list[Prompt], cfg: RewardEvalConfig, names: list[str], scores: dict) -> dict:
     """Per reward: overall and per-category means with bootstrap intervals over samples, per-seed means and their
     spread across seeds, and the per-sample values (for comparison mode)."""
     out = {}
-    categories = list(dict.fromkeys(it["category"] for it in items))
+    categories = list(dict.fromkeys(it.category for it in items))
     for name in names:
         values = {(i, s): scores[(sample_key(i, s), name)] for s in cfg.seeds for i in range(len(items))}
         flat = torch.tensor(list(values.values()), dtype=torch.float64)
@@ -196,7 +196,7 @@ def summarise(items: list[dict], cfg: RewardEvalConfig, names: list[str], scores
                "seed_std": float(torch.tensor(per_seed).std()) if len(per_seed) > 1 else 0.0, "categories": {},
                "per_sample": {sample_key(i, s): v for (i, s), v in values.items()}}
         for c in categories:
-            sub = [values[(i, s)] for s in cfg.seeds for i, it in enumerate(items) if it["category"] == c]
+            sub = [values[(i, s)] for s in cfg.seeds for i, it in enumerate(items) if it.category == c]
             m, lo, hi = bootstrap_mean_ci(sub, level=cfg.level)
             row["categories"][c] = {"mean": m, "low": lo, "high": hi, "n": len(sub)}
         out[name] = row

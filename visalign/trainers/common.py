@@ -12,9 +12,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from visalign import rewards as rewards_lib
 from visalign.models.base import Conditioning, FlowModelAdapter
-from visalign.prompts import PromptSource
+from visalign.prompts import Prompt, PromptSource, prompts_of
 from visalign.rewards.base import Reward, RewardError, combined
 from visalign.sampling import SDEOptions, Trajectory, sample
 
@@ -41,7 +42,7 @@ class StepPlan:
     samples [p*G, (p+1)*G); process r owns the contiguous slice [r*n, (r+1)*n), so a gather in rank order
     restores the global order and every group is whole in the gathered batch."""
 
-    items: list[dict]  # this process's samples (prompt + metadata), in global order
+    items: list[Prompt]  # this process's samples, in global order
     groups: Tensor  # global group id per local sample
     seeds: list[int]  # per-sample seeds
     start: int  # global index of the first local sample
@@ -53,7 +54,7 @@ def plan_step(source: PromptSource, *, seed: int, step: int, prompts_per_step: i
     total = prompts_per_step * group_size
     if total % world_size:
         raise ValueError(f"prompts_per_step × group_size = {total} must be divisible by the {world_size} processes")
-    prompts = source.draw(prompts_per_step, step_generator(seed, step, 1))  # identical on every rank
+    prompts = prompts_of(source.draw(prompts_per_step, step_generator(seed, step, 1)), f"step {step}'s prompts")
     n = total // world_size
     start = rank * n
     index = range(start, start + n)
@@ -72,19 +73,56 @@ def load_rewards(names: dict[str, float] | list[str], options: dict[str, dict] |
     return {name: rewards_lib.load(name, **options.get(name, {})) for name in names}
 
 
-def score_rewards(reward_fns: dict[str, Reward], images: Tensor, items: list[dict]) -> dict[str, Tensor]:
-    """{name: combined score [B]} plus {name/sub: sub-score} for dict outputs. Non-finite scores are NaN."""
-    prompts = [it["prompt"] for it in items]
-    metadata = [{k: v for k, v in it.items() if k != "prompt"} for it in items]
+@dataclass
+class Scores:
+    """A batch's scores, kept apart: `trained` (each trained reward's combined score [B], what advantages read),
+    `sub` (the sub-scores of dict-valued rewards, "reward/sub" -> [B], logged) and `heldout` (held-out rewards,
+    logged only). Non-finite scores are NaN."""
+
+    trained: dict[str, Tensor]
+    sub: dict[str, Tensor] = field(default_factory=dict)
+    heldout: dict[str, Tensor] = field(default_factory=dict)
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Scores:
+        """The same scores with `fn` applied to every tensor (e.g. a gather across processes)."""
+        return Scores(*({k: fn(v) for k, v in part.items()} for part in (self.trained, self.sub, self.heldout)))
+
+    @staticmethod
+    def cat(parts: list[Scores]) -> Scores:
+        """Batches' scores joined in order."""
+        return Scores(*({k: torch.cat([getattr(p, part)[k] for p in parts]) for k in getattr(parts[0], part)}
+                        for part in ("trained", "sub", "heldout")))
+
+    def metrics(self) -> dict[str, float]:
+        """Mean and std of every finite score: `rewards/NAME[/SUB]/...` for trained rewards, `heldout/NAME[/SUB]/...`
+        for held-out ones."""
+        named = {f"rewards/{k}": v for k, v in self.trained.items()}
+        def heldout(sub: str) -> bool:  # reward names may hold a "/" themselves (frames/pickscore)
+            return any(sub.startswith(f"{name}/") for name in self.heldout)
+
+        named.update({f"{'heldout' if heldout(k) else 'rewards'}/{k}": v for k, v in self.sub.items()})
+        named.update({f"heldout/{k}": v for k, v in self.heldout.items()})
+        out = {}
+        for k, v in named.items():
+            finite = v[torch.isfinite(v)]
+            out[f"{k}/mean"] = finite.mean().item() if len(finite) else float("nan")
+            out[f"{k}/std"] = finite.std().item() if len(finite) > 1 else 0.0
+        return out
+
+
+def score_rewards(reward_fns: dict[str, Reward], images: Tensor, items: list[Prompt]) -> tuple[dict, dict]:
+    """({name: combined score [B]}, {name/sub: sub-score [B]} of dict outputs). Non-finite scores are NaN."""
+    prompts = [it.text for it in items]
+    metadata = [dict(it.metadata) for it in items]
     media = {"videos": images} if images.ndim == 5 else {"images": images}
-    out = {}
+    scores, sub = {}, {}
     with torch.no_grad():
         for name, fn in reward_fns.items():
             result = fn(prompts=prompts, metadata=metadata, allow_invalid=True, **media)
-            out[name] = combined(result).float().cpu()
+            scores[name] = combined(result).float().cpu()
             if isinstance(result, dict):
-                out.update({f"{name}/{k}": v.float().cpu() for k, v in result.items() if k != "score"})
-    return out
+                sub.update({f"{name}/{k}": v.float().cpu() for k, v in result.items() if k != "score"})
+    return scores, sub
 
 
 # ---------------------------------------------------------------------------------------------- rollout
@@ -96,7 +134,7 @@ class Rollout:
 
     traj: Trajectory
     images: Tensor
-    scores: dict[str, Tensor]
+    scores: Scores
     cond: Conditioning
     plan: StepPlan
     timings: dict[str, float]
@@ -118,7 +156,7 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
     `autocast`: a callable returning a fresh autocast context (e.g. `accelerator.autocast`), or None.
     `drift`: (RewardDrift, {name: (Reward, weight)}) to shift the SDE steps up those rewards (Euphonium)."""
     t0 = time.perf_counter()
-    prompts = [it["prompt"] for it in plan.items]
+    prompts = [it.text for it in plan.items]
     # A group repeats its prompt G times: encode each distinct prompt once, then index.
     unique = list(dict.fromkeys(prompts))
     position = {p: i for i, p in enumerate(unique)}
@@ -133,8 +171,8 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
             drift_fn = None
             if drift is not None:
                 items = plan.items[sl]
-                drift_fn = drift[0].bind(adapter, drift[1], [it["prompt"] for it in items],
-                                         [{k: v for k, v in it.items() if k != "prompt"} for it in items])
+                drift_fn = drift[0].bind(adapter, drift[1], [it.text for it in items],
+                                         [dict(it.metadata) for it in items])
             with autocast() if autocast is not None else nullcontext():
                 traj = sample(adapter, cond.index(sl), num_steps=num_steps, height=height, width=width,
                               num_frames=num_frames, guidance_scale=guidance, sde=sde, seeds=plan.seeds[sl],
@@ -149,12 +187,12 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
         tr = time.perf_counter()
         scored = [f.result() for f in futures]
         reward_wait = time.perf_counter() - tr
-    scores = {k: torch.cat([s[k] for s in scored]) for k in scored[0]}
+    scores = Scores.cat([Scores(*s) for s in scored])
     timings = {"time/sampling": sample_time, "time/reward_wait": reward_wait, "time/rollout": time.perf_counter() - t0}
     return Rollout(_cat_trajectories(parts), torch.cat(images), scores, cond, plan, timings)
 
 
-def check_rewards_valid(scores: dict[str, Tensor], names, step: int) -> Tensor:
+def check_rewards_valid(scores: dict[str, Tensor], names, step: int) -> Tensor:  # scores: Scores.trained
     """Bool [N]: samples whose every trained reward is finite; all invalid is an error."""
     valid = torch.ones_like(next(iter(scores.values())), dtype=torch.bool)
     for name in names:

@@ -160,7 +160,7 @@ class FlowDPOTrainer(ForwardTrainer):
     def _online_batch(self, step: int):
         rs = self.rollout_step(step)
         weights = self.cfg.rewards
-        total = sum(w * rs.gathered[name].double() for name, w in weights.items())
+        total = sum(w * rs.gathered.trained[name].double() for name, w in weights.items())
         winners, losers, gaps = group_pairs(total, rs.groups, rs.valid)
         local = rs.local
         mine = (winners >= local.start) & (winners < local.stop)
@@ -169,7 +169,7 @@ class FlowDPOTrainer(ForwardTrainer):
         if self.cfg.train.gap_weighting and len(gaps):
             pair_weight = gaps[mine] / gaps.mean().clamp(min=1e-12)  # GAPO: gap-proportional, mean 1 globally
         x0 = rs.ro.traj.final.float()
-        metrics = {**rs.ro.timings, **self.reward_metrics(rs.gathered), "pairs": len(winners),
+        metrics = {**rs.ro.timings, **rs.gathered.metrics(), "pairs": len(winners),
                    "pair_gap_mean": float(gaps.mean()) if len(gaps) else 0.0, "invalid_rewards": int((~rs.valid).sum())}
         return x0[w_idx], x0[l_idx], rs.ro.cond.index(w_idx), pair_weight, metrics
 

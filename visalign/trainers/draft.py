@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from visalign.prompts import Prompt
 from visalign.rewards.base import combined
 from visalign.rewards.registry import describe
 from visalign.sampling.steps import ode_step
@@ -179,10 +180,10 @@ class DraftTrainer(OnlineTrainer):
 
         return MicroLoss(loss, x0)
 
-    def reward_total(self, images: Tensor, items: list[dict]) -> Tensor:
+    def reward_total(self, images: Tensor, items: list[Prompt]) -> Tensor:
         """The weighted sum of the trained rewards, with their gradient."""
-        prompts = [it["prompt"] for it in items]
-        metadata = [{k: v for k, v in it.items() if k != "prompt"} for it in items]
+        prompts = [it.text for it in items]
+        metadata = [dict(it.metadata) for it in items]
         media = {"videos": images} if images.ndim == 5 else {"images": images}
         return sum(w * combined(self.rewards[name](prompts=prompts, metadata=metadata, **media)).float()
                    for name, w in self.cfg.rewards.items())

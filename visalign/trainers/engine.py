@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from visalign.config import save_config
 from visalign.media import save_pixels
 from visalign.models import DTYPES, load_model
-from visalign.prompts import prompt_source
+from visalign.prompts import prompt_source, prompts_of
 from visalign.sampling import SDEOptions, sample
 from visalign.steering import RewardDrift
 from visalign.trainers.alarms import AlarmMonitor
@@ -42,6 +42,7 @@ from visalign.trainers.balance import Balancer, GradientBuffer, diagnostics, out
 from visalign.trainers.common import (
     EMA,
     Rollout,
+    Scores,
     StepPlan,
     TrainerState,
     check_rewards_valid,
@@ -114,7 +115,7 @@ class RolloutStep:
 
     plan: StepPlan
     ro: Rollout
-    gathered: dict[str, torch.Tensor]
+    gathered: Scores
     groups: torch.Tensor
     valid: torch.Tensor
 
@@ -309,23 +310,13 @@ class OnlineTrainer:
                      autocast=self.autocast_context,
                      drift=None if self.drift is None else (self.drift, self.drift_rewards))
         if self.eval_rewards:
-            ro.scores.update({f"heldout/{k}": v for k, v in
-                              score_rewards(self.eval_rewards, ro.images, plan.items).items()})
-        gathered = {k: acc.gather(v.to(acc.device)).cpu() for k, v in ro.scores.items()}
+            ro.scores.heldout, sub = score_rewards(self.eval_rewards, ro.images, plan.items)
+            ro.scores.sub.update(sub)
+        gathered = ro.scores.map(lambda v: acc.gather(v.to(acc.device)).cpu())
         groups = torch.arange(plan.total) // cfg.train.group_size
-        valid = check_rewards_valid(gathered, list(self.rewards), step)
+        valid = check_rewards_valid(gathered.trained, list(self.rewards), step)
         self._diversity.append(within_group_diversity(ro.images, plan.groups))
         return RolloutStep(plan, ro, gathered, groups, valid)
-
-    @staticmethod
-    def reward_metrics(gathered: dict[str, torch.Tensor]) -> dict:
-        metrics = {}
-        for k, v in gathered.items():
-            finite = v[torch.isfinite(v)]
-            prefix = k if k.startswith("heldout/") else f"rewards/{k}"
-            metrics[f"{prefix}/mean"] = finite.mean().item() if len(finite) else float("nan")
-            metrics[f"{prefix}/std"] = finite.std().item() if len(finite) > 1 else 0.0
-        return metrics
 
     def micro_context(self, last: bool):
         """Context for one micro-batch's forward and backward: gradients sync across processes only on the
@@ -408,8 +399,8 @@ class OnlineTrainer:
         """The step's rollout, its advantages (`advantages`: the weighted rewards; per reward when balancing in
         gradient space) and its training mask."""
         rs = self.rollout_step(step)
-        a = self.weighting(rs.gathered, rs.groups, rs.valid)
-        metrics = {**rs.ro.timings, **a.metrics, **self.reward_metrics(rs.gathered),
+        a = self.weighting(rs.gathered.trained, rs.groups, rs.valid)
+        metrics = {**rs.ro.timings, **a.metrics, **rs.gathered.metrics(),
                    "invalid_rewards": int((~rs.valid).sum())}
         return StepData(rs=rs, adv=a.adv, per_reward_adv=a.per_reward, mask=a.mask, metrics=metrics)
 
@@ -499,12 +490,13 @@ class OnlineTrainer:
         """ODE samples of a fixed prompt set with fixed seeds; trained and held-out rewards; a grid PNG."""
 
         cfg = self.cfg
-        items = self.eval_source.draw(cfg.run.eval_num_prompts, step_generator(cfg.run.seed, -1, 9))
+        items = prompts_of(self.eval_source.draw(cfg.run.eval_num_prompts, step_generator(cfg.run.seed, -1, 9)),
+                           "evaluation prompts")
         if self.ema is not None:
             self.ema.swap()
         try:
             self.model.eval()
-            cond = self.adapter.encode_prompts([it["prompt"] for it in items],
+            cond = self.adapter.encode_prompts([it.text for it in items],
                                                cfg=self.adapter.guidance == "cfg" and cfg.sampling.guidance > 1)
             traj = sample(self.adapter, cond, num_steps=cfg.run.eval_steps, height=cfg.model.height,
                           width=cfg.model.width, num_frames=cfg.model.num_frames, guidance_scale=cfg.sampling.guidance,
@@ -513,8 +505,8 @@ class OnlineTrainer:
         finally:
             if self.ema is not None:
                 self.ema.swap()
-        scores = score_rewards({**self.rewards, **self.eval_rewards}, images, items)
-        metrics = {f"eval/{k}/mean": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}
+        scores, sub = score_rewards({**self.rewards, **self.eval_rewards}, images, items)
+        metrics = {f"eval/{k}/mean": v[torch.isfinite(v)].mean().item() for k, v in {**scores, **sub}.items()}
         if self.accelerator.is_main_process:
             save_pixels(images[:32] if images.ndim == 4 else images[:8], self.out / "samples" /
                         f"step_{step:06d}.{'png' if images.ndim == 4 else 'gif'}", scale=2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from visalign.prompts import PromptSource
+from visalign.prompts import Prompt, PromptSource
 from visalign.world.grammar import SPLITS, TEMPLATES, sample_specs
 from visalign.world.motion import MOTION_TEMPLATES, sample_motion_specs
 
@@ -33,8 +33,8 @@ class WorldPrompts(PromptSource):
     def sample_specs(self, n: int, templates: tuple[str, ...], generator: torch.Generator | int) -> list:
         return sample_specs(n, self.split, templates, generator=generator)
 
-    def draw(self, n: int, generator: torch.Generator) -> list[dict]:
-        return [{"prompt": s.prompt, "spec": s} for s in self.sample_specs(n, self.templates, generator)]
+    def draw(self, n: int, generator: torch.Generator) -> list[Prompt]:
+        return [Prompt(s.prompt, {"spec": s}, s.template) for s in self.sample_specs(n, self.templates, generator)]
 
     def fixed_specs(self, n_per_template: int, seed: int = 0) -> list:
         """The evaluation suites' fixed list: n per template, in template order; template t draws from generator
@@ -45,9 +45,9 @@ class WorldPrompts(PromptSource):
             specs += self.sample_specs(n_per_template, (template,), g)
         return specs
 
-    def fixed(self, n_per_category: int, seed: int = 0) -> list[dict]:
-        """`fixed_specs` as items; category = template."""
-        return [{"prompt": s.prompt, "category": s.template, "spec": s} for s in self.fixed_specs(n_per_category, seed)]
+    def fixed(self, n_per_category: int, seed: int = 0) -> list[Prompt]:
+        """`fixed_specs` as prompts; category = template."""
+        return [Prompt(s.prompt, {"spec": s}, s.template) for s in self.fixed_specs(n_per_category, seed)]
 
 
 class WorldVideoPrompts(WorldPrompts):
