@@ -212,14 +212,29 @@ def test_quickstart_end_to_end_small(tmp_path, capsys):
                "train.group_size=2", "train.train_batch_size=4", "sampling.batch_size=4"])
     assert rc == 0
     table = (tmp_path / "table.md").read_text()
+    # what ran is said: the shipped recipe, its steps, how many prompts (1 per template of its 3 templates)
+    assert table.startswith("dgpo, 1 steps; evaluated on 3 prompts per split (1 per template)")
     assert "| **overall whole-prompt** | seen |" in table and "| cleanliness | heldout |" in table
+    assert "| relation whole-prompt |" not in table  # only the templates it trains on
     assert "95% interval of Δ (paired)" in table
     overall = next(line for line in table.splitlines() if line.startswith("| **overall whole-prompt** | seen"))
     low, high = (float(v) for v in overall.rsplit("[", 1)[1].split("]")[0].split(","))
     delta = float(overall.split("|")[5])
     assert low <= delta <= high  # the paired interval brackets the change it describes
     assert (tmp_path / "before_after_seen.png").exists() and (tmp_path / "run" / "final" / "model.safetensors").exists()
-    assert "before_after" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "before_after" in out and "[2/3] aligning with dgpo for 1 steps" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps=0 must be >= 1"),
+    (["--n", "-1"], "--n=-1 must be >= 1"),
+    (["train.prompts=world:heldout"], "must be the world's seen split"),
+    (["train.lr=abc"], "train.lr: expected float"),
+])
+def test_quickstart_refuses_bad_input_before_any_model_loads(tmp_path, capsys, argv, message):
+    assert main(["quickstart", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "base").exists()
 
 
 def test_world_suite_on_the_shipped_model_reproduces_across_runs(tmp_path):

@@ -37,6 +37,8 @@ class WorldEvalConfig:
     out: str = field(default="outputs/eval_world", metadata={"help": "directory for JSON, markdown and grids"})
     n_per_template: int = field(default=64, metadata={"help": "prompts per template and split"})
     splits: list[str] = field(default_factory=lambda: list(SPLITS), metadata={"help": "seen and/or heldout"})
+    templates: list[str] = field(default_factory=lambda: list(TEMPLATES), metadata={
+        "help": f"templates to evaluate ({', '.join(TEMPLATES)})"})
     steps: int = field(default=20, metadata={"help": "sampling steps"})
     guidance: float = field(default=3.0, metadata={"help": "CFG scale"})
     batch_size: int = field(default=64, metadata={"help": "samples per sampling batch"})
@@ -49,6 +51,9 @@ class WorldEvalConfig:
         bad = [s for s in self.splits if s not in SPLITS]
         if bad or not self.splits:
             raise ValueError(f"splits {bad or '[]'} not allowed; choose from {', '.join(SPLITS)}")
+        bad = [t for t in self.templates if t not in TEMPLATES]
+        if bad or not self.templates or len(set(self.templates)) != len(self.templates):
+            raise ValueError(f"templates {self.templates} must be distinct and from {', '.join(TEMPLATES)}")
         for name in ("n_per_template", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -156,11 +161,12 @@ def evaluate_world(adapter: FlowModelAdapter, cfg: WorldEvalConfig, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for split in cfg.splits:
-        specs = suite_prompts(split, cfg.n_per_template, cfg.seed)
+        specs = suite_prompts(split, cfg.n_per_template, cfg.seed, tuple(cfg.templates))
         images = generate_world(adapter, specs, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed,
                                 batch_size=cfg.batch_size, progress=progress, desc=f"eval {split}")
         results[split] = score_world(images, specs)
-        picks = torch.cat([images[i * cfg.n_per_template: i * cfg.n_per_template + 8] for i in range(len(TEMPLATES))])
+        picks = torch.cat([images[i * cfg.n_per_template: i * cfg.n_per_template + min(8, cfg.n_per_template)]
+                           for i in range(len(cfg.templates))])
         save_pixels(picks, out / f"grid_{split}.png", scale=3)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
