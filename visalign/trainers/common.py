@@ -1,5 +1,5 @@
 """Machinery every online trainer shares: distributed prompt groups, rollouts with rewards,
-EMA, checkpoints that verify themselves, and trainer-state objects for `accelerator.save_state`.
+EMA, checkpoints that verify themselves, and the trainer's own state saved as data (safetensors + JSON).
 
 Determinism: everything random in a step derives from (seed, step[, rank]) through explicit generators, so a
 resumed run replays exactly the rollouts and updates of an uninterrupted one.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from visalign import rewards as rewards_lib
@@ -270,7 +272,7 @@ class EMA(ParamCopy):
 
 
 class TrainerState:
-    """The step counter (and anything else small) saved with `accelerator.save_state`."""
+    """The step counter (and anything else small), saved with the trainer's state."""
 
     def __init__(self):
         self.step = 0
@@ -285,6 +287,62 @@ class TrainerState:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 MANIFEST = "manifest.json"
+STATE_TENSORS, STATE_JSON = "trainer_state.safetensors", "trainer_state.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """`write(tmp_path)`, fsync, then rename over `path`: a crash leaves the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with tmp.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_trainer_state(states: dict[str, dict], directory: Path) -> None:
+    """The trainer's own state (step, EMA, old policy, balancer, alarm history, ...: `{name: obj.state_dict()}`)
+    as data, never pickles: every tensor into trainer_state.safetensors, everything else (numbers, strings,
+    lists, dicts, None) into trainer_state.json, where a tensor stands as {"__tensor__": its key}."""
+    tensors: dict[str, Tensor] = {}
+
+    def encode(value, path: str):
+        if isinstance(value, Tensor):
+            tensors[path] = value.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise TypeError(f"trainer state {path}: dict keys must be strings, got {list(value)}")
+            return {k: encode(v, f"{path}.{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [encode(v, f"{path}.{i}") for i, v in enumerate(value)]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"trainer state {path}: {type(value).__name__} is not a tensor, number, string, list or dict")
+
+    data = {name: encode(state, name) for name, state in states.items()}
+    _atomic_write(directory / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
+    _atomic_write(directory / STATE_JSON, lambda p: p.write_text(json.dumps(data, indent=1)))
+
+
+def load_trainer_state(directory: Path) -> dict[str, dict]:
+    """What `save_trainer_state` wrote, read with safetensors and json only."""
+    if not (directory / STATE_JSON).exists():
+        old = sorted(p.name for p in directory.glob("custom_checkpoint_*.pkl"))
+        why = (f"it holds the pickles {old} of an older visalign, which resume does not unpickle (they can run code)"
+               if old else f"{STATE_JSON} is missing")
+        raise ValueError(f"checkpoint {directory} cannot be resumed: {why}")
+    tensors = load_file(str(directory / STATE_TENSORS))
+
+    def decode(value):
+        if isinstance(value, dict):
+            if set(value) == {"__tensor__"}:
+                return tensors[value["__tensor__"]]
+            return {k: decode(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        return value
+
+    return {name: decode(state) for name, state in json.loads((directory / STATE_JSON).read_text()).items()}
 
 
 def _sha256(path: Path) -> str:
@@ -298,8 +356,8 @@ def _sha256(path: Path) -> str:
 def write_manifest(directory: Path, step: int) -> None:
     """Written last: a checkpoint without a manifest is incomplete and never resumed from."""
     files = {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
-    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+             if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")}
+    _atomic_write(directory / MANIFEST, lambda p: p.write_text(json.dumps({"step": step, "files": files}, indent=1)))
 
 
 def verify_checkpoint(directory: Path) -> int:
@@ -307,14 +365,18 @@ def verify_checkpoint(directory: Path) -> int:
     manifest = directory / MANIFEST
     if not manifest.exists():
         raise ValueError(f"checkpoint {directory} is incomplete: {MANIFEST} is missing")
-    data = json.loads(manifest.read_text())
-    for name, digest in data["files"].items():
+    try:
+        data = json.loads(manifest.read_text())
+        files, step = dict(data["files"]), int(data["step"])
+    except (ValueError, KeyError, TypeError) as err:  # truncated, empty, or not a manifest
+        raise ValueError(f"checkpoint {directory}: {MANIFEST} is damaged ({type(err).__name__}: {err})") from None
+    for name, digest in files.items():
         path = directory / name
         if not path.exists():
             raise ValueError(f"checkpoint {directory}: file {name} is missing")
         if _sha256(path) != digest:
             raise ValueError(f"checkpoint {directory}: file {name} is corrupted or truncated (checksum mismatch)")
-    return int(data["step"])
+    return step
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:

@@ -48,10 +48,12 @@ from visalign.trainers.common import (
     check_rewards_valid,
     checkpoint_dirs,
     load_rewards,
+    load_trainer_state,
     plan_step,
     prune_checkpoints,
     resolve_resume,
     rollout,
+    save_trainer_state,
     score_rewards,
     step_generator,
     verify_checkpoint,
@@ -222,6 +224,8 @@ class OnlineTrainer:
         self.rewards = load_rewards(cfg.rewards, cfg.reward_options)
         self.eval_rewards = load_rewards(cfg.eval_rewards, cfg.reward_options)
         self.balancer = self.grad_buffer = None
+        # State beyond the model and optimizer, by name: saved as data (save_trainer_state), never pickled.
+        self.checkpointed: dict[str, Any] = {}
         tc = cfg.train
         self.weighting = AdvantageWeighting(tc.advantage, cfg.rewards, self.rewards, per_reward=tc.balance.on,
                                             drop_zero_spread=self.drop_zero_spread_groups)
@@ -231,11 +235,11 @@ class OnlineTrainer:
                                      cagrad_c=b.cagrad_c, seed=cfg.run.seed, safeguard=b.safeguard)
             if tc.balance.gram == "params":  # K x P floats; the output-space Gram needs none
                 self.grad_buffer = GradientBuffer(params, len(cfg.rewards))
-            acc.register_for_checkpointing(self.balancer)
+            self.checkpointed["balancer"] = self.balancer
             if tc.balance.track > 0:  # the tracked gradients are state: a resumed run must continue them
-                acc.register_for_checkpointing(self.grad_buffer)
+                self.checkpointed["grad_buffer"] = self.grad_buffer
         if self.weighting.lagrange is not None:
-            acc.register_for_checkpointing(self.weighting.lagrange)
+            self.checkpointed["lagrange"] = self.weighting.lagrange
         self.drift = None
         drift_weights = drift_reward_weights(cfg.sampling, cfg.rewards)
         if drift_weights:
@@ -248,17 +252,17 @@ class OnlineTrainer:
         self.ema = (EMA(params, cfg.train.ema.decay, cfg.train.ema.every, warmup=cfg.train.ema.warmup)
                     if cfg.train.ema.decay else None)
         self.state = TrainerState()
-        acc.register_for_checkpointing(self.state)
+        self.checkpointed["state"] = self.state
         self.alarm = None
         if cfg.run.alarm.tolerance is not None:
             self.alarm = AlarmMonitor(cfg.run.alarm.tolerance, cfg.run.alarm.rise, cfg.run.alarm.window)
-            acc.register_for_checkpointing(self.alarm)
+            self.checkpointed["alarm"] = self.alarm
         self._diversity: list[float] = []
         if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
+            self.checkpointed["ema"] = self.ema
         for name, state in self.recipe_state().items():  # checkpointed with the rest, restored on resume
             setattr(self, name, state)
-            acc.register_for_checkpointing(state)
+            self.checkpointed[f"recipe.{name}"] = state
 
     def _sde(self, step: int) -> SDEOptions:
         s = self.cfg.sampling
@@ -515,9 +519,10 @@ class OnlineTrainer:
     def save_checkpoint(self, step: int) -> Path:
         acc = self.accelerator
         directory = self.out / "checkpoints" / f"checkpoint-{step}"
-        acc.save_state(str(directory), safe_serialization=True)
+        acc.save_state(str(directory), safe_serialization=True)  # model, optimizer
         acc.wait_for_everyone()
         if acc.is_main_process:
+            save_trainer_state({name: obj.state_dict() for name, obj in self.checkpointed.items()}, directory)
             if self.cfg.model.finetune == "lora":
                 self.adapter.save_lora(directory / "lora")
             write_manifest(directory, step)
@@ -527,7 +532,14 @@ class OnlineTrainer:
 
     def load_checkpoint(self, directory: Path) -> None:
         step = verify_checkpoint(directory)
-        self.accelerator.load_state(str(directory))
+        states = load_trainer_state(directory)  # before anything changes: an old or damaged checkpoint fails here
+        missing = [name for name in self.checkpointed if name not in states]
+        if missing:
+            raise ValueError(f"checkpoint {directory} has no state for {missing} (saved: {sorted(states)}): it was "
+                             "written with other settings (e.g. without train.ema or train.balance)")
+        self.accelerator.load_state(str(directory))  # model and optimizer (safetensors, weights_only loads)
+        for name, obj in self.checkpointed.items():
+            obj.load_state_dict(states[name])
         if self.state.step != step:
             raise ValueError(f"checkpoint {directory}: manifest step {step} != saved trainer step {self.state.step}")
 
