@@ -15,7 +15,8 @@ other unions (first arm that fits), `Literal[...]`, `list[T]`, `tuple[T, ...]`, 
 constructor that checks them itself). Dataclasses must be defined at module level, since string
 annotations (`from __future__ import annotations`) are resolved with `typing.get_type_hints`. A dataclass
 that moved fields into a section lists them in a `MOVED` class attribute (old name -> new dotted path), so
-old configs and saved runs still load, with a FutureWarning.
+old configs and saved runs still load, with a FutureWarning. A numeric field may declare bounds in its metadata
+(`ge`, `gt`, `le`, `lt`); every float must be finite; both are checked while loading, naming the field.
 
 YAML is read with YAML 1.2 scalars: `1e-4` is a float (YAML 1.1 reads it as a string), only
 `true`/`false` are booleans (YAML 1.1 also turns `yes`, `no`, `on`, `off` into booleans) and
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import operator
 import re
 import types
 import typing
@@ -36,7 +39,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config", "save_config", "to_dict"]
+__all__ = ["ConfigError", "apply_overrides", "check_ranges", "from_dict", "load_config", "save_config", "to_dict"]
 
 T = TypeVar("T")
 
@@ -176,12 +179,57 @@ def from_dict(cls: type[T], data: Mapping, prefix: str = "") -> T:
     if missing:
         raise ConfigError(f"missing required field {', '.join(_join(prefix, name) for name in missing)}")
     kwargs = {key: _convert(hints[key], value, _join(prefix, key)) for key, value in data.items()}
+    for f in init_fields:
+        if f.name in kwargs and hints[f.name] is not Any:
+            _check_number(kwargs[f.name], f.metadata, _join(prefix, f.name))
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from e
+
+
+# Bounds a numeric field declares in its metadata ({"help": ..., "ge": 0, "lt": 1}); every float must also be
+# finite unless its metadata says {"finite": False}.
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+def bounds_text(meta: Mapping) -> str:
+    """A field's declared range, e.g. "> 0" or ">= 0 and < 1"; "" when it declares none."""
+    return " and ".join(f"{sym} {meta[key]}" for key, (_, sym) in _BOUNDS.items() if key in meta)
+
+
+def _check_number(value: Any, meta: Mapping, path: str) -> None:
+    """Numbers (also inside lists, tuples and dicts of numbers) must be finite and inside the field's bounds."""
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_number(item, meta, f"{path}[{i}]")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(item, (int, float)):
+                _check_number(item, meta, _join(path, key))
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value) and meta.get("finite", True):
+        raise ConfigError(f"{path}={value} must be a finite number" +
+                          (f" ({bounds_text(meta)})" if bounds_text(meta) else ""))
+    if any(key in meta and not op(value, meta[key]) for key, (op, _) in _BOUNDS.items()):
+        raise ConfigError(f"{path}={value} must be {bounds_text(meta)}")
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """The same checks on a dataclass built in Python rather than loaded (a root config's `__post_init__` calls
+    it), recursing into its sections."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), _join(prefix, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, path)
+        elif hints[f.name] is not Any:
+            _check_number(value, f.metadata, path)
 
 
 def _migrate(data: Mapping, moved: Mapping[str, str], prefix: str) -> dict:

@@ -209,7 +209,7 @@ def test_moved_flat_keys_load_into_their_sections_with_a_warning(tmp_path):
 def test_sections_check_their_own_values():
     from visalign.trainers import load_train_config
 
-    with pytest.raises(ConfigError, match=r"train\.balance: ema=1\.5 must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"train\.balance\.ema=1\.5 must be >= 0 and < 1"):
         load_train_config(None, ["train.balance.ema=1.5"])
     with pytest.raises(ConfigError, match=r"train\.advantage: best_of_n=3 must be even"):
         load_train_config(None, ["train.advantage.best_of_n=3"])

@@ -28,13 +28,16 @@ from visalign.trainers.losses import awm_loss
 
 @dataclass
 class AWMTrainConfig(OldPolicyTrainConfig):
-    power: float = field(default=0.25, metadata={
+    power: float = field(default=0.25, metadata={"gt": 0,
         "help": "generalised-Huber power p of the per-sample error (the reference's 'ghuber' weighting); 1 gives "
                 "the sigma-weighted flow-matching loss"})
-    kl_beta: float = field(default=1e-3, metadata={"help": "weight of ||v - v_ref||² to the base (AWM GenEval: 1e-3)"})
-    old_beta: float = field(default=1.0, metadata={"help": "weight of ||v - v_old||² to the fast EMA (ema_beta)"})
-    old_decay_max: float = field(default=0.3, metadata={"help": "upper bound of the EMA decay (AWM: 0.3)"})
-    timesteps_per_sample: int = field(default=6, metadata={"help": "noise levels trained per sample (AWM: 6)"})
+    kl_beta: float = field(default=1e-3, metadata={"ge": 0,
+        "help": "weight of ||v - v_ref||² to the base (AWM GenEval: 1e-3)"})
+    old_beta: float = field(default=1.0, metadata={"ge": 0,
+        "help": "weight of ||v - v_old||² to the fast EMA (ema_beta)"})
+    old_decay_max: float = field(default=0.3, metadata={"ge": 0, "lt": 1,
+        "help": "upper bound of the EMA decay (AWM: 0.3)"})
+    timesteps_per_sample: int = field(default=6, metadata={"ge": 1, "help": "noise levels trained per sample (AWM: 6)"})
     sigma_sampling: Literal["grid", "logit_normal", "stratified"] = field(default="stratified", metadata={
         "help": "noise levels: one grid level per bin of the schedule's first 90% (AWM), the grid, or logit-normal"})
     advantage: AdvantageConfig = field(default_factory=batch_std_advantage, metadata={

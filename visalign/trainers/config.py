@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from visalign import rewards as rewards_lib
+from visalign.config import check_ranges
 from visalign.rewards.registry import FRAMES_PREFIX
 from visalign.trainers.balance.balancer import SAFE, check_weights
 
@@ -17,25 +18,21 @@ class ModelConfig:
     name: str = field(default="world", metadata={"help": "registered model (world, sd3, flux, wan, tiny-*)"})
     path: str | None = field(default=None, metadata={"help": "local directory or hub id (world: checkpoint)"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights"})
-    height: int = field(default=32, metadata={"help": "image height"})
-    width: int = field(default=32, metadata={"help": "image width"})
-    num_frames: int | None = field(default=None, metadata={"help": "video models: 4k+1 frames"})
+    height: int = field(default=32, metadata={"ge": 1, "help": "image height"})
+    width: int = field(default=32, metadata={"ge": 1, "help": "image width"})
+    num_frames: int | None = field(default=None, metadata={"ge": 1, "help": "video models: 4k+1 frames"})
     finetune: Literal["lora", "full"] = field(default="lora", metadata={"help": "LoRA adapter or all weights"})
-    lora_rank: int = field(default=32, metadata={"help": "LoRA rank (flow_grpo: 32)"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 × rank)"})
+    lora_rank: int = field(default=32, metadata={"ge": 1, "help": "LoRA rank (flow_grpo: 32)"})
+    lora_alpha: float | None = field(default=None, metadata={"gt": 0, "help": "LoRA alpha (default 2 × rank)"})
     lora_targets: list[str] | None = field(default=None, metadata={"help": "module names (default per model)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
-
-    def __post_init__(self):
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank={self.lora_rank} must be >= 1")
 
 
 @dataclass
 class DriftConfig:
     """`sampling.drift`: Euphonium's reward-gradient drift on the SDE steps of rollouts."""
 
-    scale: float = field(default=0.0, metadata={"help": "drift strength (0 = off)"})
+    scale: float = field(default=0.0, metadata={"ge": 0, "help": "drift strength (0 = off)"})
     mode: Literal["tilt", "fixed"] = field(default="tilt", metadata={
         "help": "tilt: shift = scale * std^2 * grad r; fixed: shift = scale * grad r"})
     normalize: Literal["none", "sample", "batch"] = field(default="none", metadata={
@@ -46,8 +43,6 @@ class DriftConfig:
         "help": "differentiable rewards and weights for the drift (default: the trained rewards)"})
 
     def __post_init__(self):
-        if self.scale < 0:
-            raise ValueError(f"scale={self.scale} must be >= 0")
         if self.window is not None and not 0 <= self.window[0] < self.window[1]:
             raise ValueError(f"window={self.window} must satisfy 0 <= start < stop")
 
@@ -59,29 +54,25 @@ class SamplingConfig:
                                        "drift_rewards": "drift.rewards"}
 
 
-    steps: int = field(default=10, metadata={"help": "denoising steps in rollouts (flow_grpo: 10)"})
-    guidance: float = field(default=4.5, metadata={"help": "CFG scale for rollouts and training (1 = no CFG)"})
+    steps: int = field(default=10, metadata={"ge": 2, "help": "denoising steps in rollouts (flow_grpo: 10)"})
+    guidance: float = field(default=4.5, metadata={"ge": 0, "help": "CFG scale for rollouts and training (1 = no CFG)"})
     sde: Literal["flow_grpo", "cps", "dance", "ode"] = field(default="flow_grpo", metadata={
         "help": "rollout sampler: an SDE (flow_grpo, cps, dance) or ode (NFT, RWR, DPO need no log-probs)"})
-    noise_level: float = field(default=0.7, metadata={"help": "a (flow_grpo, cps) or eta (dance)"})
-    window_size: int | None = field(default=None, metadata={"help": "SDE only on this many consecutive steps"})
+    noise_level: float = field(default=0.7, metadata={"ge": 0, "help": "a (flow_grpo, cps) or eta (dance)"})
+    window_size: int | None = field(default=None, metadata={"ge": 1, "help": "SDE only on this many consecutive steps"})
     window_range: tuple[int, int] | None = field(default=None, metadata={
         "help": "[lo, hi): the window lies inside; its start is drawn each step (Flow-GRPO-Fast)"})
     same_noise_per_group: bool = field(default=False, metadata={"help": "DanceGRPO: a group shares x_T"})
-    noise_block: int = field(default=1, metadata={
+    noise_block: int = field(default=1, metadata={"ge": 1,
         "help": "SDE noise constant on noise_block × noise_block latent tiles (coarse-subspace SDE, fewer noise "
                 "dimensions for the policy gradient; 1 = isotropic; visalign.sampling.SDEOptions)"})
-    batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (per process)"})
+    batch_size: int = field(default=16, metadata={"ge": 1, "help": "samples per sampling batch (per process)"})
     drift: DriftConfig = field(default_factory=DriftConfig, metadata={
         "help": "Euphonium reward-gradient drift on the SDE steps of rollouts (visalign.steering.RewardDrift)"})
 
     def __post_init__(self):
         if self.drift.scale > 0 and self.sde == "ode":
             raise ValueError("drift.scale > 0 needs an SDE sampler (sampling.sde); an ODE step has no noise to steer")
-        if self.steps < 2:
-            raise ValueError(f"steps={self.steps} must be >= 2 (the last step is never trained)")
-        if self.noise_block < 1:
-            raise ValueError(f"sampling.noise_block={self.noise_block} must be >= 1")
         if self.window_size is not None:
             lo, hi = self.window_range or (0, self.steps - 1)
             if not (1 <= self.window_size <= hi - lo and 0 <= lo < hi <= self.steps):
@@ -95,20 +86,14 @@ class SamplingConfig:
 class AlarmConfig:
     """`run.alarm`: the reward-hacking alarm, checked at every evaluation."""
 
-    tolerance: float | None = field(default=None, metadata={
+    tolerance: float | None = field(default=None, metadata={"ge": 0,
         "help": "fire when a held-out signal (eval_rewards, rollout diversity) falls by more than this since the "
                 "first evaluation while the trained reward rises (None = off)"})
-    rise: float = field(default=0.0, metadata={"help": "minimum rise of the trained reward"})
-    window: int = field(default=1, metadata={"help": "moving average over this many evaluations"})
+    rise: float = field(default=0.0, metadata={"ge": 0, "help": "minimum rise of the trained reward"})
+    window: int = field(default=1, metadata={"ge": 1, "help": "moving average over this many evaluations"})
     action: Literal["log", "stop", "rollback"] = field(default="log", metadata={
         "help": "log it; also stop; or stop and restore the saved checkpoint whose evaluation had the best value "
                 "of the signal that fell (keep checkpoint_every = eval_every and enough checkpoints)"})
-
-    def __post_init__(self):
-        if self.window < 1:
-            raise ValueError(f"window={self.window} must be >= 1")
-        if self.tolerance is not None and self.tolerance < 0:
-            raise ValueError(f"tolerance={self.tolerance} must be >= 0")
 
 
 @dataclass
@@ -118,16 +103,16 @@ class RunConfig:
 
 
     out_dir: str = field(default="runs/flow_grpo", metadata={"help": "checkpoints, logs, samples"})
-    seed: int = field(default=0, metadata={"help": "seeds prompts, noise and shuffles"})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
-    checkpoints_total_limit: int | None = field(default=2, metadata={"help": "keep this many checkpoints"})
+    seed: int = field(default=0, metadata={"ge": 0, "help": "seeds prompts, noise and shuffles"})
+    checkpoint_every: int = field(default=50, metadata={"ge": 1, "help": "steps between checkpoints"})
+    checkpoints_total_limit: int | None = field(default=2, metadata={"ge": 1, "help": "keep this many checkpoints"})
     resume_from: str | None = field(default="latest", metadata={"help": "latest, a checkpoint dir, or null"})
     log_with: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard", metadata={"help": "tracker"})
-    eval_every: int = field(default=25, metadata={"help": "steps between evaluations (0 = never)"})
+    eval_every: int = field(default=25, metadata={"ge": 0, "help": "steps between evaluations (0 = never)"})
     eval_prompts: str | None = field(default=None, metadata={"help": "prompt source for evaluation (default: "
                                                                     "the training source)"})
-    eval_num_prompts: int = field(default=32, metadata={"help": "evaluation prompts (fixed seeds)"})
-    eval_steps: int = field(default=20, metadata={"help": "ODE steps for evaluation samples"})
+    eval_num_prompts: int = field(default=32, metadata={"ge": 1, "help": "evaluation prompts (fixed seeds)"})
+    eval_steps: int = field(default=20, metadata={"ge": 1, "help": "ODE steps for evaluation samples"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     alarm: AlarmConfig = field(default_factory=AlarmConfig, metadata={
         "help": "the reward-hacking alarm (visalign.trainers.alarms)"})
@@ -147,20 +132,21 @@ class AdvantageConfig:
             "help": "multi-reward in advantage space: weighted sum of rewards, of per-reward advantages (GDPO), "
                     "CMO correlation weights, or hypervolume-guided dynamic weights "
                     "(visalign.trainers.balance.advantages)"})
-    clip: float = field(default=5.0, metadata={"help": "advantage clamp"})
-    eps: float = field(default=1e-4, metadata={"help": "epsilon added to the std"})
+    clip: float = field(default=5.0, metadata={"gt": 0, "help": "advantage clamp"})
+    eps: float = field(default=1e-4, metadata={"ge": 0, "help": "epsilon added to the std"})
     global_std: bool = field(default=False, metadata={"help": "normalise by the batch std instead of the group's"})
-    cmo_tau: float = field(default=0.5, metadata={"help": "CMO softmax temperature"})
+    cmo_tau: float = field(default=0.5, metadata={"gt": 0, "help": "CMO softmax temperature"})
     hypervolume_reference: dict[str, float] | None = field(default=None, metadata={
         "help": "hypervolume reference point per reward (default: each reward's lower value bound)"})
     pareto_filter: bool = field(default=False, metadata={
         "help": "Parrot: train only on the batch's Pareto-optimal samples (non-dominated on the trained rewards)"})
-    best_of_n: int | None = field(default=None, metadata={
+    best_of_n: int | None = field(default=None, metadata={"ge": 2,
         "help": "train only on the n/2 best and n/2 worst samples of each group (DanceGRPO)"})
     constraints: dict[str, float] | None = field(default=None, metadata={
         "help": "constrained RLHF: {reward: minimum mean}; maximise the other trained reward(s) subject to these, "
                 "with Lagrange multipliers updated by dual ascent"})
-    constraint_lr: float = field(default=0.1, metadata={"help": "dual-ascent step of the Lagrange multipliers"})
+    constraint_lr: float = field(default=0.1, metadata={"gt": 0,
+        "help": "dual-ascent step of the Lagrange multipliers"})
 
     def __post_init__(self):
         if self.best_of_n is not None and (self.best_of_n < 2 or self.best_of_n % 2):
@@ -177,11 +163,12 @@ class BalanceConfig:
 
     method: Literal["none", "sum", "mgda", "pcgrad", "cagrad", "upgrad"] = field(default="none", metadata={
         "help": "the aggregator of the per-reward gradients (none = the weighted rewards' single gradient)"})
-    ema: float = field(default=0.0, metadata={"help": "EMA decay of the aggregator's coefficients (MARBLE)"})
+    ema: float = field(default=0.0, metadata={"ge": 0, "lt": 1,
+        "help": "EMA decay of the aggregator's coefficients (MARBLE)"})
     normalize: bool = field(default=False, metadata={
         "help": "per-reward gradients to unit norm first; the reward weights then become a preference among them "
                 "(sum, upgrad; mgda / pcgrad / cagrad need equal weights)"})
-    track: float = field(default=0.0, metadata={
+    track: float = field(default=0.0, metadata={"ge": 0, "lt": 1,
         "help": "decay of per-reward gradients tracked across refreshes; > 0 takes the coefficients from their "
                 "Gram matrix (MoCo) instead of the step's alone (explicit Gram, gram=params; 0 = off)"})
     safeguard: bool = field(default=False, metadata={
@@ -194,20 +181,12 @@ class BalanceConfig:
         "help": "amortised form: Gram matrix of the per-reward gradients of the parameters (explicit backwards on "
                 "refresh_batches micro-batches) or of the predicted velocity over every micro-batch of the step "
                 "(MGDA-UB: backward through the loss only), whose coefficients then apply to the next step"})
-    every: int = field(default=1, metadata={"help": "steps between Gram refreshes (amortised form)"})
-    refresh_batches: int = field(default=1, metadata={
+    every: int = field(default=1, metadata={"ge": 1, "help": "steps between Gram refreshes (amortised form)"})
+    refresh_batches: int = field(default=1, metadata={"ge": 1,
         "help": "amortised form: micro-batches whose per-reward gradients estimate the Gram matrix at a refresh"})
-    cagrad_c: float = field(default=0.4, metadata={"help": "CAGrad's c"})
+    cagrad_c: float = field(default=0.4, metadata={"ge": 0, "help": "CAGrad's c"})
 
     def __post_init__(self):
-        if self.every < 1 or self.refresh_batches < 1:
-            raise ValueError(f"every={self.every} and refresh_batches={self.refresh_batches} must be >= 1")
-        if not 0 <= self.ema < 1:
-            raise ValueError(f"ema={self.ema} must be in [0, 1)")
-        if self.cagrad_c < 0:
-            raise ValueError(f"cagrad_c={self.cagrad_c} must be >= 0")
-        if not 0 <= self.track < 1:
-            raise ValueError(f"track={self.track} must be in [0, 1)")
         off = self.method == "none"
         if self.track > 0 and (off or self.gram == "output"):
             raise ValueError("track tracks the per-reward parameter gradients: it needs a method and gram=params")
@@ -231,17 +210,12 @@ class BalanceConfig:
 class EMAConfig:
     """`train.ema`: an exponential moving average of the trained weights, used for evaluation and saved."""
 
-    decay: float | None = field(default=None, metadata={"help": "EMA decay (flow_grpo: 0.9; None = no EMA)"})
-    every: int = field(default=1, metadata={"help": "steps between EMA updates"})
+    decay: float | None = field(default=None, metadata={"ge": 0, "lt": 1,
+        "help": "EMA decay (flow_grpo: 0.9; None = no EMA)"})
+    every: int = field(default=1, metadata={"ge": 1, "help": "steps between EMA updates"})
     warmup: bool = field(default=True, metadata={
         "help": "flow_grpo's warm-up min(decay, (1 + s) / (10 + s)); false: the fixed decay from the first "
                 "update (the EMA starts at the pretrained weights, so there is no initialisation to forget)"})
-
-    def __post_init__(self):
-        if self.decay is not None and not 0 <= self.decay < 1:
-            raise ValueError(f"decay={self.decay} must be in [0, 1) (0 or None: no EMA)")
-        if self.every < 1:
-            raise ValueError(f"every={self.every} must be >= 1")
 
 
 @dataclass
@@ -263,31 +237,28 @@ class BaseTrainConfig:
         "ema_decay": "ema.decay", "ema_every": "ema.every", "ema_warmup": "ema.warmup"}
 
     prompts: str = field(default="world:seen", metadata={"help": "world:seen, or a .txt / .jsonl file"})
-    max_steps: int = field(default=100, metadata={"help": "rollout-and-update iterations"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompt groups per step (all processes)"})
-    group_size: int = field(default=8, metadata={"help": "samples per prompt (G)"})
-    train_batch_size: int = field(default=16, metadata={"help": "samples per training micro-batch (per process)"})
-    optimizer_steps_per_rollout: int = field(default=1, metadata={"help": "flow_grpo uses 2"})
-    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate (flow_grpo LoRA: 3e-4)"})
+    max_steps: int = field(default=100, metadata={"ge": 1, "help": "rollout-and-update iterations"})
+    prompts_per_step: int = field(default=16, metadata={"ge": 1, "help": "prompt groups per step (all processes)"})
+    group_size: int = field(default=8, metadata={"ge": 2, "help": "samples per prompt (G)"})
+    train_batch_size: int = field(default=16, metadata={"ge": 1,
+        "help": "samples per training micro-batch (per process)"})
+    optimizer_steps_per_rollout: int = field(default=1, metadata={"ge": 1, "help": "flow_grpo uses 2"})
+    lr: float = field(default=3e-4, metadata={"gt": 0, "help": "AdamW learning rate (flow_grpo LoRA: 3e-4)"})
     lr_schedule: Literal["constant", "linear", "cosine"] = field(default="constant", metadata={
         "help": "learning-rate decay over train.max_steps (to 0 at the end; trainers.engine.lr_factor)"})
-    lr_warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up from lr / (warmup + 1)"})
-    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    lr_warmup_steps: int = field(default=0, metadata={"ge": 0,
+        "help": "steps of linear warm-up from lr / (warmup + 1)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"ge": 0, "lt": 1, "help": "AdamW betas"})
+    weight_decay: float = field(default=1e-4, metadata={"ge": 0, "help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"gt": 0, "help": "gradient clipping"})
     mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "autocast"})
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self):
-        for name in ("max_steps", "prompts_per_step", "group_size", "train_batch_size", "optimizer_steps_per_rollout"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if not 0 <= self.lr_warmup_steps < self.max_steps:
-            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps} must be in [0, max_steps={self.max_steps})")
-        if self.group_size < 2:
-            raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
+        if self.lr_warmup_steps >= self.max_steps:
+            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps} must be < max_steps={self.max_steps}")
         n = self.advantage.best_of_n
         if n is not None and n > self.group_size:
             raise ValueError(f"advantage.best_of_n={n} must be <= group_size={self.group_size}")
@@ -371,6 +342,7 @@ class RecipeConfig:
         return True
 
     def __post_init__(self):
+        check_ranges(self)  # a config built in Python gets the checks loading does
         check_rewards(self.rewards, self.eval_rewards, required=self.rewards_required(), sampling=self.sampling,
                       train=self.train, options=self.reward_options)
 

@@ -24,14 +24,18 @@ from visalign.trainers.losses import dgpo_loss, per_sample_mse
 
 @dataclass
 class DGPOTrainConfig(OldPolicyTrainConfig):
-    beta: float = field(default=100.0, metadata={"help": "DPO beta of the implicit reward (DGPO: 100)"})
-    kl_beta: float = field(default=0.02, metadata={"help": "weight of ||v - v_ref||² to the base (DGPO: 0.02)"})
-    clip_range: float | None = field(default=1e-2, metadata={
+    beta: float = field(default=100.0, metadata={"gt": 0, "help": "DPO beta of the implicit reward (DGPO: 100)"})
+    kl_beta: float = field(default=0.02, metadata={"ge": 0,
+        "help": "weight of ||v - v_ref||² to the base (DGPO: 0.02)"})
+    clip_range: float | None = field(default=1e-2, metadata={"gt": 0,
         "help": "no gradient for a sample whose ratio exp(l_old - l_theta) left [1 - c, 1 + c] in its advantage's "
                 "direction (DGPO: 1e-2; null = off, and no old-policy pass)"})
-    old_decay_max: float = field(default=0.3, metadata={"help": "upper bound of the old-policy decay (DGPO: 0.3)"})
-    timesteps_per_sample: int = field(default=4, metadata={"help": "noise levels per group and step (DGPO: 4)"})
-    min_sigma: float = field(default=0.3, metadata={"help": "train noise levels >= this (DGPO: the first 60%)"})
+    old_decay_max: float = field(default=0.3, metadata={"ge": 0, "lt": 1,
+        "help": "upper bound of the old-policy decay (DGPO: 0.3)"})
+    timesteps_per_sample: int = field(default=4, metadata={"ge": 1,
+        "help": "noise levels per group and step (DGPO: 4)"})
+    min_sigma: float = field(default=0.3, metadata={"ge": 0, "lt": 1,
+        "help": "train noise levels >= this (DGPO: the first 60%)"})
     group_noise: bool = field(default=True, metadata={
         "help": "a group's samples share noise levels and noise (required: the group is compared at equal noise)"})
     advantage: AdvantageConfig = field(default_factory=batch_std_advantage, metadata={

@@ -41,16 +41,16 @@ from visalign.trainers.losses import dpo_loss, per_sample_mse
 class DPOTrainConfig(ForwardTrainConfig):
     mode: Literal["online", "offline"] = field(default="online", metadata={"help": "rollout pairs or a pair file"})
     pairs: str | None = field(default=None, metadata={"help": "offline: JSONL pair file (see visalign/pairs.py)"})
-    pairs_per_step: int = field(default=16, metadata={"help": "offline: pairs per step (all processes)"})
-    beta: float = field(default=100.0, metadata={"help": "DPO beta (Flow-DPO: 100; Diffusion-DPO: 5000)"})
+    pairs_per_step: int = field(default=16, metadata={"ge": 1, "help": "offline: pairs per step (all processes)"})
+    beta: float = field(default=100.0, metadata={"gt": 0, "help": "DPO beta (Flow-DPO: 100; Diffusion-DPO: 5000)"})
     target: Literal["velocity", "epsilon"] = field(default="velocity", metadata={
         "help": "error on the velocity (flow models) or the implied noise (eps-prediction form)"})
-    ref_update_every: int = field(default=0, metadata={"help": "online: copy the policy into the reference "
+    ref_update_every: int = field(default=0, metadata={"ge": 0, "help": "online: copy the policy into the reference "
                                                                 "every N steps (0 = never)"})
     gap_weighting: bool = field(default=False, metadata={"help": "online: weight pairs by their reward gap (GAPO)"})
     sigma_sampling: Literal["grid", "logit_normal"] = field(default="logit_normal", metadata={
         "help": "noise levels: logit-normal (Flow-DPO) or the sampler's grid"})
-    timesteps_per_sample: int = field(default=1, metadata={"help": "noise levels trained per pair per step"})
+    timesteps_per_sample: int = field(default=1, metadata={"ge": 1, "help": "noise levels trained per pair per step"})
 
     def __post_init__(self):
         super().__post_init__()

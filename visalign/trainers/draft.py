@@ -42,16 +42,19 @@ class DraftTrainConfig(BaseTrainConfig):
     mode: Literal["draft", "refl", "direct_align"] = field(default="draft", metadata={
         "help": "draft: backprop through the last truncation_steps sampling steps; refl: one x0-prediction at a "
                 "random late step; direct_align: SRPO's re-noising with the known noise and exact x0 recovery"})
-    truncation_steps: int = field(default=1, metadata={"help": "draft: the K last steps with gradient (DRaFT-K)"})
-    refl_fraction: float = field(default=0.25, metadata={
+    truncation_steps: int = field(default=1, metadata={"ge": 1,
+        "help": "draft: the K last steps with gradient (DRaFT-K)"})
+    refl_fraction: float = field(default=0.25, metadata={"gt": 0, "le": 1,
         "help": "refl: the step is drawn from the last fraction of the schedule (ReFL: steps 30-39 of 40)"})
-    align_sigma: tuple[float, float] = field(default=(0.75, 0.96), metadata={
+    align_sigma: tuple[float, float] = field(default=(0.75, 0.96), metadata={"gt": 0, "lt": 1,
         "help": "direct_align: range of sigma_hi (SRPO: the early-to-middle steps, [0.75, 0.96])"})
-    align_step: float = field(default=0.02, metadata={"help": "direct_align: Δsigma of the one step (SRPO: ~0.02)"})
-    reward_margin: float | None = field(default=None, metadata={
+    align_step: float = field(default=0.02, metadata={"gt": 0,
+        "help": "direct_align: Δsigma of the one step (SRPO: ~0.02)"})
+    reward_margin: float | None = field(default=None, metadata={"gt": 0,
         "help": "loss mean ReLU(margin - r) instead of -mean r (ReFL: 2 on ImageReward's scale; SRPO: 0.7)"})
-    kl_beta: float = field(default=0.0, metadata={"help": "weight of ||v - v_ref||² on the trained steps (DRaFT+)"})
-    train_guidance: float = field(default=1.0, metadata={
+    kl_beta: float = field(default=0.0, metadata={"ge": 0,
+        "help": "weight of ||v - v_ref||² on the trained steps (DRaFT+)"})
+    train_guidance: float = field(default=1.0, metadata={"ge": 0,
         "help": "CFG scale of the trained prediction (the rollout's `sampling.guidance` for draft, to continue the "
                 "same ODE)"})
 

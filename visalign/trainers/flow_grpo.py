@@ -29,9 +29,10 @@ from visalign.trainers.losses import grpo_loss, guard_log_ratio
 
 @dataclass
 class TrainConfig(BaseTrainConfig):
-    timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of SDE steps trained per sample"})
-    clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon (flow_grpo: 1e-4)"})
-    kl_beta: float = field(default=0.0, metadata={"help": "KL weight (flow_grpo GenEval: 0.04)"})
+    timestep_fraction: float = field(default=1.0, metadata={"gt": 0, "le": 1,
+        "help": "fraction of SDE steps trained per sample"})
+    clip_range: float = field(default=1e-4, metadata={"gt": 0, "help": "PPO ratio clip epsilon (flow_grpo: 1e-4)"})
+    kl_beta: float = field(default=0.0, metadata={"ge": 0, "help": "KL weight (flow_grpo GenEval: 0.04)"})
     grpo_guard: bool = field(default=False, metadata={"help": "GRPO-Guard: RatioNorm + 1/|dt| step reweighting "
                                                               "(use a tiny clip_range, e.g. 2e-6)"})
 

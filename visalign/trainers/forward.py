@@ -68,14 +68,15 @@ def noised(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
 
 @dataclass
 class ForwardTrainConfig(BaseTrainConfig):
-    timesteps_per_sample: int = field(default=4, metadata={"help": "noised copies of each sample trained per step"})
+    timesteps_per_sample: int = field(default=4, metadata={"ge": 1,
+        "help": "noised copies of each sample trained per step"})
     sigma_sampling: Literal["grid", "logit_normal", "stratified"] = field(default="grid", metadata={
         "help": "noise levels: the sampler's grid (DiffusionNFT), logit-normal (SD3 / Flow-DPO), or one grid level "
                 "from each of timesteps_per_sample bins of its first 90% (AWM)"})
-    train_guidance: float = field(default=1.0, metadata={
+    train_guidance: float = field(default=1.0, metadata={"ge": 0,
         "help": "CFG scale of the trained prediction: 1 = the conditional velocity only (CFG-free, as DiffusionNFT "
                 "and Flow-DPO train); > 1 regresses the guided combination, which collapsed Flow-RWR on the world"})
-    min_sigma: float = field(default=0.0, metadata={
+    min_sigma: float = field(default=0.0, metadata={"ge": 0, "lt": 1,
         "help": "train only noise levels >= this: the high-noise steps decide layout and motion, while the low-noise "
                 "steps of self-generated samples teach their residual speckle back to the model"})
     sample_with_ema: bool = field(default=False, metadata={
@@ -181,11 +182,12 @@ class ForwardTrainer(OnlineTrainer):
 class OldPolicyTrainConfig(ForwardTrainConfig):
     """The `train:` fields of a recipe with an old policy (`OldPolicyTrainer`) and a KL to the base."""
 
-    kl_beta: float = field(default=0.0, metadata={"help": "weight of ||v_theta - v_ref||² to the base"})
-    old_decay_rate: float = field(default=0.001, metadata={
+    kl_beta: float = field(default=0.0, metadata={"ge": 0, "help": "weight of ||v_theta - v_ref||² to the base"})
+    old_decay_rate: float = field(default=0.001, metadata={"ge": 0,
         "help": "old-policy decay d = min(rate × step, max); 0 keeps the old policy equal to the trained weights "
                 "(on-policy v_old, taken from the trained pass, whose own pass is then skipped)"})
-    old_decay_max: float = field(default=0.5, metadata={"help": "upper bound of the old-policy decay"})
+    old_decay_max: float = field(default=0.5, metadata={"ge": 0, "lt": 1,
+        "help": "upper bound of the old-policy decay"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -240,7 +242,7 @@ class OldPolicyTrainer(ForwardTrainer):
 class RWRTrainConfig(ForwardTrainConfig):
     weighting: Literal["exp", "best", "positive"] = field(default="exp", metadata={
         "help": "exp(A / temperature), best of group, or every sample above its group's mean alike (RAFT)"})
-    temperature: float = field(default=1.0, metadata={"help": "of the exponential weighting"})
+    temperature: float = field(default=1.0, metadata={"gt": 0, "help": "of the exponential weighting"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -294,8 +296,9 @@ class FlowRWRTrainer(ForwardTrainer):
 
 @dataclass
 class NFTTrainConfig(OldPolicyTrainConfig):
-    nft_beta: float = field(default=1.0, metadata={"help": "beta of the implicit policies v± (DiffusionNFT)"})
-    kl_beta: float = field(default=1e-4, metadata={"help": "weight of ||v_theta - v_ref||² (DiffusionNFT: 1e-4)"})
+    nft_beta: float = field(default=1.0, metadata={"gt": 0, "help": "beta of the implicit policies v± (DiffusionNFT)"})
+    kl_beta: float = field(default=1e-4, metadata={"ge": 0,
+        "help": "weight of ||v_theta - v_ref||² (DiffusionNFT: 1e-4)"})
     sample_with_old: bool = field(default=True, metadata={"help": "roll out with the old policy (DiffusionNFT)"})
 
     def __post_init__(self):

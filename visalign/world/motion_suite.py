@@ -35,12 +35,12 @@ class MotionEvalConfig:
     model_path: str | None = field(default=None, metadata={"help": "checkpoint (default: the shipped video base)"})
     lora: str | None = field(default=None, metadata={"help": "LoRA to load before evaluating"})
     out: str = field(default="outputs/eval_world_video", metadata={"help": "directory for JSON, markdown, grids"})
-    n_per_template: int = field(default=32, metadata={"help": "prompts per template and split"})
+    n_per_template: int = field(default=32, metadata={"ge": 1, "help": "prompts per template and split"})
     splits: list[str] = field(default_factory=lambda: list(SPLITS), metadata={"help": "seen and/or heldout"})
-    steps: int = field(default=20, metadata={"help": "sampling steps"})
-    guidance: float = field(default=3.0, metadata={"help": "CFG scale"})
-    batch_size: int = field(default=32, metadata={"help": "clips per sampling batch"})
-    seed: int = field(default=0, metadata={"help": "prompt selection and noise seeds"})
+    steps: int = field(default=20, metadata={"ge": 1, "help": "sampling steps"})
+    guidance: float = field(default=3.0, metadata={"ge": 0, "help": "CFG scale"})
+    batch_size: int = field(default=32, metadata={"ge": 1, "help": "clips per sampling batch"})
+    seed: int = field(default=0, metadata={"ge": 0, "help": "prompt selection and noise seeds"})
 
     def __post_init__(self):
         bad = [s for s in self.splits if s not in SPLITS]

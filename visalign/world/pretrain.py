@@ -29,29 +29,30 @@ class PretrainConfig:
     """Flow-matching pretraining of the world base model."""
 
     out_dir: str = field(default="runs/world_pretrain", metadata={"help": "checkpoints and final model"})
-    steps: int = field(default=1600, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=64, metadata={"help": "images per step"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    ema_decay: float = field(default=0.998, metadata={"help": "EMA of weights; the EMA is what is saved"})
-    cond_dropout: float = field(default=0.1, metadata={"help": "fraction of empty prompts (for CFG)"})
-    logit_normal_std: float = field(default=1.0, metadata={"help": "sigma ~ sigmoid(N(0, std))"})
-    token_embedding_std: float | None = field(default=None, metadata={
+    steps: int = field(default=1600, metadata={"ge": 1, "help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"ge": 1, "help": "images per step"})
+    lr: float = field(default=1e-3, metadata={"gt": 0, "help": "AdamW peak learning rate"})
+    warmup_steps: int = field(default=100, metadata={"ge": 0, "help": "linear warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"ge": 0, "help": "AdamW weight decay"})
+    ema_decay: float = field(default=0.998, metadata={"ge": 0, "lt": 1,
+        "help": "EMA of weights; the EMA is what is saved"})
+    cond_dropout: float = field(default=0.1, metadata={"ge": 0, "lt": 1, "help": "fraction of empty prompts (for CFG)"})
+    logit_normal_std: float = field(default=1.0, metadata={"gt": 0, "help": "sigma ~ sigmoid(N(0, std))"})
+    token_embedding_std: float | None = field(default=None, metadata={"gt": 0,
         "help": "initial scale of the text encoder's word embeddings (None: CLIP's 0.02); see build_networks"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast (about 1.3x faster on CPU)"})
     video: bool = field(default=False, metadata={"help": "train the moving-shapes video model (world-video)"})
     denoiser: str = field(default="unet", metadata={
         "help": "video: unet (frames stacked on channels, the shipped model), wan (a tiny WanTransformer3DModel) or "
                 "motion (a per-frame UNet with temporal attention, diffusers UNetMotionModel)"})
-    caption_noise: float = field(default=0.0, metadata={
+    caption_noise: float = field(default=0.0, metadata={"ge": 0, "le": 1,
         "help": "video: fraction of clips captioned with directions drawn at random (motion.misdescribe_direction)"})
     templates: list[str] = field(default_factory=list, metadata={
         "help": "prompt templates; empty: all of the world's (image or motion templates)"})
-    seed: int = field(default=0, metadata={"help": "seeds weights, data and noise"})
-    checkpoint_every: int = field(default=200, metadata={"help": "steps between resumable checkpoints"})
+    seed: int = field(default=0, metadata={"ge": 0, "help": "seeds weights, data and noise"})
+    checkpoint_every: int = field(default=200, metadata={"ge": 1, "help": "steps between resumable checkpoints"})
     resume: bool = field(default=True, metadata={"help": "continue from out_dir/state.pt if present"})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    threads: int = field(default=2, metadata={"ge": 1, "help": "torch CPU threads"})
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "threads"):

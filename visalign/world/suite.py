@@ -35,14 +35,14 @@ class WorldEvalConfig:
     model_path: str | None = field(default=None, metadata={"help": "checkpoint (default: the shipped base)"})
     lora: str | None = field(default=None, metadata={"help": "LoRA to load before evaluating"})
     out: str = field(default="outputs/eval_world", metadata={"help": "directory for JSON, markdown and grids"})
-    n_per_template: int = field(default=64, metadata={"help": "prompts per template and split"})
+    n_per_template: int = field(default=64, metadata={"ge": 1, "help": "prompts per template and split"})
     splits: list[str] = field(default_factory=lambda: list(SPLITS), metadata={"help": "seen and/or heldout"})
     templates: list[str] = field(default_factory=lambda: list(TEMPLATES), metadata={
         "help": f"templates to evaluate ({', '.join(TEMPLATES)})"})
-    steps: int = field(default=20, metadata={"help": "sampling steps"})
-    guidance: float = field(default=3.0, metadata={"help": "CFG scale"})
-    batch_size: int = field(default=64, metadata={"help": "samples per sampling batch"})
-    seed: int = field(default=0, metadata={"help": "prompt selection and noise seeds"})
+    steps: int = field(default=20, metadata={"ge": 1, "help": "sampling steps"})
+    guidance: float = field(default=3.0, metadata={"ge": 0, "help": "CFG scale"})
+    batch_size: int = field(default=64, metadata={"ge": 1, "help": "samples per sampling batch"})
+    seed: int = field(default=0, metadata={"ge": 0, "help": "prompt selection and noise seeds"})
     compare: list[str] = field(default_factory=list, metadata={
         "help": "comparison mode: checkpoints to evaluate side by side on the same prompts and seeds "
                 "('base' = the shipped model, a .safetensors checkpoint, or lora:DIR); deltas vs the first"})
