@@ -82,3 +82,45 @@ def test_a_damaged_manifest_names_the_checkpoint(tmp_path, text):
     (checkpoint / MANIFEST).write_text(text)
     with pytest.raises(ValueError, match=r"checkpoint .*checkpoint-7: manifest\.json is damaged"):
         verify_checkpoint(checkpoint)
+
+
+def _steps_logged(run):
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_latest_falls_back_to_the_newest_intact_checkpoint_and_logs_each_step_once(tiny_run, tmp_path, capsys):
+    """A crash can leave the newest checkpoint damaged and metrics logged past the last checkpoint: the resumed
+    run starts from the newest intact checkpoint, says which it passed over, redoes the lost steps once, and ends
+    with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    cls = trainer_class("diffusion_nft")
+    run = (*RUN[1:], "train.max_steps=3")
+    cls(tiny_run(*run, trainer="diffusion_nft", out=tmp_path / "a")).train()
+    cls(tiny_run(*run, trainer="diffusion_nft", out=tmp_path / "b")).train(stop_after=2)
+    damaged = tmp_path / "b" / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # truncated by the crash
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "rewards/x/mean": 0.5}\n{"step": 3, "rew')  # logged past it, the last line cut short
+    cls(tiny_run(*run, trainer="diffusion_nft", out=tmp_path / "b")).train()
+    assert "resumed from checkpoint-1, the newest intact checkpoint; passed over:" in capsys.readouterr().out
+    assert _steps_logged(tmp_path / "b") == [0, 1, 2]
+    a, b = (load_file(str(tmp_path / r / "checkpoints" / "checkpoint-3" / "model.safetensors")) for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each(tiny_run, tmp_path):
+    cls = trainer_class("diffusion_nft")
+    cls(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "run")).train(stop_after=1)
+    (tmp_path / "run" / "checkpoints" / "checkpoint-1" / MANIFEST).write_text("{")
+    with pytest.raises(ValueError, match=r"no intact checkpoint to resume from: checkpoint .*checkpoint-1: manifest"):
+        cls(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "run")).train()
+
+
+def test_a_partial_directory_is_cleared_before_a_checkpoint_is_written(tiny_run, tmp_path):
+    stale = tmp_path / "run" / "checkpoints" / "checkpoint-1" / ".model.safetensors.tmp123"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by a crash")
+    trainer_class("diffusion_nft")(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "run")).train(stop_after=1)
+    assert not stale.exists()
+    assert verify_checkpoint(stale.parent) == 1

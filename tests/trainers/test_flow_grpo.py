@@ -107,10 +107,11 @@ def test_corrupted_checkpoint_is_detected_and_previous_stays_usable(tiny_run, wo
     FlowGRPOTrainer(tiny_run("train.max_steps=2", "run.checkpoints_total_limit=3", model="tiny-sd3")).train()
     latest = tmp_path / "checkpoints" / "checkpoint-2" / "optimizer.bin"
     latest.write_bytes(latest.read_bytes()[:100])  # truncate
+    named = tmp_path / "checkpoints" / "checkpoint-2"
     with pytest.raises(ValueError, match="checkpoint-2: file optimizer.bin is corrupted or truncated"):
-        FlowGRPOTrainer(tiny_run("train.max_steps=3", model="tiny-sd3")).train()
-    previous = tmp_path / "checkpoints" / "checkpoint-1"
-    history = FlowGRPOTrainer(tiny_run("train.max_steps=3", f"run.resume_from={previous}", model="tiny-sd3")).train()
+        FlowGRPOTrainer(tiny_run("train.max_steps=3", f"run.resume_from={named}", model="tiny-sd3")).train()
+    # `latest` passes over it to the newest intact checkpoint
+    history = FlowGRPOTrainer(tiny_run("train.max_steps=3", model="tiny-sd3")).train()
     assert [h["step"] for h in history] == [1, 2]
 
 

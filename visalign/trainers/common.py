@@ -400,6 +400,26 @@ def resolve_resume(root: Path, resume_from: str | None) -> Path | None:
     return path
 
 
+def trim_metrics(path: Path, step: int) -> int:
+    """Keep the lines of metrics.jsonl for steps before `step` (the resumed one), so redone steps are not logged
+    twice; a line cut short by a crash goes too. Returns how many lines were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = int(json.loads(line)["step"]) < step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        _atomic_write(path, lambda p: p.write_text("".join(f"{line}\n" for line in kept)))
+    return dropped
+
+
 def prune_checkpoints(root: Path, total_limit: int | None) -> None:
     if total_limit is None:
         return

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -56,6 +57,7 @@ from visalign.trainers.common import (
     save_trainer_state,
     score_rewards,
     step_generator,
+    trim_metrics,
     verify_checkpoint,
     write_manifest,
 )
@@ -519,6 +521,9 @@ class OnlineTrainer:
     def save_checkpoint(self, step: int) -> Path:
         acc = self.accelerator
         directory = self.out / "checkpoints" / f"checkpoint-{step}"
+        if acc.is_main_process and directory.exists():  # left by a crash (or damaged): never mixed into the new one
+            shutil.rmtree(directory)
+        acc.wait_for_everyone()
         acc.save_state(str(directory), safe_serialization=True)  # model, optimizer
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -529,6 +534,30 @@ class OnlineTrainer:
             prune_checkpoints(self.out, self.cfg.run.checkpoints_total_limit)
         acc.wait_for_everyone()
         return directory
+
+    def resume(self) -> Path | None:
+        """Load `run.resume_from`: a named checkpoint, or with "latest" the newest intact one, saying which damaged
+        ones it passed over (a damaged checkpoint fails its checks before any state changes)."""
+        resume_from = self.cfg.run.resume_from
+        if resume_from != "latest":
+            path = resolve_resume(self.out, resume_from)
+            if path is not None:
+                self.load_checkpoint(path)
+            return path
+        damaged = []
+        for path in reversed(checkpoint_dirs(self.out)):
+            try:
+                self.load_checkpoint(path)
+            except ValueError as err:
+                damaged.append(str(err))
+                continue
+            if damaged:
+                tqdm.write(f"resumed from {path.name}, the newest intact checkpoint; passed over: "
+                           + "; ".join(damaged))
+            return path
+        if damaged:
+            raise ValueError("no intact checkpoint to resume from: " + "; ".join(damaged))
+        return None
 
     def load_checkpoint(self, directory: Path) -> None:
         step = verify_checkpoint(directory)
@@ -616,12 +645,11 @@ class OnlineTrainer:
         the trainer and ends with `visalign.train.end_distributed(acc)` (the CLI does)."""
 
         cfg, acc = self.cfg, self.accelerator
-        resume = resolve_resume(self.out, cfg.run.resume_from)
-        if resume is not None:
-            self.load_checkpoint(resume)
+        self.resume()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+            trim_metrics(self.out / "metrics.jsonl", self.state.step)
         if cfg.run.log_with != "none":
             acc.init_trackers("visalign", config=_flat(asdict(cfg)))
         history = []
