@@ -113,7 +113,7 @@ def test_no_intact_checkpoint_is_an_error_naming_each(tiny_run, tmp_path):
     cls = trainer_class("diffusion_nft")
     cls(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "run")).train(stop_after=1)
     (tmp_path / "run" / "checkpoints" / "checkpoint-1" / MANIFEST).write_text("{")
-    with pytest.raises(ValueError, match=r"no intact checkpoint to resume from: checkpoint .*checkpoint-1: manifest"):
+    with pytest.raises(ValueError, match=r"no checkpoint this run can resume from: .*checkpoint-1: manifest"):
         cls(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "run")).train()
 
 
@@ -124,3 +124,11 @@ def test_a_partial_directory_is_cleared_before_a_checkpoint_is_written(tiny_run,
     trainer_class("diffusion_nft")(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "run")).train(stop_after=1)
     assert not stale.exists()
     assert verify_checkpoint(stale.parent) == 1
+
+
+def test_resuming_with_another_finetune_mode_is_a_clear_error(tiny_run, tmp_path):
+    cls = trainer_class("diffusion_nft")
+    cls(tiny_run(*RUN, "model.finetune=full", trainer="diffusion_nft", out=tmp_path / "run")).train(stop_after=1)
+    with pytest.raises(ValueError, match=r"saved with model\.finetune='full'.*this run has model\.finetune='lora'"):
+        cls(tiny_run(*RUN, "model.finetune=lora", "run.resume_from=" + str(tmp_path / "run" / "checkpoints" /
+                     "checkpoint-1"), trainer="diffusion_nft", out=tmp_path / "run")).train()

@@ -527,7 +527,8 @@ class OnlineTrainer:
         acc.save_state(str(directory), safe_serialization=True)  # model, optimizer
         acc.wait_for_everyone()
         if acc.is_main_process:
-            save_trainer_state({name: obj.state_dict() for name, obj in self.checkpointed.items()}, directory)
+            save_trainer_state({"setup": self._setup(), **{name: obj.state_dict()
+                                                           for name, obj in self.checkpointed.items()}}, directory)
             if self.cfg.model.finetune == "lora":
                 self.adapter.save_lora(directory / "lora")
             write_manifest(directory, step)
@@ -556,12 +557,25 @@ class OnlineTrainer:
                            + "; ".join(damaged))
             return path
         if damaged:
-            raise ValueError("no intact checkpoint to resume from: " + "; ".join(damaged))
+            raise ValueError("no checkpoint this run can resume from: " + "; ".join(damaged))
         return None
+
+    def _setup(self) -> dict:
+        """What decides the shape of the saved weights: a checkpoint saved under other values cannot be loaded."""
+        m = self.cfg.model
+        return {"model.name": m.name, "model.finetune": m.finetune,
+                "model.lora_rank": m.lora_rank if m.finetune == "lora" else None}
 
     def load_checkpoint(self, directory: Path) -> None:
         step = verify_checkpoint(directory)
         states = load_trainer_state(directory)  # before anything changes: an old or damaged checkpoint fails here
+        saved = states.get("setup", self._setup())
+        changed = {k: (saved.get(k), v) for k, v in self._setup().items() if saved.get(k) != v}
+        if changed:
+            raise ValueError(f"checkpoint {directory} was saved with " + ", ".join(
+                f"{k}={old!r}" for k, (old, _) in changed.items()) + "; this run has " + ", ".join(
+                f"{k}={new!r}" for k, (_, new) in changed.items()) + ": its weights do not fit (start a new out_dir, "
+                "or set run.resume_from=null)")
         missing = [name for name in self.checkpointed if name not in states]
         if missing:
             raise ValueError(f"checkpoint {directory} has no state for {missing} (saved: {sorted(states)}): it was "
