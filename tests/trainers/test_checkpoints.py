@@ -132,3 +132,17 @@ def test_resuming_with_another_finetune_mode_is_a_clear_error(tiny_run, tmp_path
     with pytest.raises(ValueError, match=r"saved with model\.finetune='full'.*this run has model\.finetune='lora'"):
         cls(tiny_run(*RUN, "model.finetune=lora", "run.resume_from=" + str(tmp_path / "run" / "checkpoints" /
                      "checkpoint-1"), trainer="diffusion_nft", out=tmp_path / "run")).train()
+
+
+def test_resuming_with_changed_settings_says_which_and_keeps_the_earlier_config(tiny_run, tmp_path, capsys):
+    cls = trainer_class("diffusion_nft")
+    run = (*RUN[1:], "train.max_steps=2")
+    cls(tiny_run(*run, trainer="diffusion_nft", out=tmp_path / "run")).train(stop_after=1)
+    earlier = (tmp_path / "run" / "config.yaml").read_text()
+    cls(tiny_run(*run, trainer="diffusion_nft", out=tmp_path / "run")).train(stop_after=0)  # same settings: quiet
+    assert "had other settings" not in capsys.readouterr().out
+    cls(tiny_run(*run, "train.lr=0.002", trainer="diffusion_nft", out=tmp_path / "run")).train()
+    out = capsys.readouterr().out
+    assert "kept as config.before-step-1.yaml. Changed: train.lr: 0.001 -> 0.002" in out
+    assert (tmp_path / "run" / "config.before-step-1.yaml").read_text() == earlier
+    assert "lr: 0.002" in (tmp_path / "run" / "config.yaml").read_text()

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from visalign.config import save_config
+from visalign.config import save_config, to_dict
 from visalign.media import save_pixels
 from visalign.models import DTYPES, load_model
 from visalign.prompts import prompt_source, prompts_of
@@ -560,6 +561,22 @@ class OnlineTrainer:
             raise ValueError("no checkpoint this run can resume from: " + "; ".join(damaged))
         return None
 
+    def _keep_changed_config(self) -> None:
+        """When out_dir's config.yaml differs from this run's, say which fields changed and keep it beside the new
+        one (config.before-step-N.yaml), rather than overwrite it silently."""
+        path = self.out / "config.yaml"
+        if not path.exists():
+            return
+        old = _flat(yaml.safe_load(path.read_text()) or {})
+        new = _flat(to_dict(self.cfg))
+        changed = {k: (old.get(k), new.get(k)) for k in sorted({*old, *new}) if old.get(k) != new.get(k)}
+        if not changed:
+            return
+        kept = self.out / f"config.before-step-{self.state.step}.yaml"
+        shutil.copyfile(path, kept)
+        tqdm.write(f"{path} had other settings; kept as {kept.name}. Changed: " +
+                   ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
     def _setup(self) -> dict:
         """What decides the shape of the saved weights: a checkpoint saved under other values cannot be loaded."""
         m = self.cfg.model
@@ -662,6 +679,7 @@ class OnlineTrainer:
         self.resume()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._keep_changed_config()
             save_config(cfg, self.out / "config.yaml")
             trim_metrics(self.out / "metrics.jsonl", self.state.step)
         if cfg.run.log_with != "none":
