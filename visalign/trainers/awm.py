@@ -43,13 +43,6 @@ class AWMTrainConfig(OldPolicyTrainConfig):
     advantage: AdvantageConfig = field(default_factory=batch_std_advantage, metadata={
         "help": "advantages by the batch std (AWM)"})
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.power <= 0:
-            raise ValueError(f"power={self.power} must be > 0")
-        if self.old_beta < 0:
-            raise ValueError(f"old_beta={self.old_beta} must be >= 0")
-
 
 
 @dataclass

@@ -43,10 +43,6 @@ class DGPOTrainConfig(OldPolicyTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"beta={self.beta} must be > 0")
-        if self.clip_range is not None and self.clip_range <= 0:
-            raise ValueError(f"clip_range={self.clip_range} must be > 0 (or null)")
         if not self.group_noise:
             raise ValueError("train.group_noise must stay true: DGPO compares a group's samples at shared noise")
         if self.train_batch_size % self.group_size:

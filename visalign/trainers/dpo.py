@@ -54,15 +54,11 @@ class DPOTrainConfig(ForwardTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"beta={self.beta} must be > 0")
         if self.mode == "offline":
             if not self.pairs:
                 raise ValueError("train.mode=offline needs train.pairs (a JSONL pair file)")
             if self.gap_weighting:
                 raise ValueError("train.gap_weighting needs rewards: it applies to online DPO only")
-        if self.pairs_per_step < 1 or self.ref_update_every < 0:
-            raise ValueError("pairs_per_step must be >= 1 and ref_update_every >= 0")
         if self.group_noise:
             raise ValueError("train.group_noise is for NFT and RWR: DPO already noises a pair's winner and loser "
                              "alike")

@@ -60,10 +60,6 @@ class DraftTrainConfig(BaseTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.truncation_steps < 1:
-            raise ValueError(f"truncation_steps={self.truncation_steps} must be >= 1")
-        if not 0 < self.refl_fraction <= 1:
-            raise ValueError(f"refl_fraction={self.refl_fraction} must be in (0, 1]")
         lo, hi = self.align_sigma
         if not 0 < self.align_step < lo <= hi < 1:
             raise ValueError(f"align_sigma={self.align_sigma} and align_step={self.align_step} must satisfy "

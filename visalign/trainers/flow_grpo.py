@@ -38,8 +38,6 @@ class TrainConfig(BaseTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"timestep_fraction={self.timestep_fraction} must be in (0, 1]")
         if self.balance.amortized:
             raise ValueError("balance.amortized needs a loss affine in the reward weight (diffusion_nft); Flow-GRPO's "
                              "clipped loss is not, so it balances explicit per-reward gradients")

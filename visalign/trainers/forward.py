@@ -89,10 +89,6 @@ class ForwardTrainConfig(BaseTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.timesteps_per_sample < 1:
-            raise ValueError(f"timesteps_per_sample={self.timesteps_per_sample} must be >= 1")
-        if not 0 <= self.min_sigma < 1:
-            raise ValueError(f"min_sigma={self.min_sigma} must be in [0, 1)")
         if self.sample_with_ema and not self.ema.decay:
             raise ValueError("train.sample_with_ema needs train.ema.decay (the EMA to roll out with)")
 
@@ -189,13 +185,6 @@ class OldPolicyTrainConfig(ForwardTrainConfig):
     old_decay_max: float = field(default=0.5, metadata={"ge": 0, "lt": 1,
         "help": "upper bound of the old-policy decay"})
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.kl_beta < 0:
-            raise ValueError(f"kl_beta={self.kl_beta} must be >= 0")
-        if not 0 <= self.old_decay_max < 1 or self.old_decay_rate < 0:
-            raise ValueError("old_decay_max must be in [0, 1) and old_decay_rate >= 0")
-
 
 class OldPolicyTrainer(ForwardTrainer):
     """A forward-process recipe with an old policy: a copy of the trained weights that follows them softly,
@@ -246,8 +235,6 @@ class RWRTrainConfig(ForwardTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0")
         if self.balance.on:
             raise ValueError("train.balance needs one loss per reward; Flow-RWR's weights are normalised over the "
                              "batch, so it combines rewards in advantage space (train.advantage.mode)")
@@ -303,8 +290,6 @@ class NFTTrainConfig(OldPolicyTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.nft_beta <= 0:
-            raise ValueError(f"nft_beta={self.nft_beta} must be > 0")
         if self.sample_with_old and self.sample_with_ema:
             raise ValueError("train.sample_with_old and train.sample_with_ema both pick the rollout policy; "
                              "set one of them false")
