@@ -11,7 +11,7 @@ The base model is evaluated once per seed on the same prompts and noise, so ever
 The budget is compute, not wall time: each job runs on one thread and stops at `2 × minutes` of its own process
 CPU time (two cores for `minutes`), so jobs can run two at a time (`--jobs 2`, one per core) and a busy machine
 does not shorten a recipe's budget. Evaluation time is not counted. A finished job writes `jobs/RECIPE_sSEED.json`
-and is skipped on the next call, so an interrupted run resumes where it stopped.
+and is skipped on the next call; a job checkpoints each minute, so an interrupted run resumes where it stopped.
 
 Intervals: the mean over seeds of the paired Δ (aligned − base) with a 95% bootstrap interval that resamples
 prompts within each seed (the evaluation's noise); the per-seed Δs are listed beside it, so the spread between
@@ -72,9 +72,18 @@ def run_job(recipe: str, seed: int, args) -> None:
                                      PROMPTS, *extra, *args.overrides])
     trainer = trainer_class(cfg.trainer)(cfg)
     first = next(iter(cfg.rewards))
+    path = out / "jobs" / f"{recipe}_s{seed}.json"
+    partial = path.with_suffix(".partial.json")
     marks = sorted(args.marks)
     points, steps = [], []
     cpu, wall, step = 0.0, 0.0, 0
+    if partial.exists():  # a stopped job goes on from its last checkpoint (resume is bit-identical)
+        saved = json.loads(partial.read_text())
+        trainer.load_checkpoint(Path(saved["checkpoint"]))
+        points, steps, cpu, wall, step = (saved[k] for k in ("points", "steps", "cpu", "wall", "step"))
+        marks = [m for m in marks if m not in {p["minutes"] for p in points}]
+        print(f"[{recipe} s{seed}] resumed at step {step} ({cpu / 120:.2f} min of 2 cores)", flush=True)
+    saved_at = cpu
     while marks:
         c, w = time.process_time(), time.perf_counter()
         metrics = trainer.step(step)
@@ -84,7 +93,8 @@ def run_job(recipe: str, seed: int, args) -> None:
         steps.append({"step": step, "core_minutes": cpu / 120, "reward": metrics[f"rewards/{first}/mean"]})
         print(f"[{recipe} s{seed}] step {step}: {first} {steps[-1]['reward']:.3f} ({cpu / 120:.2f} of "
               f"{marks[-1]} min of 2 cores)", flush=True)
-        if cpu / 120 >= marks[0]:
+        evaluated = cpu / 120 >= marks[0]
+        if evaluated:
             if trainer.ema is not None:
                 trainer.ema.swap()
             with torch.no_grad():
@@ -92,9 +102,19 @@ def run_job(recipe: str, seed: int, args) -> None:
                                "wall_minutes": wall / 60, **evaluate(trainer.adapter, args.n, seed)})
             if trainer.ema is not None:
                 trainer.ema.swap()
-    path = out / "jobs" / f"{recipe}_s{seed}.json"
-    path.with_suffix(".tmp").write_text(json.dumps({"recipe": recipe, "seed": seed, "points": points,
-                                                    "steps": steps}))
+        if marks and (evaluated or cpu - saved_at >= 120):
+            # a checkpoint after each mark and each minute of 2 cores (outside the budget): a stopped job loses
+            # at most a minute
+            directory = trainer.save_checkpoint(step)
+            _write_json(partial, {"checkpoint": str(directory), "points": points, "steps": steps, "cpu": cpu,
+                                  "wall": wall, "step": step})
+            saved_at = cpu
+    _write_json(path, {"recipe": recipe, "seed": seed, "points": points, "steps": steps})
+    partial.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.with_suffix(".tmp").write_text(json.dumps(data))
     path.with_suffix(".tmp").replace(path)
 
 
@@ -115,7 +135,7 @@ def run_all(args) -> None:
         while todo and len(running) < args.jobs:
             recipe, seed = todo.pop(0)
             cmd = [sys.executable, __file__, "--out", args.out, "--n", str(args.n), "--job", recipe, str(seed),
-                   "--marks", *map(str, args.marks), *args.overrides]
+                   "--marks", *map(str, args.marks), "--", *args.overrides]
             log = open(log_dir / f"{recipe}_s{seed}.log", "w")  # noqa: SIM115 - closed when the job ends
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                              env={**os.environ, "OMP_NUM_THREADS": "1"}), f"{recipe}_s{seed}"))
@@ -143,7 +163,7 @@ def _stratified_delta(pairs: list[tuple[torch.Tensor, torch.Tensor]], n_boot: in
 def summarise(out: Path) -> dict:
     """recipe -> minutes -> split -> metric -> delta with interval; plus absolute means per seed."""
     jobs = [json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*_s*.json"))
-            if not p.name.startswith("base")]
+            if not p.name.startswith("base") and not p.name.endswith(".partial.json")]
     base = {int(p.stem.split("_s")[1]): json.loads(p.read_text()) for p in (out / "jobs").glob("base_s*.json")}
     summary: dict = {}
     for recipe in RECIPES:
