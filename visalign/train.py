@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from visalign.trainers import load_train_config, trainer_class
+from visalign.trainers.common import TrainingFault
 
 
 def run(path: str | None, overrides: Sequence[str] = ()):
@@ -42,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"visalign train: error: {err}", file=sys.stderr)
         return 2
+    except TrainingFault as err:
+        print(f"visalign train: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -90,3 +90,29 @@ class Constant(Reward):
     def score(self, *, prompts, images, videos, metadata):
         x = images if images is not None else videos
         return torch.full((x.shape[0],), 0.5)
+
+
+class NaNOnSecondCall(Reward):
+    """Brightness, except that its second call returns NaN for every sample (one step with no valid reward)."""
+
+    name = "test-nan-second"
+    needs_prompts = False
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def score(self, *, prompts, images, videos, metadata):
+        self.calls += 1
+        score = images.mean(dim=(1, 2, 3))
+        return torch.full_like(score, float("nan")) if self.calls == 2 else score
+
+
+class Broken(Reward):
+    """A reward whose code fails (a held-out or trained reward with a bug)."""
+
+    name = "test-broken"
+    needs_prompts = False
+
+    def score(self, *, prompts, images, videos, metadata):
+        raise KeyError("model_head")

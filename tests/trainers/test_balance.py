@@ -305,9 +305,9 @@ def applied_gradients(trainer):
     seen = []
     original = t.optimizer_step
 
-    def record():
+    def record(*args):
         seen.append(torch.cat([p.grad.flatten().clone() for p in t.params]))
-        return original()
+        return original(*args)
 
     t.optimizer_step = record
     metrics = t.step(0)

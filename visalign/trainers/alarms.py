@@ -68,8 +68,11 @@ class AlarmMonitor:
     fired: Alarm | None = None
 
     def update(self, step: int, trained: float, heldout: dict[str, float]) -> Alarm | None:
-        if self.steps and set(heldout) != set(self.heldout):
+        """Add one evaluation. A signal that stops coming (a held-out reward disabled after it raised) is no
+        longer watched; a new one after the first evaluation is an error."""
+        if self.steps and set(heldout) - set(self.heldout):
             raise ValueError(f"held-out signals changed from {sorted(self.heldout)} to {sorted(heldout)}")
+        self.heldout = {name: values for name, values in self.heldout.items() if name in heldout}
         self.steps.append(step)
         self.trained.append(trained)
         for name, value in heldout.items():

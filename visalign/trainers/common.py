@@ -7,6 +7,7 @@ resumed run replays exactly the rollouts and updates of an uninterrupted one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -120,7 +121,13 @@ def score_rewards(reward_fns: dict[str, Reward], images: Tensor, items: list[Pro
     scores, sub = {}, {}
     with torch.no_grad():
         for name, fn in reward_fns.items():
-            result = fn(prompts=prompts, metadata=metadata, allow_invalid=True, **media)
+            try:
+                result = fn(prompts=prompts, metadata=metadata, allow_invalid=True, **media)
+            except Exception as err:  # any fault of a reward's code: named, with the batch it failed on
+                shown = ", ".join(repr(p[:40] + ("…" if len(p) > 40 else "")) for p in prompts[:3])
+                raise RewardFailed(name, f"reward {name!r} raised {type(err).__name__}: {err} (on a batch of "
+                                         f"{len(prompts)} samples; prompts {shown}"
+                                         f"{', …' if len(prompts) > 3 else ''})") from err
             scores[name] = combined(result).float().cpu()
             if isinstance(result, dict):
                 sub.update({f"{name}/{k}": v.float().cpu() for k, v in result.items() if k != "score"})
@@ -194,14 +201,30 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
     return Rollout(_cat_trajectories(parts), torch.cat(images), scores, cond, plan, timings)
 
 
+class TrainingFault(RuntimeError):
+    """A run stopped by a fault it cannot train through (rewards that raise, too many skipped steps, a full
+    disk); the message names the cause, and the last checkpoint is intact."""
+
+
+class RewardFailed(TrainingFault):
+    """A reward raised while scoring; `name` is the reward's."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+class NoValidRewards(RewardError):
+    """Every sample of a step has an invalid reward: the trainer skips the step (and counts it)."""
+
+
 def check_rewards_valid(scores: dict[str, Tensor], names, step: int) -> Tensor:  # scores: Scores.trained
-    """Bool [N]: samples whose every trained reward is finite; all invalid is an error."""
+    """Bool [N]: samples whose every trained reward is finite; all invalid raises NoValidRewards."""
     valid = torch.ones_like(next(iter(scores.values())), dtype=torch.bool)
     for name in names:
         valid &= torch.isfinite(scores[name])
     if not valid.any():
-        raise RewardError(f"step {step}: every sample has an invalid (NaN/inf) reward from "
-                          f"{', '.join(names)}; refusing to update")
+        raise NoValidRewards(f"step {step}: every sample has an invalid (NaN/inf) reward from {', '.join(names)}")
     return valid
 
 
@@ -272,22 +295,48 @@ class EMA(ParamCopy):
 
 
 class TrainerState:
-    """The step counter (and anything else small), saved with the trainer's state."""
+    """The step counter, the skip counts (steps or optimizer steps skipped for invalid rewards or a non-finite
+    loss / gradient: in all, and in a row) and the disabled held-out rewards, saved with the trainer's state."""
 
     def __init__(self):
         self.step = 0
+        self.skipped = 0
+        self.in_a_row = 0
+        self.disabled: list[str] = []  # held-out rewards switched off after they raised
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "skipped": self.skipped, "in_a_row": self.in_a_row, "disabled": self.disabled}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.skipped, self.in_a_row = int(state.get("skipped", 0)), int(state.get("in_a_row", 0))
+        self.disabled = [str(name) for name in state.get("disabled", [])]
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 MANIFEST = "manifest.json"
 STATE_TENSORS, STATE_JSON = "trainer_state.safetensors", "trainer_state.json"
+
+
+def check_writable(directory: Path, field_name: str) -> None:
+    """Create `directory` and write a file in it, or say which setting names a place that cannot be written."""
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{field_name}={str(directory)!r} is not writable: {err.strerror or err}") from err
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, or the messages torch's zip writer and safetensors give
+    for it (`unexpected pos` / `os error 28`)."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    text = str(err)
+    return any(s in text for s in ("No space left", "os error 28", "unexpected pos"))
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -114,6 +114,8 @@ class RunConfig:
     eval_num_prompts: int = field(default=32, metadata={"ge": 1, "help": "evaluation prompts (fixed seeds)"})
     eval_steps: int = field(default=20, metadata={"ge": 1, "help": "ODE steps for evaluation samples"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    skip_limit: int = field(default=3, metadata={"ge": 1, "help": "steps skipped in a row (every reward invalid, "
+                                                  "or a non-finite loss or gradient) before the run stops"})
     alarm: AlarmConfig = field(default_factory=AlarmConfig, metadata={
         "help": "the reward-hacking alarm (visalign.trainers.alarms)"})
 

@@ -43,12 +43,17 @@ from visalign.trainers.alarms import AlarmMonitor
 from visalign.trainers.balance import Balancer, GradientBuffer, diagnostics, output_space_gram
 from visalign.trainers.common import (
     EMA,
+    NoValidRewards,
+    RewardFailed,
     Rollout,
     Scores,
     StepPlan,
     TrainerState,
+    TrainingFault,
     check_rewards_valid,
+    check_writable,
     checkpoint_dirs,
+    disk_full,
     load_rewards,
     load_trainer_state,
     plan_step,
@@ -187,6 +192,7 @@ class OnlineTrainer:
     def __init__(self, cfg, accelerator=None):
         self.cfg = cfg
         self.out = Path(cfg.run.out_dir)
+        check_writable(self.out, "run.out_dir")  # before the model loads
         log_with = None if cfg.run.log_with == "none" else cfg.run.log_with
         self.accelerator = accelerator or Accelerator(
             cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision, log_with=log_with,
@@ -310,20 +316,53 @@ class OnlineTrainer:
         plan = plan_step(self.source, seed=cfg.run.seed, step=step, prompts_per_step=cfg.train.prompts_per_step,
                          group_size=cfg.train.group_size, rank=acc.process_index, world_size=acc.num_processes)
         self.model.eval()
-        ro = rollout(self.adapter, plan, self.rewards, num_steps=cfg.sampling.steps, guidance=cfg.sampling.guidance,
-                     sde=self._sde(step), batch_size=cfg.sampling.batch_size, height=cfg.model.height,
-                     width=cfg.model.width, num_frames=cfg.model.num_frames,
-                     same_noise_per_group=cfg.sampling.same_noise_per_group,
-                     autocast=self.autocast_context,
-                     drift=None if self.drift is None else (self.drift, self.drift_rewards))
+        try:
+            ro = rollout(self.adapter, plan, self.rewards, num_steps=cfg.sampling.steps,
+                         guidance=cfg.sampling.guidance, sde=self._sde(step), batch_size=cfg.sampling.batch_size,
+                         height=cfg.model.height, width=cfg.model.width, num_frames=cfg.model.num_frames,
+                         same_noise_per_group=cfg.sampling.same_noise_per_group, autocast=self.autocast_context,
+                         drift=None if self.drift is None else (self.drift, self.drift_rewards))
+        except RewardFailed as err:  # a trained reward: the run cannot go on without it
+            raise RewardFailed(err.name, f"step {step}: {err}. The last checkpoint is intact") from err.__cause__
         if self.eval_rewards:
-            ro.scores.heldout, sub = score_rewards(self.eval_rewards, ro.images, plan.items)
+            ro.scores.heldout, sub = self.score_heldout(ro.images, plan.items, f"step {step}")
             ro.scores.sub.update(sub)
         gathered = ro.scores.map(lambda v: acc.gather(v.to(acc.device)).cpu())
         groups = torch.arange(plan.total) // cfg.train.group_size
         valid = check_rewards_valid(gathered.trained, list(self.rewards), step)
         self._diversity.append(within_group_diversity(ro.images, plan.groups))
         return RolloutStep(plan, ro, gathered, groups, valid)
+
+    def score_heldout(self, images: torch.Tensor, items, where: str) -> tuple[dict, dict]:
+        """Scores and sub-scores of the held-out rewards. One that raises (on any process) is logged and disabled
+        for the rest of the run, resumes included: held-out rewards only watch, so they never stop a run."""
+        scores, sub, failed = {}, {}, {}
+        for name, fn in self.eval_rewards.items():
+            try:
+                s, b = score_rewards({name: fn}, images, items)
+            except RewardFailed as err:
+                failed[name] = str(err)
+                continue
+            scores.update(s)
+            sub.update(b)
+        acc = self.accelerator
+        if acc.num_processes > 1:  # every process disables the same rewards, or their gathers would not match
+            flags = torch.tensor([float(n in failed) for n in self.eval_rewards], device=acc.device)
+            flags = acc.reduce(flags, reduction="sum").cpu()
+            failed.update({n: "raised on another process" for n, f in zip(self.eval_rewards, flags.tolist(),
+                                                                           strict=True) if f and n not in failed})
+        for name, message in failed.items():
+            self.disable_heldout(name, f"{where}: held-out {message}")
+            scores.pop(name, None)
+            sub = {k: v for k, v in sub.items() if not k.startswith(f"{name}/")}
+        return scores, sub
+
+    def disable_heldout(self, name: str, message: str) -> None:
+        self.eval_rewards.pop(name, None)
+        if name not in self.state.disabled:
+            self.state.disabled.append(name)
+        if self.accelerator.is_main_process:
+            tqdm.write(f"{message}; disabled for the rest of the run")
 
     def micro_context(self, last: bool):
         """Context for one micro-batch's forward and backward: gradients sync across processes only on the
@@ -336,12 +375,17 @@ class OnlineTrainer:
         return stack
 
     # ---- gradient-space balancing ------------------------------------------------------------------------
-    def balance_update(self) -> tuple[torch.Tensor, dict]:
-        """Average the per-reward gradients over processes, refresh the balancer from their Gram matrix."""
+    def balance_update(self) -> tuple[torch.Tensor | None, dict]:
+        """Average the per-reward gradients over processes, refresh the balancer from their Gram matrix. A
+        non-finite Gram (a non-finite loss or gradient) leaves the balancer as it was and returns None: the
+        optimizer step is skipped."""
         self.grad_buffer.reduce(self.accelerator)
+        gram = self.grad_buffer.gram()
+        if not torch.isfinite(gram).all():
+            return None, {}
         track = self.cfg.train.balance.track
         tracked = self.grad_buffer.track(track) if track > 0 else None
-        return self.balancer.update(self.grad_buffer.gram(), tracked)
+        return self.balancer.update(gram, tracked)
 
     def balance_context(self):
         """Per-reward gradients are taken with autograd.grad and reduced by hand: no DDP sync, autocast as usual."""
@@ -351,16 +395,39 @@ class OnlineTrainer:
         tc = self.cfg.train
         return tc.lr * lr_factor(step, tc.lr_schedule, tc.lr_warmup_steps, tc.max_steps)
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, skip: bool = False) -> float:
         """Clip gradients, set the scheduled learning rate of the current trainer step, step, zero them;
-        returns the gradient norm before clipping."""
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+        returns the gradient norm before clipping. A non-finite norm (from a non-finite loss or gradient; every
+        process sees the same reduced norm) or `skip` drops the gradients without stepping: counted, and
+        `run.skip_limit` such in a row stop the run."""
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
+        if skip or not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skip("a non-finite loss or gradient norm", "optimizer step")
+            return grad_norm
         lr = self.scheduled_lr(self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        self.state.in_a_row = 0
+        return grad_norm
+
+    def skip(self, why: str, what: str = "step") -> None:
+        """Count a skipped step or optimizer step; `run.skip_limit` in a row stop the run, its last checkpoint
+        left as it was."""
+        st, limit = self.state, self.cfg.run.skip_limit
+        st.skipped += 1
+        st.in_a_row += 1
+        self._skipped_now += 1
+        if self.accelerator.is_main_process:
+            tqdm.write(f"step {st.step}: {what} skipped ({why}); {st.in_a_row} in a row, limit {limit}")
+        if st.in_a_row >= limit:
+            last = checkpoint_dirs(self.out)
+            raise TrainingFault(f"stopped at step {st.step}: {st.in_a_row} {what}s in a row skipped, the last for "
+                                f"{why} (run.skip_limit={limit}). The last checkpoint "
+                                f"({last[-1] if last else 'none yet'}) is intact; lower train.lr or "
+                                "train.max_grad_norm, or check the rewards, then resume")
 
     # ---- what a recipe supplies ----------------------------------------------------------------------------
     drop_zero_spread_groups = False  # mask groups whose rewards have no spread (their advantages are all 0)
@@ -412,9 +479,16 @@ class OnlineTrainer:
         return StepData(rs=rs, adv=a.adv, per_reward_adv=a.per_reward, mask=a.mask, metrics=metrics)
 
     def step(self, step: int) -> dict:
-        """One step: collect, weigh, then the micro-batches' updates. Returns the step's metrics."""
+        """One step: collect, weigh, then the micro-batches' updates. Returns the step's metrics. A step whose
+        every sample has an invalid reward is skipped (and counted, see `skip`)."""
         t0 = time.perf_counter()
-        data = self.collect(step)
+        self._skipped_now = 0
+        try:
+            data = self.collect(step)
+        except NoValidRewards as err:
+            self.skip(str(err).split(": ", 1)[1])
+            return {"step": step, **{f"rewards/{name}/mean": math.nan for name in self.cfg.rewards},
+                    "skipped": 1, "skipped_total": self.state.skipped, "time/step": time.perf_counter() - t0}
         self.weigh(data)
         t_train = time.perf_counter()
         micro = self.micro_batches(data, step)
@@ -424,7 +498,8 @@ class OnlineTrainer:
         if self.ema is not None:
             self.ema.update(step)
         metrics.update(self.step_metrics(data))
-        metrics.update({"time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0})
+        metrics.update({"skipped": self._skipped_now, "skipped_total": self.state.skipped,
+                        "time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0})
         return metrics
 
     def update(self, data: StepData, micro: list[MicroBatch], step: int) -> tuple[dict[str, list], dict]:
@@ -442,6 +517,7 @@ class OnlineTrainer:
         logs: dict[str, list[float]] = {}
         balance_logs: dict[str, float] = {}
         self.first_micro_metrics = None
+        skip_optimizer_step = False  # a non-finite Gram of per-reward gradients
         self.model.train()
         for i, (mb, (size, last)) in enumerate(zip(micro, schedule, strict=True)):
             prepared = self.prepare_micro(data, mb)
@@ -462,9 +538,10 @@ class OnlineTrainer:
                     acc.backward(total * loss / size)
                 if last:
                     gram = acc.reduce(gram.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else gram
-                    _, balance_logs = self.balancer.update(gram)
-                    # The logged weights and cosines are those of the update just applied, not of the next one.
-                    balance_logs.update(diagnostics(gram, alpha, list(self.cfg.rewards)))
+                    if torch.isfinite(gram).all():  # else the optimizer step below sees a non-finite norm
+                        _, balance_logs = self.balancer.update(gram)
+                        # The logged weights and cosines are those of the update just applied, not the next one's.
+                        balance_logs.update(diagnostics(gram, alpha, list(self.cfg.rewards)))
                     gram = torch.zeros_like(gram)
             elif tc.balance.amortized and not (refresh and i < n_refresh):
                 r_bar, total = blend_reward_weights(self.balancer.alpha, r_k)
@@ -480,14 +557,18 @@ class OnlineTrainer:
                         self.grad_buffer.add(k, loss / size, retain_graph=k + 1 < len(r_k))
                 if last or (tc.balance.amortized and i == n_refresh - 1):
                     alpha, balance_logs = self.balance_update()
-                    self.grad_buffer.apply(alpha)
+                    if alpha is None:
+                        skip_optimizer_step = True
+                    else:
+                        self.grad_buffer.apply(alpha)
                     self.grad_buffer.zero()
             if self.first_micro_metrics is None:
                 self.first_micro_metrics = m
             for key, value in m.items():
                 logs.setdefault(key, []).append(value)
             if last:
-                logs.setdefault("grad_norm", []).append(self.optimizer_step())
+                logs.setdefault("grad_norm", []).append(self.optimizer_step(skip_optimizer_step))
+                skip_optimizer_step = False
                 self.after_optimizer_step()
         return logs, balance_logs
 
@@ -512,7 +593,12 @@ class OnlineTrainer:
         finally:
             if self.ema is not None:
                 self.ema.swap()
-        scores, sub = score_rewards({**self.rewards, **self.eval_rewards}, images, items)
+        try:
+            scores, sub = score_rewards(self.rewards, images, items)
+        except RewardFailed as err:
+            raise RewardFailed(err.name, f"evaluation at step {step}: {err}") from err.__cause__
+        heldout, heldout_sub = self.score_heldout(images, items, f"evaluation at step {step}")
+        scores, sub = {**scores, **heldout}, {**sub, **heldout_sub}
         metrics = {f"eval/{k}/mean": v[torch.isfinite(v)].mean().item() for k, v in {**scores, **sub}.items()}
         if self.accelerator.is_main_process:
             save_pixels(images[:32] if images.ndim == 4 else images[:8], self.out / "samples" /
@@ -525,14 +611,27 @@ class OnlineTrainer:
         if acc.is_main_process and directory.exists():  # left by a crash (or damaged): never mixed into the new one
             shutil.rmtree(directory)
         acc.wait_for_everyone()
-        acc.save_state(str(directory), safe_serialization=True)  # model, optimizer
-        acc.wait_for_everyone()
+        try:
+            acc.save_state(str(directory), safe_serialization=True)  # model, optimizer
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_trainer_state({"setup": self._setup(), **{name: obj.state_dict()
+                                                               for name, obj in self.checkpointed.items()}}, directory)
+                if self.cfg.model.finetune == "lora":
+                    self.adapter.save_lora(directory / "lora")
+                write_manifest(directory, step)
+        except (OSError, RuntimeError) as err:  # the half-written directory goes; the earlier ones stay
+            if acc.is_main_process:
+                shutil.rmtree(directory, ignore_errors=True)
+            if not disk_full(err):
+                raise
+            previous = checkpoint_dirs(self.out)
+            raise TrainingFault(
+                f"no space left on the device writing {directory} ({shutil.disk_usage(self.out).free / 2**20:.0f} "
+                f"MiB free): the checkpoint was not saved; the previous one ("
+                f"{previous[-1] if previous else 'none yet'}) is intact. Free space (or lower "
+                "run.checkpoints_total_limit), then resume") from err
         if acc.is_main_process:
-            save_trainer_state({"setup": self._setup(), **{name: obj.state_dict()
-                                                           for name, obj in self.checkpointed.items()}}, directory)
-            if self.cfg.model.finetune == "lora":
-                self.adapter.save_lora(directory / "lora")
-            write_manifest(directory, step)
             prune_checkpoints(self.out, self.cfg.run.checkpoints_total_limit)
         acc.wait_for_everyone()
         return directory
@@ -600,6 +699,8 @@ class OnlineTrainer:
         self.accelerator.load_state(str(directory))  # model and optimizer (safetensors, weights_only loads)
         for name, obj in self.checkpointed.items():
             obj.load_state_dict(states[name])
+        for name in self.state.disabled:  # held-out rewards that raised earlier in this run stay off
+            self.eval_rewards.pop(name, None)
         if self.state.step != step:
             raise ValueError(f"checkpoint {directory}: manifest step {step} != saved trainer step {self.state.step}")
 
@@ -627,7 +728,7 @@ class OnlineTrainer:
         if self.alarm is None:
             return False
         trained = sum(w * metrics[f"eval/{name}/mean"] for name, w in self.cfg.rewards.items())
-        heldout = {name: metrics[f"eval/{name}/mean"] for name in self.cfg.eval_rewards}
+        heldout = {name: metrics[f"eval/{name}/mean"] for name in self.eval_rewards}
         if self._diversity:
             heldout["diversity"] = sum(self._diversity) / len(self._diversity)
             metrics["eval/diversity"] = heldout["diversity"]
