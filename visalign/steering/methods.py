@@ -64,8 +64,15 @@ class FKSteering:
     `every` steps in [start, end), plus the final step) and ESS < `ess_threshold` × k (None: always), each
     prompt's particles are resampled by `scheme`; every per-particle state follows its ancestor. The final step
     applies the correction so each lineage's product of potentials is exp(lambda r(x0)), then resamples.
-    `select`: "best" returns each prompt's highest-reward final particle, "weighted" one particle drawn by the
-    final weights (a sample from the tilted distribution).
+    `select`: "best" returns each prompt's highest-reward final particle (the reference code's output),
+    "weighted" one particle drawn by the final weights (a sample from the tilted distribution).
+
+    Potentials: the default, "diff" (lambda (r_t - r_prev)), makes every intermediate target p_t · exp(lambda r_t)
+    and converges to the exp(lambda r)-tilted distribution as k grows (on the closed-form 1-D Gaussian case with
+    k=256: mean 1.04 and variance 0.96 against 1 and 1). "max", "sum" and "rt" (the reference's default is "max")
+    trade exactness for reward: resampled every step they push particles far past the target before the final
+    correction can undo it (same case: mean 4.6, 6.2, 4.6 against 1; "max" every 5 steps: 1.4). Use them, with
+    select="best", when only the reward matters.
 
     `proposal_scale` > 0 turns on a gradient-guided proposal (TDS / DAS style): on stochastic steps the mean
     moves by proposal_scale × std² × lambda × grad r(decode(x0-prediction)) (the twist's gradient, with the
@@ -74,7 +81,7 @@ class FKSteering:
     differentiable rewards."""
 
     k: int = 4
-    potential: str = "max"
+    potential: str = "diff"
     lam: float = 10.0
     every: int = 1
     start: int = 0
