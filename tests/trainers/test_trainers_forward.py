@@ -401,6 +401,60 @@ def test_offline_dpo_trains_from_real_image_files(tiny_run, tmp_path):
     assert any(not torch.equal(b, p) for b, p in zip(before, t.params, strict=True))
 
 
+def test_dpo_ties_loss_by_hand():
+    from visalign.trainers.losses import dpo_ties_loss
+
+    err_w, err_l = torch.tensor([0.2, 0.5]), torch.tensor([0.6, 0.5])
+    ref_w, ref_l = torch.tensor([0.4, 0.3]), torch.tensor([0.4, 0.3])
+    beta, eta = 10.0, math.log(2)
+    # margins: d0 = -5 * ((0.2-0.4) - (0.6-0.4)) = 2.0 (decided); d1 = -5 * (0.2 - 0.2) = 0 (tie)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    win = -math.log(sig(2.0 - eta))
+    tie = -math.log((math.exp(2 * eta) - 1) * sig(-eta) * sig(-eta))  # = -log(1/3) at eta = log 2, d = 0
+    assert tie == pytest.approx(math.log(3))
+    loss, m = dpo_ties_loss(err_w, err_l, ref_w, ref_l, beta, torch.tensor([False, True]), eta)
+    assert loss.item() == pytest.approx((win + tie) / 2, rel=1e-6)
+    assert m["tie_fraction"] == 0.5 and m["implicit_accuracy"] == 1.0
+    # A tie's loss is lowest at margin 0 and symmetric: it pulls towards "equal", not towards either side.
+    f = lambda d: dpo_ties_loss(torch.tensor([0.0]), torch.tensor([2 * d / beta]), torch.zeros(1), torch.zeros(1),  # noqa: E731
+                                beta, torch.tensor([True]), eta)[0].item()
+    assert f(0.0) < f(0.5) == pytest.approx(f(-0.5)) and f(0.5) < f(1.0)
+
+
+def _tie_run(tiny_run, tmp_path, ties, *extra):
+    rows = [{"prompt": "a red circle", "chosen": "img/a.png", "rejected": "img/b.png"},
+            {"prompt": "two blue squares", "chosen": "img/c.png", "rejected": "img/a.png", "tie": True}]
+    path = _pair_file(tmp_path, rows)
+    wc = tmp_path / "w.safetensors"
+    WorldAdapter.random(0).save_pretrained(wc)
+    return tiny_run(*FORWARD, "train.mode=offline", f"train.pairs={path}", "train.pairs_per_step=2",
+                    "model.finetune=full", "model.height=32", "model.width=32", f"model.path={wc}", "rewards={}",
+                    "train.max_steps=1", f"train.ties={ties}", *extra, trainer="flow_dpo", model="world",
+                    out=tmp_path / f"run-{ties}")
+
+
+def test_offline_dpo_drops_ties_by_default_and_counts_them(tiny_run, tmp_path, capsys):
+    t = FlowDPOTrainer(_tie_run(tiny_run, tmp_path, "drop"))
+    assert [p.prompt for p in t.pairs] == ["a red circle"]
+    assert "dropped 1 tie pair(s) of 2" in capsys.readouterr().out
+    assert t.train()[0]["pairs_ties_dropped"] == 1
+    only_ties = tmp_path / "ties"
+    only_ties.mkdir()
+    path = _pair_file(only_ties, [{"prompt": "p", "chosen": "img/a.png", "rejected": "img/b.png", "tie": True}])
+    with pytest.raises(ValueError, match="every pair is a tie"):
+        FlowDPOTrainer(_tie_run(tiny_run, tmp_path, "drop", f"train.pairs={path}"))
+
+
+def test_offline_dpo_trains_ties_with_rao_kupper(tiny_run, tmp_path):
+    history = FlowDPOTrainer(_tie_run(tiny_run, tmp_path, "rao_kupper")).train()
+    # At step 0 the policy is the reference, so every margin is 0: a decided pair's -log sigmoid(-log 2) and a
+    # tie's -log(3 sigmoid(-log 2)^2) are both log 3 (a win, a loss and a tie equally likely).
+    assert history[0]["train/dpo_loss"] == pytest.approx(math.log(3), abs=1e-5)
+    assert "train/tie_fraction" in history[0]
+    with pytest.raises(ValueError, match="tie_eta"):
+        _tie_run(tiny_run, tmp_path, "rao_kupper", "train.tie_eta=0")
+
+
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "p", "chosen": "img/a.png", "rejected": "img/missing.png"}, r"pairs.jsonl:2: 'rejected' image"),
     ({"prompt": "p", "chosen": "img/a.png", "rejected": "img/b.png", "tie": "maybe"}, r"pairs.jsonl:2: 'tie' must"),
@@ -483,7 +537,7 @@ def test_offline_dpo_trains_from_video_pairs(tiny_run, tmp_path):
     cfg = tiny_run(*FORWARD, "train.mode=offline", f"train.pairs={path}", "train.pairs_per_step=2",
                    *REQUESTS["tiny-wan"], "rewards={}", trainer="flow_dpo", model="tiny-wan", out=tmp_path / "run")
     t = FlowDPOTrainer(cfg)
-    x_w, x_l, _, _, _ = t._offline_batch(0)
+    x_w, x_l, *_ = t._offline_batch(0)
     assert x_w.shape == x_l.shape == (2, *t.adapter.latent_shape(16, 16, 5))  # [B, C, f, h, w]
     before = [p.detach().clone() for p in t.params]
     history = t.train()

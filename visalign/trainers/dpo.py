@@ -12,7 +12,9 @@ predictions; online DPO refreshes it every `train.ref_update_every` steps (flow_
 - offline: `train.pairs` is a JSONL pair file (`visalign.pairs`) of images, or for video models
   (`model.num_frames`) of videos (animated GIFs or frame directories, `model.num_frames` frames each); every row
   is checked, and every image or frame must have the model's height × width, before any model loads. Each step
-  draws `train.pairs_per_step` pairs and encodes them with the adapter's VAE.
+  draws `train.pairs_per_step` pairs and encodes them with the adapter's VAE. Rows marked `"tie": true` are
+  dropped and counted (`train.ties: drop`), or trained as ties with the Rao-Kupper likelihood (`rao_kupper`,
+  `losses.dpo_ties_loss`), never as preferences.
 - online: each rollout group gives one pair, its best and worst sample by reward (groups whose rewards are all
   equal are skipped); `train.gap_weighting` scales each pair by its reward gap (GAPO).
 
@@ -23,6 +25,7 @@ predictions; online DPO refreshes it every `train.ref_update_every` steps (flow_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,7 +37,7 @@ from visalign.trainers.common import ParamCopy, step_generator
 from visalign.trainers.config import RecipeConfig, SamplingConfig, ode_sampling
 from visalign.trainers.engine import MicroBatch, MicroLoss, StepData
 from visalign.trainers.forward import ForwardTrainConfig, ForwardTrainer, noised
-from visalign.trainers.losses import dpo_loss, per_sample_mse
+from visalign.trainers.losses import dpo_loss, dpo_ties_loss, per_sample_mse
 
 
 @dataclass
@@ -51,6 +54,11 @@ class DPOTrainConfig(ForwardTrainConfig):
     sigma_sampling: Literal["grid", "logit_normal"] = field(default="logit_normal", metadata={
         "help": "noise levels: logit-normal (Flow-DPO) or the sampler's grid"})
     timesteps_per_sample: int = field(default=1, metadata={"ge": 1, "help": "noise levels trained per pair per step"})
+    ties: Literal["drop", "rao_kupper"] = field(default="drop", metadata={
+        "help": "offline: pairs marked tie are dropped (and counted) or trained as ties (Rao-Kupper, DPO-RK)"})
+    tie_eta: float = field(default=math.log(2.0), metadata={
+        "gt": 0, "help": "rao_kupper: eta = log(nu); at equal policy and reference a win, a loss and a tie are "
+                         "equally likely at log 2"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -112,8 +120,19 @@ class FlowDPOTrainer(ForwardTrainer):
         if cfg.train.mode == "offline":
             # Every row, size and (video) frame count is checked before any model loads; errors name the row.
 
-            self.pairs = read_pairs(cfg.train.pairs, size=(cfg.model.height, cfg.model.width),
-                                    num_frames=cfg.model.num_frames)
+            pairs = read_pairs(cfg.train.pairs, size=(cfg.model.height, cfg.model.width),
+                               num_frames=cfg.model.num_frames)
+            self.ties_dropped = 0
+            if cfg.train.ties == "drop":  # a tie's chosen / rejected order means nothing: never a preference
+                self.ties_dropped = sum(p.tie for p in pairs)
+                pairs = [p for p in pairs if not p.tie]
+                if not pairs:
+                    raise ValueError(f"train.pairs={cfg.train.pairs}: every pair is a tie, and train.ties=drop "
+                                     "drops ties; set train.ties=rao_kupper to train on them")
+                if self.ties_dropped and self.accelerator.is_main_process:
+                    print(f"offline DPO: dropped {self.ties_dropped} tie pair(s) of {len(pairs) + self.ties_dropped}"
+                          " (train.ties=drop; rao_kupper trains them as ties)")
+            self.pairs = pairs
         super()._build()
         if cfg.train.mode == "offline" and not self.adapter.is_video and cfg.model.num_frames is not None:
             raise ValueError(f"model.num_frames={cfg.model.num_frames} makes offline DPO read video pairs, but "
@@ -151,7 +170,8 @@ class FlowDPOTrainer(ForwardTrainer):
         x_w, x_l = encode([p.chosen for p in mine]), encode([p.rejected for p in mine])
         cond = self.adapter.encode_prompts([p.prompt for p in mine],
                                            cfg=self.adapter.guidance == "cfg" and cfg.train.train_guidance > 1)
-        return x_w, x_l, cond, torch.ones(len(mine)), {}
+        ties = torch.tensor([p.tie for p in mine], dtype=torch.bool)
+        return x_w, x_l, cond, torch.ones(len(mine)), ties, {"pairs_ties_dropped": self.ties_dropped}
 
     def _online_batch(self, step: int):
         rs = self.rollout_step(step)
@@ -167,14 +187,16 @@ class FlowDPOTrainer(ForwardTrainer):
         x0 = rs.ro.traj.final.float()
         metrics = {**rs.ro.timings, **rs.gathered.metrics(), "pairs": len(winners),
                    "pair_gap_mean": float(gaps.mean()) if len(gaps) else 0.0, "invalid_rewards": int((~rs.valid).sum())}
-        return x0[w_idx], x0[l_idx], rs.ro.cond.index(w_idx), pair_weight, metrics
+        return x0[w_idx], x0[l_idx], rs.ro.cond.index(w_idx), pair_weight, torch.zeros(len(w_idx), dtype=torch.bool), \
+            metrics
 
     def collect(self, step: int) -> StepData:
         """A batch of preference pairs: drawn from the pair file (offline) or each rollout group's best and worst
         sample (online); the weights are the pairs' (1, or their reward gap with GAPO)."""
         batch = self._offline_batch(step) if self.cfg.train.mode == "offline" else self._online_batch(step)
-        x_w, x_l, cond, pair_weight, metrics = batch
-        return StepData(weights=pair_weight, metrics=metrics, extra={"x_w": x_w, "x_l": x_l, "cond": cond})
+        x_w, x_l, cond, pair_weight, ties, metrics = batch
+        return StepData(weights=pair_weight, metrics=metrics, extra={"x_w": x_w, "x_l": x_l, "cond": cond,
+                                                                     "ties": ties})
 
     def weigh(self, data: StepData) -> None:
         """The pair weights are set by `collect`."""
@@ -201,7 +223,12 @@ class FlowDPOTrainer(ForwardTrainer):
         idx, sigma = mb.idx, mb.sigma
         err_w = self.errors(data.extra["x_w"][idx], noise, sigma, cond)
         err_l = self.errors(data.extra["x_l"][idx], noise, sigma, cond)
-        return MicroLoss(lambda weights: dpo_loss(err_w, err_l, ref_w, ref_l, self.cfg.train.beta, weights[idx]))
+        train = self.cfg.train
+        if train.mode == "offline" and train.ties == "rao_kupper":
+            ties = data.extra["ties"][idx]
+            return MicroLoss(lambda weights: dpo_ties_loss(err_w, err_l, ref_w, ref_l, train.beta, ties,
+                                                           train.tie_eta, weights[idx]))
+        return MicroLoss(lambda weights: dpo_loss(err_w, err_l, ref_w, ref_l, train.beta, weights[idx]))
 
     def after_update(self, data: StepData, step: int) -> dict:
         train = self.cfg.train

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -83,6 +85,30 @@ def dpo_loss(err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor,
         metrics = {"dpo_loss": loss.item(), "implicit_accuracy": (inside > 0).float().mean().item(),
                    "implicit_margin": inside.mean().item(), "err_winner": err_w.mean().item(),
                    "err_loser": err_l.mean().item(), "ref_err_winner": ref_err_w.mean().item()}
+    return loss, metrics
+
+
+def dpo_ties_loss(err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, beta: float, tie: Tensor,
+                  eta: float, weight: Tensor | None = None) -> tuple[Tensor, dict]:
+    """DPO with ties under Rao-Kupper (Rao & Kupper 1967; DPO-RK, Chen et al. 2024, arXiv 2409.17431, Eq. 9-10):
+    with the DPO margin d = -beta/2 * [(err_w - ref_err_w) - (err_l - ref_err_l)] and eta = log(nu) > 0,
+
+        P(w > l) = sigmoid(d - eta),   P(tie) = (e^{2 eta} - 1) sigmoid(d - eta) sigmoid(-d - eta),
+
+    so a tied pair pulls its margin towards 0 rather than towards one side. `tie` [B] bool; `weight` as dpo_loss."""
+    d = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
+    log_win = torch.nn.functional.logsigmoid(d - eta)
+    log_tie = (2 * eta + math.log(-math.expm1(-2 * eta)) + log_win
+               + torch.nn.functional.logsigmoid(-d - eta))  # log(e^{2 eta} - 1), stable
+    per_pair = -torch.where(tie.to(d.device), log_tie, log_win)
+    w = torch.ones_like(per_pair) if weight is None else weight.to(per_pair)
+    loss = (per_pair * w).sum() / w.sum().clamp(min=1e-12)
+    with torch.no_grad():
+        decided = ~tie.to(d.device)
+        metrics = {"dpo_loss": loss.item(), "implicit_margin": d.mean().item(),
+                   "implicit_accuracy": (d[decided] > 0).float().mean().item() if decided.any() else float("nan"),
+                   "tie_fraction": tie.float().mean().item(),
+                   "tie_margin_abs": d[~decided].abs().mean().item() if (~decided).any() else float("nan")}
     return loss, metrics
 
 
