@@ -83,8 +83,36 @@ def test_generate_matches_the_base_column_and_score_an_upload(served, tmp_path):
     assert scores["data"] == [["saturation", 1.0]]
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_a_huge_image_is_refused_before_it_is_decoded(served, tmp_path):
+    client, _, _ = served
+    path = tmp_path / "huge.png"
+    Image.new("L", (6000, 6000), 0).save(path, optimize=True)  # ~35 KB on disk, 36 M pixels decoded
+    assert path.stat().st_size < 200_000
+    before = _rss_mb()
+    with pytest.raises(Exception, match=r"6000 x 6000 = 36,000,000 pixels; at most 1,048,576"):
+        client.predict(gradio_client.handle_file(str(path)), "a red circle", ["saturation"], api_name="/score")
+    assert _rss_mb() - before < 200  # the server runs in this process
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
+    with pytest.raises(Exception, match="not an image this demo can read"):
+        client.predict(gradio_client.handle_file(str(text)), "a red circle", ["saturation"], api_name="/score")
+    with pytest.raises(Exception, match="Invalid file type"):
+        client.predict(gradio_client.handle_file(str(text.rename(tmp_path / "notes.txt"))), "a red circle",
+                       ["saturation"], api_name="/score")
+
+
 @pytest.mark.parametrize("args, message", [
     (("", 0, 6, 3.0, 32, 1), "enter a prompt"),
+    (("a purple circle", 0, 6, 3.0, 32, 1), "cannot read this prompt: words outside the world's vocabulary: "
+                                            "purple"),
+    (("two " * 400, 0, 6, 3.0, 32, 1), "the prompt has 1599 characters; at most 500"),
+    ((PROMPT, 2**63, 6, 3.0, 32, 1), "seed must be a whole number between 0 and 2147483647"),
+    ((PROMPT, -1, 6, 3.0, 32, 2), "seed must be a whole number between 0 and 2147483646"),
     ((PROMPT, 0, 500, 3.0, 32, 1), "steps must be between|greater than maximum value 50"),
     ((PROMPT, 0, 6, 3.0, 64, 1), "32"),
     ((PROMPT, 0, 6, 3.0, 32, 99), "samples must be between|greater than maximum value 8"),
@@ -93,6 +121,21 @@ def test_bad_input_is_a_clear_error(served, args, message):
     client, _, _ = served
     with pytest.raises(Exception, match=message):
         client.predict(*args, api_name="/generate")
+
+
+def test_concurrent_steered_requests_keep_their_own_counts(tmp_path):
+    # Eight FK requests with different particle counts, four served at once on one shared model: every one
+    # succeeds, and its NFE is its own (k particles x steps), not a mix of the overlapping requests'.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from visalign.demo.app import Demo
+
+    demo = Demo(DemoConfig(rewards=["world-verifier"]))
+    ks = [1, 2, 3, 4, 1, 2, 3, 4]
+    with ThreadPoolExecutor(4) as pool:
+        reports = list(pool.map(lambda k: demo.steered(PROMPT, 0, 5, 3.0, 32, 1, "fk", k, 10.0)[1], ks))
+    assert [r["nfe"] for r in reports] == [k * 5 * 2 for k in ks]  # CFG: two branches per sample
+    assert "predict_velocity" not in vars(demo.base)  # the shared adapter was never patched
 
 
 def test_run_view_and_file_access(served):

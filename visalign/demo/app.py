@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -52,6 +53,9 @@ class DemoConfig:
     max_steps: int = 50
     max_samples: int = 8
     max_particles: int = 8
+    max_prompt_chars: int = 500
+    max_upload_mb: float = 10.0  # enforced by gradio before the upload is stored, and again before decoding
+    max_pixels: int = 1024 * 1024  # width x height of an uploaded image, read from its header before decoding
 
     def __post_init__(self):
         for label, path in self.checkpoints.items():
@@ -64,6 +68,11 @@ class DemoConfig:
             raise ValueError(f"runs directory {self.runs_dir!r} does not exist")
         if not self.rewards:
             raise ValueError("the demo needs at least one reward")
+        for name in ("max_steps", "max_samples", "max_particles", "max_prompt_chars", "max_pixels"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"demo {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.max_upload_mb < float("inf"):
+            raise ValueError(f"demo max_upload_mb must be a positive number, got {self.max_upload_mb}")
 
         world = self.model == "world"
         if self.steer_rewards is None:
@@ -76,6 +85,14 @@ class DemoConfig:
 
 class DemoError(ValueError):
     """Bad input from the page; shown as a message (gr.Error), never a traceback."""
+
+
+MAX_SEED = 2**31 - 1
+
+
+def _excerpt(text: str, n: int = 60) -> str:
+    """A prompt as it may appear in a message or a log: never whole when long."""
+    return repr(text if len(text) <= n else text[:n] + f"… ({len(text)} characters)")
 
 
 def _quantise(pixels: torch.Tensor) -> torch.Tensor:
@@ -114,10 +131,9 @@ class Demo:
         return self._aligned[label]
 
     # ---- validation --------------------------------------------------------------------------------------
-    def check(self, prompt: str, steps: int, guidance: float, size: int, n: int) -> tuple[str, int, int]:
-        prompt = (prompt or "").strip()
-        if not prompt:
-            raise DemoError("enter a prompt")
+    def check(self, prompt: str, steps: int, guidance: float, size: int, n: int, seed=0) -> tuple[str, int, int]:
+        prompt = self.check_prompt(prompt)
+        self.check_seed(seed, n)
         steps, n, size = int(steps), int(n), int(size)
         if not 1 <= steps <= self.cfg.max_steps:
             raise DemoError(f"steps must be between 1 and {self.cfg.max_steps}, got {steps}")
@@ -130,6 +146,31 @@ class Demo:
         except ValueError as err:
             raise DemoError(str(err)) from None
         return prompt, steps, n
+
+    def check_prompt(self, prompt) -> str:
+        """A non-empty prompt of at most max_prompt_chars that the model's text encoder can read."""
+        prompt = (prompt if isinstance(prompt, str) else "").strip()
+        if not prompt:
+            raise DemoError("enter a prompt")
+        if len(prompt) > self.cfg.max_prompt_chars:
+            raise DemoError(f"the prompt has {len(prompt)} characters; at most {self.cfg.max_prompt_chars}")
+        try:
+            self.base.encode_prompts([prompt], cfg=False)
+        except ValueError as err:  # e.g. words outside the world's vocabulary
+            raise DemoError(f"the model cannot read this prompt: {err}") from None
+        return prompt
+
+    def check_seed(self, seed, n: int = 1) -> int:
+        """An integer in [0, MAX_SEED - n + 1]: the samples use seed .. seed + n - 1, all distinct and in range
+        (torch reduces larger seeds modulo 2^63, so 2^63 would silently be seed 0)."""
+        try:
+            value = float(seed)
+        except (TypeError, ValueError):
+            raise DemoError(f"seed must be a whole number, got {_excerpt(str(seed))}") from None
+        top = MAX_SEED - max(int(n), 1) + 1
+        if not value.is_integer() or not 0 <= value <= top:
+            raise DemoError(f"seed must be a whole number between 0 and {top}, got {_excerpt(str(seed), 30)}")
+        return int(value)
 
     # ---- generation and scoring --------------------------------------------------------------------------
     @torch.no_grad()
@@ -147,8 +188,9 @@ class Demo:
             rewards, options = self.cfg.guidance_rewards, {"scale": float(lam)}
         else:
             rewards = self.cfg.steer_rewards
+            # the demo shows FK's best particle: "max" potentials, chosen for reward (see FKSteering)
             options = {"n": int(k)} if method == "best_of_n" else {"k": int(k), "lam": float(lam), "every": 4,
-                                                                  "keep_x0": True}
+                                                                  "potential": "max", "keep_x0": True}
         if method in ("best_of_n", "fk") and not 1 <= int(k) <= self.cfg.max_particles:
             raise DemoError(f"particles / candidates must be between 1 and {self.cfg.max_particles}")
         out = steer(self.base, [prompt] * n, rewards, method, steps=steps, guidance=guidance, height=size,
@@ -189,7 +231,7 @@ class Demo:
 
     def compare(self, prompt, seed, steps, guidance, size, n, aligned, method, k, lam, rewards):
         """Every column on the same prompt and seeds; returns the page's outputs (see `build_app`)."""
-        prompt, steps, n = self.check(prompt, steps, guidance, size, n)
+        prompt, steps, n = self.check(prompt, steps, guidance, size, n, seed)
         size, seed, guidance = int(size), int(seed), float(guidance)
         if method not in STEER_METHODS:
             raise DemoError(f"steering method must be one of {', '.join(STEER_METHODS)}")
@@ -213,20 +255,57 @@ class Demo:
         return gallery, slider, table, bars, winners, lineage_fig, x0_gallery, ess
 
     def generate(self, prompt, seed, steps, guidance, size, n):
-        prompt, steps, n = self.check(prompt, steps, guidance, size, n)
+        prompt, steps, n = self.check(prompt, steps, guidance, size, n, seed)
         imgs = self.samples("base", prompt, int(seed), steps, float(guidance), int(size), n)
         return [(_pil(img, self.scale), f"base · seed {int(seed) + j}") for j, img in enumerate(imgs)]
 
-    def score(self, image, prompt, rewards):
-        """Score an uploaded image (numpy HWC uint8) with the selected rewards."""
-        import pandas as pd
-
+    def read_upload(self, image) -> torch.Tensor:
+        """An uploaded image as [1, 3, H, W] in [0, 1]: a file path (the page's upload) or an HWC uint8 array.
+        A file's size and its header's width x height are checked before any pixel is decoded, so a small file
+        that would decode to gigabytes (a 6000 x 6000 PNG is 117 KB) is refused cheaply."""
         if image is None:
             raise DemoError("upload an image")
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            size = path.stat().st_size
+            if size > self.cfg.max_upload_mb * 2**20:
+                raise DemoError(f"the file is {size / 2**20:.1f} MB; at most {self.cfg.max_upload_mb:g} MB")
+            try:
+                with Image.open(path) as im:  # reads the header only
+                    self._check_pixels(*im.size)
+                    image = np.asarray(im.convert("RGB"))
+            except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
+                if isinstance(err, DemoError):
+                    raise
+                raise DemoError("the upload is not an image this demo can read (PNG, JPEG, WebP, BMP or GIF)") \
+                    from None
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise DemoError(f"expected an image of height x width x channels, got shape {image.shape}")
+        self._check_pixels(image.shape[1], image.shape[0])
+        if image.shape[2] == 1:
+            image = np.repeat(image, 3, axis=2)
+        return torch.as_tensor(image[..., :3]).float().permute(2, 0, 1)[None] / 255
+
+    def _check_pixels(self, width: int, height: int) -> None:
+        if width * height > self.cfg.max_pixels:
+            raise DemoError(f"the image is {width} x {height} = {width * height:,} pixels; at most "
+                            f"{self.cfg.max_pixels:,} (e.g. {int(self.cfg.max_pixels ** 0.5)} x "
+                            f"{int(self.cfg.max_pixels ** 0.5)})")
+
+    def score(self, image, prompt, rewards):
+        """Score an uploaded image (a file path, or an HWC uint8 array) with the selected rewards."""
+        import pandas as pd
+
         rewards = list(rewards or [])
         if not rewards or any(r not in self.cfg.rewards for r in rewards):
             raise DemoError(f"choose rewards among {', '.join(self.cfg.rewards)}")
-        x = torch.as_tensor(image).float().permute(2, 0, 1)[None, :3] / 255
+        prompt = prompt if isinstance(prompt, str) else ""
+        if len(prompt) > self.cfg.max_prompt_chars:
+            raise DemoError(f"the prompt has {len(prompt)} characters; at most {self.cfg.max_prompt_chars}")
+        x = self.read_upload(image)
         return pd.DataFrame([{"reward": name, "score": round(float(combined(rewards_lib.load(name)(
             prompts=[prompt or ""], images=x))[0]), 4)} for name in rewards])
 
@@ -353,7 +432,10 @@ def build_app(demo: Demo, autorun: bool = False):
                             format="png")
             ess = gr.Dataframe(label="effective sample size per resampling step")
         with gr.Tab("Score an image"):
-            upload = gr.Image(type="numpy", label="image")
+            # A file, not gr.Image: gradio would open (and for some modes decode) the image before `score` could
+            # check its size, and a file that is no image would fail there with a message naming no cause.
+            upload = gr.File(file_types=["image"], type="filepath", label=f"image (at most {cfg.max_upload_mb:g} "
+                                                                          f"MB and {cfg.max_pixels:,} pixels)")
             upload_prompt = gr.Textbox(label="prompt")
             upload_rewards = gr.CheckboxGroup(cfg.rewards, value=cfg.rewards, label="rewards")
             score_btn = gr.Button("Score")
@@ -399,5 +481,5 @@ def launch(cfg: DemoConfig, host: str = "127.0.0.1", port: int | None = None, au
     app.queue(default_concurrency_limit=concurrency, max_size=32)
     allowed = [cfg.runs_dir] if cfg.runs_dir else []
     _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, allowed_paths=allowed,
-                           quiet=True)
+                           quiet=True, max_file_size=int(cfg.max_upload_mb * 2**20))
     return app, url

@@ -153,8 +153,13 @@ def transition(adapter: FlowModelAdapter, x: Tensor, sigma: Tensor | float, sigm
 
 
 def sample_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample: its initial noise and then its SDE noise come from it."""
-    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    """One CPU generator per sample: its initial noise and then its SDE noise come from it. Seeds must lie in
+    [0, 2^63): torch reduces larger ones modulo 2^63 (2^63 would silently be seed 0) and refuses 2^64."""
+    seeds = [int(s) for s in seeds]
+    bad = [s for s in seeds if not 0 <= s < 2**63]
+    if bad:
+        raise ValueError(f"seed {bad[0]} is outside [0, 2**63)")
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
 def draw_noise(shape: tuple[int, ...], batch: int, generators: list[torch.Generator] | None = None,

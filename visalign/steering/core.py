@@ -3,6 +3,7 @@ time accounting, FK potentials, and the result with its report."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -60,8 +61,8 @@ class Request:
         return self.adapter.latent_shape(self.height, self.width, self.num_frames)
 
     def seeds(self, n_per_prompt: int, salt: int = 0) -> list[int]:
-        """Distinct seeds for n samples of each prompt, prompt-major."""
-        return [(self.seed * 1_000_003 + salt) * 10_007 + i for i in range(len(self.prompts) * n_per_prompt)]
+        """Distinct seeds for n samples of each prompt, prompt-major (below 2^63: torch's seed range)."""
+        return [((self.seed * 1_000_003 + salt) * 10_007 + i) % 2**63 for i in range(len(self.prompts) * n_per_prompt)]
 
     def decode(self, latents: Tensor) -> Tensor:
         self.stats["decodes"] += latents.shape[0]
@@ -102,23 +103,28 @@ def weighted_score(rewards: dict[str, tuple[Reward, float]], images: Tensor, pro
 @contextmanager
 def metered(request: Request):
     """Count denoiser evaluations (NFE; CFG's two branches count 2 per sample, as FK steering counts them) and the
-    time spent in them, by wrapping the adapter's `predict_velocity` for the duration of the block."""
-    adapter = request.adapter
-    original = adapter.predict_velocity
+    time spent in them. Inside the block `request.adapter` is a shallow copy of the adapter (same modules and
+    weights) whose `predict_velocity` counts into this request only: the shared adapter is never patched, so
+    concurrent requests on one model (the demo's --concurrency) keep their own counts."""
+    shared = request.adapter
+    original = shared.predict_velocity
+    stats = request.stats
 
     def counted(latents, sigma, cond, guidance_scale=1.0):
         start = time.perf_counter()
         out = original(latents, sigma, cond, guidance_scale)
-        request.stats["denoiser_time"] += time.perf_counter() - start
-        branches = 2 if adapter.guidance == "cfg" and guidance_scale > 1 else 1
-        request.stats["nfe"] += latents.shape[0] * branches
+        stats["denoiser_time"] += time.perf_counter() - start
+        branches = 2 if shared.guidance == "cfg" and guidance_scale > 1 else 1
+        stats["nfe"] += latents.shape[0] * branches
         return out
 
-    adapter.predict_velocity = counted
+    own = copy.copy(shared)
+    own.predict_velocity = counted
+    request.adapter = own
     try:
-        yield request.stats
+        yield stats
     finally:
-        del adapter.predict_velocity  # the class method again
+        request.adapter = shared
 
 
 @dataclass

@@ -243,8 +243,10 @@ class WorldAdapter(FlowModelAdapter):
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         unknown = sorted({w for p in prompts for w in p.split() if w not in self.vocab})
-        if unknown:
-            raise ValueError(f"words outside the world's vocabulary: {', '.join(unknown)}; "
+        if unknown:  # a few, each cut short: the message may be logged, and a prompt may be huge
+            shown = ", ".join(w if len(w) <= 24 else w[:24] + "…" for w in unknown[:8])
+            more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+            raise ValueError(f"words outside the world's vocabulary: {shown}{more}; "
                              f"allowed: {', '.join(w for w in self.vocab if w not in SPECIAL)}")
         enc = self.tokenizer(list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True,
                              return_tensors="pt")
