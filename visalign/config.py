@@ -101,21 +101,36 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         ConfigError: the file is missing or not valid YAML, an override is malformed, or a key or value
             does not fit `cls`.
     """
-    data: dict = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file not found: {path}") from e
-        try:
-            loaded = yaml.load(text, Loader=_Loader)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded or {}
+    data = {} if path is None else read_yaml(path)
     data = apply_overrides(_fill_defaults(cls, data), overrides)
     return from_dict(cls, data)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file's mapping. Errors name the file, and for a syntax error (a tab, an unclosed bracket, a
+    missing colon) its line and column as editors count them: `configs/x.yaml:4:3: invalid YAML: ...`."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
+        raise ConfigError(f"config file {path} cannot be read as text: {e}") from e
+    try:
+        loaded = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = e.problem or "syntax error"
+        hint = " (YAML indents with spaces, not tabs)" if "\\t" in problem else ""
+        context = f" {e.context}" if e.context else ""
+        raise ConfigError(f"{where}: invalid YAML: {problem}{context}{hint}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        kind = {list: "a list", str: "a string", int: "a number", float: "a number"}.get(type(loaded),
+                                                                                        type(loaded).__name__)
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...), got {kind}")
+    return loaded or {}
 
 
 def apply_overrides(data: Mapping, overrides: Sequence[str]) -> dict:

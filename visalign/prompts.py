@@ -102,6 +102,17 @@ SOURCES: dict[str, Callable[[str], PromptSource] | str] = {
 }
 
 
+def check_prompt_spec(spec: str, field_name: str) -> None:
+    """The config-time half of `prompt_source`, building nothing: a NAME:ARGS spec names a registered source or a
+    dotted path (its arguments are checked when it is built), anything else is a file that must exist."""
+    name, sep, _ = spec.partition(":")
+    if sep and not Path(spec).exists() and (name in SOURCES or ("." in name and "/" not in name)):
+        return
+    if not Path(spec).is_file():
+        raise ValueError(f"{field_name}={spec!r}: no such prompt file; or use NAME:ARGS with NAME in "
+                         f"{', '.join(sorted(SOURCES))} (e.g. world:seen) or a dotted path")
+
+
 def prompt_source(spec: str) -> PromptSource:
     """The source a spec names (see the module docstring); ValueError names the spec and what is allowed."""
     name, sep, args = spec.partition(":")

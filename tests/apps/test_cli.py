@@ -69,7 +69,14 @@ def _config_class(command: str):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_load_and_start_with_their_command(path):
+def test_shipped_configs_load_and_start_with_their_command(path, tmp_path, monkeypatch):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# visalign ") and path.name in first
-    load_config(_config_class(first[2:]), path)
+    # The real-model configs name the user's data files (prompts/*.txt, data/*.jsonl), which must exist when the
+    # config loads: provide them, relative to the working directory as a user's would be.
+    for name in ("prompts/pickscore_train.txt", "prompts/hps_train.txt", "prompts/video_train.txt",
+                 "data/pairs.jsonl", "data/video_pairs.jsonl"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("a prompt\n")
+    monkeypatch.chdir(tmp_path)
+    load_config(_config_class(first[2:]), path.resolve())

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from visalign.models import diffusers_adapters, tiny
-from visalign.models.base import Conditioning, FlowModelAdapter, resolve_model_path
+from visalign.models.base import Conditioning, FlowModelAdapter, RequestRules, resolve_model_path
 from visalign.registry import lookup
 
 # The dtype names configs accept for model weights.
@@ -25,13 +25,15 @@ def _from_pretrained(class_name: str) -> Callable[..., FlowModelAdapter]:
 
         return getattr(diffusers_adapters, class_name).from_pretrained(path, **kwargs)
 
+    load.request_rules = lambda path: getattr(diffusers_adapters, class_name).request_rules(path)
     return load
 
 
-def _tiny(fn_name: str) -> Callable[..., FlowModelAdapter]:
+def _tiny(fn_name: str, rules: RequestRules) -> Callable[..., FlowModelAdapter]:
     def load(path=None, seed: int = 0, **_):
         return getattr(tiny, fn_name)(seed)
 
+    load.request_rules = lambda path: rules  # the tiny configs' (tested against the built models)
     return load
 
 
@@ -43,10 +45,17 @@ MODELS: dict[str, Callable[..., FlowModelAdapter] | str] = {
     "sd3": _from_pretrained("SD3Adapter"),
     "flux": _from_pretrained("FluxAdapter"),
     "wan": _from_pretrained("WanAdapter"),
-    "tiny-sd3": _tiny("tiny_sd3"),
-    "tiny-flux": _tiny("tiny_flux"),
-    "tiny-wan": _tiny("tiny_wan"),
+    "tiny-sd3": _tiny("tiny_sd3", RequestRules("sd3", 2)),
+    "tiny-flux": _tiny("tiny_flux", RequestRules("flux", 4)),
+    "tiny-wan": _tiny("tiny_wan", RequestRules("wan", 16, video=True)),
 }
+
+
+def request_rules(name: str, path: str | None = None) -> RequestRules | None:
+    """The sizes a model draws, known before any weights load: its factory's `request_rules(path)` (a factory
+    of your own may define one too), or None when the model cannot tell without loading."""
+    rules = getattr(lookup(MODELS, name, "model"), "request_rules", None)
+    return None if rules is None else rules(path)
 
 
 def list_models() -> list[str]:
@@ -62,4 +71,5 @@ def load_model(name: str, path: str | None = None, *, torch_dtype: torch.dtype =
     return factory(path, torch_dtype=torch_dtype, device=device, cpu_offload=cpu_offload, **kwargs)
 
 
-__all__ = ["DTYPES", "MODELS", "Conditioning", "FlowModelAdapter", "list_models", "load_model", "resolve_model_path"]
+__all__ = ["DTYPES", "MODELS", "Conditioning", "FlowModelAdapter", "RequestRules", "list_models", "load_model",
+           "request_rules", "resolve_model_path"]

@@ -69,6 +69,64 @@ def _cat_dicts(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+@dataclass(frozen=True)
+class RequestRules:
+    """What sizes a model draws: height and width positive multiples of `multiple` (or exactly `size`), and for
+    video a frame count of 4k+1 (or exactly `frames`). Adapters check requests with it, and a model factory's
+    `request_rules(path)` gives it before any weights load, so configs are checked when they load."""
+
+    model: str
+    multiple: int
+    video: bool = False
+    size: tuple[int, int] | None = None  # the only (height, width), for fixed-canvas models
+    frames: int | None = None  # the only frame count, for fixed-length video models
+
+    def check(self, height, width, num_frames=None, prefix: str = "") -> None:
+        """ValueError naming the field (`prefix` + height / width / num_frames) and what is allowed."""
+        m = self.multiple
+        for label, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % m:
+                raise ValueError(f"{prefix}{label}={v!r} is not allowed for {self.model}: it must be a positive "
+                                 f"multiple of {m}")
+        if self.size is not None and (height, width) != self.size:
+            raise ValueError(f"{prefix}height={height}, {prefix}width={width} not allowed for {self.model}: it "
+                             f"draws {self.size[0]}x{self.size[1]} only")
+        if self.video:
+            if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 4:
+                raise ValueError(f"{prefix}num_frames={num_frames!r} is not allowed for {self.model}: "
+                                 "it must be 4k+1 (1, 5, 9, ...)")
+            if self.frames is not None and num_frames != self.frames:
+                raise ValueError(f"{prefix}num_frames={num_frames!r} not allowed for {self.model}: it draws "
+                                 f"{self.frames} frames")
+        elif num_frames not in (None, 1):
+            raise ValueError(f"{prefix}num_frames={num_frames!r} given to image model {self.model}: "
+                             "allowed values are None or 1")
+
+
+def read_model_config(path: str | None, filename: str) -> dict | None:
+    """A JSON config file of a diffusers model, without its weights: from a local directory, or from the hub
+    cache for a hub id (no download). None when it is not at hand."""
+    if path is None:
+        return None
+    local = Path(path) / filename
+    if local.is_file():
+        found = str(local)
+    elif HUB_ID.match(str(path)) and not os.path.exists(path):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(str(path), filename)
+        if not isinstance(found, str):
+            return None
+    else:
+        return None
+    import json
+
+    try:
+        return json.loads(Path(found).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def resolve_model_path(path: str | os.PathLike) -> str:
     """A local directory, or a hub id of the form `org/name`; anything else is an error, not a download."""
     path = str(path)
@@ -103,19 +161,14 @@ class FlowModelAdapter(ABC):
     def size_multiple(self) -> int:
         """Height and width must be divisible by this (VAE factor × patch size)."""
 
+    @property
+    def rules(self) -> RequestRules:
+        """The sizes this model draws."""
+        return RequestRules(self.name, self.size_multiple, self.is_video)
+
     def check_request(self, height: int, width: int, num_frames: int | None = None) -> None:
         """Raise ValueError naming the allowed values when a request cannot be generated."""
-        m = self.size_multiple
-        for label, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % m:
-                raise ValueError(f"{label}={v!r} is not allowed for {self.name}: it must be a positive multiple of {m}")
-        if self.is_video:
-            if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 4:
-                raise ValueError(f"num_frames={num_frames!r} is not allowed for {self.name}: "
-                                 "it must be 4k+1 (1, 5, 9, ...)")
-        elif num_frames not in (None, 1):
-            raise ValueError(f"num_frames={num_frames!r} given to image model {self.name}: "
-                             "allowed values are None or 1")
+        self.rules.check(height, width, num_frames)
 
     @abstractmethod
     def latent_shape(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:

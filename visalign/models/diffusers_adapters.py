@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from visalign.models.base import Conditioning, FlowModelAdapter, resolve_model_path
+from visalign.models.base import Conditioning, FlowModelAdapter, RequestRules, read_model_config, resolve_model_path
 
 # diffusers' pipelines are imported where a pipeline is loaded: they take seconds to import, and the model
 # registry imports this module.
@@ -72,6 +72,15 @@ class SD3Adapter(FlowModelAdapter):
         from diffusers import StableDiffusion3Pipeline
 
         return cls(_load_pipeline(StableDiffusion3Pipeline, path, torch_dtype, device, cpu_offload), **kwargs)
+
+    @classmethod
+    def request_rules(cls, path) -> RequestRules | None:
+        """From the checkpoint's configs, without weights (StableDiffusion3Pipeline: VAE factor 2^(levels-1),
+        times the transformer's patch size); None when they are not at hand."""
+        vae, tr = read_model_config(path, "vae/config.json"), read_model_config(path, "transformer/config.json")
+        if vae is None or tr is None:
+            return None
+        return RequestRules(cls.name, 2 ** (len(vae["block_out_channels"]) - 1) * tr.get("patch_size", 2))
 
     @property
     def size_multiple(self) -> int:
@@ -143,6 +152,12 @@ class FluxAdapter(FlowModelAdapter):
         from diffusers import FluxPipeline
 
         return cls(_load_pipeline(FluxPipeline, path, torch_dtype, device, cpu_offload), **kwargs)
+
+    @classmethod
+    def request_rules(cls, path) -> RequestRules | None:
+        """From the VAE's config (FluxPipeline: 2x2 packing over a 2^(levels-1) VAE factor), without weights."""
+        vae = read_model_config(path, "vae/config.json")
+        return None if vae is None else RequestRules(cls.name, 2 ** (len(vae["block_out_channels"]) - 1) * 2)
 
     @property
     def size_multiple(self) -> int:
@@ -237,6 +252,15 @@ class WanAdapter(FlowModelAdapter):
         pipe = WanPipeline.from_pretrained(path, vae=vae, torch_dtype=torch_dtype)
         pipe.enable_model_cpu_offload(device=device) if cpu_offload else pipe.to(device)
         return cls(pipe, **kwargs)
+
+    @classmethod
+    def request_rules(cls, path) -> RequestRules | None:
+        """From the configs, without weights (WanPipeline: the VAE's spatial factor times the patch width)."""
+        vae, tr = read_model_config(path, "vae/config.json"), read_model_config(path, "transformer/config.json")
+        if vae is None or tr is None:
+            return None
+        return RequestRules(cls.name, vae.get("scale_factor_spatial", 8) * tr.get("patch_size", [1, 2, 2])[1],
+                            video=True)
 
     @property
     def size_multiple(self) -> int:

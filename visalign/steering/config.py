@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from visalign.media import save_pixels
-from visalign.models import DTYPES, load_model
+from visalign.models import DTYPES, load_model, request_rules, resolve_model_path
 from visalign.steering import METHODS, steer
 
 
@@ -45,6 +45,14 @@ class SteerConfig:
             METHODS[self.method](**self.options)
         except TypeError as err:
             raise ValueError(f"options for {self.method}: {err}") from None
+        # paths and sizes, before any weights load
+        if self.model_path is not None:
+            resolve_model_path(self.model_path)
+        if self.lora is not None and not Path(self.lora).exists():
+            raise ValueError(f"lora={self.lora!r}: no such file or directory")
+        rules = request_rules(self.model, self.model_path)
+        if rules is not None and self.height is not None and self.width is not None:
+            rules.check(self.height, self.width, self.num_frames)
 
 
 def run(cfg: SteerConfig) -> dict:

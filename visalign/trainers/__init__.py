@@ -6,11 +6,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-import yaml
-
-from visalign.config import ConfigError, load_config
+from visalign.config import load_config, read_yaml
 from visalign.registry import import_target
 
 # trainer name -> ("module:ConfigClass", "module:TrainerClass"); register a recipe of your own here.
@@ -29,11 +26,7 @@ def trainer_name(path: str | None, overrides: Sequence[str]) -> str:
     """The `trainer` of a config file (an override `trainer=...` wins); ValueError names the choices."""
     name = "flow_grpo"
     if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file not found: {path}") from err
-        name = data.get("trainer", name)
+        name = read_yaml(path).get("trainer", name)
     for item in overrides:
         if item.startswith("trainer="):
             name = item.split("=", 1)[1]

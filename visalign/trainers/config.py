@@ -5,10 +5,13 @@ Everything is validated when the config loads, before any model does."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from visalign import rewards as rewards_lib
 from visalign.config import check_ranges
+from visalign.models import request_rules, resolve_model_path
+from visalign.prompts import check_prompt_spec
 from visalign.rewards.registry import FRAMES_PREFIX
 from visalign.trainers.balance.balancer import SAFE, check_weights
 
@@ -347,6 +350,28 @@ class RecipeConfig:
         check_ranges(self)  # a config built in Python gets the checks loading does
         check_rewards(self.rewards, self.eval_rewards, required=self.rewards_required(), sampling=self.sampling,
                       train=self.train, options=self.reward_options)
+        check_model_and_paths(self)
+
+
+def check_model_and_paths(cfg) -> None:
+    """Before any model loads: model.path exists (or is a hub id), the size and frame count fit the model's rules
+    where it can tell without its weights, the prompt sources and a named resume_from exist."""
+    m = cfg.model
+    if m.path is not None:
+        try:
+            resolve_model_path(m.path)
+        except ValueError as err:
+            raise ValueError(f"model.path: {err}") from None
+    rules = request_rules(m.name, m.path)
+    if rules is not None:
+        rules.check(m.height, m.width, m.num_frames, prefix="model.")
+    check_prompt_spec(cfg.train.prompts, "train.prompts")
+    if cfg.run.eval_prompts is not None:
+        check_prompt_spec(cfg.run.eval_prompts, "run.eval_prompts")
+    resume = cfg.run.resume_from
+    if resume not in (None, "latest") and not Path(resume).is_dir():
+        raise ValueError(f"run.resume_from={resume!r}: no such checkpoint directory (give latest, null, or "
+                         "out_dir/checkpoints/checkpoint-N)")
 
 
 def batch_std_advantage() -> AdvantageConfig:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -65,6 +66,8 @@ class DPOTrainConfig(ForwardTrainConfig):
         if self.mode == "offline":
             if not self.pairs:
                 raise ValueError("train.mode=offline needs train.pairs (a JSONL pair file)")
+            if not Path(self.pairs).is_file():
+                raise ValueError(f"train.pairs={self.pairs!r}: no such pair file")
             if self.gap_weighting:
                 raise ValueError("train.gap_weighting needs rewards: it applies to online DPO only")
         if self.group_noise:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from visalign.models.base import Conditioning, FlowModelAdapter
+from visalign.models.base import Conditioning, FlowModelAdapter, RequestRules
 from visalign.world.grammar import VOCABULARY
 from visalign.world.motion import MOTION_VOCABULARY
 
@@ -226,10 +226,14 @@ class WorldAdapter(FlowModelAdapter):
     def size_multiple(self) -> int:
         return CANVAS
 
-    def check_request(self, height, width, num_frames=None):
-        if (height, width) != (CANVAS, CANVAS):
-            raise ValueError(f"height={height}, width={width} not allowed for world: it draws {CANVAS}x{CANVAS} only")
-        super().check_request(height, width, num_frames)
+    @classmethod
+    def request_rules(cls, path=None) -> RequestRules:
+        """Every world checkpoint draws one canvas (and the video model one clip length)."""
+        return RequestRules(cls.name, 1, cls.is_video, size=(CANVAS, CANVAS), frames=cls.frames)
+
+    @property
+    def rules(self) -> RequestRules:
+        return self.request_rules()
 
     def latent_shape(self, height, width, num_frames=None):
         self.check_request(height, width, num_frames)
@@ -320,10 +324,6 @@ class WorldVideoAdapter(WorldAdapter):
     frames = 9
     shipped = SHIPPED_VIDEO
 
-    def check_request(self, height, width, num_frames=None):
-        if num_frames != self.frames:
-            raise ValueError(f"num_frames={num_frames!r} not allowed for world-video: it draws {self.frames} frames")
-        super().check_request(height, width, num_frames)
 
     def latent_shape(self, height, width, num_frames=None):
         self.check_request(height, width, num_frames)
@@ -366,3 +366,7 @@ def load_world(path=None, torch_dtype=torch.float32, device="cpu", **_) -> World
 def load_world_video(path=None, torch_dtype=torch.float32, device="cpu", **_) -> WorldVideoAdapter:
     """`load_model("world-video")`: the video model (default: the shipped video base)."""
     return WorldVideoAdapter.from_pretrained(path, device=device, torch_dtype=torch_dtype)
+
+
+load_world.request_rules = WorldAdapter.request_rules  # what configs are checked against before loading
+load_world_video.request_rules = WorldVideoAdapter.request_rules
