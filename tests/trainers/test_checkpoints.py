@@ -60,6 +60,30 @@ def test_a_planted_pickle_never_runs_on_resume(tiny_run, tmp_path, planted):
     assert not marker.exists()
 
 
+def test_resume_reaches_no_pickle_loader_and_is_bit_identical(tiny_run, tmp_path, monkeypatch):
+    import pickle
+
+    cls = trainer_class("diffusion_nft")
+    straight = cls(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "a"))
+    straight.train()
+    cls(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "b")).train(stop_after=1)
+    checkpoint = tmp_path / "b" / "checkpoints" / "checkpoint-1"
+    assert sorted(p.name for p in checkpoint.iterdir() if p.is_file()) == [
+        "manifest.json", "optimizer.json", "optimizer.safetensors", "rng_state_0.json", "rng_state_0.safetensors",
+        "trainer_state.json", "trainer_state.safetensors", "weights.safetensors"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pickle loader was called on resume")
+
+    for target, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+        monkeypatch.setattr(target, name, refuse)
+    resumed = cls(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "b"))
+    resumed.train()
+    monkeypatch.undo()
+    for a, b in zip(straight.params, resumed.params, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_checkpoint_of_pickles_is_refused_by_name(tiny_run, tmp_path):
     cls = trainer_class("diffusion_nft")
     cls(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "run")).train(stop_after=1)
@@ -70,6 +94,16 @@ def test_a_checkpoint_of_pickles_is_refused_by_name(tiny_run, tmp_path):
     write_manifest(checkpoint, 1)
     with pytest.raises(ValueError, match=r"checkpoint-1 cannot be resumed: .*custom_checkpoint_0\.pkl.*not unpickle"):
         cls(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "run")).train()
+    # The next layout had the trainer's state as data but accelerate's optimizer.bin and random_states_0.pkl.
+    cls(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "mid")).train(stop_after=1)
+    checkpoint = tmp_path / "mid" / "checkpoints" / "checkpoint-1"
+    for name in ("optimizer.json", "optimizer.safetensors", "rng_state_0.json", "rng_state_0.safetensors"):
+        (checkpoint / name).unlink()
+    torch.save({"state": {}}, checkpoint / "optimizer.bin")
+    torch.save({"step": 1}, checkpoint / "random_states_0.pkl")
+    write_manifest(checkpoint, 1)
+    with pytest.raises(ValueError, match=r"cannot be resumed: .*optimizer\.bin.*random_states_0\.pkl.*not unpickle"):
+        cls(tiny_run(*RUN, trainer="diffusion_nft", out=tmp_path / "mid")).train()
 
 
 @pytest.mark.parametrize("text", ["", '{"step": 1, "files": {"a"', '{"step": 1}', "[1, 2]"])
@@ -98,14 +132,14 @@ def test_latest_falls_back_to_the_newest_intact_checkpoint_and_logs_each_step_on
     run = (*RUN[1:], "train.max_steps=3")
     cls(tiny_run(*run, trainer="diffusion_nft", out=tmp_path / "a")).train()
     cls(tiny_run(*run, trainer="diffusion_nft", out=tmp_path / "b")).train(stop_after=2)
-    damaged = tmp_path / "b" / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    damaged = tmp_path / "b" / "checkpoints" / "checkpoint-2" / "weights.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])  # truncated by the crash
     with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 2, "rewards/x/mean": 0.5}\n{"step": 3, "rew')  # logged past it, the last line cut short
     cls(tiny_run(*run, trainer="diffusion_nft", out=tmp_path / "b")).train()
     assert "resumed from checkpoint-1, the newest intact checkpoint; passed over:" in capsys.readouterr().out
     assert _steps_logged(tmp_path / "b") == [0, 1, 2]
-    a, b = (load_file(str(tmp_path / r / "checkpoints" / "checkpoint-3" / "model.safetensors")) for r in "ab")
+    a, b = (load_file(str(tmp_path / r / "checkpoints" / "checkpoint-3" / "weights.safetensors")) for r in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -83,23 +83,25 @@ def test_an_unwritable_out_dir_fails_before_the_model_loads(tiny_run, tmp_path, 
 def test_a_full_disk_is_named_and_the_previous_checkpoint_stays(tiny_run, tmp_path, monkeypatch):
     trainer = FlowGRPOTrainer(tiny_run("train.max_steps=3"))
     trainer.train(stop_after=1)
-    save = trainer.accelerator.save_state
+    import visalign.trainers.engine as engine
 
-    def full(directory, **kwargs):
-        save(directory, **kwargs)  # some files written, then the device fills up
+    save = engine.save_file
+
+    def full(tensors, path):
+        save(tensors, path)  # some files written, then the device fills up
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3245248 vs 3245136")
 
-    monkeypatch.setattr(trainer.accelerator, "save_state", full)
+    monkeypatch.setattr(engine, "save_file", full)
     with pytest.raises(TrainingFault, match=r"no space left on the device writing .*checkpoint-2.*the previous one "
                                             r"\(.*checkpoint-1\) is intact"):
         trainer.train(stop_after=1)
     assert [d.name for d in checkpoint_dirs(tmp_path)] == ["checkpoint-1"]
     assert not (tmp_path / "checkpoints" / "checkpoint-2").exists()
-    monkeypatch.setattr(trainer.accelerator, "save_state",
+    monkeypatch.setattr(engine, "save_file",
                         lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(TrainingFault, match="no space left"):
         trainer.save_checkpoint(9)
-    monkeypatch.setattr(trainer.accelerator, "save_state",
+    monkeypatch.setattr(engine, "save_file",
                         lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EACCES, "Permission denied")))
     with pytest.raises(PermissionError):  # other faults are not disguised as a full disk
         trainer.save_checkpoint(9)

@@ -50,7 +50,7 @@ def test_scheduled_lr_reaches_the_optimizer(tiny_run, world_ckpt, tmp_path):
 
 
 def _final_weights(run):
-    return load_file(str(run / "checkpoints" / "checkpoint-3" / "model.safetensors"))
+    return load_file(str(run / "checkpoints" / "checkpoint-3" / "weights.safetensors"))
 
 
 def test_reward_options_reach_the_reward_and_bad_ones_fail_at_config_time(tiny_run, world_ckpt, tmp_path):
@@ -105,10 +105,10 @@ def test_resume_is_bit_identical(tiny_run, model, request_overrides, tmp_path):
 
 def test_corrupted_checkpoint_is_detected_and_previous_stays_usable(tiny_run, world_ckpt, tmp_path):
     FlowGRPOTrainer(tiny_run("train.max_steps=2", "run.checkpoints_total_limit=3", model="tiny-sd3")).train()
-    latest = tmp_path / "checkpoints" / "checkpoint-2" / "optimizer.bin"
+    latest = tmp_path / "checkpoints" / "checkpoint-2" / "optimizer.safetensors"
     latest.write_bytes(latest.read_bytes()[:100])  # truncate
     named = tmp_path / "checkpoints" / "checkpoint-2"
-    with pytest.raises(ValueError, match="checkpoint-2: file optimizer.bin is corrupted or truncated"):
+    with pytest.raises(ValueError, match="checkpoint-2: file optimizer.safetensors is corrupted or truncated"):
         FlowGRPOTrainer(tiny_run("train.max_steps=3", f"run.resume_from={named}", model="tiny-sd3")).train()
     # `latest` passes over it to the newest intact checkpoint
     history = FlowGRPOTrainer(tiny_run("train.max_steps=3", model="tiny-sd3")).train()

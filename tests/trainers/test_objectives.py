@@ -174,7 +174,7 @@ def test_resumes_bit_identically(tiny_run, trainer, tmp_path):
     cls(tiny_run(*extra, trainer=trainer, out=tmp_path / "a")).train()
     cls(tiny_run(*extra, trainer=trainer, out=tmp_path / "b")).train(stop_after=1)
     cls(tiny_run(*extra, trainer=trainer, out=tmp_path / "b")).train()
-    a, b = (load_file(str(tmp_path / r / "checkpoints" / "checkpoint-3" / "model.safetensors")) for r in "ab")
+    a, b = (load_file(str(tmp_path / r / "checkpoints" / "checkpoint-3" / "weights.safetensors")) for r in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -115,8 +115,8 @@ def test_alarm_rollback_restores_the_best_checkpoint(tmp_path):
     assert trainer.state.step == best_step
     record = [json.loads(line) for line in (tmp_path / "alarms.jsonl").read_text().splitlines()]
     assert record[-1]["rolled_back_to"].endswith(f"checkpoint-{best_step}")
-    saved = load_file(str(tmp_path / "checkpoints" / f"checkpoint-{best_step}" / "model.safetensors"))
+    saved = load_file(str(tmp_path / "checkpoints" / f"checkpoint-{best_step}" / "weights.safetensors"))
     final = load_file(str(tmp_path / "final" / "denoiser" / "diffusion_pytorch_model.safetensors"))
     live = trainer.adapter.denoiser.state_dict()
-    assert saved.keys() == final.keys()
+    assert saved.keys() <= final.keys() and len(saved) > 0  # checkpoints hold the trained weights (no buffers)
     assert all(torch.equal(saved[k], live[k].cpu()) and torch.equal(final[k], saved[k]) for k in saved)

@@ -192,7 +192,7 @@ def test_tiny_models_train_two_steps(tiny_run, trainer, finetune, model, tmp_pat
 
 
 def _final_weights(run, step):
-    return load_file(str(run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors"))
+    return load_file(str(run / "checkpoints" / f"checkpoint-{step}" / "weights.safetensors"))
 
 
 @pytest.mark.parametrize("model", list(REQUESTS))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -316,7 +318,6 @@ class TrainerState:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 MANIFEST = "manifest.json"
-STATE_TENSORS, STATE_JSON = "trainer_state.safetensors", "trainer_state.json"
 
 
 def check_writable(directory: Path, field_name: str) -> None:
@@ -339,7 +340,7 @@ def disk_full(err: BaseException) -> bool:
     return any(s in text for s in ("No space left", "os error 28", "unexpected pos"))
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """`write(tmp_path)`, fsync, then rename over `path`: a crash leaves the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -348,7 +349,7 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_trainer_state(states: dict[str, dict], directory: Path) -> None:
+def save_trainer_state(states: dict[str, dict], directory: Path, name: str = "trainer_state") -> None:
     """The trainer's own state (step, EMA, old policy, balancer, alarm history, ...: `{name: obj.state_dict()}`)
     as data, never pickles: every tensor into trainer_state.safetensors, everything else (numbers, strings,
     lists, dicts, None) into trainer_state.json, where a tensor stands as {"__tensor__": its key}."""
@@ -368,19 +369,19 @@ def save_trainer_state(states: dict[str, dict], directory: Path) -> None:
             return value
         raise TypeError(f"trainer state {path}: {type(value).__name__} is not a tensor, number, string, list or dict")
 
-    data = {name: encode(state, name) for name, state in states.items()}
-    _atomic_write(directory / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
-    _atomic_write(directory / STATE_JSON, lambda p: p.write_text(json.dumps(data, indent=1)))
+    data = {key: encode(state, key) for key, state in states.items()}
+    atomic_write(directory / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write(directory / f"{name}.json", lambda p: p.write_text(json.dumps(data, indent=1)))
 
 
-def load_trainer_state(directory: Path) -> dict[str, dict]:
+def load_trainer_state(directory: Path, name: str = "trainer_state") -> dict[str, dict]:
     """What `save_trainer_state` wrote, read with safetensors and json only."""
-    if not (directory / STATE_JSON).exists():
-        old = sorted(p.name for p in directory.glob("custom_checkpoint_*.pkl"))
+    if not (directory / f"{name}.json").exists():
+        old = sorted(p.name for p in [*directory.glob("*.pkl"), *directory.glob("*.bin")])
         why = (f"it holds the pickles {old} of an older visalign, which resume does not unpickle (they can run code)"
-               if old else f"{STATE_JSON} is missing")
+               if old else f"{name}.json is missing")
         raise ValueError(f"checkpoint {directory} cannot be resumed: {why}")
-    tensors = load_file(str(directory / STATE_TENSORS))
+    tensors = load_file(str(directory / f"{name}.safetensors"))
 
     def decode(value):
         if isinstance(value, dict):
@@ -391,7 +392,42 @@ def load_trainer_state(directory: Path) -> dict[str, dict]:
             return [decode(v) for v in value]
         return value
 
-    return {name: decode(state) for name, state in json.loads((directory / STATE_JSON).read_text()).items()}
+    return {key: decode(state) for key, state in json.loads((directory / f"{name}.json").read_text()).items()}
+
+
+def rng_states() -> dict:
+    """This process's random states (python, numpy, torch CPU and CUDA, as accelerate saves them) as tensors and
+    numbers, for `save_trainer_state`: restored by `set_rng_states` without unpickling."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached": float(cached)},
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = list(torch.cuda.get_rng_state_all())
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    py, npy = states["python"], states["numpy"]
+    random.setstate((py["version"], tuple(int(w) for w in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def optimizer_state(optimizer) -> dict:
+    """An optimizer's state_dict with string keys (JSON's), for `save_trainer_state`."""
+    sd = optimizer.state_dict()
+    return {"state": {str(k): v for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    groups = [{**g, **({"betas": tuple(g["betas"])} if "betas" in g else {})} for g in state["param_groups"]]
+    optimizer.load_state_dict({"state": {int(k): v for k, v in state["state"].items()}, "param_groups": groups})
 
 
 def _sha256(path: Path) -> str:
@@ -406,7 +442,7 @@ def write_manifest(directory: Path, step: int) -> None:
     """Written last: a checkpoint without a manifest is incomplete and never resumed from."""
     files = {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*"))
              if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")}
-    _atomic_write(directory / MANIFEST, lambda p: p.write_text(json.dumps({"step": step, "files": files}, indent=1)))
+    atomic_write(directory / MANIFEST, lambda p: p.write_text(json.dumps({"step": step, "files": files}, indent=1)))
 
 
 def verify_checkpoint(directory: Path) -> int:
@@ -465,7 +501,7 @@ def trim_metrics(path: Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        _atomic_write(path, lambda p: p.write_text("".join(f"{line}\n" for line in kept)))
+        atomic_write(path, lambda p: p.write_text("".join(f"{line}\n" for line in kept)))
     return dropped
 
 

@@ -1,7 +1,7 @@
 """The engine every recipe runs on (Flow-GRPO, Flow-RWR, DiffusionNFT, Flow-DPO): the model (LoRA or full
 fine-tuning through the adapter), accelerate (DDP / DeepSpeed / FSDP, mixed precision), the optimizer and its
 schedule, rewards, the step (rollout, advantages, micro-batches with accumulation, backward, multi-reward
-gradient combination, clipping, optimizer step), EMA, self-verifying `save_state` checkpoints with resume,
+gradient combination, clipping, optimizer step), EMA, self-verifying checkpoints of data (no pickles) with resume,
 evaluation, the hacking alarm, logging and the training loop.
 
 A recipe subclasses `OnlineTrainer` and supplies only what it alone knows (see "what a recipe supplies" below):
@@ -30,7 +30,8 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from visalign.config import save_config, to_dict
@@ -50,18 +51,23 @@ from visalign.trainers.common import (
     StepPlan,
     TrainerState,
     TrainingFault,
+    atomic_write,
     check_rewards_valid,
     check_writable,
     checkpoint_dirs,
     disk_full,
+    load_optimizer_state,
     load_rewards,
     load_trainer_state,
+    optimizer_state,
     plan_step,
     prune_checkpoints,
     resolve_resume,
+    rng_states,
     rollout,
     save_trainer_state,
     score_rewards,
+    set_rng_states,
     step_generator,
     trim_metrics,
     verify_checkpoint,
@@ -612,9 +618,19 @@ class OnlineTrainer:
             shutil.rmtree(directory)
         acc.wait_for_everyone()
         try:
-            acc.save_state(str(directory), safe_serialization=True)  # model, optimizer
-            acc.wait_for_everyone()
+            if self.sharded:  # FSDP / DeepSpeed shard weights and optimizer: accelerate's layout (weights_only loads)
+                acc.save_state(str(directory), safe_serialization=True)
+            else:  # as data only: trained weights and optimizer state as safetensors + JSON, never pickles
+                directory.mkdir(parents=True, exist_ok=True)
+                save_trainer_state({"rng": rng_states()}, directory, f"rng_state_{acc.process_index}")
+                acc.wait_for_everyone()
             if acc.is_main_process:
+                if not self.sharded:
+                    weights = {n: p.detach().cpu().clone() for n, p in self._trained_named()}
+                    atomic_write(directory / "weights.safetensors", lambda path: save_file(weights, str(path)))
+                    save_trainer_state({"optimizer": optimizer_state(self.optimizer),
+                                        **({"scaler": acc.scaler.state_dict()} if acc.scaler is not None else {})},
+                                       directory, "optimizer")
                 save_trainer_state({"setup": self._setup(), **{name: obj.state_dict()
                                                                for name, obj in self.checkpointed.items()}}, directory)
                 if self.cfg.model.finetune == "lora":
@@ -676,6 +692,14 @@ class OnlineTrainer:
         tqdm.write(f"{path} had other settings; kept as {kept.name}. Changed: " +
                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
+    @property
+    def sharded(self) -> bool:
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def _trained_named(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trained parameters by name (LoRA or all of the denoiser's)."""
+        return [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
+
     def _setup(self) -> dict:
         """What decides the shape of the saved weights: a checkpoint saved under other values cannot be loaded."""
         m = self.cfg.model
@@ -696,13 +720,37 @@ class OnlineTrainer:
         if missing:
             raise ValueError(f"checkpoint {directory} has no state for {missing} (saved: {sorted(states)}): it was "
                              "written with other settings (e.g. without train.ema or train.balance)")
-        self.accelerator.load_state(str(directory))  # model and optimizer (safetensors, weights_only loads)
+        if self.sharded:
+            self.accelerator.load_state(str(directory))  # sharded model and optimizer (weights_only loads)
+        else:
+            self._load_weights_and_optimizer(directory)
         for name, obj in self.checkpointed.items():
             obj.load_state_dict(states[name])
         for name in self.state.disabled:  # held-out rewards that raised earlier in this run stay off
             self.eval_rewards.pop(name, None)
         if self.state.step != step:
             raise ValueError(f"checkpoint {directory}: manifest step {step} != saved trainer step {self.state.step}")
+
+    def _load_weights_and_optimizer(self, directory: Path) -> None:
+        """Trained weights, optimizer (and fp16 scaler) state and this process's random states, as data."""
+        opt = load_trainer_state(directory, "optimizer")  # an older checkpoint of pickles is refused here, by name
+        rng = directory / f"rng_state_{self.accelerator.process_index}.json"
+        if not rng.exists():
+            other = list(directory.glob("rng_state_*.json"))
+            raise ValueError(f"checkpoint {directory} has no {rng.name}: it was written by "
+                             f"{'another number of processes' if other else 'an older visalign'}")
+        weights = load_file(str(directory / "weights.safetensors"))
+        trained = dict(self._trained_named())
+        if set(weights) != set(trained):
+            raise ValueError(f"checkpoint {directory}: its trained weights ({len(weights)} tensors) are not this "
+                             f"run's ({len(trained)}): other LoRA targets or another model")
+        with torch.no_grad():
+            for name, param in trained.items():
+                param.copy_(weights[name])
+        load_optimizer_state(self.optimizer, opt["optimizer"])
+        if "scaler" in opt and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(opt["scaler"])
+        set_rng_states(load_trainer_state(directory, rng.stem)["rng"])
 
     def save_final(self) -> Path:
         """LoRA in diffusers format, or the full weights, into out_dir/final (EMA weights when enabled)."""
