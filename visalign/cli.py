@@ -6,11 +6,14 @@ Each handler imports what it runs, so `visalign --help` and a config error answe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from visalign.suggest import did_you_mean
 
 # flag -> config field, for `visalign sample`
 SAMPLE_FLAGS = {
@@ -61,7 +64,9 @@ def _eval(args: argparse.Namespace) -> int:
     from visalign.world.suite import WorldEvalConfig, evaluate_world, markdown_table
 
     if args.suite not in ("world", "world-video", "rewards") and args.suite not in PRESETS:
-        raise ValueError(f"unknown suite {args.suite!r}; allowed: world, world-video, rewards, {', '.join(PRESETS)}")
+        suites = ["world", "world-video", "rewards", *PRESETS]
+        raise ValueError(f"unknown suite {args.suite!r}{did_you_mean(args.suite, suites)}; allowed: "
+                         f"{', '.join(suites)}")
     flags = [f"out={json.dumps(args.out)}"] if args.out else []
     flags += [f"model_path={json.dumps(args.model_path)}"] if args.model_path else []
     if args.suite == "world-video":
@@ -155,10 +160,14 @@ def _demo(args: argparse.Namespace) -> int:
             out[label] = prefix + path
         return out
 
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency={args.concurrency} must be >= 1")
     checkpoints = {**pairs(args.checkpoint, "--checkpoint"), **pairs(args.lora, "--lora", "lora:")}
     kwargs = {"rewards": args.reward} if args.reward else {}
+    limits = {k: getattr(args, k) for k in ("max_upload_mb", "max_pixels", "max_prompt_chars")
+              if getattr(args, k) is not None}
     cfg = DemoConfig(model=args.model, model_path=args.model_path, checkpoints=checkpoints, runs_dir=args.runs,
-                     **kwargs)
+                     **kwargs, **limits)
     print(f"visalign demo on http://{args.host}:{args.port} (Ctrl-C to stop)")
     launch(cfg, args.host, args.port, autorun=args.autorun, concurrency=args.concurrency)
     return 0
@@ -425,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=7860)
     d.add_argument("--concurrency", type=int, default=1, help="jobs running at once (the rest queue)")
+    d.add_argument("--max-upload-mb", dest="max_upload_mb", type=float, help="largest upload (default 10)")
+    d.add_argument("--max-pixels", dest="max_pixels", type=int, help="largest uploaded image, width x height "
+                                                                     "(default 1048576)")
+    d.add_argument("--max-prompt-chars", dest="max_prompt_chars", type=int, help="longest prompt (default 500)")
     d.add_argument("--autorun", action="store_true", help="run one comparison when the page loads")
     d.set_defaults(func=_demo)
 
@@ -489,8 +502,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The config dataclass behind each subcommand: its fields are listed by `--help` (imported only then).
+CONFIG_CLASSES = {
+    ("sample",): "visalign.generate:SampleConfig",
+    ("steer",): "visalign.steering.config:SteerConfig",
+    ("world", "pretrain"): "visalign.world.pretrain:PretrainConfig",
+    ("eval",): "visalign.world.suite:WorldEvalConfig",
+    ("train",): "visalign.trainers.flow_grpo:FlowGRPOConfig",
+    ("quickstart",): "visalign.trainers.config:RecipeConfig",
+}
+
+
+def _with_fields_help(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Before `--help` prints: attach the fields of the subcommand's config to its help."""
+    from visalign.config import fields_help
+    from visalign.registry import import_target
+
+    words = [a for a in argv if not a.startswith("-")]
+    for path, target in CONFIG_CLASSES.items():
+        if tuple(words[:len(path)]) != path:
+            continue
+        node = parser
+        for word in path:
+            node = next(a for a in node._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+        node.formatter_class = argparse.RawDescriptionHelpFormatter
+        if path == ("train",):  # the recipe the config names (flow_grpo when none)
+            from visalign.trainers import TRAINERS, trainer_name
+
+            config = words[1] if len(words) > 1 and Path(words[1]).is_file() else None
+            with contextlib.suppress(ValueError):
+                target = TRAINERS[trainer_name(config, [w for w in words[2:] if w.startswith("trainer=")])][0]
+        extra = {"train": "\nThese are the fields of the recipe the config names (flow_grpo when none); "
+                          "`visalign train CONFIG --help` shows that recipe's.",
+                 "eval": "\nThe fields of the world suite; other suites take their own (docs/guide/evaluation.md).",
+                 "quickstart": "\nOverrides apply to visalign/assets/quickstart.yaml (a dgpo config)."}.get(path[0], "")
+        node.epilog = fields_help(import_target(target)) + extra
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if "-h" in argv or "--help" in argv:
+        _with_fields_help(parser, argv)
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ValueError as err:  # bad input (config, model, request): a message, not a traceback

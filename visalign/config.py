@@ -39,6 +39,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from visalign.suggest import did_you_mean
+
 __all__ = ["ConfigError", "apply_overrides", "check_ranges", "from_dict", "load_config", "save_config", "to_dict"]
 
 T = TypeVar("T")
@@ -189,7 +191,8 @@ def from_dict(cls: type[T], data: Mapping, prefix: str = "") -> T:
     unknown = [key for key in data if key not in names]
     if unknown:
         paths = ", ".join(_join(prefix, key) for key in unknown)
-        raise ConfigError(f"unknown field {paths}; valid fields of {where}: {', '.join(names)}")
+        hint = did_you_mean(unknown[0], names) if len(unknown) == 1 else ""
+        raise ConfigError(f"unknown field {paths}{hint}; valid fields of {where}: {', '.join(names)}")
     missing = [f.name for f in init_fields if f.name not in data and not _has_default(f)]
     if missing:
         raise ConfigError(f"missing required field {', '.join(_join(prefix, name) for name in missing)}")
@@ -208,6 +211,50 @@ def from_dict(cls: type[T], data: Mapping, prefix: str = "") -> T:
 # Bounds a numeric field declares in its metadata ({"help": ..., "ge": 0, "lt": 1}); every float must also be
 # finite unless its metadata says {"finite": False}.
 _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, "type = default", meaning and range) of every field, sections flattened: the reference
+    `--help` prints, generated from the dataclasses so it cannot drift from them."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, name = hints[f.name], _join(prefix, f.name)
+        section = tp if dataclasses.is_dataclass(tp) else None
+        if section is not None:
+            rows += describe_fields(section, name)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        if dataclasses.is_dataclass(default):
+            default = to_dict(default)
+        help_text = f.metadata.get("help", "")
+        bounds = bounds_text(f.metadata)
+        rows.append((name, f"{_type_text(tp)} = {default!r}", help_text + (f" ({bounds})" if bounds else "")))
+    return rows
+
+
+def _type_text(tp) -> str:
+    """A field's type as --help shows it: a Literal as its choices."""
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    text = getattr(tp, "__name__", None) if typing.get_origin(tp) is None else None
+    return text or str(tp).replace("typing.", "")
+
+
+def fields_help(cls: type, width: int = 118) -> str:
+    """`describe_fields` as an aligned text table for an argparse epilog."""
+    rows = describe_fields(cls)
+    left = min(max(len(n) for n, _, _ in rows), 34)
+    lines = [f"config fields of {cls.__name__} (YAML keys, or dotted overrides such as "
+             f"{rows[0][0]}=...):"]
+    for name, kind, meaning in rows:
+        lines.append(f"  {name.ljust(left)}  {kind}")
+        if meaning:
+            lines.append(f"  {' ' * left}    {meaning}"[:width])
+    return "\n".join(lines)
 
 
 def bounds_text(meta: Mapping) -> str:
@@ -364,7 +411,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if any(value == allowed and type(value) is type(allowed) for allowed in args):
             return value
         allowed = ", ".join(repr(a) for a in args)
-        raise ConfigError(f"{path}: expected one of {allowed}, got {value!r}")
+        hint = did_you_mean(value, [str(a) for a in args]) if isinstance(value, str) else ""
+        raise ConfigError(f"{path}: expected one of {allowed}, got {value!r}{hint}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise _mismatch(tp, value, path)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 
+from visalign.suggest import did_you_mean
+
 
 def import_target(target: str) -> object:
     """The object a dotted path names. ImportError / AttributeError propagate for the caller to word."""
@@ -25,7 +27,8 @@ def lookup(registry: dict[str, object], name: str, what: str) -> object:
     entry = registry.get(name)
     if entry is None:
         if "." not in name:
-            raise ValueError(f"unknown {what} {name!r}; allowed: {', '.join(sorted(registry))} or a dotted path")
+            raise ValueError(f"unknown {what} {name!r}{did_you_mean(name, registry)}; allowed: "
+                             f"{', '.join(sorted(registry))} or a dotted path")
         entry = name
     if not isinstance(entry, str):
         return entry

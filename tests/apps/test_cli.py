@@ -80,3 +80,48 @@ def test_shipped_configs_load_and_start_with_their_command(path, tmp_path, monke
         (tmp_path / name).write_text("a prompt\n")
     monkeypatch.chdir(tmp_path)
     load_config(_config_class(first[2:]), path.resolve())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--concurrency", "0"], "--concurrency=0 must be >= 1"),
+    (["demo", "--max-pixels", "0"], "max_pixels=0 must be >= 1"),
+    (["demo", "--max-upload-mb", "-1"], "max_upload_mb=-1.0 must be > 0"),
+])
+def test_demo_limits_are_checked_before_anything_loads(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", list(__import__("visalign.cli", fromlist=["CONFIG_CLASSES"]).CONFIG_CLASSES))
+def test_help_lists_every_config_field_with_type_and_default(path, capsys):
+    from visalign.cli import CONFIG_CLASSES
+    from visalign.config import describe_fields
+    from visalign.registry import import_target
+
+    with pytest.raises(SystemExit) as done:
+        main([*path, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    rows = describe_fields(import_target(CONFIG_CLASSES[path]))
+    assert rows and all(f"  {name} " in out for name, _, _ in rows)
+    assert all(kind in out for _, kind, _ in rows)  # "type = default"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "configs/flow_grpo_world.yaml", "train.lrr=1"], "unknown field train.lrr (did you mean 'lr'?)"),
+    (["train", "configs/flow_grpo_world.yaml", "rewards={world-verifer: 1}"],
+     "unknown reward 'world-verifer' (did you mean 'world-verifier'?)"),
+    (["train", "configs/flow_grpo_world.yaml", "model.name=wrld"], "unknown model 'wrld' (did you mean 'world'?)"),
+    (["train", "configs/flow_grpo_world.yaml", "trainer=flow_grp"], "(did you mean 'flow_grpo'?)"),
+    (["steer", "configs/steer_world.yaml", "rewards={world-verifer: 1}"], "(did you mean 'world-verifier'?)"),
+    (["steer", "configs/steer_world.yaml", "method=bst_of_n"], "(did you mean 'best_of_n'?)"),
+    (["steer", "configs/steer_world.yaml", "stepz=3"], "unknown field stepz (did you mean 'steps'?)"),
+    (["sample", "--model", "tiny-sd33"], "unknown model 'tiny-sd33' (did you mean 'tiny-sd3'?)"),
+    (["sample", "--sde", "od"], "(did you mean 'ode'?)"),
+    (["eval", "--suite", "wrld"], "unknown suite 'wrld' (did you mean 'world'?)"),
+    (["world", "pretrain", "stepz=3"], "unknown field stepz (did you mean 'steps'?)"),
+])
+def test_typos_get_one_line_with_a_suggestion(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -100,7 +100,7 @@ def test_malformed_override_is_named(override):
 
 def test_unknown_key_in_yaml_names_path_and_valid_fields(tmp_path):
     path = write(tmp_path, "model: {name: m}\ntrain: {lrr: 0.1}\n")
-    message = r"unknown field train\.lrr; valid fields of train: lr, steps, mode"
+    message = r"unknown field train\.lrr \(did you mean 'lr'\?\); valid fields of train: lr, steps, mode"
     with pytest.raises(ConfigError, match=message):
         load_config(Cfg, path)
 

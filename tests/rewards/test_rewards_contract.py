@@ -52,7 +52,8 @@ def test_registry_load_list_cache_and_dotted_path():
     a = rewards.load("tests.rewards.test_rewards_contract.Brightness", bias=1.0)
     assert a is rewards.load("tests.rewards.test_rewards_contract.Brightness", bias=1.0)  # weights load once
     assert a is not rewards.load("tests.rewards.test_rewards_contract.Brightness", bias=2.0)
-    with pytest.raises(ValueError, match="unknown reward 'pickscorez'; allowed: .*world-verifier"):
+    with pytest.raises(ValueError, match=r"unknown reward 'pickscorez' \(did you mean 'pickscore'\?\); allowed: "
+                                         r".*world-verifier"):
         rewards.load("pickscorez")
     with pytest.raises(ValueError, match="not a visalign.rewards.Reward subclass"):
         rewards.load("torch.nn.Linear")

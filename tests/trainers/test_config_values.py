@@ -60,7 +60,8 @@ def test_every_numeric_field_refuses_a_value_outside_its_range(trainer, path, tp
 
 OTHER_CONFIGS = ["visalign.steering.config:SteerConfig", "visalign.generate:SampleConfig",
                  "visalign.eval.reward_suite:RewardEvalConfig", "visalign.world.pretrain:PretrainConfig",
-                 "visalign.world.suite:WorldEvalConfig", "visalign.world.motion_suite:MotionEvalConfig"]
+                 "visalign.world.suite:WorldEvalConfig", "visalign.world.motion_suite:MotionEvalConfig",
+                 "visalign.demo.app:DemoConfig"]
 OTHER_FIELDS = [(target, path, str(tp), tuple(sorted(meta.items(), key=str)))
                 for target in OTHER_CONFIGS for path, tp, meta in numeric_fields(import_target(target))]
 

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from visalign import rewards as rewards_lib
+from visalign.config import check_ranges
 from visalign.media import to_uint8
 from visalign.models import load_model
 from visalign.rewards.base import combined
@@ -50,12 +51,14 @@ class DemoConfig:
     guidance_rewards: dict[str, float] | None = None  # gradient guidance (default: world-soft, else the first
     # differentiable reward of `rewards`)
     runs_dir: str | None = None
-    max_steps: int = 50
-    max_samples: int = 8
-    max_particles: int = 8
-    max_prompt_chars: int = 500
-    max_upload_mb: float = 10.0  # enforced by gradio before the upload is stored, and again before decoding
-    max_pixels: int = 1024 * 1024  # width x height of an uploaded image, read from its header before decoding
+    max_steps: int = field(default=50, metadata={"ge": 1, "help": "most sampling steps a request may ask"})
+    max_samples: int = field(default=8, metadata={"ge": 1, "help": "most samples (seeds) per request"})
+    max_particles: int = field(default=8, metadata={"ge": 1, "help": "most FK particles / best-of-N candidates"})
+    max_prompt_chars: int = field(default=500, metadata={"ge": 1, "help": "longest prompt accepted"})
+    max_upload_mb: float = field(default=10.0, metadata={
+        "gt": 0, "help": "largest upload; gradio enforces it before storing the file, the scorer again"})
+    max_pixels: int = field(default=1024 * 1024, metadata={
+        "ge": 1, "help": "width x height of an uploaded image, read from its header before decoding"})
 
     def __post_init__(self):
         for label, path in self.checkpoints.items():
@@ -68,11 +71,7 @@ class DemoConfig:
             raise ValueError(f"runs directory {self.runs_dir!r} does not exist")
         if not self.rewards:
             raise ValueError("the demo needs at least one reward")
-        for name in ("max_steps", "max_samples", "max_particles", "max_prompt_chars", "max_pixels"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"demo {name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.max_upload_mb < float("inf"):
-            raise ValueError(f"demo max_upload_mb must be a positive number, got {self.max_upload_mb}")
+        check_ranges(self)
 
         world = self.model == "world"
         if self.steer_rewards is None:

@@ -38,6 +38,7 @@ from visalign.models.base import FlowModelAdapter
 from visalign.prompts import Prompt, prompt_source, prompts_of
 from visalign.rewards.base import combined
 from visalign.sampling import sample
+from visalign.suggest import did_you_mean
 
 PRESETS: dict[str, list[str]] = {
     "preference": ["pickscore", "hpsv2.1", "imagereward", "aesthetic"],
@@ -90,7 +91,8 @@ class RewardEvalConfig:
 
         for name in self.rewards:
             if name not in rewards_lib.REGISTRY and "." not in name:
-                raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(rewards_lib.list_rewards())}")
+                raise ValueError(f"unknown reward {name!r}{did_you_mean(name, rewards_lib.list_rewards())}; "
+                                 f"allowed: {', '.join(rewards_lib.list_rewards())}")
         unknown = [k for k in self.reward_options if k not in self.rewards]
         if unknown:
             raise ValueError(f"reward_options for {unknown}, which are not in rewards {self.rewards}")

@@ -8,6 +8,7 @@ import json
 
 from visalign.registry import import_target
 from visalign.rewards.base import Reward
+from visalign.suggest import did_you_mean
 
 # name -> "module:Class"; modules import lazily so a reward's heavy dependencies load only when used.
 REGISTRY: dict[str, str] = {
@@ -71,7 +72,8 @@ def _resolve(name: str) -> type[Reward]:
         return import_target(FRAME_REWARD)
     target = REGISTRY.get(name)
     if target is None and "." not in name:
-        raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(list_rewards())} or a dotted path")
+        raise ValueError(f"unknown reward {name!r}{did_you_mean(name, list_rewards())}; allowed: "
+                         f"{', '.join(list_rewards())} or a dotted path")
     target = target or name
     try:
         cls = import_target(target)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from visalign import rewards as rewards_lib
 from visalign.media import save_pixels
 from visalign.models import DTYPES, load_model, request_rules, resolve_model_path
 from visalign.steering import METHODS, steer
@@ -40,6 +41,8 @@ class SteerConfig:
             raise ValueError("prompts must be a non-empty list of non-empty strings")
         if not self.rewards:
             raise ValueError("rewards must name at least one reward")
+        for name in self.rewards:  # before the model loads
+            rewards_lib.describe(name)
 
         try:
             METHODS[self.method](**self.options)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from visalign.config import load_config, read_yaml
 from visalign.registry import import_target
+from visalign.suggest import did_you_mean
 
 # trainer name -> ("module:ConfigClass", "module:TrainerClass"); register a recipe of your own here.
 TRAINERS = {
@@ -31,7 +32,7 @@ def trainer_name(path: str | None, overrides: Sequence[str]) -> str:
         if item.startswith("trainer="):
             name = item.split("=", 1)[1]
     if name not in TRAINERS:
-        raise ValueError(f"unknown trainer {name!r}; allowed: {', '.join(TRAINERS)}")
+        raise ValueError(f"unknown trainer {name!r}{did_you_mean(name, TRAINERS)}; allowed: {', '.join(TRAINERS)}")
     return name
 
 
@@ -44,5 +45,5 @@ def load_train_config(path: str | None, overrides: Sequence[str] = ()):
 def trainer_class(name: str):
     """The trainer class registered as `name` (a config's `trainer:`)."""
     if name not in TRAINERS:
-        raise ValueError(f"unknown trainer {name!r}; allowed: {', '.join(TRAINERS)}")
+        raise ValueError(f"unknown trainer {name!r}{did_you_mean(name, TRAINERS)}; allowed: {', '.join(TRAINERS)}")
     return import_target(TRAINERS[name][1])

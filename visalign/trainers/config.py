@@ -13,6 +13,7 @@ from visalign.config import check_ranges
 from visalign.models import request_rules, resolve_model_path
 from visalign.prompts import check_prompt_spec
 from visalign.rewards.registry import FRAMES_PREFIX
+from visalign.suggest import did_you_mean
 from visalign.trainers.balance.balancer import SAFE, check_weights
 
 
@@ -307,7 +308,8 @@ def check_rewards(trained: dict[str, float], heldout: list[str], required: bool 
         if name.startswith(FRAMES_PREFIX):
             rewards_lib.describe(name)  # the wrapped image reward must exist and score images
         elif name not in rewards_lib.REGISTRY and "." not in name:
-            raise ValueError(f"unknown reward {name!r}; allowed: {', '.join(rewards_lib.list_rewards())}, "
+            raise ValueError(f"unknown reward {name!r}{did_you_mean(name, rewards_lib.list_rewards())}; allowed: "
+                             f"{', '.join(rewards_lib.list_rewards())}, "
                              "frames/<image reward>")
     for name in drift:
         if not rewards_lib.describe(name)["differentiable"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from visalign.prompts import Prompt, PromptSource
+from visalign.suggest import did_you_mean
 from visalign.world.grammar import SPLITS, TEMPLATES, sample_specs
 from visalign.world.motion import MOTION_TEMPLATES, sample_motion_specs
 
@@ -24,7 +25,8 @@ class WorldPrompts(PromptSource):
         self.templates = tuple(parts[1].split(",")) if len(parts) > 1 else self.all_templates
         unknown = [t for t in self.templates if t not in self.all_templates]
         if unknown or len(parts) > 2:
-            raise ValueError(f"unknown templates {unknown}; allowed: {', '.join(self.all_templates)}")
+            hint = did_you_mean(unknown[0], self.all_templates) if len(unknown) == 1 else ""
+            raise ValueError(f"unknown templates {unknown}{hint}; allowed: {', '.join(self.all_templates)}")
 
     @classmethod
     def of(cls, split: str, templates: tuple[str, ...] | None = None) -> WorldPrompts:
