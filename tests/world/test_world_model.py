@@ -118,13 +118,28 @@ def test_pretrain_updates_and_resume_reproduces(tmp_path):
     # steps=2 run leaves exactly the state.pt a steps=4 run writes at step 2; then resume to 4.
     state_b = tmp_path / "b"
     pretrain(PretrainConfig(out_dir=str(state_b), **{**common, "steps": 2}), progress=False)
-    assert torch.load(state_b / "state.pt", weights_only=True)["step"] == 2
+    assert json.loads((state_b / "state.json").read_text())["step"] == 2 and not list(state_b.glob("*.pt"))
     resumed = pretrain(PretrainConfig(out_dir=str(state_b), **common), progress=False)
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     init = _Trainable(WorldAdapter.random(0)).state_dict()
     changed = [k for k in a if not torch.equal(init[k], a[k])]
     assert any(k.startswith("unet.") for k in changed) and any(k.startswith("text_encoder.") for k in changed)
+
+
+def test_pretrain_resume_refuses_pickles_and_torn_state(tmp_path):
+    common = {"batch_size": 2, "steps": 2, "warmup_steps": 1, "checkpoint_every": 1, "threads": 1}
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"step": 1}, old / "state.pt")
+    with pytest.raises(ValueError, match=r"state.pt is a pickle of an older visalign"):
+        pretrain(PretrainConfig(out_dir=str(old), **common), progress=False)
+    torn = tmp_path / "torn"
+    pretrain(PretrainConfig(out_dir=str(torn), **{**common, "steps": 1}), progress=False)
+    state = json.loads((torn / "state.json").read_text())
+    (torn / "state.json").write_text(json.dumps({**state, "step": 2}))  # the JSON of another save
+    with pytest.raises(ValueError, match="from different saves"):
+        pretrain(PretrainConfig(out_dir=str(torn), **common), progress=False)
 
 
 def test_pretrain_config_validation():
@@ -224,6 +239,36 @@ def test_quickstart_end_to_end_small(tmp_path, capsys):
     assert (tmp_path / "before_after_seen.png").exists() and (tmp_path / "run" / "final" / "model.safetensors").exists()
     out = capsys.readouterr().out
     assert "before_after" in out and "[2/3] aligning with dgpo for 1 steps" in out
+
+
+TINY_QUICKSTART = ["--steps", "2", "--n", "4", "train.prompts_per_step=2", "train.group_size=2",
+                   "train.train_batch_size=4", "sampling.batch_size=4"]
+
+
+def test_an_interrupted_quickstart_resumes_to_the_same_table(tmp_path, monkeypatch, capsys):
+    from visalign.trainers.engine import OnlineTrainer
+
+    assert main(["quickstart", "--out", str(tmp_path / "whole"), *TINY_QUICKSTART]) == 0
+    train = OnlineTrainer.train
+
+    def killed(self, stop_after=None):  # the machine goes down after the first step's checkpoint
+        train(self, stop_after=1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OnlineTrainer, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["quickstart", "--out", str(tmp_path / "cut"), *TINY_QUICKSTART])
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["quickstart", "--out", str(tmp_path / "cut"), "--resume", *TINY_QUICKSTART]) == 0
+    assert "evaluation on 12 + 12 prompts is in" in capsys.readouterr().out  # the base evaluation was reused
+    tables = [(tmp_path / run / "table.md").read_text().split("\n", 2)[2] for run in ("whole", "cut")]
+    assert tables[0] == tables[1]  # every number, after the line giving the time
+    # labelled grids: 4 distinct tiles per template (n=4 < 8 repeats nothing), one per sample
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "whole" / "aligned" / "grid_seen.png")
+    assert grid.width == 110 + 4 * (96 + 4)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from visalign.trainers.common import load_optimizer_state, load_trainer_state, optimizer_state, save_trainer_state
 from visalign.world.grammar import TEMPLATES, sample_specs
 from visalign.world.model import WorldAdapter, WorldVideoAdapter, check_denoiser
 from visalign.world.motion import MOTION_TEMPLATES, misdescribe_direction, render_clips, sample_motion_specs
@@ -51,7 +52,7 @@ class PretrainConfig:
         "help": "prompt templates; empty: all of the world's (image or motion templates)"})
     seed: int = field(default=0, metadata={"ge": 0, "help": "seeds weights, data and noise"})
     checkpoint_every: int = field(default=200, metadata={"ge": 1, "help": "steps between resumable checkpoints"})
-    resume: bool = field(default=True, metadata={"help": "continue from out_dir/state.pt if present"})
+    resume: bool = field(default=True, metadata={"help": "continue from out_dir/state.* if present"})
     threads: int = field(default=2, metadata={"ge": 1, "help": "torch CPU threads"})
 
     def __post_init__(self):
@@ -125,6 +126,9 @@ def _lr(cfg: PretrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+STATE = "state"  # out_dir/state.safetensors + state.json: the resumable training state, as data
+
+
 class _Trainable(torch.nn.Module):
     """UNet + text encoder as one module so optimizer, EMA and checkpoints treat them together."""
 
@@ -145,13 +149,18 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
-    state_path = out / "state.pt"
-    if cfg.resume and state_path.exists():
-        state = torch.load(state_path, weights_only=True)
+    if cfg.resume and (out / f"{STATE}.json").exists():  # data only: safetensors + JSON, nothing unpickled
+        state = load_trainer_state(out, STATE)
+        if int(state["saved_step"]) != state["step"]:  # the tensors' own copy of the step: one save, or a crash
+            raise ValueError(f"{out}: {STATE}.json and {STATE}.safetensors are from different saves (a crash while "
+                             "saving); set resume=false to start again")
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
+        load_optimizer_state(opt, state["opt"])
         start = int(state["step"])
+    elif cfg.resume and (out / "state.pt").exists():
+        raise ValueError(f"{out}/state.pt is a pickle of an older visalign, which resume does not load; set "
+                         "resume=false (or another out_dir) to start again")
 
     def velocity(x, sigma, prompts):
         cond = adapter.text_features(prompts)
@@ -172,8 +181,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         loss_avg = metrics["loss"] if loss_avg is None else 0.98 * loss_avg + 0.02 * metrics["loss"]
         bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{_lr(cfg, step):.1e}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "step": step + 1}, state_path)
+            save_trainer_state({"net": net.state_dict(), "ema": ema.state_dict(), "opt": optimizer_state(opt),
+                                "step": step + 1, "saved_step": torch.tensor(step + 1)}, out, STATE)
     final = adapter_cls(ema.unet, ema.text_encoder, adapter.vocab)
     minutes = (time.perf_counter() - began) / 60
     # The video model is stored in float16 (10 MB instead of 20 MB shipped); loading casts back to float32.
