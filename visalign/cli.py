@@ -162,15 +162,30 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.concurrency < 1:
         raise ValueError(f"--concurrency={args.concurrency} must be >= 1")
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port={args.port} must be between 1 and 65535")
     checkpoints = {**pairs(args.checkpoint, "--checkpoint"), **pairs(args.lora, "--lora", "lora:")}
     kwargs = {"rewards": args.reward} if args.reward else {}
     limits = {k: getattr(args, k) for k in ("max_upload_mb", "max_pixels", "max_prompt_chars")
               if getattr(args, k) is not None}
     cfg = DemoConfig(model=args.model, model_path=args.model_path, checkpoints=checkpoints, runs_dir=args.runs,
                      **kwargs, **limits)
-    print(f"visalign demo on http://{args.host}:{args.port} (Ctrl-C to stop)")
-    launch(cfg, args.host, args.port, autorun=args.autorun, concurrency=args.concurrency)
+    try:
+        _, url = launch(cfg, args.host, args.port, autorun=args.autorun, concurrency=args.concurrency, block=False)
+    except OSError as err:  # gradio: "Cannot find empty port ..." or the bind's own error
+        raise ValueError(f"cannot serve on {args.host}:{args.port}: {err}") from None
+    print(f"visalign demo on {url} (Ctrl-C to stop)")
+    _serve_forever()
     return 0
+
+
+def _serve_forever() -> None:
+    """Block until Ctrl-C (the demo was launched without blocking, so a bind error surfaced as a message)."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
 
 
 def _write_comparison(out: str, table: str, deltas: dict) -> int:
@@ -221,7 +236,8 @@ def _quickstart(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"{flag}={value} must be >= 1")
     start = time.perf_counter()
-    table = quickstart(args.out, steps=args.steps, n_per_template=args.n, extra=list(args.overrides))
+    table = quickstart(args.out, steps=args.steps, n_per_template=args.n, extra=list(args.overrides),
+                       resume=args.resume)
     print(table)
     print(f"wrote {args.out}/table.md, before_after_seen.png, before_after_heldout.png "
           f"({(time.perf_counter() - start) / 60:.1f} min)")
@@ -452,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=None,
                    help="training steps (default: the shipped config's, about 30 s each on 2 cores)")
     q.add_argument("--n", type=int, default=48, help="evaluation prompts per template and split")
+    q.add_argument("--resume", action="store_true", help="go on from an interrupted run in --out (same settings): "
+                   "the base evaluation is reused and training resumes from its latest checkpoint")
     q.add_argument("overrides", nargs="*", help="overrides of the shipped training config "
                    "(visalign/assets/quickstart.yaml), e.g. train.lr=5e-5")
     q.set_defaults(func=_quickstart)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from importlib import resources
 from pathlib import Path
@@ -56,17 +57,18 @@ def _side_by_side(left: Path, right: Path, out: Path) -> None:
 
 
 def quickstart(out: str | Path, steps: int | None = None, n_per_template: int = 48, extra: list[str] = (),
-               log=print) -> str:
+               log=print, resume: bool = False) -> str:
     """Run the main job into `out`; returns the before/after markdown table (with a line saying what ran).
 
     `steps`: training steps (default: the shipped config's `train.max_steps`); `extra`: config overrides;
-    `log`: where stage messages go."""
+    `log`: where stage messages go; `resume`: go on from what an interrupted run with the same settings left in
+    `out` (the base evaluation, the training's latest checkpoint: bit-identical, so the same table)."""
 
     start = time.perf_counter()
     out = Path(out)
-    overrides = [f"run.out_dir={out / 'run'}", "run.resume_from=null", "run.eval_every=0", "run.log_with=none",
-                 *([f"train.max_steps={steps}", f"run.checkpoint_every={steps}"] if steps is not None else []),
-                 *extra]
+    overrides = [f"run.out_dir={out / 'run'}", f"run.resume_from={'latest' if resume else 'null'}",
+                 "run.eval_every=0", "run.log_with=none", "run.checkpoint_every=1", "run.checkpoints_total_limit=1",
+                 *([f"train.max_steps={steps}"] if steps is not None else []), *extra]
     cfg = load_train_config(QUICKSTART_CONFIG, overrides)  # checked before any model loads
     source = prompt_source(cfg.train.prompts)
     if not isinstance(source, WorldPrompts) or source.split != "seen":
@@ -76,9 +78,16 @@ def quickstart(out: str | Path, steps: int | None = None, n_per_template: int = 
     eval_cfg = {"n_per_template": n_per_template, "guidance": cfg.sampling.guidance, "steps": cfg.sampling.steps,
                 "templates": templates}
     n_prompts = n_per_template * len(templates)
-    log(f"[1/3] evaluating the base model on {n_prompts} seen and {n_prompts} held-out prompts "
-        f"({', '.join(templates)})")
-    before = evaluate_world(load_model("world"), WorldEvalConfig(out=str(out / "base"), **eval_cfg))
+    saved = out / "base" / "results.json"
+    settings = out / "base" / "settings.json"
+    if resume and saved.exists() and settings.exists() and json.loads(settings.read_text()) == eval_cfg:
+        log(f"[1/3] the base model's evaluation on {n_prompts} + {n_prompts} prompts is in {saved}: reused")
+        before = json.loads(saved.read_text())
+    else:
+        log(f"[1/3] evaluating the base model on {n_prompts} seen and {n_prompts} held-out prompts "
+            f"({', '.join(templates)})")
+        before = evaluate_world(load_model("world"), WorldEvalConfig(out=str(out / "base"), **eval_cfg), label="base")
+        settings.write_text(json.dumps(eval_cfg))
     log(f"[2/3] aligning with {cfg.trainer} for {cfg.train.max_steps} steps "
         f"({cfg.train.prompts_per_step} prompts × {cfg.train.group_size} samples each)")
     trainer = trainer_class(cfg.trainer)(cfg)
@@ -87,7 +96,8 @@ def quickstart(out: str | Path, steps: int | None = None, n_per_template: int = 
         trainer.ema.swap()
     log("[3/3] evaluating the aligned model on the same prompts and seeds")
     with torch.no_grad():
-        after = evaluate_world(trainer.adapter, WorldEvalConfig(out=str(out / "aligned"), **eval_cfg))
+        after = evaluate_world(trainer.adapter, WorldEvalConfig(out=str(out / "aligned"), **eval_cfg),
+                               label="aligned")
     minutes = (time.perf_counter() - start) / 60
     table = (f"{cfg.trainer}, {cfg.train.max_steps} steps; evaluated on {n_prompts} prompts per split "
              f"({n_per_template} per template), {cfg.sampling.steps} sampling steps, same seeds before and after; "

@@ -125,3 +125,17 @@ def test_typos_get_one_line_with_a_suggestion(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_demo_bind_errors_are_one_line(capsys):
+    import socket
+
+    assert main(["demo", "--port", "99999"]) == 2
+    assert capsys.readouterr().err == "visalign demo: error: --port=99999 must be between 1 and 65535\n"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["demo", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"visalign demo: error: cannot serve on 127.0.0.1:{port}") and err.count("\n") == 1

@@ -17,7 +17,6 @@ import torch
 from tqdm.auto import tqdm
 
 from visalign.eval.stats import paired_delta
-from visalign.media import save_pixels
 from visalign.models.base import FlowModelAdapter
 from visalign.sampling import sample
 from visalign.world.grammar import SPLITS, TEMPLATE_TIERS, TEMPLATES, SceneSpec
@@ -126,7 +125,8 @@ def score_world(images: torch.Tensor, specs: list[SceneSpec]) -> dict:
         "cleanliness": float(clean.mean()),
         "n": len(specs),
         # per prompt, in suite order: what comparison mode pairs across checkpoints
-        "per_sample": {"template": templates, "passed": [bool(v) for v in main.passed],
+        "per_sample": {"template": templates, "prompt": [s.prompt for s in specs],
+                       "passed": [bool(v) for v in main.passed],
                        "strict": [bool(v) for v in strict.passed], "cleanliness": [float(v) for v in clean]},
     }
 
@@ -154,8 +154,52 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def evaluate_world(adapter: FlowModelAdapter, cfg: WorldEvalConfig, progress: bool = True) -> dict[str, dict]:
-    """Run the suite; write results.json, results.md and a sample grid per split into cfg.out."""
+def labelled_grid(images: torch.Tensor, per_sample: dict, n_per_template: int, templates: list[str], title: str,
+                  columns: int = 8, scale: int = 3):
+    """The first `columns` samples of each template (no tile repeated, whatever n is): a title, the template on
+    each row, the verifier's verdict on each tile (green ✓ / red ✗ in its corner, drawn: the default font has no
+    such glyphs), a number on each tile and a legend of the numbered prompts below."""
+    from PIL import Image, ImageDraw
+
+    from visalign.media import to_uint8
+
+    tile, pad, left, top, line = 32 * scale, 4, 110, 22, 12
+    shown = min(columns, n_per_template)
+    picks = [(t, i * n_per_template + j) for i, t in enumerate(templates) for j in range(shown)]
+    legend = [f"{k + 1}. {per_sample['prompt'][idx]}" for k, (_, idx) in enumerate(picks)] \
+        if "prompt" in per_sample else []
+    width = left + shown * (tile + pad)
+    height = top + len(templates) * (tile + pad) + line * (len(legend) + 1)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), title, fill="black")
+    for k, (template, idx) in enumerate(picks):
+        row, col = divmod(k, shown)
+        x, y = left + col * (tile + pad), top + row * (tile + pad)
+        if col == 0:
+            draw.text((4, y + tile // 2 - 6), template, fill="black")
+        img = Image.fromarray(to_uint8(images[idx].permute(1, 2, 0))).resize((tile, tile), Image.NEAREST)
+        canvas.paste(img, (x, y))
+        ok = bool(per_sample["passed"][idx])
+        colour = (0, 150, 0) if ok else (200, 0, 0)
+        cx, cy = x + tile - 14, y + 2
+        draw.rectangle((cx, cy, cx + 12, cy + 12), fill="white", outline=colour)
+        if ok:
+            draw.line((cx + 2, cy + 6, cx + 5, cy + 10, cx + 10, cy + 2), fill=colour, width=2)
+        else:
+            draw.line((cx + 2, cy + 2, cx + 10, cy + 10), fill=colour, width=2)
+            draw.line((cx + 2, cy + 10, cx + 10, cy + 2), fill=colour, width=2)
+        draw.rectangle((x, y, x + 7 * len(str(k + 1)) + 3, y + 12), fill="white")
+        draw.text((x + 2, y + 1), str(k + 1), fill="black")
+    for k, text in enumerate(legend):
+        draw.text((4, top + len(templates) * (tile + pad) + line * k), text, fill="black")
+    return canvas
+
+
+def evaluate_world(adapter: FlowModelAdapter, cfg: WorldEvalConfig, progress: bool = True,
+                   label: str | None = None) -> dict[str, dict]:
+    """Run the suite; write results.json, results.md and a labelled sample grid per split into cfg.out
+    (`label`, e.g. "base", heads the grids)."""
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,9 +209,8 @@ def evaluate_world(adapter: FlowModelAdapter, cfg: WorldEvalConfig, progress: bo
         images = generate_world(adapter, specs, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed,
                                 batch_size=cfg.batch_size, progress=progress, desc=f"eval {split}")
         results[split] = score_world(images, specs)
-        picks = torch.cat([images[i * cfg.n_per_template: i * cfg.n_per_template + min(8, cfg.n_per_template)]
-                           for i in range(len(cfg.templates))])
-        save_pixels(picks, out / f"grid_{split}.png", scale=3)
+        labelled_grid(images, results[split]["per_sample"], cfg.n_per_template, list(cfg.templates),
+                      f"{label + ' · ' if label else ''}{split} compositions").save(out / f"grid_{split}.png")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     return results
@@ -184,7 +227,7 @@ def compare_world(results: dict[str, dict[str, dict]], level: float = 0.95, seed
         out[name] = {}
         for split, r in results[name].items():
             a, b = base[split]["per_sample"], r["per_sample"]
-            if a["template"] != b["template"]:
+            if a["template"] != b["template"] or a.get("prompt", b.get("prompt")) != b.get("prompt", a.get("prompt")):
                 raise ValueError(f"{name} and {names[0]} were not evaluated on the same prompts")
             passed_a = torch.tensor(a["passed"], dtype=torch.float64)
             passed_b = torch.tensor(b["passed"], dtype=torch.float64)
