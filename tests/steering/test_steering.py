@@ -200,7 +200,11 @@ def test_cli_steer_writes_images_and_report(tmp_path, capsys):
     assert report["nfe"] == 2 * 4 * 2 and len(report["reward"]) == 1 and (tmp_path / "000.png").is_file()
     assert "NFE 16" in capsys.readouterr().out
     assert main(["steer", "configs/steer_world.yaml", "options={particles: 3}"]) == 2
-    assert "options for fk" in capsys.readouterr().err
+    assert "options: fk takes no option 'particles'; its options: k, potential, lam," in capsys.readouterr().err
+    assert main(["steer", "configs/steer_world.yaml", "method=best_of_n", "options={k: 3}"]) == 2
+    assert "best_of_n takes no option 'k'; its options: n, " in capsys.readouterr().err
+    assert main(["steer", "configs/steer_world.yaml", "options={lamb: 3}"]) == 2
+    assert "no option 'lamb' (did you mean 'lam'?)" in capsys.readouterr().err
 
 
 def test_fk_gradient_proposal_keeps_the_tilted_target():

@@ -10,6 +10,7 @@ noise optimisation, over any adapter (SD3, FLUX, Wan, the world model) or a diff
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from visalign.models.base import FlowModelAdapter
@@ -18,9 +19,26 @@ from visalign.registry import lookup
 from visalign.steering.core import Request, SteerResult, metered, resolve_rewards
 from visalign.steering.drift import RewardDrift
 from visalign.steering.methods import BestOfN, FKSteering, ReNO, RewardGuidance
+from visalign.suggest import did_you_mean
 
 # name -> method class (or its dotted path); a dotted path to a user's class works in its place.
 METHODS = {"best_of_n": BestOfN, "fk": FKSteering, "guidance": RewardGuidance, "reno": ReNO, "drift": RewardDrift}
+
+
+def build_method(name: str, options: dict):
+    """The steering method `name` built with `options`; an option it does not take is named, with the closest
+    one it does and the list of all of them."""
+    cls = lookup(METHODS, name, "steering method")
+    if dataclasses.is_dataclass(cls):
+        takes = [f.name for f in dataclasses.fields(cls) if f.init]
+        unknown = [key for key in options if key not in takes]
+        if unknown:
+            raise ValueError(f"{name} takes no option {unknown[0]!r}{did_you_mean(unknown[0], takes)}; its options: "
+                             f"{', '.join(takes)}")
+    try:
+        return cls(**options)
+    except TypeError as err:
+        raise ValueError(f"{name}: {err}") from None
 
 
 def as_adapter(model) -> FlowModelAdapter:
@@ -52,10 +70,7 @@ def steer(model, prompts: list[str], rewards, method="fk", *, steps: int = 20, g
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
     if isinstance(method, str):
-        try:
-            method = lookup(METHODS, method, "steering method")(**options)
-        except TypeError as err:
-            raise ValueError(f"{method}: {err}") from None
+        method = build_method(method, options)
     elif options:
         raise ValueError("options are given to the method object itself when passing one")
     if steps < 1:
@@ -78,4 +93,4 @@ def steer(model, prompts: list[str], rewards, method="fk", *, steps: int = 20, g
 
 
 __all__ = ["METHODS", "BestOfN", "FKSteering", "ReNO", "RewardDrift", "RewardGuidance", "SteerResult", "as_adapter",
-           "steer"]
+           "build_method", "steer"]

@@ -10,7 +10,7 @@ from typing import Literal
 from visalign import rewards as rewards_lib
 from visalign.media import save_pixels
 from visalign.models import DTYPES, load_model, request_rules, resolve_model_path
-from visalign.steering import METHODS, steer
+from visalign.steering import build_method, steer
 
 
 @dataclass
@@ -45,9 +45,9 @@ class SteerConfig:
             rewards_lib.describe(name)
 
         try:
-            METHODS[self.method](**self.options)
-        except TypeError as err:
-            raise ValueError(f"options for {self.method}: {err}") from None
+            build_method(self.method, self.options)
+        except ValueError as err:
+            raise ValueError(f"options: {err}") from None
         # paths and sizes, before any weights load
         if self.model_path is not None:
             resolve_model_path(self.model_path)
