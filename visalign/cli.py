@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +39,8 @@ def _sample(args: argparse.Namespace) -> int:
     cfg = load_config(SampleConfig, args.config, _flags_to_overrides(args, SAMPLE_FLAGS) + list(args.overrides))
     start = time.perf_counter()
     pixels = generate(cfg)
+    if cfg.model.startswith("tiny-"):
+        print(f"note: {cfg.model} has random weights (a test model): it draws noise", file=sys.stderr)
     out = save_pixels(pixels, cfg.out)
     print(f"wrote {out} ({pixels.shape[0]} sample(s), {time.perf_counter() - start:.1f}s)")
     return 0
@@ -251,10 +254,40 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(args: argparse.Namespace) -> int:
-    from visalign.models import list_models
+def _world_vocab(args: argparse.Namespace) -> int:
+    """What the world's prompts may say: its words by kind and an example of each template, image and video."""
+    from visalign.world import grammar
+    from visalign.world.motion import MOTION_TEMPLATES, MOTION_VOCABULARY
+    from visalign.world.prompts import WorldPrompts, WorldVideoPrompts
 
-    print("\n".join(list_models()))
+    print("The shapes world reads these words only (others are an error naming them):")
+    print(f"  colours:   {', '.join(grammar.COLORS)}")
+    print(f"  shapes:    {', '.join(grammar.SHAPES)} (plural with s)")
+    print(f"  sizes:     {', '.join(grammar.SIZES)}")
+    print(f"  counts:    {', '.join(grammar.COUNT_WORDS.values())}")
+    print(f"  positions: {'; '.join(grammar.POSITIONS.values())}")
+    print(f"  relations: {'; '.join(grammar.RELATIONS.values())}")
+    print(f"  video:     {', '.join(sorted(MOTION_VOCABULARY - grammar.VOCABULARY))}")
+    print("\nImage templates (model world), one example each (seen split):")
+    for template in grammar.TEMPLATES:
+        spec = WorldPrompts.of("seen", (template,)).fixed_specs(1, 0)[0]
+        print(f"  {template:<12} {spec.prompt}")
+    print("\nVideo templates (model world-video):")
+    for template in MOTION_TEMPLATES:
+        spec = WorldVideoPrompts.of("seen", (template,)).fixed_specs(1, 0)[0]
+        print(f"  {template:<12} {spec.prompt}")
+    print("\nHeld-out compositions (split heldout) use the same words in combinations training never sees.")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from visalign.models import describe_model, list_models
+
+    names = list_models()
+    width = max(map(len, names))
+    print("\n".join(f"{name.ljust(width)}  {describe_model(name)}" for name in names))
+    print("\nAny factory `package.module:function(path, **kwargs) -> FlowModelAdapter` also works as --model / "
+          "model.name.")
     return 0
 
 
@@ -427,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=200 out_dir=runs/x")
     wp.set_defaults(func=_world_pretrain)
 
+    wv = wsub.add_parser("vocab", help="the words and prompt templates the world models understand")
+    wv.set_defaults(func=_world_vocab)
+
     e = sub.add_parser("eval", help="evaluate a model on a suite")
     e.add_argument("--suite", required=True, help="world, world-video, rewards (a prompt file + rewards), or a preset: "
                                                   "preference, geneval, compbench, vbench, world-rewards")
@@ -568,6 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # bad input (config, model, request): a message, not a traceback
         print(f"visalign {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `visalign rewards list | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter flushes it at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -139,3 +139,18 @@ def test_demo_bind_errors_are_one_line(capsys):
         assert main(["demo", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"visalign demo: error: cannot serve on 127.0.0.1:{port}") and err.count("\n") == 1
+
+
+def test_models_vocab_and_reward_summaries_explain_themselves(capsys):
+    from visalign.models import list_models
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert all(line.split()[0] in list_models() and len(line.split()) > 3 for line in out.splitlines()[:8])
+    assert "tiny-sd3     SD3's classes at tiny sizes with random weights" in out
+    assert main(["world", "vocab"]) == 0
+    out = capsys.readouterr().out
+    assert "colours:   red, yellow, green, cyan, blue, magenta" in out and "relation     a " in out
+    assert main(["rewards", "list"]) == 0
+    rows = [r.split(" | ")[-1].rstrip(" |") for r in capsys.readouterr().out.splitlines()[2:]]
+    assert rows and all(r.endswith((".", "…", ")")) for r in rows)  # whole sentences, or cut with a mark

@@ -241,8 +241,8 @@ def test_quickstart_end_to_end_small(tmp_path, capsys):
     assert "before_after" in out and "[2/3] aligning with dgpo for 1 steps" in out
 
 
-TINY_QUICKSTART = ["--steps", "2", "--n", "4", "train.prompts_per_step=2", "train.group_size=2",
-                   "train.train_batch_size=4", "sampling.batch_size=4"]
+TINY_QUICKSTART = ["--steps", "2", "--n", "3", "train.prompts_per_step=2", "train.group_size=2",
+                   "train.train_batch_size=4", "sampling.batch_size=4", "sampling.steps=4"]
 
 
 def test_an_interrupted_quickstart_resumes_to_the_same_table(tmp_path, monkeypatch, capsys):
@@ -261,14 +261,14 @@ def test_an_interrupted_quickstart_resumes_to_the_same_table(tmp_path, monkeypat
     monkeypatch.undo()
     capsys.readouterr()
     assert main(["quickstart", "--out", str(tmp_path / "cut"), "--resume", *TINY_QUICKSTART]) == 0
-    assert "evaluation on 12 + 12 prompts is in" in capsys.readouterr().out  # the base evaluation was reused
+    assert "evaluation on 9 + 9 prompts is in" in capsys.readouterr().out  # the base evaluation was reused
     tables = [(tmp_path / run / "table.md").read_text().split("\n", 2)[2] for run in ("whole", "cut")]
     assert tables[0] == tables[1]  # every number, after the line giving the time
-    # labelled grids: 4 distinct tiles per template (n=4 < 8 repeats nothing), one per sample
+    # labelled grids: 3 distinct tiles per template (n=3 < 8 repeats nothing), one per sample
     from PIL import Image
 
     grid = Image.open(tmp_path / "whole" / "aligned" / "grid_seen.png")
-    assert grid.width == 110 + 4 * (96 + 4)
+    assert grid.width == 110 + 3 * (96 + 4)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -58,8 +58,30 @@ def request_rules(name: str, path: str | None = None) -> RequestRules | None:
     return None if rules is None else rules(path)
 
 
+# What `visalign models` says of each built-in entry (a model of your own is described by its factory's docstring).
+DESCRIPTIONS = {
+    "sd3": "Stable Diffusion 3 / 3.5 (image; --model-path a diffusers directory or hub id, e.g. "
+           "stabilityai/stable-diffusion-3.5-medium; a GPU for real sizes)",
+    "flux": "FLUX.1 dev / schnell (image, embedded guidance; e.g. black-forest-labs/FLUX.1-dev; a large GPU)",
+    "wan": "Wan2.1 text-to-video (video, 4k+1 frames; e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers; a GPU)",
+    "tiny-sd3": "SD3's classes at tiny sizes with random weights, for tests: draws noise",
+    "tiny-flux": "FLUX's classes at tiny sizes with random weights, for tests: draws noise",
+    "tiny-wan": "Wan's classes at tiny sizes with random weights, for tests: draws noise",
+    "world": "the built-in shapes world's image model, 32x32, shipped in the package: runs on a CPU",
+    "world-video": "the built-in moving-shapes video model, 9 frames of 32x32, shipped: runs on a CPU",
+}
+
+
 def list_models() -> list[str]:
     return sorted(MODELS)
+
+
+def describe_model(name: str) -> str:
+    """One line on what a registered model is and what it needs."""
+    if name in DESCRIPTIONS:
+        return DESCRIPTIONS[name]
+    doc = getattr(lookup(MODELS, name, "model"), "__doc__", None) or ""
+    return " ".join(doc.strip().split("\n\n")[0].split()) or "(no description)"
 
 
 def load_model(name: str, path: str | None = None, *, torch_dtype: torch.dtype = torch.float32,
@@ -71,5 +93,5 @@ def load_model(name: str, path: str | None = None, *, torch_dtype: torch.dtype =
     return factory(path, torch_dtype=torch_dtype, device=device, cpu_offload=cpu_offload, **kwargs)
 
 
-__all__ = ["DTYPES", "MODELS", "Conditioning", "FlowModelAdapter", "RequestRules", "list_models", "load_model",
-           "request_rules", "resolve_model_path"]
+__all__ = ["DTYPES", "MODELS", "Conditioning", "FlowModelAdapter", "RequestRules", "describe_model", "list_models",
+           "load_model", "request_rules", "resolve_model_path"]

@@ -141,7 +141,7 @@ class PickScore(_HFCLIPReward):
 
 
 class CLIPScore(_HFCLIPReward):
-    """CLIPScore in two forms, per sample:
+    """CLIPScore, the clamped image-text cosine of a CLIP model, per sample, in two forms (`form`).
 
     form="hessel":       2.5 * max(cos, 0) with the caption prefixed "A photo depicts " and ViT-B/32
                          (Hessel et al. 2021, Eq. 1; jmhessel/clipscore `clipscore.py`; OpenAI preprocessing,

@@ -62,7 +62,18 @@ def describe(name: str) -> dict:
     cls = _resolve(name)
     return {"name": name, "class": f"{cls.__module__}.{cls.__qualname__}", "differentiable": cls.differentiable,
             "inputs": "/".join(cls.inputs), "value_range": cls.value_range, "higher_is_better": cls.higher_is_better,
-            "summary": (cls.__doc__ or "").strip().split("\n")[0]}
+            "summary": summary(cls.__doc__)}
+
+
+def summary(doc: str | None, limit: int = 160) -> str:
+    """A docstring's first paragraph on one line, whole when short, else cut after its last full sentence (or
+    word) that fits: never mid-word, marked with "…" when cut."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    end = head.rfind(". ")
+    return head[:end + 1] if end > limit // 3 else head[:head.rfind(" ")] + " …"
 
 
 def _resolve(name: str) -> type[Reward]:
