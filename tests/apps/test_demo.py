@@ -70,6 +70,9 @@ def test_compare_returns_images_and_their_scores(served):
     best = max(means, key=lambda c: sum(means[c]) / 2)
     assert {w[0]: w[1] for w in winners["data"]}["saturation"] == best
     assert len(ess["data"]) > 0 and len(x0) > 0 and len(slider) == 2
+    # the slider shows base against the aligned checkpoint (not the last, steered, column)
+    right = load(slider[1] if isinstance(slider[1], str) else slider[1]["path"])[:, ::4, ::4]
+    assert torch.equal(right, images[2])
 
 
 def test_generate_matches_the_base_column_and_score_an_upload(served, tmp_path):

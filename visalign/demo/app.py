@@ -249,7 +249,9 @@ class Demo:
         gallery = [(_pil(img, self.scale), f"{label} · seed {seed + j}") for label, imgs in columns.items()
                    for j, img in enumerate(imgs)]
         labels = list(columns)
-        slider = (_pil(columns[labels[0]][0], self.scale), _pil(columns[labels[-1]][0], self.scale))
+        # base against the first aligned checkpoint shown, else against the steered column
+        right = next((label for label in labels[1:] if label in self.cfg.checkpoints), labels[-1])
+        slider = (_pil(columns[labels[0]][0], self.scale), _pil(columns[right][0], self.scale))
         lineage_fig, x0_gallery, ess = self.fk_view(report)
         return gallery, slider, table, bars, winners, lineage_fig, x0_gallery, ess
 
@@ -419,7 +421,8 @@ def build_app(demo: Demo, autorun: bool = False):
                 gen = gr.Button("Generate (base only)")
             # PNG, not the default WebP: the images served are exactly the 8-bit images that were scored.
             gallery = gr.Gallery(label="samples (column · seed)", columns=cfg.max_samples, height="auto", format="png")
-            slider = gr.ImageSlider(label="first sample: base vs last column", format="png")
+            slider = gr.ImageSlider(label="first sample: base vs the first aligned checkpoint (else the steered "
+                                          "column)", format="png")
             table = gr.Dataframe(label="per-sample rewards and per-concept verdicts")
             with gr.Row():
                 bars = gr.BarPlot(x="reward · column", y="mean", color="column", label="mean reward per column",
