@@ -167,8 +167,47 @@ def test_browser_loads_the_page_and_runs_a_comparison(tmp_path):
         assert wait_idle(app)
         app.close()
     img = np.asarray(Image.open(out).convert("RGB")).astype(float)
+    _check_compare_page(img)
+
+
+@pytest.mark.browser
+def test_browser_shows_a_bad_prompt_as_a_message_next_to_the_inputs(tmp_path, capfd):
+    pytest.importorskip("playwright")
+    from visalign.demo.screenshot import bad_prompt
+
+    app, url = launch(DemoConfig(rewards=["world-verifier", "saturation"]), block=False)
+    try:
+        text = bad_prompt(url, "a purple hexagon", tmp_path / "bad.png")
+    finally:
+        assert wait_idle(app)
+        app.close()
+    assert "words outside the world's vocabulary: hexagon, purple" in text
+    log = capfd.readouterr()
+    assert "Traceback" not in log.out + log.err
+
+
+def _check_compare_page(img):
     assert img.shape[1] == 1400 and img.shape[0] > 1000
     # The gallery holds the world's samples: their pure red and blue shape pixels are on the page.
     red = (img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] < 60)
     blue = (img[..., 2] > 200) & (img[..., 0] < 60) & (img[..., 1] < 60)
     assert red.sum() > 200 and blue.sum() > 200
+
+
+def test_eight_steered_requests_at_concurrency_4_all_succeed(tmp_path):
+    """Served with --concurrency 4: eight FK comparisons sent at once all come back whole (one shared model)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    app, url = launch(DemoConfig(rewards=["world-verifier"]), block=False, concurrency=4)
+    try:
+        client = gradio_client.Client(url, verbose=False)
+        ks = [1, 2, 3, 4, 1, 2, 3, 4]
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda k: client.predict(PROMPT, k, 4, 3.0, 32, 1, [], "fk", k, 10.0,
+                                                             ["world-verifier"], api_name="/compare"), ks))
+    finally:
+        assert wait_idle(app)
+        app.close()
+    for k, (gallery, *_rest, ess) in zip(ks, results, strict=True):
+        assert [g["caption"] for g in gallery] == [f"base · seed {k}", f"steered (fk) · seed {k}"]
+        assert len(ess["data"]) > 0  # each request's own FK report

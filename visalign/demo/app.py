@@ -389,12 +389,24 @@ def build_app(demo: Demo, autorun: bool = False):
     import gradio as gr
 
     def guarded(fn):
+        """For API clients: bad input is an error carrying the message (and no traceback in the log)."""
         def call(*args):
             try:
                 return fn(*args)
             except DemoError as err:
-                raise gr.Error(str(err)) from None
+                raise gr.Error(str(err), print_exception=False) from None
         call.__name__ = fn.__name__
+        return call
+
+    def shown(fn, n_outputs: int):
+        """For the page: bad input becomes a message under the inputs (the other outputs stay as they were)."""
+        def call(*args):
+            try:
+                out = fn(*args)
+            except DemoError as err:
+                return (*[gr.update()] * n_outputs, gr.update(value=f"**Cannot run this:** {err}", visible=True))
+            return (*(out if n_outputs > 1 else (out,)), gr.update(value="", visible=False))
+        call.__name__ = f"{fn.__name__}_in_page"
         return call
 
     cfg = demo.cfg
@@ -419,6 +431,7 @@ def build_app(demo: Demo, autorun: bool = False):
             with gr.Row():
                 run = gr.Button("Compare", variant="primary")
                 gen = gr.Button("Generate (base only)")
+            message = gr.Markdown(visible=False, elem_id="compare-message")
             # PNG, not the default WebP: the images served are exactly the 8-bit images that were scored.
             gallery = gr.Gallery(label="samples (column · seed)", columns=cfg.max_samples, height="auto", format="png")
             slider = gr.ImageSlider(label="first sample: base vs the first aligned checkpoint (else the steered "
@@ -441,6 +454,7 @@ def build_app(demo: Demo, autorun: bool = False):
             upload_prompt = gr.Textbox(label="prompt")
             upload_rewards = gr.CheckboxGroup(cfg.rewards, value=cfg.rewards, label="rewards")
             score_btn = gr.Button("Score")
+            score_message = gr.Markdown(visible=False, elem_id="score-message")
             scores = gr.Dataframe(label="scores")
         with gr.Tab("Training run"):
             run_name = gr.Dropdown(demo.runs(), label=f"run under {cfg.runs_dir or '(none configured)'}")
@@ -449,12 +463,19 @@ def build_app(demo: Demo, autorun: bool = False):
             alarm = gr.Textbox(label="hacking alarm")
         inputs = [prompt, seed, steps, guidance, size, n, aligned, method, k, lam, rewards]
         outputs = [gallery, slider, table, bars, winners, lineage, x0, ess]
-        run.click(guarded(demo.compare), inputs, outputs, api_name="compare")
-        gen.click(guarded(demo.generate), [prompt, seed, steps, guidance, size, n], gallery, api_name="generate")
-        score_btn.click(guarded(demo.score), [upload, upload_prompt, upload_rewards], scores, api_name="score")
+        gen_inputs, score_inputs = [prompt, seed, steps, guidance, size, n], [upload, upload_prompt, upload_rewards]
+        # The page's buttons show bad input as a message next to the inputs; the API endpoints (same functions,
+        # on buttons the page never shows) answer it with an error, as API clients expect.
+        run.click(shown(demo.compare, len(outputs)), inputs, [*outputs, message], api_visibility="private")
+        gen.click(shown(demo.generate, 1), gen_inputs, [gallery, message], api_visibility="private")
+        score_btn.click(shown(demo.score, 1), score_inputs, [scores, score_message], api_visibility="private")
+        api = gr.Button(visible=False)
+        api.click(guarded(demo.compare), inputs, outputs, api_name="compare")
+        api.click(guarded(demo.generate), gen_inputs, gallery, api_name="generate")
+        api.click(guarded(demo.score), score_inputs, scores, api_name="score")
         run_name.change(guarded(demo.run_view), run_name, [curves, grids, alarm], api_name="run_view")
         if autorun:
-            app.load(guarded(demo.compare), inputs, outputs)
+            app.load(shown(demo.compare, len(outputs)), inputs, [*outputs, message])
     return app
 
 

@@ -49,6 +49,33 @@ def screenshot(url: str, out: str | Path, expected_images: int = 8, width: int =
     return out
 
 
+def bad_prompt(url: str, prompt: str, out: str | Path, width: int = 1400, height: int = 1000,
+               timeout_ms: int = 120_000) -> str:
+    """Type `prompt` into the Compare tab, click Compare, wait for the message shown under the inputs, save a
+    screenshot; returns the message's text."""
+    from playwright.sync_api import sync_playwright
+
+    exe = chromium()
+    if exe is None:
+        raise RuntimeError("chromium not found (Debian: apt-get install -y chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(url, timeout=timeout_ms)
+            box = page.get_by_label("prompt").first
+            box.fill(prompt)
+            page.get_by_role("button", name="Compare", exact=True).click()
+            message = page.locator("#compare-message")
+            message.wait_for(state="visible", timeout=timeout_ms)
+            page.wait_for_function("() => document.querySelector('#compare-message').innerText.trim().length > 0",
+                                   timeout=timeout_ms)
+            page.screenshot(path=str(Path(out).resolve()), full_page=True)
+            return message.inner_text()
+        finally:
+            browser.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     # The app (torch, the models) loads only to serve: the tests' browser marker imports this module at collection.
     from visalign.demo.app import DemoConfig, launch, wait_idle
