@@ -387,6 +387,7 @@ def build_app(demo: Demo, autorun: bool = False):
     """The Gradio Blocks app. `autorun` runs one comparison with the default inputs when the page loads (the
     browser test and the README screenshot use it)."""
     import gradio as gr
+    import pandas as pd
 
     def guarded(fn):
         """For API clients: bad input is an error carrying the message (and no traceback in the log)."""
@@ -423,7 +424,9 @@ def build_app(demo: Demo, autorun: bool = False):
                 size = gr.Number(value=demo.default_size, precision=0, label="image size")
                 n = gr.Slider(1, cfg.max_samples, value=4, step=1, label="samples (seeds)")
             with gr.Row():
-                aligned = gr.CheckboxGroup(aligned_labels, value=aligned_labels, label="aligned checkpoints")
+                aligned = gr.CheckboxGroup(aligned_labels, value=aligned_labels, label="aligned checkpoints",
+                                           info=None if aligned_labels else "none loaded: start the demo with "
+                                           "--checkpoint LABEL=PATH or --lora LABEL=DIR")
                 method = gr.Dropdown(list(STEER_METHODS), value="fk", label="steering")
                 k = gr.Slider(1, cfg.max_particles, value=4, step=1, label="particles / candidates (FK, best-of-N)")
                 lam = gr.Slider(0, 20, value=10, step=0.5, label="FK λ / guidance scale")
@@ -436,16 +439,19 @@ def build_app(demo: Demo, autorun: bool = False):
             gallery = gr.Gallery(label="samples (column · seed)", columns=cfg.max_samples, height="auto", format="png")
             slider = gr.ImageSlider(label="first sample: base vs the first aligned checkpoint (else the steered "
                                           "column)", format="png")
-            table = gr.Dataframe(label="per-sample rewards and per-concept verdicts")
+            table = gr.Dataframe(label="per-sample rewards and per-concept verdicts (click Compare)", wrap=True,
+                                 value=pd.DataFrame(columns=["column", "sample", *cfg.rewards]))
             with gr.Row():
                 bars = gr.BarPlot(x="reward · column", y="mean", color="column", label="mean reward per column",
                                   x_label_angle=-30)
-                winners = gr.Dataframe(label="which column wins each reward")
+                winners = gr.Dataframe(label="which column wins each reward", wrap=True,
+                                       value=pd.DataFrame(columns=["reward", "winner", "best mean"]))
         with gr.Tab("FK particles"):
             lineage = gr.Plot(label="lineage")
             x0 = gr.Gallery(label="decoded x0-predictions at resampling steps (first prompt)", columns=8,
                             format="png")
-            ess = gr.Dataframe(label="effective sample size per resampling step")
+            ess = gr.Dataframe(label="effective sample size per resampling step (after a Compare with fk)",
+                               value=pd.DataFrame(columns=["step", "prompt", "ess"]))
         with gr.Tab("Score an image"):
             # A file, not gr.Image: gradio would open (and for some modes decode) the image before `score` could
             # check its size, and a file that is no image would fail there with a message naming no cause.
@@ -455,7 +461,7 @@ def build_app(demo: Demo, autorun: bool = False):
             upload_rewards = gr.CheckboxGroup(cfg.rewards, value=cfg.rewards, label="rewards")
             score_btn = gr.Button("Score")
             score_message = gr.Markdown(visible=False, elem_id="score-message")
-            scores = gr.Dataframe(label="scores")
+            scores = gr.Dataframe(label="scores", value=pd.DataFrame(columns=["reward", "score"]))
         with gr.Tab("Training run"):
             run_name = gr.Dropdown(demo.runs(), label=f"run under {cfg.runs_dir or '(none configured)'}")
             curves = gr.Plot(label="reward curves")
