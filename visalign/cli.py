@@ -321,7 +321,7 @@ def _steer(args: argparse.Namespace) -> int:
     from visalign.steering.config import SteerConfig, run
 
     cfg = load_config(SteerConfig, args.config, list(args.overrides))
-    report = run(cfg)
+    report = run(cfg, progress=True)
     print("| prompt | reward |\n|---|---|")
     for prompt, reward in zip(report["prompts"], report["reward"], strict=True):
         print(f"| {prompt} | {reward:.4f} |")

@@ -198,7 +198,8 @@ def test_cli_steer_writes_images_and_report(tmp_path, capsys):
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["nfe"] == 2 * 4 * 2 and len(report["reward"]) == 1 and (tmp_path / "000.png").is_file()
-    assert "NFE 16" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "NFE 16" in printed.out and "steering: 16 NFE" in printed.err  # a progress bar of denoiser passes
     assert main(["steer", "configs/steer_world.yaml", "options={particles: 3}"]) == 2
     assert "options: fk takes no option 'particles'; its options: k, potential, lam," in capsys.readouterr().err
     assert main(["steer", "configs/steer_world.yaml", "method=best_of_n", "options={k: 3}"]) == 2

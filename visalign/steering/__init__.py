@@ -56,7 +56,7 @@ def as_adapter(model) -> FlowModelAdapter:
 
 def steer(model, prompts: list[str], rewards, method="fk", *, steps: int = 20, guidance: float = 3.0,
           height: int | None = None, width: int | None = None, num_frames: int | None = None, seed: int = 0,
-          metadata: list[dict] | None = None, negative_prompts: list[str] | None = None,
+          metadata: list[dict] | None = None, negative_prompts: list[str] | None = None, progress: bool = False,
           **options) -> SteerResult:
     """Generate one output per prompt, steered towards `rewards` (a name, a Reward, a list, or {reward: weight}).
 
@@ -65,7 +65,7 @@ def steer(model, prompts: list[str], rewards, method="fk", *, steps: int = 20, g
     momentum, reg, grad_clip), "drift" (Euphonium's reward-gradient SDE drift: scale, mode, normalize, start,
     stop, sde, noise_level), a dotted path to a method class, or a method object. The report counts denoiser
     NFE (CFG = 2 per sample), decodes, reward calls, backward passes, wall time and the share of time spent
-    outside the denoiser."""
+    outside the denoiser. `progress` shows a bar of denoiser passes as they run."""
     adapter = as_adapter(model)
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
@@ -84,7 +84,7 @@ def steer(model, prompts: list[str], rewards, method="fk", *, steps: int = 20, g
     request = Request(adapter, list(prompts), cond, resolve_rewards(rewards), steps, guidance, height, width,
                       num_frames, seed, metadata)
     start = time.perf_counter()
-    with metered(request) as stats:
+    with metered(request, progress) as stats:
         result = method.run(request)
     wall = time.perf_counter() - start
     result.report.update({**stats, "nfe_per_prompt": stats["nfe"] / len(prompts), "wall_time": wall,

@@ -58,12 +58,13 @@ class SteerConfig:
             rules.check(self.height, self.width, self.num_frames)
 
 
-def run(cfg: SteerConfig) -> dict:
+def run(cfg: SteerConfig, progress: bool = False) -> dict:
     adapter = load_model(cfg.model, cfg.model_path, torch_dtype=DTYPES[cfg.dtype], device=cfg.device)
     if cfg.lora:
         adapter.load_lora(cfg.lora)
     out = steer(adapter, cfg.prompts, cfg.rewards, cfg.method, steps=cfg.steps, guidance=cfg.guidance,
-                height=cfg.height, width=cfg.width, num_frames=cfg.num_frames, seed=cfg.seed, **cfg.options)
+                height=cfg.height, width=cfg.width, num_frames=cfg.num_frames, seed=cfg.seed, progress=progress,
+                **cfg.options)
     directory = Path(cfg.out)
     directory.mkdir(parents=True, exist_ok=True)
     suffix = "gif" if out.images.ndim == 5 else "png"

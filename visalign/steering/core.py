@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from visalign import rewards as rewards_lib
 from visalign.models.base import Conditioning, FlowModelAdapter
@@ -101,12 +102,14 @@ def weighted_score(rewards: dict[str, tuple[Reward, float]], images: Tensor, pro
 
 
 @contextmanager
-def metered(request: Request):
+def metered(request: Request, progress: bool = False):
     """Count denoiser evaluations (NFE; CFG's two branches count 2 per sample, as FK steering counts them) and the
     time spent in them. Inside the block `request.adapter` is a shallow copy of the adapter (same modules and
     weights) whose `predict_velocity` counts into this request only: the shared adapter is never patched, so
-    concurrent requests on one model (the demo's --concurrency) keep their own counts."""
+    concurrent requests on one model (the demo's --concurrency) keep their own counts. `progress`: a bar of
+    denoiser passes (NFE), which moves with every call."""
     shared = request.adapter
+    bar = tqdm(desc="steering", unit=" NFE", disable=not progress)
     original = shared.predict_velocity
     stats = request.stats
 
@@ -116,6 +119,7 @@ def metered(request: Request):
         stats["denoiser_time"] += time.perf_counter() - start
         branches = 2 if shared.guidance == "cfg" and guidance_scale > 1 else 1
         stats["nfe"] += latents.shape[0] * branches
+        bar.update(latents.shape[0] * branches)
         return out
 
     own = copy.copy(shared)
@@ -125,6 +129,7 @@ def metered(request: Request):
         yield stats
     finally:
         request.adapter = shared
+        bar.close()
 
 
 @dataclass
