@@ -334,3 +334,13 @@ def test_world_comparison_mode_reports_paired_deltas(tmp_path, capsys):
     assert deltas["overall"]["n"] == 18 and set(deltas) == {"overall", "cleanliness", *base["templates"]}
     assert deltas["cleanliness"]["delta"] == pytest.approx(rand["cleanliness"] - base["cleanliness"], abs=1e-6)
     assert "Δ" in capsys.readouterr().out
+
+
+def test_world_generation_progress_moves_every_denoising_step(capsys):
+    from visalign.world.suite import generate_world, suite_prompts
+
+    specs = suite_prompts("seen", 2, 0, ("count",))
+    generate_world(WorldAdapter.from_pretrained(), specs, steps=3, guidance=3.0, seed=0, batch_size=2)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    seen = {line.split("|")[-1].split("[")[0].strip() for line in err.splitlines() if "sample-steps" in line}
+    assert "6/6" in seen and all(v.endswith("/6") for v in seen)  # counted in sample-steps: 2 samples x 3 steps

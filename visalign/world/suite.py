@@ -9,6 +9,7 @@ without it.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,14 +72,27 @@ def suite_prompts(split: str, n_per_template: int, seed: int,
 @torch.no_grad()
 def generate_world(adapter: FlowModelAdapter, specs: list[SceneSpec], *, steps: int, guidance: float,
                    seed: int, batch_size: int, progress: bool = True, desc: str = "sampling") -> torch.Tensor:
-    """Images [N, 3, 32, 32] for the specs; sample i uses seed + i, so results do not depend on batching."""
+    """Images [N, 3, 32, 32] for the specs; sample i uses seed + i, so results do not depend on batching. The
+    progress bar counts denoising steps of samples, so it moves with every step of a batch, not once a batch."""
     out = []
-    for start in tqdm(range(0, len(specs), batch_size), desc=desc, disable=not progress):
-        chunk = specs[start:start + batch_size]
-        cond = adapter.encode_prompts([s.prompt for s in chunk], cfg=guidance > 1)
-        traj = sample(adapter, cond, num_steps=steps, height=32, width=32, guidance_scale=guidance,
-                      seeds=[seed + start + i for i in range(len(chunk))])
-        out.append(adapter.decode(traj.final))
+    bar = tqdm(total=len(specs) * steps, desc=desc, unit=" sample-steps", disable=not progress)
+    stepped = copy.copy(adapter)  # the shared adapter is not patched (concurrent callers may use it)
+
+    def velocity(latents, sigma, cond, guidance_scale=1.0):
+        result = adapter.predict_velocity(latents, sigma, cond, guidance_scale)
+        bar.update(latents.shape[0])
+        return result
+
+    stepped.predict_velocity = velocity
+    try:
+        for start in range(0, len(specs), batch_size):
+            chunk = specs[start:start + batch_size]
+            cond = adapter.encode_prompts([s.prompt for s in chunk], cfg=guidance > 1)
+            traj = sample(stepped, cond, num_steps=steps, height=32, width=32, guidance_scale=guidance,
+                          seeds=[seed + start + i for i in range(len(chunk))])
+            out.append(adapter.decode(traj.final))
+    finally:
+        bar.close()
     return torch.cat(out)
 
 
