@@ -154,7 +154,7 @@ class Demo:
         if len(prompt) > self.cfg.max_prompt_chars:
             raise DemoError(f"the prompt has {len(prompt)} characters; at most {self.cfg.max_prompt_chars}")
         try:
-            self.base.encode_prompts([prompt], cfg=False)
+            self.base.check_prompts([prompt])
         except ValueError as err:  # e.g. words outside the world's vocabulary
             raise DemoError(f"the model cannot read this prompt: {err}") from None
         return prompt

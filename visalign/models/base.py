@@ -11,9 +11,12 @@ Latents live in the sampler in the model's *spatial* layout with the batch first
 from __future__ import annotations
 
 import contextlib
+import copy as _copy
 import os
 import re
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +172,27 @@ class FlowModelAdapter(ABC):
     def check_request(self, height: int, width: int, num_frames: int | None = None) -> None:
         """Raise ValueError naming the allowed values when a request cannot be generated."""
         self.rules.check(height, width, num_frames)
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise ValueError when the text encoder cannot read a prompt, without encoding it (a closed vocabulary
+        checks its words); open-vocabulary models read anything."""
+        return None
+
+    def with_velocity_hook(self, hook: Callable[[Tensor, float, float], None]) -> FlowModelAdapter:
+        """A shallow copy (same modules and weights) whose `predict_velocity` calls `hook(latents, guidance_scale,
+        seconds)` after each pass. The adapter itself is never patched, so concurrent users of it (the demo's
+        requests) each count only their own passes."""
+        inner = self.predict_velocity
+
+        def observed(latents, sigma, cond, guidance_scale=1.0):
+            start = time.perf_counter()
+            out = inner(latents, sigma, cond, guidance_scale)
+            hook(latents, guidance_scale, time.perf_counter() - start)
+            return out
+
+        copy = _copy.copy(self)
+        copy.predict_velocity = observed
+        return copy
 
     @abstractmethod
     def latent_shape(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:

@@ -3,8 +3,6 @@ time accounting, FK potentials, and the result with its report."""
 
 from __future__ import annotations
 
-import copy
-import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -110,21 +108,15 @@ def metered(request: Request, progress: bool = False):
     denoiser passes (NFE), which moves with every call."""
     shared = request.adapter
     bar = tqdm(desc="steering", unit=" NFE", disable=not progress)
-    original = shared.predict_velocity
     stats = request.stats
 
-    def counted(latents, sigma, cond, guidance_scale=1.0):
-        start = time.perf_counter()
-        out = original(latents, sigma, cond, guidance_scale)
-        stats["denoiser_time"] += time.perf_counter() - start
-        branches = 2 if shared.guidance == "cfg" and guidance_scale > 1 else 1
-        stats["nfe"] += latents.shape[0] * branches
-        bar.update(latents.shape[0] * branches)
-        return out
+    def count(latents, guidance_scale, seconds):
+        stats["denoiser_time"] += seconds
+        nfe = latents.shape[0] * (2 if shared.guidance == "cfg" and guidance_scale > 1 else 1)
+        stats["nfe"] += nfe
+        bar.update(nfe)
 
-    own = copy.copy(shared)
-    own.predict_velocity = counted
-    request.adapter = own
+    request.adapter = shared.with_velocity_hook(count)
     try:
         yield stats
     finally:

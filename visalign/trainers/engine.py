@@ -491,8 +491,8 @@ class OnlineTrainer:
         self._skipped_now = 0
         try:
             data = self.collect(step)
-        except NoValidRewards as err:
-            self.skip(str(err).split(": ", 1)[1])
+        except NoValidRewards:
+            self.skip(f"every sample has an invalid (NaN/inf) reward from {', '.join(self.rewards)}")
             return {"step": step, **{f"rewards/{name}/mean": math.nan for name in self.cfg.rewards},
                     "skipped": 1, "skipped_total": self.state.skipped, "time/step": time.perf_counter() - t0}
         self.weigh(data)

@@ -245,13 +245,16 @@ class WorldAdapter(FlowModelAdapter):
         self.scheduler.set_timesteps(num_steps, device="cpu")
         return self.scheduler.sigmas.detach().float().clone()
 
-    def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def check_prompts(self, prompts: list[str]) -> None:
         unknown = sorted({w for p in prompts for w in p.split() if w not in self.vocab})
         if unknown:  # a few, each cut short: the message may be logged, and a prompt may be huge
             shown = ", ".join(w if len(w) <= 24 else w[:24] + "…" for w in unknown[:8])
             more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
             raise ValueError(f"words outside the world's vocabulary: {shown}{more}; "
                              f"allowed: {', '.join(w for w in self.vocab if w not in SPECIAL)}")
+
+    def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        self.check_prompts(prompts)
         enc = self.tokenizer(list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True,
                              return_tensors="pt")
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)

@@ -9,7 +9,6 @@ without it.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,14 +75,7 @@ def generate_world(adapter: FlowModelAdapter, specs: list[SceneSpec], *, steps: 
     progress bar counts denoising steps of samples, so it moves with every step of a batch, not once a batch."""
     out = []
     bar = tqdm(total=len(specs) * steps, desc=desc, unit=" sample-steps", disable=not progress)
-    stepped = copy.copy(adapter)  # the shared adapter is not patched (concurrent callers may use it)
-
-    def velocity(latents, sigma, cond, guidance_scale=1.0):
-        result = adapter.predict_velocity(latents, sigma, cond, guidance_scale)
-        bar.update(latents.shape[0])
-        return result
-
-    stepped.predict_velocity = velocity
+    stepped = adapter.with_velocity_hook(lambda latents, *_: bar.update(latents.shape[0]))
     try:
         for start in range(0, len(specs), batch_size):
             chunk = specs[start:start + batch_size]
