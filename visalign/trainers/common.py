@@ -31,6 +31,7 @@ from visalign.models.base import Conditioning, FlowModelAdapter
 from visalign.prompts import Prompt, PromptSource, prompts_of
 from visalign.rewards.base import Reward, RewardError, combined
 from visalign.sampling import SDEOptions, Trajectory, sample
+from visalign.trainers.sharding import like, local
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -265,12 +266,12 @@ class ParamCopy:
         finally:
             self.swap()
 
-    def state_dict(self) -> dict:
-        return {"shadow": [s.clone() for s in self.shadow]}
+    def state_dict(self) -> dict:  # of sharded parameters, this process's shards
+        return {"shadow": [local(s).clone() for s in self.shadow]}
 
     def load_state_dict(self, state: dict) -> None:
         for s, v in zip(self.shadow, state["shadow"], strict=True):
-            s.copy_(v)
+            local(s).copy_(v)
 
 
 class EMA(ParamCopy):
@@ -356,8 +357,8 @@ def save_trainer_state(states: dict[str, dict], directory: Path, name: str = "tr
     tensors: dict[str, Tensor] = {}
 
     def encode(value, path: str):
-        if isinstance(value, Tensor):
-            tensors[path] = value.detach().cpu().contiguous()
+        if isinstance(value, Tensor):  # a sharded tensor: this process's shard
+            tensors[path] = local(value).detach().cpu().contiguous()
             return {"__tensor__": path}
         if isinstance(value, dict):
             if not all(isinstance(k, str) for k in value):
@@ -420,14 +421,19 @@ def set_rng_states(states: dict) -> None:
 
 
 def optimizer_state(optimizer) -> dict:
-    """An optimizer's state_dict with string keys (JSON's), for `save_trainer_state`."""
+    """An optimizer's state_dict with string keys (JSON's), for `save_trainer_state` (which keeps this process's
+    shard of a sharded parameter's state)."""
     sd = optimizer.state_dict()
     return {"state": {str(k): v for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
 
 
 def load_optimizer_state(optimizer, state: dict) -> None:
+    """Load what `optimizer_state` saved; a sharded parameter's state becomes a shard laid out like it."""
     groups = [{**g, **({"betas": tuple(g["betas"])} if "betas" in g else {})} for g in state["param_groups"]]
-    optimizer.load_state_dict({"state": {int(k): v for k, v in state["state"].items()}, "param_groups": groups})
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    optimizer.load_state_dict({"state": {int(k): {name: like(v, params[int(k)]) if isinstance(v, Tensor) else v
+                                                  for name, v in s.items()}
+                                         for k, s in state["state"].items()}, "param_groups": groups})
 
 
 def _sha256(path: Path) -> str:

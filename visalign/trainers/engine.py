@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -74,6 +73,15 @@ from visalign.trainers.common import (
     write_manifest,
 )
 from visalign.trainers.config import drift_reward_weights
+from visalign.trainers.sharding import (
+    check_deepspeed,
+    fit_wrapping,
+    full,
+    is_sharded,
+    local,
+    make_accelerator,
+    unsharded,
+)
 from visalign.trainers.weighting import AdvantageWeighting
 
 
@@ -200,7 +208,7 @@ class OnlineTrainer:
         self.out = Path(cfg.run.out_dir)
         check_writable(self.out, "run.out_dir")  # before the model loads
         log_with = None if cfg.run.log_with == "none" else cfg.run.log_with
-        self.accelerator = accelerator or Accelerator(
+        self.accelerator = accelerator or make_accelerator(
             cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision, log_with=log_with,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
         self._build()
@@ -212,6 +220,8 @@ class OnlineTrainer:
 
     def _build(self) -> None:
         cfg, acc = self.cfg, self.accelerator
+        check_deepspeed(acc, train_batch_size=cfg.train.train_batch_size, max_grad_norm=cfg.train.max_grad_norm,
+                        balance_params=cfg.train.balance.on and cfg.train.balance.gram == "params")
         self.source = prompt_source(cfg.train.prompts)
         self.eval_source = prompt_source(cfg.run.eval_prompts or cfg.train.prompts)
         adapter = load_model(cfg.model.name, cfg.model.path, torch_dtype=DTYPES[cfg.model.dtype],
@@ -232,10 +242,13 @@ class OnlineTrainer:
             p.data = p.data.float()
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
                                       weight_decay=cfg.train.weight_decay)
+        fit_wrapping(acc, adapter.denoiser)
         self.model, self.optimizer = acc.prepare(adapter.denoiser, optimizer)
         adapter.set_forward_module(self.model)
         self.adapter = adapter
-        self.params = params
+        # FSDP replaces each parameter with its shard (a DTensor): everything after this holds those.
+        self.params = [p for p in acc.unwrap_model(self.model).parameters() if p.requires_grad]
+        params = self.params
         self.rewards = load_rewards(cfg.rewards, cfg.reward_options)
         self.eval_rewards = load_rewards(cfg.eval_rewards, cfg.reward_options)
         self.balancer = self.grad_buffer = None
@@ -249,7 +262,7 @@ class OnlineTrainer:
             self.balancer = Balancer(b.method, dict(cfg.rewards), ema=b.ema, normalize=b.normalize,
                                      cagrad_c=b.cagrad_c, seed=cfg.run.seed, safeguard=b.safeguard)
             if tc.balance.gram == "params":  # K x P floats; the output-space Gram needs none
-                self.grad_buffer = GradientBuffer(params, len(cfg.rewards))
+                self.grad_buffer = GradientBuffer(params, len(cfg.rewards), acc)
             self.checkpointed["balancer"] = self.balancer
             if tc.balance.track > 0:  # the tracked gradients are state: a resumed run must continue them
                 self.checkpointed["grad_buffer"] = self.grad_buffer
@@ -380,6 +393,16 @@ class OnlineTrainer:
         stack.enter_context(self.autocast_context())
         return stack
 
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch's loss (already weighted to its share of the optimizer step). DeepSpeed
+        steps at its engine's accumulation boundary, so the boundary is set here: one optimizer step per
+        `optimizer_step` call, however many micro-batches it accumulates."""
+        if self.deepspeed:
+            self.model.set_gradient_accumulation_boundary(last)
+            self.model.backward(loss)  # the engine's accumulation count is 1: it does not rescale
+        else:
+            self.accelerator.backward(loss)
+
     # ---- gradient-space balancing ------------------------------------------------------------------------
     def balance_update(self) -> tuple[torch.Tensor | None, dict]:
         """Average the per-reward gradients over processes, refresh the balancer from their Gram matrix. A
@@ -394,8 +417,9 @@ class OnlineTrainer:
         return self.balancer.update(gram, tracked)
 
     def balance_context(self):
-        """Per-reward gradients are taken with autograd.grad and reduced by hand: no DDP sync, autocast as usual."""
-        return self.micro_context(last=False)
+        """Per-reward gradients are taken with autograd.grad and reduced by hand (no DDP sync); under FSDP each is a
+        backward the engine reduce-scatters into the shards (see GradientBuffer); autocast as usual."""
+        return self.micro_context(last=self.sharded)
 
     def scheduled_lr(self, step: int) -> float:
         tc = self.cfg.train
@@ -406,7 +430,9 @@ class OnlineTrainer:
         returns the gradient norm before clipping. A non-finite norm (from a non-finite loss or gradient; every
         process sees the same reduced norm) or `skip` drops the gradients without stepping: counted, and
         `run.skip_limit` such in a row stop the run."""
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
+        if self.deepspeed:
+            return self._deepspeed_step()
+        grad_norm = float(full(self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)))
         if skip or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.skip("a non-finite loss or gradient norm", "optimizer step")
@@ -417,6 +443,21 @@ class OnlineTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.in_a_row = 0
+        return grad_norm
+
+    def _deepspeed_step(self) -> float:
+        """The engine clips (to train.max_grad_norm), steps and zeroes; it skips a step whose gradient norm is not
+        finite itself (ZeRO's overflow check), which is counted like the others."""
+        lr = self.scheduled_lr(self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        grad_norm = float("nan") if norm is None else float(norm)
+        if getattr(self.optimizer.optimizer, "overflow", False) or not math.isfinite(grad_norm):
+            self.skip("a non-finite loss or gradient norm", "optimizer step")
+        else:
+            self.state.in_a_row = 0
         return grad_norm
 
     def skip(self, why: str, what: str = "step") -> None:
@@ -530,7 +571,7 @@ class OnlineTrainer:
             if r_k is None:
                 with self.micro_context(last):
                     loss, m = self.micro_loss(data, mb, prepared).loss(data.weights)
-                    acc.backward(loss / size)
+                    self.backward(loss / size, last)
             elif tc.balance.gram == "output":
                 # MARBLE's blended backward with the coefficients of the previous refresh (the configured weights
                 # before the first); meanwhile the Gram matrix of this step's per-reward gradients of the prediction
@@ -541,7 +582,7 @@ class OnlineTrainer:
                     ml = self.micro_loss(data, mb, prepared)
                     gram = gram + output_space_gram([ml.loss(r_k[k])[0] / size for k in range(len(r_k))], ml.output)
                     loss, m = ml.loss(r_bar)
-                    acc.backward(total * loss / size)
+                    self.backward(total * loss / size, last)
                 if last:
                     gram = acc.reduce(gram.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else gram
                     if torch.isfinite(gram).all():  # else the optimizer step below sees a non-finite norm
@@ -553,7 +594,7 @@ class OnlineTrainer:
                 r_bar, total = blend_reward_weights(self.balancer.alpha, r_k)
                 with self.micro_context(last):
                     loss, m = self.micro_loss(data, mb, prepared).loss(r_bar)
-                    acc.backward(total * loss / size)
+                    self.backward(total * loss / size, last)
             else:
                 # Explicit per-reward gradients (and the amortised form's Gram refresh on its first n_refresh).
                 with self.balance_context():
@@ -618,22 +659,25 @@ class OnlineTrainer:
             shutil.rmtree(directory)
         acc.wait_for_everyone()
         try:
-            if self.sharded:  # FSDP / DeepSpeed shard weights and optimizer: accelerate's layout (weights_only loads)
-                acc.save_state(str(directory), safe_serialization=True)
-            else:  # as data only: trained weights and optimizer state as safetensors + JSON, never pickles
-                directory.mkdir(parents=True, exist_ok=True)
-                save_trainer_state({"rng": rng_states()}, directory, f"rng_state_{acc.process_index}")
-                acc.wait_for_everyone()
+            # As data only, never pickles: trained weights, optimizer and trainer state as safetensors + JSON. Under
+            # FSDP every process writes its own shard of them (`.rankR`), without gathering the model.
             if acc.is_main_process:
-                if not self.sharded:
-                    weights = {n: p.detach().cpu().clone() for n, p in self._trained_named()}
-                    atomic_write(directory / "weights.safetensors", lambda path: save_file(weights, str(path)))
-                    save_trainer_state({"optimizer": optimizer_state(self.optimizer),
-                                        **({"scaler": acc.scaler.state_dict()} if acc.scaler is not None else {})},
-                                       directory, "optimizer")
+                directory.mkdir(parents=True, exist_ok=True)
+            acc.wait_for_everyone()
+            save_trainer_state({"rng": rng_states()}, directory, f"rng_state_{acc.process_index}")
+            if self.sharded or acc.is_main_process:
+                shard = self._shard_suffix()
+                weights = {n: local(p).detach().cpu().clone() for n, p in self._trained_named()}
+                atomic_write(directory / f"weights{shard}.safetensors", lambda path: save_file(weights, str(path)))
+                save_trainer_state({"optimizer": optimizer_state(self._stateful_optimizer()),
+                                    **({"scaler": acc.scaler.state_dict()} if acc.scaler is not None else {})},
+                                   directory, f"optimizer{shard}")
                 save_trainer_state({"setup": self._setup(), **{name: obj.state_dict()
-                                                               for name, obj in self.checkpointed.items()}}, directory)
-                if self.cfg.model.finetune == "lora":
+                                                               for name, obj in self.checkpointed.items()}},
+                                   directory, f"trainer_state{shard}")
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                if self.cfg.model.finetune == "lora" and not self.sharded:  # a ready adapter (the final one too)
                     self.adapter.save_lora(directory / "lora")
                 write_manifest(directory, step)
         except (OSError, RuntimeError) as err:  # the half-written directory goes; the earlier ones stay
@@ -694,7 +738,20 @@ class OnlineTrainer:
 
     @property
     def sharded(self) -> bool:
-        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        return is_sharded(self.accelerator)
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.accelerator.distributed_type is DistributedType.DEEPSPEED
+
+    def _stateful_optimizer(self):
+        """The torch optimizer that holds the state: under DeepSpeed ZeRO the one stepping this process's flat
+        partitions (DeepSpeed's own checkpoints are pickles)."""
+        return self.optimizer.optimizer.optimizer if self.deepspeed else self.optimizer
+
+    def _shard_suffix(self) -> str:
+        """File-name part of this process's shard of the checkpoint: ".rankR" when sharded, "" otherwise."""
+        return f".rank{self.accelerator.process_index}" if self.sharded else ""
 
     def _trained_named(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The trained parameters by name (LoRA or all of the denoiser's)."""
@@ -702,13 +759,21 @@ class OnlineTrainer:
 
     def _setup(self) -> dict:
         """What decides the shape of the saved weights: a checkpoint saved under other values cannot be loaded."""
-        m = self.cfg.model
+        m, acc = self.cfg.model, self.accelerator
         return {"model.name": m.name, "model.finetune": m.finetune,
-                "model.lora_rank": m.lora_rank if m.finetune == "lora" else None}
+                "model.lora_rank": m.lora_rank if m.finetune == "lora" else None,
+                "shards": f"{acc.distributed_type.value.lower()} x {acc.num_processes}" if self.sharded else None}
 
     def load_checkpoint(self, directory: Path) -> None:
         step = verify_checkpoint(directory)
-        states = load_trainer_state(directory)  # before anything changes: an old or damaged checkpoint fails here
+        shard = self._shard_suffix()
+        found = sorted(p.name for p in directory.glob("trainer_state*.json"))
+        if found and f"trainer_state{shard}.json" not in found:
+            raise ValueError(f"checkpoint {directory} holds {', '.join(found)}, not the trainer_state{shard}.json this "
+                             "run reads: it was saved with another sharding or number of processes (this run: "
+                             f"{self._setup()['shards'] or 'unsharded'}); resume it as it was launched")
+        # Before anything changes: an old or damaged checkpoint fails here.
+        states = load_trainer_state(directory, f"trainer_state{shard}")
         saved = states.get("setup", self._setup())
         changed = {k: (saved.get(k), v) for k, v in self._setup().items() if saved.get(k) != v}
         if changed:
@@ -720,10 +785,7 @@ class OnlineTrainer:
         if missing:
             raise ValueError(f"checkpoint {directory} has no state for {missing} (saved: {sorted(states)}): it was "
                              "written with other settings (e.g. without train.ema or train.balance)")
-        if self.sharded:
-            self.accelerator.load_state(str(directory))  # sharded model and optimizer (weights_only loads)
-        else:
-            self._load_weights_and_optimizer(directory)
+        self._load_weights_and_optimizer(directory)
         for name, obj in self.checkpointed.items():
             obj.load_state_dict(states[name])
         for name in self.state.disabled:  # held-out rewards that raised earlier in this run stay off
@@ -733,21 +795,24 @@ class OnlineTrainer:
 
     def _load_weights_and_optimizer(self, directory: Path) -> None:
         """Trained weights, optimizer (and fp16 scaler) state and this process's random states, as data."""
-        opt = load_trainer_state(directory, "optimizer")  # an older checkpoint of pickles is refused here, by name
+        shard = self._shard_suffix()
+        opt = load_trainer_state(directory, f"optimizer{shard}")  # an older checkpoint of pickles is refused here
         rng = directory / f"rng_state_{self.accelerator.process_index}.json"
         if not rng.exists():
             other = list(directory.glob("rng_state_*.json"))
             raise ValueError(f"checkpoint {directory} has no {rng.name}: it was written by "
                              f"{'another number of processes' if other else 'an older visalign'}")
-        weights = load_file(str(directory / "weights.safetensors"))
+        weights = load_file(str(directory / f"weights{shard}.safetensors"))
         trained = dict(self._trained_named())
         if set(weights) != set(trained):
             raise ValueError(f"checkpoint {directory}: its trained weights ({len(weights)} tensors) are not this "
                              f"run's ({len(trained)}): other LoRA targets or another model")
         with torch.no_grad():
             for name, param in trained.items():
-                param.copy_(weights[name])
-        load_optimizer_state(self.optimizer, opt["optimizer"])
+                local(param).copy_(weights[name])
+        if self.deepspeed:  # ZeRO's fp32 master partitions from the weights just loaded (exact: they are fp32)
+            self.optimizer.optimizer.refresh_fp32_params()
+        load_optimizer_state(self._stateful_optimizer(), opt["optimizer"])
         if "scaler" in opt and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(opt["scaler"])
         set_rng_states(load_trainer_state(directory, rng.stem)["rng"])
@@ -758,18 +823,35 @@ class OnlineTrainer:
         if self.ema is not None:
             self.ema.swap()
         try:
-            if self.accelerator.is_main_process:
-                final.mkdir(parents=True, exist_ok=True)
-                if self.cfg.model.finetune == "lora":
-                    self.adapter.save_lora(final)
-                elif hasattr(self.adapter, "save_pretrained"):
-                    self.adapter.save_pretrained(final / "model.safetensors")
-                else:
-                    self.accelerator.unwrap_model(self.model).save_pretrained(final / "denoiser")
+            with self.whole_denoiser():
+                if self.accelerator.is_main_process:
+                    final.mkdir(parents=True, exist_ok=True)
+                    if self.cfg.model.finetune == "lora":
+                        self.adapter.save_lora(final)
+                    elif hasattr(self.adapter, "save_pretrained"):
+                        self.adapter.save_pretrained(final / "model.safetensors")
+                    else:
+                        self.adapter.denoiser.save_pretrained(final / "denoiser")
         finally:
             if self.ema is not None:
                 self.ema.swap()
         return final
+
+    @contextmanager
+    def whole_denoiser(self):
+        """Inside, the adapter's denoiser is whole on the main process (under FSDP a gathered CPU copy; every
+        process enters), so its usual exports run unchanged."""
+        if self.accelerator.distributed_type is not DistributedType.FSDP:  # ZeRO-2 keeps parameters whole
+            yield
+            return
+        denoiser = self.adapter.denoiser
+        with unsharded(self.accelerator.unwrap_model(self.model), self.accelerator) as twin:
+            if twin is not None:
+                self.adapter.denoiser = twin
+            try:
+                yield
+            finally:
+                self.adapter.denoiser = denoiser
 
     def _check_alarm(self, step: int, metrics: dict) -> bool:
         """Feed the evaluation into the hacking alarm; log it; True when the run should stop."""
