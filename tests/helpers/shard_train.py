@@ -4,6 +4,7 @@ process the whole trained weights before and after (start.safetensors, params.sa
 shards) and the balancer's coefficients (run.json)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,12 +24,13 @@ def train_and_record(out: str, stop_after: int, overrides: list[str]) -> None:
     trainer.train(stop_after=stop_after or None)
     weights = {name: full(p.detach()).cpu().clone() for name, p in trainer._trained_named()}
     alpha = trainer.balancer.alpha if trainer.balancer is not None else None
+    machines = acc.gather(torch.tensor([int(os.environ.get("GROUP_RANK", 0))], device=acc.device)).tolist()
     if acc.is_main_process:
         save_file(start, str(Path(out) / "start.safetensors"))
         save_file(weights, str(Path(out) / "params.safetensors"))
         (Path(out) / "run.json").write_text(json.dumps({
             "alpha": None if alpha is None else alpha.tolist(), "processes": acc.num_processes,
-            "engine": acc.distributed_type.value,
+            "engine": acc.distributed_type.value, "machines": machines,
             # DeepSpeed counts the optimizer steps its engine took (one per accumulation boundary)
             "engine_steps": getattr(trainer.model, "global_steps", None)}))
     del trainer  # the prepared model must be freed before the process group

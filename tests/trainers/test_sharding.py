@@ -41,12 +41,19 @@ RECIPES = {
 MODES = {"lora": ["model.finetune=lora", "model.lora_rank=4"], "full": ["model.finetune=full"]}
 
 
+def launch_command(out: Path, overrides: list[str], stop_after: int = 0, config: str = "cpu_fsdp.yaml",
+                   launch_args: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs/accelerate" / config), *launch_args, str(ROOT / "tests/helpers/shard_train.py"),
+            str(out), str(stop_after), *overrides]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
 def launch(out: Path, overrides: list[str], stop_after: int = 0, config: str = "cpu_fsdp.yaml") -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs/accelerate" / config), str(ROOT / "tests/helpers/shard_train.py"), str(out),
-           str(stop_after), *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(launch_command(out, overrides, stop_after, config), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -72,7 +79,7 @@ def check_matches_one_process(tmp_path, engine: str, recipe: str, mode: str, res
     train_and_record(str(one), 0, [*overrides, "train.train_batch_size=4"])
     launch(two, [*overrides, "train.train_batch_size=2"], config=ENGINES[engine])  # the same global batch
     info = run_info(two)
-    assert (info["alpha"], info["processes"], info["engine"]) == (None, 2, engine)
+    assert (info["alpha"], info["processes"], info["engine"], info["machines"]) == (None, 2, engine, [0, 0])
     if engine == "DEEPSPEED":  # one engine step per optimizer step, not one per micro-batch
         assert info["engine_steps"] == 2
     a, b = load_file(str(one / "params.safetensors")), load_file(str(two / "params.safetensors"))
@@ -191,3 +198,26 @@ def test_fsdp_wraps_the_listed_block_classes_the_model_has():
     plugin.transformer_cls_names_to_wrap = ["FluxTransformerBlock"]
     with pytest.raises(ValueError, match=r"none of which this Sequential has.*JointTransformerBlock"):
         fit_wrapping(acc, model)
+
+
+def test_multi_node_rehearsal_two_machine_ranks_train_like_one_process(tmp_path):
+    # configs/accelerate/cpu_multi_node.yaml: two launchers with distinct machine ranks meet over gloo, as the
+    # nodes of configs/accelerate/multi_node.yaml do; the run equals a single process's.
+    import socket
+
+    with socket.socket() as sock:  # a free port for this rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    overrides = [*COMMON, *MODES["lora"], "train.max_steps=1"]
+    train_and_record(str(tmp_path / "one"), 0, [*overrides, "train.train_batch_size=4"])
+    procs = [subprocess.Popen(launch_command(tmp_path / "two", [*overrides, "train.train_batch_size=2"],
+                                             config="cpu_multi_node.yaml",
+                                             launch_args=("--machine_rank", str(rank), "--main_process_port", port)),
+                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    info = run_info(tmp_path / "two")
+    assert (info["processes"], info["machines"]) == (2, [0, 1])
+    one, two = (load_file(str(tmp_path / d / "params.safetensors")) for d in ("one", "two"))
+    assert relative_difference(one, two, load_file(str(tmp_path / "one" / "start.safetensors"))) <= REL_TOL
