@@ -6,9 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import scale
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
