@@ -163,7 +163,8 @@ def _cat_trajectories(parts: list[Trajectory]) -> Trajectory:
 
 def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Reward], *, num_steps: int,
             guidance: float, sde: SDEOptions, batch_size: int, height: int, width: int,
-            num_frames: int | None, same_noise_per_group: bool, autocast=None, drift=None) -> Rollout:
+            num_frames: int | None, same_noise_per_group: bool, autocast=None, drift=None,
+            decode_batch: int | None = None) -> Rollout:
     """Sample the plan in batches and score each batch in a worker thread while the next one samples.
     `autocast`: a callable returning a fresh autocast context (e.g. `accelerator.autocast`), or None.
     `drift`: (RewardDrift, {name: (Reward, weight)}) to shift the SDE steps up those rewards (Euphonium)."""
@@ -190,8 +191,10 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
                               num_frames=num_frames, guidance_scale=guidance, sde=sde, seeds=plan.seeds[sl],
                               noise_groups=plan.groups[sl].tolist() if same_noise_per_group else None,
                               drift=drift_fn)
-                with torch.no_grad():
-                    pixels = adapter.decode(traj.final).float()
+                with torch.no_grad():  # in chunks of decode_batch: the VAE's activations are the peak at real size
+                    step = decode_batch or len(traj.final)
+                    pixels = torch.cat([adapter.decode(traj.final[i:i + step]).float()
+                                        for i in range(0, len(traj.final), step)])
             sample_time += time.perf_counter() - ts
             parts.append(traj)
             images.append(pixels)

@@ -30,6 +30,15 @@ class ModelConfig:
     lora_alpha: float | None = field(default=None, metadata={"gt": 0, "help": "LoRA alpha (default 2 × rank)"})
     lora_targets: list[str] | None = field(default=None, metadata={"help": "module names (default per model)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+    reference_dtype: Literal["same", "bfloat16", "float16"] = field(default="same", metadata={
+        "help": "full fine-tuning: the frozen reference copy's dtype (KL / DPO reference); half precision halves "
+                "its memory, its pass runs under autocast"})
+
+    def __post_init__(self):
+        if self.reference_dtype != "same" and self.finetune != "full":
+            raise ValueError(f"reference_dtype={self.reference_dtype!r} sets the dtype of full fine-tuning's frozen "
+                             "reference copy; with finetune='lora' the reference is the base weights with the "
+                             "adapter switched off (set model.finetune=full, or leave reference_dtype='same')")
 
 
 @dataclass
@@ -64,6 +73,9 @@ class SamplingConfig:
         "help": "rollout sampler: an SDE (flow_grpo, cps, dance) or ode (NFT, RWR, DPO need no log-probs)"})
     noise_level: float = field(default=0.7, metadata={"ge": 0, "help": "a (flow_grpo, cps) or eta (dance)"})
     window_size: int | None = field(default=None, metadata={"ge": 1, "help": "SDE only on this many consecutive steps"})
+    decode_batch: int | None = field(default=None, metadata={
+        "ge": 1, "help": "decode rollout latents this many at a time (the VAE's activations); default: a whole "
+                         "sampling batch"})
     window_range: tuple[int, int] | None = field(default=None, metadata={
         "help": "[lo, hi): the window lies inside; its start is drawn each step (Flow-GRPO-Fast)"})
     same_noise_per_group: bool = field(default=False, metadata={"help": "DanceGRPO: a group shares x_T"})

@@ -234,6 +234,8 @@ class OnlineTrainer:
         else:
             if self.wants_frozen_reference():
                 self.ref_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False)
+                if cfg.model.reference_dtype != "same":
+                    self.ref_denoiser.to(DTYPES[cfg.model.reference_dtype])
             adapter.denoiser.requires_grad_(True)
         if cfg.model.gradient_checkpointing:
             adapter.denoiser.enable_gradient_checkpointing()
@@ -314,8 +316,10 @@ class OnlineTrainer:
         try:
             # The frozen copy is not accelerate's prepared model, whose forward is autocast: without the context it
             # ran in fp32 against a bf16 trained pass (flow_grpo `scripts/train_sd3.py` runs its reference pass
-            # inside the trained pass's autocast).
-            with self.autocast_context():
+            # inside the trained pass's autocast). A half-precision copy (model.reference_dtype) runs under its own.
+            ref = self.cfg.model.reference_dtype
+            with (torch.autocast(self.accelerator.device.type, dtype=DTYPES[ref]) if ref != "same"
+                  else self.autocast_context()):
                 yield
         finally:
             self.adapter.set_forward_module(self.model)
@@ -340,7 +344,8 @@ class OnlineTrainer:
                          guidance=cfg.sampling.guidance, sde=self._sde(step), batch_size=cfg.sampling.batch_size,
                          height=cfg.model.height, width=cfg.model.width, num_frames=cfg.model.num_frames,
                          same_noise_per_group=cfg.sampling.same_noise_per_group, autocast=self.autocast_context,
-                         drift=None if self.drift is None else (self.drift, self.drift_rewards))
+                         drift=None if self.drift is None else (self.drift, self.drift_rewards),
+                         decode_batch=cfg.sampling.decode_batch)
         except RewardFailed as err:  # a trained reward: the run cannot go on without it
             raise RewardFailed(err.name, f"step {step}: {err}. The last checkpoint is intact") from err.__cause__
         if self.eval_rewards:

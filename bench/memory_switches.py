@@ -1,0 +1,110 @@
+"""Peak memory and step time of each memory switch, as ratios to the default, on a trainer step.
+
+    .venv/bin/python bench/memory_switches.py                    # tiny-sd3 and the world model, on this machine
+    .venv/bin/python bench/memory_switches.py --models world --steps 3
+
+Each arm is one Flow-GRPO full fine-tuning run with KL (so a frozen reference copy exists) in its own process:
+a warm-up step, then `--steps` timed steps. Peak memory is tensor memory: on a GPU the peak allocated over the
+timed steps, on the CPU the peak of torch's memory timeline over one more, profiled step
+(`torch.profiler ... export_memory_timeline`: every tensor it sees, weights and copies included; deterministic,
+where resident-memory peaks varied by ±40 % between runs here). The switches:
+
+- gradient_checkpointing: model.gradient_checkpointing=true (activations recomputed in backward)
+- reference_bf16: model.reference_dtype=bfloat16 (the frozen reference copy in half precision)
+- decode_batch_1: sampling.decode_batch=1 (rollout latents decoded one at a time)
+- bf16: train.mixed_precision=bf16 (rollouts and training passes under bf16 autocast; log-probs stay fp32)
+
+On the tiny and world models the weights are a few MB, so the copy and decoding switches move little here; the
+same switches at real size are what bench/scale.py and a GPU are for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ARMS = {
+    "default": [],
+    "gradient_checkpointing": ["model.gradient_checkpointing=true"],
+    "reference_bf16": ["model.reference_dtype=bfloat16"],
+    "decode_batch_1": ["sampling.decode_batch=1"],
+    "bf16": ["train.mixed_precision=bf16"],
+}
+MODELS = {
+    "tiny-sd3": ["model.name=tiny-sd3", "model.height=64", "model.width=64", "sampling.steps=4"],
+    "world": ["model.name=world", "sampling.steps=6"],
+}
+COMMON = ["model.finetune=full", "train.kl_beta=0.04", "train.prompts_per_step=4", "train.group_size=4",
+          "sampling.batch_size=8", "train.train_batch_size=8", "run.eval_every=0", "run.log_with=none",
+          "run.progress=false", "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}"]
+
+
+def arm(model: str, name: str, steps: int, out: str) -> dict:
+    import torch
+
+    from visalign.trainers import load_train_config, trainer_class
+
+    torch.set_num_threads(1)
+    cfg = load_train_config(None, [f"run.out_dir={out}", *COMMON, *MODELS[model], *ARMS[name],
+                                   f"train.max_steps={steps + 2}"])
+    trainer = trainer_class(cfg.trainer)(cfg)
+    trainer.step(0)  # warm-up: optimizer state and caches exist from here on
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        trainer.step(step)
+    seconds = (time.perf_counter() - start) / steps
+    if gpu:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            trainer.step(steps + 1)
+        timeline = Path(out) / "memory_timeline.json"
+        prof.export_memory_timeline(str(timeline), device="cpu")
+        peak = max(sum(sizes) for sizes in json.loads(timeline.read_text())[1])
+    return {"model": model, "arm": name, "seconds": seconds, "peak": peak}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("outputs/memory_switches"))
+    ap.add_argument("--arm", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.arm:  # a child: one arm in its own process, so its peak is its own
+        print(json.dumps(arm(*args.arm, args.steps, str(args.out / "_".join(args.arm)))))
+        return 0
+    root = Path(__file__).resolve().parents[1]
+    rows = []
+    for model in args.models:
+        for name in ["default", *[a for a in args.arms if a != "default"]]:
+            cmd = [sys.executable, __file__, "--arm", model, name, "--steps", str(args.steps), "--out", str(args.out)]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
+                                  env={**__import__("os").environ, "PYTHONPATH": str(root)})
+            if done.returncode:
+                raise SystemExit(f"{model} {name} failed:\n{done.stderr[-3000:]}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"{model} {name}: done", file=sys.stderr, flush=True)
+    print("| model | switch | peak memory / default | step time / default | peak tensor memory, MB |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        base = next(x for x in rows if x["model"] == r["model"] and x["arm"] == "default")
+        ratio = f"{r['peak'] / base['peak']:.2f}" if base["peak"] > 0 else "-"
+        print(f"| {r['model']} | {r['arm']} | {ratio} | {r['seconds'] / base['seconds']:.2f} | "
+              f"{r['peak'] / 2**20:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
