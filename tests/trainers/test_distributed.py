@@ -17,7 +17,9 @@ BALANCED = ["train.balance.method=mgda", "train.balance.ema=0.5",
             "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0, tests.helpers.toy_rewards.RedChannel: 0.5}"]
 
 
-@pytest.mark.parametrize("extra", [[], BALANCED], ids=["weighted-sum", "balanced-mgda"])
+# Launched balancing runs by default under FSDP (test_sharding.py); its DDP twin here is slow.
+@pytest.mark.parametrize("extra", [[], pytest.param(BALANCED, marks=pytest.mark.slow)],
+                         ids=["weighted-sum", "balanced-mgda"])
 def test_two_process_flow_grpo(tmp_path, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
