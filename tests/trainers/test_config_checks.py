@@ -94,3 +94,16 @@ def test_steer_configs_check_sizes_and_paths_before_loading(overrides, message, 
     monkeypatch.setattr(steer_config, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(ValueError, match=message):
         load_config(steer_config.SteerConfig, "configs/steer_world.yaml", overrides)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["trainer=diffusion_nft", "sampling.steps=3", "train.timesteps_per_sample=4"],
+     r"timesteps_per_sample=4 exceeds the 3 noise levels of sampling.steps=3"),
+    (["trainer=awm", "sampling.steps=6", "train.sigma_sampling=stratified", "train.timesteps_per_sample=5"],
+     r"timesteps_per_sample=5 needs 5 bins .*at most 4"),
+])
+def test_more_training_timesteps_than_the_sampler_has_fail_at_load(overrides, message):
+    # sample_sigmas would raise at the first step; the config names the fields before any model loads
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(None, overrides)
+    load_train_config(None, [*overrides[:-1], "train.timesteps_per_sample=3"])  # within the levels: loads

@@ -284,6 +284,9 @@ class BaseTrainConfig:
             raise ValueError("balance combines per-reward gradients; it excludes advantage.mode / "
                              "advantage.constraints")
 
+    def check_with_sampling(self, sampling: SamplingConfig) -> None:
+        """Checks of `train:` fields against `sampling:` (the recipe config calls it); none by default."""
+
 
 # A recipe's `reward_options` field, the same in every trainer config:
 #     reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REWARD_OPTIONS_HELP)
@@ -362,6 +365,7 @@ class RecipeConfig:
 
     def __post_init__(self):
         check_ranges(self)  # a config built in Python gets the checks loading does
+        self.train.check_with_sampling(self.sampling)
         check_rewards(self.rewards, self.eval_rewards, required=self.rewards_required(), sampling=self.sampling,
                       train=self.train, options=self.reward_options)
         check_model_and_paths(self)

@@ -92,6 +92,19 @@ class ForwardTrainConfig(BaseTrainConfig):
         if self.sample_with_ema and not self.ema.decay:
             raise ValueError("train.sample_with_ema needs train.ema.decay (the EMA to roll out with)")
 
+    def check_with_sampling(self, sampling: SamplingConfig) -> None:
+        """The grid samplers draw timesteps_per_sample distinct levels of the rollout's sampling.steps (see
+        `sample_sigmas`): more than there are fails here, not at the first step. (train.min_sigma can leave fewer;
+        that needs the model's schedule and is checked when the levels are drawn.)"""
+        k, n = self.timesteps_per_sample, sampling.steps
+        if self.sigma_sampling == "grid" and k > n:
+            raise ValueError(f"train.timesteps_per_sample={k} exceeds the {n} noise levels of sampling.steps={n} "
+                             "that sigma_sampling=grid draws from (lower it, or raise sampling.steps)")
+        last = int(0.9 * n)
+        if self.sigma_sampling == "stratified" and k > last - 1:
+            raise ValueError(f"train.timesteps_per_sample={k} needs {k} bins of grid levels 1..{last} (the first 90% "
+                             f"of sampling.steps={n}) for sigma_sampling=stratified: at most {max(last - 1, 0)}")
+
 
 class ForwardTrainer(OnlineTrainer):
     """Shared by the forward-process recipes: micro-batches of (sample, noise level, noise) and the velocity."""
