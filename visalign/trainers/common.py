@@ -191,10 +191,8 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
                               num_frames=num_frames, guidance_scale=guidance, sde=sde, seeds=plan.seeds[sl],
                               noise_groups=plan.groups[sl].tolist() if same_noise_per_group else None,
                               drift=drift_fn)
-                with torch.no_grad():  # in chunks of decode_batch: the VAE's activations are the peak at real size
-                    step = decode_batch or len(traj.final)
-                    pixels = torch.cat([adapter.decode(traj.final[i:i + step]).float()
-                                        for i in range(0, len(traj.final), step)])
+                with torch.no_grad():
+                    pixels = decode_in_chunks(adapter, traj.final, decode_batch)
             sample_time += time.perf_counter() - ts
             parts.append(traj)
             images.append(pixels)
@@ -205,6 +203,13 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
     scores = Scores.cat([Scores(*s) for s in scored])
     timings = {"time/sampling": sample_time, "time/reward_wait": reward_wait, "time/rollout": time.perf_counter() - t0}
     return Rollout(_cat_trajectories(parts), torch.cat(images), scores, cond, plan, timings)
+
+
+def decode_in_chunks(adapter: FlowModelAdapter, latents: Tensor, batch: int | None) -> Tensor:
+    """Pixels of `latents`, decoded `batch` at a time (`sampling.decode_batch`: a real VAE's activations at 512 px
+    or on video are a peak of their own); all at once when None."""
+    step = batch or len(latents)
+    return torch.cat([adapter.decode(latents[i:i + step]).float() for i in range(0, len(latents), step)])
 
 
 class TrainingFault(RuntimeError):

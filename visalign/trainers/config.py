@@ -74,8 +74,8 @@ class SamplingConfig:
     noise_level: float = field(default=0.7, metadata={"ge": 0, "help": "a (flow_grpo, cps) or eta (dance)"})
     window_size: int | None = field(default=None, metadata={"ge": 1, "help": "SDE only on this many consecutive steps"})
     decode_batch: int | None = field(default=None, metadata={
-        "ge": 1, "help": "decode rollout latents this many at a time (the VAE's activations); default: a whole "
-                         "sampling batch"})
+        "ge": 1, "help": "decode rollout and evaluation latents this many at a time (the VAE's activations); "
+                         "default: a whole batch"})
     window_range: tuple[int, int] | None = field(default=None, metadata={
         "help": "[lo, hi): the window lies inside; its start is drawn each step (Flow-GRPO-Fast)"})
     same_noise_per_group: bool = field(default=False, metadata={"help": "DanceGRPO: a group shares x_T"})

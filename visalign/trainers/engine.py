@@ -54,6 +54,7 @@ from visalign.trainers.common import (
     check_rewards_valid,
     check_writable,
     checkpoint_dirs,
+    decode_in_chunks,
     disk_full,
     load_optimizer_state,
     load_rewards,
@@ -435,31 +436,25 @@ class OnlineTrainer:
         returns the gradient norm before clipping. A non-finite norm (from a non-finite loss or gradient; every
         process sees the same reduced norm) or `skip` drops the gradients without stepping: counted, and
         `run.skip_limit` such in a row stop the run."""
+        lr = self.scheduled_lr(self.state.step)
         if self.deepspeed:
-            return self._deepspeed_step()
-        grad_norm = float(full(self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)))
-        if skip or not math.isfinite(grad_norm):
+            # The engine clips (to train.max_grad_norm), steps and zeroes; ZeRO itself skips a step whose gradient
+            # norm is not finite (its overflow check).
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.model.step()
+            norm = self.model.get_global_grad_norm()
+            grad_norm = float("nan") if norm is None else float(norm)
+            stepped = not getattr(self.optimizer.optimizer, "overflow", False) and math.isfinite(grad_norm)
+        else:
+            grad_norm = float(full(self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)))
+            stepped = not skip and math.isfinite(grad_norm)
+            if stepped:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.skip("a non-finite loss or gradient norm", "optimizer step")
-            return grad_norm
-        lr = self.scheduled_lr(self.state.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.in_a_row = 0
-        return grad_norm
-
-    def _deepspeed_step(self) -> float:
-        """The engine clips (to train.max_grad_norm), steps and zeroes; it skips a step whose gradient norm is not
-        finite itself (ZeRO's overflow check), which is counted like the others."""
-        lr = self.scheduled_lr(self.state.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.step()
-        norm = self.model.get_global_grad_norm()
-        grad_norm = float("nan") if norm is None else float(norm)
-        if getattr(self.optimizer.optimizer, "overflow", False) or not math.isfinite(grad_norm):
+        if not stepped:
             self.skip("a non-finite loss or gradient norm", "optimizer step")
         else:
             self.state.in_a_row = 0
@@ -641,7 +636,7 @@ class OnlineTrainer:
             traj = sample(self.adapter, cond, num_steps=cfg.run.eval_steps, height=cfg.model.height,
                           width=cfg.model.width, num_frames=cfg.model.num_frames, guidance_scale=cfg.sampling.guidance,
                           seeds=[10_000 + i for i in range(len(items))])
-            images = self.adapter.decode(traj.final).float()
+            images = decode_in_chunks(self.adapter, traj.final, cfg.sampling.decode_batch)
         finally:
             if self.ema is not None:
                 self.ema.swap()
