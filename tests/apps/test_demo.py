@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from visalign import rewards
-from visalign.demo.app import DemoConfig, launch, wait_idle
+from visalign.demo.app import DemoConfig, concept_text, launch, wait_idle
 from visalign.demo.screenshot import screenshot
 from visalign.world.model import WorldAdapter
 
@@ -157,17 +157,26 @@ def test_run_view_and_file_access(served):
         DemoConfig(checkpoints={"x": "/nonexistent.safetensors"})
 
 
+def test_concept_verdicts_read_one_group_per_object():
+    verdicts = {"red circle/object": True, "red circle/color": False, "blue square/object": True,
+                "blue square/count": True, "relation": False, "no_extra": True}
+    assert concept_text(verdicts) == ("red circle: object ✓ color ✗; blue square: object ✓ count ✓; relation ✗; "
+                                      "no_extra ✓")
+
+
 @pytest.mark.browser
 def test_browser_loads_the_page_and_runs_a_comparison(tmp_path):
     pytest.importorskip("playwright")
     app, url = launch(DemoConfig(rewards=["world-verifier", "saturation"]), block=False)
     try:
-        out = screenshot(url, tmp_path / "page.png")  # waits for the score table and the gallery
+        # waits for the score table and the gallery, then for the FK tab's ESS rows and particle images
+        out = screenshot(url, tmp_path / "page.png", fk_out=tmp_path / "fk.png")
     finally:
         assert wait_idle(app)
         app.close()
     img = np.asarray(Image.open(out).convert("RGB")).astype(float)
     _check_compare_page(img)
+    _check_compare_page(np.asarray(Image.open(tmp_path / "fk.png").convert("RGB")).astype(float))  # x0 images
 
 
 @pytest.mark.browser

@@ -36,6 +36,13 @@ def test_bad_input(world, tmp_path):
         world.latent_shape(64, 64)
     with pytest.raises(ValueError, match="does not exist"):
         WorldAdapter.from_pretrained(tmp_path / "missing.safetensors")
+    # a training checkpoint's model.safetensors holds the denoiser alone (unprefixed keys): named, not a key dump
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in world.denoiser.state_dict().items()}, tmp_path / "denoiser.safetensors")
+    with pytest.raises(ValueError, match=r"holds no whole model \('unet.' and 'text_encoder.' weights\); a run "
+                                         r"writes its whole model to final/model.safetensors"):
+        WorldAdapter.from_pretrained(tmp_path / "denoiser.safetensors")
 
 
 def test_bf16_training_passes_use_the_math_attention_kernel(world, monkeypatch):

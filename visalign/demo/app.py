@@ -105,11 +105,26 @@ def _pil(pixels: torch.Tensor, scale: int):
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
+def concept_text(verdicts: dict[str, bool]) -> str:
+    """The verifier's verdicts, one group per object: "red circle: object ✓ color ✗; relation ✓; no_extra ✓"."""
+    parts: dict[str, str] = {}
+    for key, ok in verdicts.items():
+        mark = "✓" if ok else "✗"
+        head, _, check = key.rpartition("/")
+        if head:
+            parts[head] = f"{parts[head]} {check} {mark}" if head in parts else f"{head}: {check} {mark}"
+        else:
+            parts[key] = f"{key} {mark}"
+    return "; ".join(parts.values())
+
+
 class Demo:
     def __init__(self, cfg: DemoConfig):
         self.cfg = cfg
         self.base = load_model(cfg.model, cfg.model_path)
         self._aligned: dict[str, object] = {}
+        for label in cfg.checkpoints:  # a checkpoint that cannot load fails at start, not at the first Compare
+            self.adapter(label)
         self.scale = 4 if self.base.name == "world" else 1
         self.default_size = self.base.default_size
 
@@ -218,7 +233,7 @@ class Demo:
             for j in range(len(images)):
                 row = {"column": label, "sample": j, **{name: round(scores[name][j], 4) for name in rewards}}
                 if verdicts is not None:
-                    row["concepts"] = ", ".join(f"{c} {'✓' if ok else '✗'}" for c, ok in verdicts[j].items())
+                    row["concepts"] = concept_text(verdicts[j])
                 rows.append(row)
         table = pd.DataFrame(rows)
         means = table.groupby("column", sort=False)[list(rewards)].mean().reset_index()
@@ -410,6 +425,17 @@ def build_app(demo: Demo, autorun: bool = False):
         call.__name__ = f"{fn.__name__}_in_page"
         return call
 
+    def compare_rows(*args):
+        """On the page each column of the comparison is one row of the gallery (n seeds wide), so the
+        captions have room and base / aligned / steered line up seed by seed."""
+        gallery, slider, table, *rest = demo.compare(*args)
+        rewards = [c for c in table.columns if c not in ("column", "sample", "concepts")]
+        widths = ["13%", "7%", *[f"{40 / max(1, len(rewards)):.0f}%"] * len(rewards)]
+        widths += ["40%"] if "concepts" in table.columns else []  # wide enough to wrap, never cut off
+        per_row = max(1, min(len(gallery), int(args[5])))
+        return (gr.Gallery(value=gallery, columns=per_row, height="fit-content"), slider,
+                gr.Dataframe(value=table, column_widths=widths, max_height=80 * (len(table) + 1)), *rest)
+
     cfg = demo.cfg
     aligned_labels = list(cfg.checkpoints)
     with gr.Blocks(title="visalign demo") as app:
@@ -436,7 +462,8 @@ def build_app(demo: Demo, autorun: bool = False):
                 gen = gr.Button("Generate (base only)")
             message = gr.Markdown(visible=False, elem_id="compare-message")
             # PNG, not the default WebP: the images served are exactly the 8-bit images that were scored.
-            gallery = gr.Gallery(label="samples (column · seed)", columns=cfg.max_samples, height="auto", format="png")
+            gallery = gr.Gallery(label="samples (column · seed)", columns=cfg.max_samples, format="png",
+                                 height="fit-content")  # gradio's "auto" caps it at 55% of the window
             slider = gr.ImageSlider(label="first sample: base vs the first aligned checkpoint (else the steered "
                                           "column)", format="png")
             table = gr.Dataframe(label="per-sample rewards and per-concept verdicts (click Compare)", wrap=True,
@@ -472,7 +499,7 @@ def build_app(demo: Demo, autorun: bool = False):
         gen_inputs, score_inputs = [prompt, seed, steps, guidance, size, n], [upload, upload_prompt, upload_rewards]
         # The page's buttons show bad input as a message next to the inputs; the API endpoints (same functions,
         # on buttons the page never shows) answer it with an error, as API clients expect.
-        run.click(shown(demo.compare, len(outputs)), inputs, [*outputs, message], api_visibility="private")
+        run.click(shown(compare_rows, len(outputs)), inputs, [*outputs, message], api_visibility="private")
         gen.click(shown(demo.generate, 1), gen_inputs, [gallery, message], api_visibility="private")
         score_btn.click(shown(demo.score, 1), score_inputs, [scores, score_message], api_visibility="private")
         api = gr.Button(visible=False)
@@ -481,7 +508,7 @@ def build_app(demo: Demo, autorun: bool = False):
         api.click(guarded(demo.score), score_inputs, scores, api_name="score")
         run_name.change(guarded(demo.run_view), run_name, [curves, grids, alarm], api_name="run_view")
         if autorun:
-            app.load(shown(demo.compare, len(outputs)), inputs, [*outputs, message])
+            app.load(shown(compare_rows, len(outputs)), inputs, [*outputs, message])
     return app
 
 

@@ -199,6 +199,11 @@ class WorldAdapter(FlowModelAdapter):
         unet, text_encoder = build_networks(0, vocab, frames, denoiser=kind)
         state = load_file(str(path))
         prefix = f"{kind}."
+        if not any(k.startswith(prefix) for k in state) or not any(k.startswith("text_encoder.") for k in state):
+            # e.g. a training checkpoint's model.safetensors: the trained denoiser alone, without the text encoder
+            raise ValueError(f"world checkpoint {str(path)!r} holds no whole model ({prefix!r} and "
+                             "'text_encoder.' weights); a run writes its whole model to final/model.safetensors "
+                             "when it ends")
         unet.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
         if torch_dtype != torch.float32:  # built in float32; casting (which diffusers warns about) only when asked
