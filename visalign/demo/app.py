@@ -445,17 +445,18 @@ def build_app(demo: Demo, autorun: bool = False):
             with gr.Row():
                 prompt = gr.Textbox(value="a red circle to the left of a blue square", label="prompt", scale=3)
                 seed = gr.Number(value=0, precision=0, label="seed")
-                steps = gr.Slider(1, cfg.max_steps, value=20, step=1, label="steps")
-                guidance = gr.Slider(0, 10, value=3.0, step=0.5, label="guidance (CFG)")
+                steps = gr.Slider(1, cfg.max_steps, value=20, step=1, label="steps", min_width=220)
+                guidance = gr.Slider(0, 10, value=3.0, step=0.5, label="guidance (CFG)", min_width=220)
                 size = gr.Number(value=demo.default_size, precision=0, label="image size")
-                n = gr.Slider(1, cfg.max_samples, value=4, step=1, label="samples (seeds)")
+                n = gr.Slider(1, cfg.max_samples, value=4, step=1, label="samples (seeds)", min_width=220)
             with gr.Row():
                 aligned = gr.CheckboxGroup(aligned_labels, value=aligned_labels, label="aligned checkpoints",
                                            info=None if aligned_labels else "none loaded: start the demo with "
                                            "--checkpoint LABEL=PATH or --lora LABEL=DIR")
                 method = gr.Dropdown(list(STEER_METHODS), value="fk", label="steering")
-                k = gr.Slider(1, cfg.max_particles, value=4, step=1, label="particles / candidates (FK, best-of-N)")
-                lam = gr.Slider(0, 20, value=10, step=0.5, label="FK λ / guidance scale")
+                k = gr.Slider(1, cfg.max_particles, value=4, step=1, label="particles / candidates (FK, best-of-N)",
+                              min_width=220)
+                lam = gr.Slider(0, 20, value=10, step=0.5, label="FK λ / guidance scale", min_width=220)
                 rewards = gr.CheckboxGroup(cfg.rewards, value=cfg.rewards, label="rewards to score")
             with gr.Row():
                 run = gr.Button("Compare", variant="primary")
