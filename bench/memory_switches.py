@@ -13,6 +13,11 @@ where resident-memory peaks varied by ±40 % between runs here). The switches:
 - reference_bf16: model.reference_dtype=bfloat16 (the frozen reference copy in half precision)
 - decode_batch_1: sampling.decode_batch=1 (rollout latents decoded one at a time)
 - bf16: train.mixed_precision=bf16 (rollouts and training passes under bf16 autocast; log-probs stay fp32)
+- free_text_encoders: model.free_text_encoders=true (the run's prompts encoded once, the text encoders freed)
+- offload_copies: model.offload_copies=true (reference / old-policy copies and the EMA in CPU memory between uses:
+  on a CPU-only machine the "device" is that memory, so this arm can only show its cost, not its saving)
+
+Every arm reads the same prompt file (world prompts, 4 per template), which free_text_encoders needs.
 
 On the tiny and world models the weights are a few MB, so the copy and decoding switches move little here; the
 same switches at real size are what bench/scale.py and a GPU are for.
@@ -33,6 +38,8 @@ ARMS = {
     "reference_bf16": ["model.reference_dtype=bfloat16"],
     "decode_batch_1": ["sampling.decode_batch=1"],
     "bf16": ["train.mixed_precision=bf16"],
+    "free_text_encoders": ["model.free_text_encoders=true"],
+    "offload_copies": ["model.offload_copies=true"],
 }
 MODELS = {
     "tiny-sd3": ["model.name=tiny-sd3", "model.height=64", "model.width=64", "sampling.steps=4"],
@@ -47,10 +54,14 @@ def arm(model: str, name: str, steps: int, out: str) -> dict:
     import torch
 
     from visalign.trainers import load_train_config, trainer_class
+    from visalign.world.prompts import WorldPrompts
 
     torch.set_num_threads(1)
+    prompts = Path(out) / "prompts.txt"
+    prompts.parent.mkdir(parents=True, exist_ok=True)
+    prompts.write_text("".join(f"{p.text}\n" for p in WorldPrompts("seen").fixed(4)))
     cfg = load_train_config(None, [f"run.out_dir={out}", *COMMON, *MODELS[model], *ARMS[name],
-                                   f"train.max_steps={steps + 2}"])
+                                   f"train.prompts={prompts}", f"train.max_steps={steps + 2}"])
     trainer = trainer_class(cfg.trainer)(cfg)
     trainer.step(0)  # warm-up: optimizer state and caches exist from here on
     gpu = torch.cuda.is_available()
@@ -71,7 +82,36 @@ def arm(model: str, name: str, steps: int, out: str) -> dict:
         timeline = Path(out) / "memory_timeline.json"
         prof.export_memory_timeline(str(timeline), device="cpu")
         peak = max(sum(sizes) for sizes in json.loads(timeline.read_text())[1])
-    return {"model": model, "arm": name, "seconds": seconds, "peak": peak}
+    return {"model": model, "arm": name, "seconds": seconds, "peak": peak, "held": held_bytes(trainer)}
+
+
+def held_bytes(trainer) -> int:
+    """Bytes of what the trainer keeps between steps on its device: every module's weights (denoiser, text
+    encoders, VAE, frozen reference copy), optimizer state and parameter copies (old policy, EMA), each storage
+    once. Offloaded copies are on the CPU: on a CPU-only machine that is the same memory, so they still count."""
+    import torch
+
+    device = trainer.accelerator.device
+    storages = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor) and t.device.type == device.type:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    adapter = trainer.adapter
+    modules = [adapter.denoiser, trainer.ref_denoiser, *adapter.text_encoders().values(),
+               *[m for m in getattr(getattr(adapter, "pipe", None), "components", {}).values()
+                 if isinstance(m, torch.nn.Module)]]
+    for module in filter(None, modules):
+        for t in [*module.parameters(), *module.buffers()]:
+            add(t)
+    for state in trainer.optimizer.state_dict()["state"].values():
+        for t in state.values():
+            add(t)
+    for state in trainer.checkpointed.values():
+        for t in getattr(state, "shadow", []):
+            add(t)
+    return sum(storages.values())
 
 
 def main(argv=None) -> int:
@@ -96,13 +136,13 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{model} {name} failed:\n{done.stderr[-3000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"{model} {name}: done", file=sys.stderr, flush=True)
-    print("| model | switch | peak memory / default | step time / default | peak tensor memory, MB |")
-    print("|---|---|---|---|---|")
+    print("| model | switch | peak memory / default | step time / default | peak tensor memory, MB | held, MB |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         base = next(x for x in rows if x["model"] == r["model"] and x["arm"] == "default")
         ratio = f"{r['peak'] / base['peak']:.2f}" if base["peak"] > 0 else "-"
         print(f"| {r['model']} | {r['arm']} | {ratio} | {r['seconds'] / base['seconds']:.2f} | "
-              f"{r['peak'] / 2**20:.0f} |")
+              f"{r['peak'] / 2**20:.0f} | {r['held'] / 2**20:.1f} |")
     return 0
 
 

@@ -59,6 +59,11 @@ class PromptSource(ABC):
     def fixed(self, n_per_category: int) -> list[Prompt]:
         """A fixed, ordered list of prompts (evaluation); `n_per_category` applies to generated sources."""
 
+    def all(self) -> list[Prompt] | None:
+        """Every prompt `draw` and `fixed` can return, when the source is finite (a file); None for a generated
+        source (what `model.free_text_encoders` needs: a prompt set it can encode up front)."""
+        return None
+
 
 def prompts_of(items, where: str) -> list[Prompt]:
     """`Prompt` records from what a source returned (records, strings or mappings), checked one by one."""
@@ -92,6 +97,9 @@ class FilePrompts(PromptSource):
 
     def fixed(self, n_per_category: int) -> list[Prompt]:
         """Every line in file order (`n_per_category` applies to generated sources only)."""
+        return list(self.items)
+
+    def all(self) -> list[Prompt]:
         return list(self.items)
 
 

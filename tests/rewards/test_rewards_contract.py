@@ -105,6 +105,14 @@ def test_check_options_follows_kwargs_up_to_the_base_class():
         rewards.check_options("frames/pickscore", {"segments": 4})
 
 
+def test_a_dtype_option_is_named_in_configs():
+    # reward_options: {NAME: {dtype: bfloat16}} keeps a reward model in half precision (a memory switch)
+    assert rewards.load("saturation", dtype="bfloat16").dtype is torch.bfloat16
+    rewards.check_options("pickscore", {"dtype": "float16"})
+    with pytest.raises(ValueError, match=r"reward 'pickscore': dtype='bf16'; allowed: float32, bfloat16, float16"):
+        rewards.check_options("pickscore", {"dtype": "bf16"})
+
+
 def test_non_differentiable_refuses_grad_inputs():
     r = rewards.load("world-cleanliness")
     assert not r.differentiable

@@ -208,6 +208,51 @@ class FlowModelAdapter(ABC):
                        cfg: bool = True) -> Conditioning:
         """Encode prompts; with cfg=True also the negative prompts (empty string by default)."""
 
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """The text encoders by name, what `free_text_encoders` drops: a diffusers pipeline's text_encoder(_2, _3);
+        other adapters override this and `_drop_text_encoder`."""
+        pipe = getattr(self, "pipe", None)
+        return {} if pipe is None else {name: m for name, m in pipe.components.items()
+                                        if name.startswith("text_encoder") and isinstance(m, nn.Module)}
+
+    def _drop_text_encoder(self, name: str) -> None:
+        setattr(self.pipe, name, None)
+
+    @torch.no_grad()
+    def free_text_encoders(self, prompts: list[str], cfg: bool, batch_size: int = 32) -> None:
+        """Encode `prompts` once (and, with `cfg`, the empty negative prompt, which every prompt shares), keep the
+        embeddings on the CPU and drop the text encoders; from here on `encode_prompts` looks prompts up and
+        refuses any other. For runs over a finite prompt set, where the encoders (SD3's T5-XXL: 4.7 B
+        parameters) would otherwise sit in accelerator memory (switch `model.free_text_encoders`)."""
+        prompts = list(dict.fromkeys(prompts))
+        if not prompts:
+            raise ValueError("free_text_encoders: no prompts to encode")
+        on_cpu = lambda c: Conditioning(*c._map(lambda v: v.cpu()), c.prompts)  # noqa: E731
+        cached = on_cpu(Conditioning.cat([self.encode_prompts(prompts[i:i + batch_size], cfg=False)
+                                          for i in range(0, len(prompts), batch_size)]))
+        empty = on_cpu(self.encode_prompts([""], cfg=True)).uncond if cfg else None
+        for name in list(self.text_encoders()):
+            self._drop_text_encoder(name)
+        position = {p: i for i, p in enumerate(prompts)}
+        device = self.device
+
+        def encode_cached(prompts, negative_prompts=None, cfg=True):
+            prompts = list(prompts)
+            missing = sorted({p for p in prompts if p not in position})
+            if missing:
+                raise ValueError("the text encoders were freed after encoding the run's prompts "
+                                 f"(model.free_text_encoders); not among them: {missing[:3]}")
+            if negative_prompts is not None or (cfg and empty is None):
+                raise ValueError("the text encoders were freed (model.free_text_encoders): only the prompts encoded "
+                                 "before, with the empty negative prompt, are available")
+            cond = {k: v.to(device) for k, v in cached.index([position[p] for p in prompts]).cond.items()}
+            uncond = {k: v.expand(len(prompts), *v.shape[1:]).to(device) for k, v in empty.items()} if cfg else None
+            return Conditioning(cond, uncond, prompts)
+
+        self.encode_prompts = encode_cached  # an instance attribute: shallow copies of the adapter share it
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     # ---- denoiser ------------------------------------------------------------------------------------
     @abstractmethod
     def _velocity(self, latents: Tensor, sigma: Tensor, embeds: dict[str, Tensor], guidance_scale: float) -> Tensor:

@@ -102,6 +102,8 @@ def check_options(name: str, options: dict) -> None:
     allowed names are collected up the class hierarchy; a chain that never lists its parameters accepts anything
     here, and the constructor checks them when the reward loads."""
     cls, allowed = _resolve(name), []
+    if "dtype" in options:
+        _dtype(name, options["dtype"])
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
@@ -117,6 +119,20 @@ def check_options(name: str, options: dict) -> None:
         raise ValueError(f"reward {name!r}: {cls.__name__} takes no option {unknown}; it takes {allowed}")
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name: str, value):
+    """A `dtype` option as torch's dtype: configs name it ("bfloat16" keeps a reward model in half the memory)."""
+    import torch
+
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPE_NAMES:
+        raise ValueError(f"reward {name!r}: dtype={value!r}; allowed: {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, value)
+
+
 def load(name: str, **kwargs) -> Reward:
     """The reward `name` (registered, "frames/<image reward>", or a dotted path to a Reward subclass) built
     with kwargs.
@@ -126,5 +142,7 @@ def load(name: str, **kwargs) -> Reward:
     if key not in _CACHE:
         if name.startswith(FRAMES_PREFIX):
             kwargs = {"image_reward": name[len(FRAMES_PREFIX):], **kwargs}
+        if "dtype" in kwargs:
+            kwargs = {**kwargs, "dtype": _dtype(name, kwargs["dtype"])}
         _CACHE[key] = _resolve(name)(**kwargs)
     return _CACHE[key]

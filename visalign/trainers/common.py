@@ -251,17 +251,22 @@ class ParamCopy:
         self.params = params
         self.shadow = [p.detach().clone() for p in params]
 
+    def offload(self) -> None:
+        """Keep the copy in (pinned) CPU memory: each blend and swap then moves it across (model.offload_copies)."""
+        pin = torch.cuda.is_available()
+        self.shadow = [s.cpu().pin_memory() if pin else s.cpu() for s in self.shadow]
+
     @torch.no_grad()
     def blend(self, decay: float) -> None:
         """shadow <- decay * shadow + (1 - decay) * live."""
         for s, p in zip(self.shadow, self.params, strict=True):
-            s.lerp_(p.detach(), 1 - decay)
+            s.lerp_(p.detach().to(s.device), 1 - decay)
 
     @torch.no_grad()
     def swap(self) -> None:
-        """Exchange live and shadow weights (call twice to restore)."""
+        """Exchange live and shadow weights (call twice to restore); across devices when offloaded."""
         for s, p in zip(self.shadow, self.params, strict=True):
-            tmp = p.detach().clone()
+            tmp = p.detach().to(s.device, copy=True)
             p.copy_(s)
             s.copy_(tmp)
 

@@ -33,6 +33,12 @@ class ModelConfig:
     reference_dtype: Literal["same", "bfloat16", "float16"] = field(default="same", metadata={
         "help": "full fine-tuning: the frozen reference copy's dtype (KL / DPO reference); half precision halves "
                 "its memory, its pass runs under autocast"})
+    offload_copies: bool = field(default=False, metadata={
+        "help": "keep the frozen reference copy, the old-policy / reference parameter copies and the EMA in CPU "
+                "memory, moved to the accelerator for each use (single-process or DDP runs)"})
+    free_text_encoders: bool = field(default=False, metadata={
+        "help": "encode every prompt of the run once at start, then free the text encoders (prompt files only, "
+                "not a generated source such as world:seen)"})
 
     def __post_init__(self):
         if self.reference_dtype != "same" and self.finetune != "full":

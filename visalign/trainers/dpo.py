@@ -141,6 +141,10 @@ class FlowDPOTrainer(ForwardTrainer):
             raise ValueError(f"model.num_frames={cfg.model.num_frames} makes offline DPO read video pairs, but "
                              f"{cfg.model.name} is an image model: drop model.num_frames")
 
+    def prompts_to_encode(self) -> list[str]:
+        pairs = [p.prompt for p in self.pairs] if self.cfg.train.mode == "offline" else []
+        return super().prompts_to_encode() + pairs
+
     def recipe_state(self) -> dict:
         # The reference: at step 0 the base model (LoRA B = 0) or the initial weights.
         return {"reference": ParamCopy(self.params)}

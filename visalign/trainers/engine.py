@@ -44,6 +44,7 @@ from visalign.trainers.balance import Balancer, GradientBuffer, diagnostics, out
 from visalign.trainers.common import (
     EMA,
     NoValidRewards,
+    ParamCopy,
     RewardFailed,
     Rollout,
     Scores,
@@ -223,11 +224,17 @@ class OnlineTrainer:
         cfg, acc = self.cfg, self.accelerator
         check_deepspeed(acc, train_batch_size=cfg.train.train_batch_size, max_grad_norm=cfg.train.max_grad_norm,
                         balance_params=cfg.train.balance.on and cfg.train.balance.gram == "params")
+        if cfg.model.offload_copies and is_sharded(acc):
+            raise ValueError("model.offload_copies moves whole copies to CPU memory; under FSDP / DeepSpeed they are "
+                             "shards: use the engine's own offload in the accelerate config instead")
         self.source = prompt_source(cfg.train.prompts)
         self.eval_source = prompt_source(cfg.run.eval_prompts or cfg.train.prompts)
+        encode_once = self.prompts_to_encode() if cfg.model.free_text_encoders else None
         adapter = load_model(cfg.model.name, cfg.model.path, torch_dtype=DTYPES[cfg.model.dtype],
                              device=str(acc.device))
         adapter.check_request(cfg.model.height, cfg.model.width, cfg.model.num_frames)
+        if encode_once is not None:
+            adapter.free_text_encoders(encode_once, cfg=adapter.guidance == "cfg")
         self.ref_denoiser = None
         if cfg.model.finetune == "lora":
             adapter.add_lora(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
@@ -294,6 +301,15 @@ class OnlineTrainer:
         for name, state in self.recipe_state().items():  # checkpointed with the rest, restored on resume
             setattr(self, name, state)
             self.checkpointed[f"recipe.{name}"] = state
+        if cfg.model.offload_copies:
+            for state in self.checkpointed.values():
+                if isinstance(state, ParamCopy):
+                    state.offload()
+            if self.ref_denoiser is not None:
+                self.ref_denoiser.cpu()
+                pin = torch.cuda.is_available()
+                for t in (*self.ref_denoiser.parameters(), *self.ref_denoiser.buffers()):
+                    t.data = t.data.pin_memory() if pin else t.data
 
     def _sde(self, step: int) -> SDEOptions:
         s = self.cfg.sampling
@@ -305,6 +321,21 @@ class OnlineTrainer:
             window = (start, start + s.window_size)
         return SDEOptions(s.sde, s.noise_level, window, s.noise_block)
 
+    def prompts_to_encode(self) -> list[str]:
+        """Every prompt the run will encode, for `model.free_text_encoders` (before any model loads): the training
+        and evaluation sources', which must be finite. A recipe that reads prompts elsewhere adds them."""
+        cfg = self.cfg
+        texts = []
+        for source, name, spec in ((self.source, "train.prompts", cfg.train.prompts),
+                                   (self.eval_source, "run.eval_prompts" if cfg.run.eval_prompts else "train.prompts",
+                                    cfg.run.eval_prompts or cfg.train.prompts)):
+            items = source.all()
+            if items is None:
+                raise ValueError(f"model.free_text_encoders=true encodes the run's prompts once, but {name}="
+                                 f"{spec!r} is a generated source with no end: give a prompt file (.txt or .jsonl)")
+            texts += [it.text for it in prompts_of(items, name)]
+        return texts
+
     @contextmanager
     def reference_policy(self):
         """The adapter runs the reference policy inside: LoRA disabled, or the frozen copy of full fine-tuning
@@ -313,6 +344,13 @@ class OnlineTrainer:
             with self.adapter.lora_disabled():
                 yield
             return
+        # Offloaded (model.offload_copies): the frozen copy's pinned CPU tensors are copied in for the pass and
+        # the device copies dropped after it; frozen, so nothing is copied back.
+        on_cpu = None
+        if self.cfg.model.offload_copies:
+            on_cpu = [(t, t.data) for t in (*self.ref_denoiser.parameters(), *self.ref_denoiser.buffers())]
+            for t, data in on_cpu:
+                t.data = data.to(self.accelerator.device, non_blocking=True)
         self.adapter.set_forward_module(self.ref_denoiser)
         try:
             # The frozen copy is not accelerate's prepared model, whose forward is autocast: without the context it
@@ -324,6 +362,8 @@ class OnlineTrainer:
                 yield
         finally:
             self.adapter.set_forward_module(self.model)
+            for t, data in on_cpu or ():
+                t.data = data
 
     def autocast_context(self):
         """A fresh context of the configured autocast (`train.mixed_precision`; a no-op for "no"): rollouts, each

@@ -153,10 +153,17 @@ class WorldAdapter(FlowModelAdapter):
 
         self.denoiser = unet
         self.text_encoder = text_encoder
+        self.source: Path | None = None  # the file from_pretrained read
         self.vocab = vocab or world_vocab(video=self.frames is not None)
         self.tokenizer = build_tokenizer(self.vocab)
         self.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
         self.text_encoder.requires_grad_(False)
+
+    def text_encoders(self):
+        return {"text_encoder": self.text_encoder} if self.text_encoder is not None else {}
+
+    def _drop_text_encoder(self, name):
+        self.text_encoder = None
 
     # ---- construction / persistence ------------------------------------------------------------------
     @classmethod
@@ -208,7 +215,9 @@ class WorldAdapter(FlowModelAdapter):
         text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
         if torch_dtype != torch.float32:  # built in float32; casting (which diffusers warns about) only when asked
             unet, text_encoder = unet.to(torch_dtype), text_encoder.to(torch_dtype)
-        return cls(unet.to(device).eval(), text_encoder.to(device).eval(), vocab)
+        adapter = cls(unet.to(device).eval(), text_encoder.to(device).eval(), vocab)
+        adapter.source = path  # where save_pretrained reads the text encoder once it was freed
+        return adapter
 
     def save_pretrained(self, path: str | Path, metadata: dict[str, str] | None = None,
                         dtype: torch.dtype | None = None) -> Path:
@@ -218,7 +227,14 @@ class WorldAdapter(FlowModelAdapter):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {f"{self.denoiser_kind}.{k}": v for k, v in self.denoiser.state_dict().items()}
-        state.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
+        if self.text_encoder is not None:
+            state.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
+        elif self.source is not None:  # freed after encoding (model.free_text_encoders): read the unchanged file
+            with safe_open(str(self.source), "pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith("text_encoder.")})  # noqa: SIM118
+        else:
+            raise ValueError("this world model's text encoder was freed and it was not loaded from a file: "
+                             "nothing to save it from")
         state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
                  .contiguous() for k, v in state.items()}
         meta = {"vocab": json.dumps(self.vocab), "denoiser": self.denoiser_kind,
