@@ -94,8 +94,8 @@ def test_renders_move_as_stated_and_are_deterministic():
 
 @pytest.fixture(scope="module")
 def truth():
-    specs = [s for t in MOTION_TEMPLATES for s in sample_motion_specs(40, "seen", (t,), generator=1)]
-    specs += [s for t in MOTION_TEMPLATES for s in sample_motion_specs(20, "heldout", (t,), generator=2)]
+    specs = [s for t in MOTION_TEMPLATES for s in sample_motion_specs(20, "seen", (t,), generator=1)]
+    specs += [s for t in MOTION_TEMPLATES for s in sample_motion_specs(10, "heldout", (t,), generator=2)]
     return specs, render_clips(specs, 0)
 
 
