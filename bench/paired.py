@@ -1,0 +1,126 @@
+"""Paired timing for benches: arms run interleaved in one process, ratios taken within each round.
+
+    from paired import compare
+    report = compare({"floor": floor_step, "visalign": trainer_step}, rounds=7)
+    print(report.table())
+    report.write("outputs/bench/flow_grpo_step.json")
+
+Why: timing each arm in its own process, or all of one arm before the next, lets the machine's load drift between
+arms; on a shared 2-core machine that moved a ratio from 0.71x to 0.85x between two runs of the same code. Here
+every round runs each arm once, the order alternating between rounds (A B, B A, ...) so a slow-down that grows
+through a round does not favour one arm, and each round gives one ratio per arm against the baseline (the first
+arm). The report is the median of those per-round ratios and their spread (the lowest and highest), with the
+context needed to judge them: torch threads, load average, CPU count, device and commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ArmResult:
+    name: str
+    seconds: list[float]  # one per round
+    ratios: list[float]  # seconds / the baseline's seconds in the same round
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def median_ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        return min(self.ratios), max(self.ratios)
+
+
+@dataclass
+class Report:
+    arms: list[ArmResult]
+    rounds: int
+    warmup: int
+    context: dict = field(default_factory=dict)
+
+    @property
+    def baseline(self) -> str:
+        return self.arms[0].name
+
+    def ratio(self, name: str) -> float:
+        return next(a for a in self.arms if a.name == name).median_ratio
+
+    def table(self) -> str:
+        lines = [f"| arm | median time / {self.baseline} | spread over {self.rounds} rounds | median time, s |",
+                 "|---|---|---|---|"]
+        for a in self.arms:
+            lo, hi = a.spread
+            lines.append(f"| {a.name} | {a.median_ratio:.3f} | {lo:.3f} – {hi:.3f} | {a.median_seconds:.4f} |")
+        c = self.context
+        lines.append(f"\n{self.rounds} interleaved rounds after {self.warmup} warm-up; torch threads "
+                     f"{c.get('torch_threads')}, load average {c.get('load_average')}, {c.get('cpus')} CPUs, "
+                     f"{c.get('device')}, commit {c.get('commit')}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"baseline": self.baseline, "rounds": self.rounds, "warmup": self.warmup, "context": self.context,
+                "arms": [{**asdict(a), "median_ratio": a.median_ratio, "spread": list(a.spread),
+                          "median_seconds": a.median_seconds} for a in self.arms]}
+
+    def write(self, path: str | Path, **extra) -> Path:
+        """The report as JSON (plus any `extra` results of the bench) next to the printed table."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")
+        return path
+
+
+def context() -> dict:
+    """What the figures depend on besides the code: threads, load, CPUs, device, commit."""
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or '?'})"
+    return {"torch_threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "cpus": os.cpu_count(), "device": device, "commit": commit}
+
+
+def compare(arms: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1,
+            clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] | None = None) -> Report:
+    """Time each arm `rounds` times, interleaved, after `warmup` untimed calls of each; the first arm is the
+    baseline. `sync` (e.g. torch.cuda.synchronize) runs before each clock read so queued GPU work is counted."""
+    if len(arms) < 2:
+        raise ValueError("compare needs a baseline and at least one other arm")
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds={rounds} must be >= 1 and warmup={warmup} >= 0")
+    names = list(arms)
+    for _ in range(warmup):
+        for name in names:
+            arms[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):  # A B, B A, ...
+            if sync:
+                sync()
+            start = clock()
+            arms[name]()
+            if sync:
+                sync()
+            seconds[name].append(clock() - start)
+    base = seconds[names[0]]
+    results = [ArmResult(name, seconds[name], [s / b for s, b in zip(seconds[name], base, strict=True)])
+               for name in names]
+    return Report(results, rounds, warmup, context())

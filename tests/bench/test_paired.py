@@ -1,0 +1,60 @@
+"""bench/paired.py: arms interleave with alternating order, ratios are taken within a round, the report's medians
+and spreads are those of the per-round ratios, and the JSON holds them with the context."""
+
+import json
+
+import paired
+import pytest
+
+
+class FakeClock:
+    """Each arm advances time by its own cost, which changes from round to round (a drifting machine)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_arms_interleave_and_ratios_are_within_round(tmp_path):
+    clock, calls = FakeClock(), []
+    load = iter([1.0, 1.0, 2.0, 2.0, 4.0, 4.0])  # the machine slows down round by round, for both arms alike
+
+    def arm(name, cost):
+        def run():
+            calls.append(name)
+            if len(calls) > 2:  # after the warm-up
+                clock.now += cost * next(load)
+        return run
+
+    report = paired.compare({"floor": arm("floor", 1.0), "step": arm("step", 1.5)}, rounds=3, warmup=1,
+                            clock=clock)
+    assert calls == ["floor", "step", "floor", "step", "step", "floor", "floor", "step"]
+    floor, step = report.arms
+    assert floor.seconds == [1.0, 2.0, 4.0] and step.seconds == [1.5, 3.0, 6.0]
+    assert step.ratios == [1.5, 1.5, 1.5] and report.ratio("step") == 1.5 and step.spread == (1.5, 1.5)
+    assert report.baseline == "floor" and floor.median_ratio == 1.0
+    data = json.loads(report.write(tmp_path / "r.json", note="x").read_text())
+    assert data["arms"][1]["median_ratio"] == 1.5 and data["note"] == "x" and data["rounds"] == 3
+    assert {"torch_threads", "load_average", "cpus", "device", "commit"} <= set(data["context"])
+    assert "| step | 1.500 | 1.500 – 1.500 |" in report.table()
+
+
+def test_median_and_spread_of_uneven_rounds():
+    clock = FakeClock()
+    costs = iter([1.0, 2.0, 1.0, 1.0, 1.0, 3.0])  # rounds: (floor, step), (step, floor), (floor, step)
+
+    def run():
+        clock.now += next(costs)
+
+    report = paired.compare({"floor": run, "step": run}, rounds=3, warmup=0, clock=clock)
+    step = report.arms[1]
+    assert step.ratios == [2.0, 1.0, 3.0] and step.median_ratio == 2.0 and step.spread == (1.0, 3.0)
+
+
+def test_bad_requests():
+    with pytest.raises(ValueError, match="a baseline and at least one other arm"):
+        paired.compare({"only": lambda: None})
+    with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
+        paired.compare({"a": lambda: None, "b": lambda: None}, rounds=0)
