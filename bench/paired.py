@@ -59,6 +59,12 @@ class Report:
     def ratio(self, name: str) -> float:
         return next(a for a in self.arms if a.name == name).median_ratio
 
+    def between(self, name: str, other: str) -> tuple[float, float, float]:
+        """Median, lowest and highest of `name`'s time over `other`'s, round by round (two non-baseline arms)."""
+        a, b = (next(x for x in self.arms if x.name == n).seconds for n in (name, other))
+        ratios = [x / y for x, y in zip(a, b, strict=True)]
+        return statistics.median(ratios), min(ratios), max(ratios)
+
     def table(self) -> str:
         lines = [f"| arm | median time / {self.baseline} | spread over {self.rounds} rounds | median time, s |",
                  "|---|---|---|---|"]
@@ -96,6 +102,30 @@ def context() -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or '?'})"
     return {"torch_threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()],
             "cpus": os.cpu_count(), "device": device, "commit": commit}
+
+
+def peak_memory(fn: Callable[[], object], workdir: str | Path | None = None) -> int:
+    """Peak tensor memory (bytes) of one call of `fn`: on a GPU the peak allocated during it; on the CPU the peak
+    of torch's memory timeline (`torch.profiler`'s export_memory_timeline: every tensor it sees, deterministic,
+    where resident-set peaks varied by ±40 % between runs of this machine)."""
+    import tempfile
+
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        timeline = Path(tmp) / "memory_timeline.json"
+        prof.export_memory_timeline(str(timeline), device="cpu")
+        return max(sum(sizes) for sizes in json.loads(timeline.read_text())[1])
 
 
 def compare(arms: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1,

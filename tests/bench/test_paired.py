@@ -51,6 +51,7 @@ def test_median_and_spread_of_uneven_rounds():
     report = paired.compare({"floor": run, "step": run}, rounds=3, warmup=0, clock=clock)
     step = report.arms[1]
     assert step.ratios == [2.0, 1.0, 3.0] and step.median_ratio == 2.0 and step.spread == (1.0, 3.0)
+    assert report.between("floor", "step") == (0.5, 1 / 3, 1.0)
 
 
 def test_bad_requests():
