@@ -13,20 +13,11 @@ the preprocessing cost this comparison isolates.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-
-def _timeit(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn()
-    return (time.perf_counter() - start) / repeats, out
 
 
 def hf_clip(size: str):
@@ -145,8 +136,9 @@ def main() -> None:
 
     print(f"{args.size} models, {args.batch} images of {h}x{w} ({args.videos} videos of {args.frames} frames at "
           f"{args.resolution // 2}x{args.resolution // 2} for the video rows), {args.threads} threads, "
-          f"mean of {args.repeats} runs after a warm-up\n")
-    print("| reward | visalign img/s | reference img/s | speed ratio (visalign / reference) | max abs score diff |")
+          f"{args.repeats} interleaved rounds after a warm-up (bench/paired.py)\n")
+    print("| reward | visalign img/s | reference img/s | speed ratio (visalign / reference; spread) | max abs score "
+          "diff |")
     print("|---|---|---|---|---|")
     for name, ours_fn, ref_fn in rows:
         print(_row(name, args.batch, ours_fn, ref_fn, args.repeats))
@@ -155,11 +147,18 @@ def main() -> None:
 
 
 def _row(name: str, count: int, ours_fn, ref_fn, repeats: int) -> str:
-    """One table row: items/s of both sides, their ratio, and the largest score difference."""
-    t_ours, s_ours = _timeit(lambda: torch.no_grad()(ours_fn)(), repeats)
-    t_ref, s_ref = _timeit(ref_fn, repeats)
-    diff = float((s_ours.float() - s_ref.float()).abs().max())
-    return f"| {name} | {count / t_ours:.1f} | {count / t_ref:.1f} | {t_ref / t_ours:.2f}x | {diff:.2e} |"
+    """One table row: items/s of both sides (median seconds), the speed ratio (the median of the per-round
+    reference / visalign time ratios, both run interleaved through `bench/paired.py`, with their spread), and
+    the largest score difference."""
+    from paired import compare
+
+    ours = lambda: torch.no_grad()(ours_fn)()  # noqa: E731
+    diff = float((ours().float() - ref_fn().float()).abs().max())
+    report = compare({"visalign": ours, "reference": ref_fn}, rounds=repeats, warmup=0)  # both ran once above
+    ref = report.arms[1]
+    lo, hi = ref.spread
+    return (f"| {name} | {count / report.arms[0].median_seconds:.1f} | {count / ref.median_seconds:.1f} | "
+            f"{ref.median_ratio:.2f}x ({lo:.2f} – {hi:.2f}) | {diff:.2e} |")
 
 
 def imagereward_row(size: str, images, pils, prompts, batch: int):
