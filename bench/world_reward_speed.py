@@ -6,17 +6,18 @@ reward call, in one run.
 A video world step scores each batch with `world-motion` (which also reports per-frame cleanliness) and
 `world-cleanliness` (configs/nft_world_video.yaml). Both judge the objects the verifier detects in every frame;
 detection is nearly all of their cost. The clips are renders of the RL prompts with sampler-like speckle and
-blur, so the detector meets stray marks as it does on a model's samples. Prints seconds per batch of each arm
-and their ratio, measured here, and checks both arms score the same.
+blur, so the detector meets stray marks as it does on a model's samples. The arms run interleaved round by round
+(`bench/paired.py`); prints the median seconds per batch of each and their ratio with its spread, and checks both
+arms score the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
+from paired import compare
 
 from visalign.prompts import Prompt
 from visalign.trainers.common import score_rewards
@@ -37,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=64, help="clips per batch (a step of 8 prompts x 8)")
     parser.add_argument("--repeats", type=int, default=3, help="batches per arm, each fresh")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     args = parser.parse_args()
     torch.set_num_threads(2)
     verify = sys.modules["visalign.world.verify"]  # the module (the package exports a function of that name)
@@ -46,23 +48,28 @@ def main() -> None:
         specs = sample_motion_specs(args.clips, "seen", generator=r)
         batches.append((sampler_like(render_clips(specs, r), r), [Prompt(s.prompt) for s in specs]))
     cached = verify._detect_pixels
-    times, scores = {}, {}
-    for arm, detect in (("detect per call", cached.__wrapped__), ("shared detection", cached)):
-        cached.cache_clear()
-        verify._detect_pixels = detect
-        try:
-            start = time.perf_counter()
-            scores[arm] = [score_rewards(rewards, videos, items) for videos, items in batches]  # as a step scores
-            times[arm] = (time.perf_counter() - start) / args.repeats
-        finally:
-            verify._detect_pixels = cached
+
+    def arm(detect):
+        def run():  # a fresh cache, the batches scored as a step scores them
+            cached.cache_clear()
+            verify._detect_pixels = detect
+            try:
+                return [score_rewards(rewards, videos, items) for videos, items in batches]
+            finally:
+                verify._detect_pixels = cached
+        return run
+
+    arms = {"detect per call": arm(cached.__wrapped__), "shared detection": arm(cached)}
+    scores = {name: fn() for name, fn in arms.items()}
     same = all(torch.allclose(a[k], b[k], rtol=0, atol=0, equal_nan=True)  # NaN: a concept the prompt lacks
                for (a, _), (b, _) in zip(*scores.values(), strict=True) for k in a)
-    for arm, seconds in times.items():
-        print(f"{arm:>17}: {seconds:.2f} s per batch of {args.clips} clips")
-    print(f"shared detection is {times['detect per call'] / times['shared detection']:.1f}x faster; "
-          f"scores identical: {same}")
-
+    report = compare(arms, rounds=args.rounds, warmup=0)  # each arm ran once above
+    shared = report.arms[1]
+    lo, hi = shared.spread
+    for a in report.arms:
+        print(f"{a.name:>17}: {a.median_seconds / args.repeats:.2f} s per batch of {args.clips} clips (median)")
+    print(f"shared detection is {1 / shared.median_ratio:.1f}x faster (rounds {1 / hi:.1f} – {1 / lo:.1f}x, "
+          f"{args.rounds} interleaved, bench/paired.py); scores identical: {same}")
 
 if __name__ == "__main__":
     main()
