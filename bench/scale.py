@@ -30,7 +30,6 @@ import contextlib
 import json
 import resource
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,46 +302,63 @@ class Arm:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def measure(self, recipe: str, batch: int, repeats: int) -> dict:
-        """Seconds per step and peak memory: on a GPU the absolute peak (weights included: what has to fit), on
-        the CPU the peak above what the process held before the step (imports, weights, optimizer state)."""
+    def peak(self, recipe: str, batch: int) -> int:
+        """Peak memory of one step after a warm-up step: on a GPU the absolute peak (weights included: what has to
+        fit), on the CPU the peak above what the process held before the step (imports, weights, optimizer)."""
         self.step(recipe, batch)  # warm-up: optimizer state exists from here on, as in training
         held = _reset_peak(self.device)
+        self.step(recipe, batch)
         _sync(self.device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            self.step(recipe, batch)
-        _sync(self.device)
-        return {"seconds": (time.perf_counter() - start) / repeats, "peak": _peak_bytes(self.device) - held}
+        return _peak_bytes(self.device) - held
 
 
 def run_arm(family: str, finetune: str, recipes: list[str], batches: list[int], args) -> list[dict]:
+    """Per batch: each recipe's peak memory (a recipe that runs out of memory is reported, not timed), then the
+    recipes that fit timed interleaved round by round against the plain pass (`bench/paired.py`)."""
+    from paired import compare
+
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     arm = Arm(family, finetune, args.small, dtype, device, args.checkpointing, args.lora_rank)
     rows = []
-    for recipe in recipes:
-        for batch in batches:
+    for batch in batches:
+        peaks = {}
+        for recipe in recipes:
             try:
-                m = arm.measure(recipe, batch, args.repeats)
+                peaks[recipe] = arm.peak(recipe, batch)
             except torch.OutOfMemoryError:
-                m = {"seconds": float("nan"), "peak": float("nan"), "oom": True}
                 torch.cuda.empty_cache()
-            rows.append({"model": family, "finetune": finetune, "recipe": recipe, "batch": batch,
-                         "params": arm.n_params, "trained": arm.n_trained, **m})
+        timed = [r for r in recipes if r in peaks]
+        report = None
+        if "plain" in timed and len(timed) > 1:
+            report = compare({r: (lambda r=r, b=batch: arm.step(r, b)) for r in timed}, rounds=args.repeats, warmup=0,
+                             sync=lambda: _sync(device))
+        for recipe in recipes:
+            row = {"model": family, "finetune": finetune, "recipe": recipe, "batch": batch,
+                   "params": arm.n_params, "trained": arm.n_trained}
+            if recipe not in peaks:
+                rows.append({**row, "seconds": float("nan"), "ratio": float("nan"), "spread": None,
+                             "peak": float("nan"), "oom": True})
+                continue
+            result = next((a for a in report.arms if a.name == recipe), None) if report else None
+            rows.append({**row, "peak": peaks[recipe],
+                         "seconds": result.median_seconds if result else float("nan"),
+                         "ratio": result.median_ratio if result else float("nan"),
+                         "spread": list(result.spread) if result else None})
     return rows
 
 
 def table(rows: list[dict], gpu: bool) -> str:
     plain = {(r["model"], r["finetune"], r["batch"]): r for r in rows if r["recipe"] == "plain"}
-    lines = ["| model | fine-tune | recipe | batch | time / plain | peak memory / plain |"
+    lines = ["| model | fine-tune | recipe | batch | time / plain (median; spread) | peak memory / plain |"
              + (" peak GiB | batch fitting 80 GB |" if gpu else ""),
              "|---|---|---|---|---|---|" + ("---|---|" if gpu else "")]
     for r in rows:
         base = plain[r["model"], r["finetune"], r["batch"]]
         memory = f"{r['peak'] / base['peak']:.2f}" if base["peak"] > 0 else "-"  # tiny CPU arms: no new pages
-        line = (f"| {r['model']} | {r['finetune']} | {r['recipe']} | {r['batch']} | "
-                f"{r['seconds'] / base['seconds']:.2f} | {memory} |")
+        time_ratio = "out of memory" if r.get("oom") else (
+            f"{r['ratio']:.2f} ({r['spread'][0]:.2f} – {r['spread'][1]:.2f})" if r["spread"] else "n/a")
+        line = f"| {r['model']} | {r['finetune']} | {r['recipe']} | {r['batch']} | {time_ratio} | {memory} |"
         if gpu:
             line += f" {r['peak'] / GIB:.1f} | {fits(rows, r)} |"
         lines.append(line)
@@ -370,7 +386,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the denoiser")
     ap.add_argument("--lora-rank", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     if "plain" not in args.recipes:
