@@ -4,7 +4,9 @@
     .venv/bin/python bench/memory_switches.py --models world --steps 3
 
 Each arm is one Flow-GRPO full fine-tuning run with KL (so a frozen reference copy exists) in its own process:
-a warm-up step, then `--steps` timed steps. Peak memory is tensor memory: on a GPU the peak allocated over the
+a warm-up step, then `--steps` timed steps. Arms run `--rounds` times, their processes interleaved round by round
+(`bench/paired.py`, its clock the processes' own step time); the step-time column is the median of the per-round
+ratios to the default with their spread. Peak memory is tensor memory: on a GPU the peak allocated over the
 timed steps, on the CPU the peak of torch's memory timeline over one more, profiled step
 (`torch.profiler ... export_memory_timeline`: every tensor it sees, weights and copies included; deterministic,
 where resident-memory peaks varied by ±40 % between runs here). The switches:
@@ -50,7 +52,7 @@ COMMON = ["model.finetune=full", "train.kl_beta=0.04", "train.prompts_per_step=4
           "run.progress=false", "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0}"]
 
 
-def arm(model: str, name: str, steps: int, out: str) -> dict:
+def arm(model: str, name: str, steps: int, out: str, memory: bool = True) -> dict:
     import torch
 
     from visalign.trainers import load_train_config, trainer_class
@@ -71,6 +73,8 @@ def arm(model: str, name: str, steps: int, out: str) -> dict:
     for step in range(1, steps + 1):
         trainer.step(step)
     seconds = (time.perf_counter() - start) / steps
+    if not memory:
+        return {"model": model, "arm": name, "seconds": seconds}
     if gpu:
         peak = torch.cuda.max_memory_allocated()
     else:
@@ -118,33 +122,56 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per arm process")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of arm processes")
     ap.add_argument("--out", type=Path, default=Path("outputs/memory_switches"))
     ap.add_argument("--arm", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--no-memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.arm:  # a child: one arm in its own process, so its peak is its own
-        print(json.dumps(arm(*args.arm, args.steps, str(args.out / "_".join(args.arm)))))
+        print(json.dumps(arm(*args.arm, args.steps, str(args.out / "_".join(args.arm)), memory=not args.no_memory)))
         return 0
+    from paired import compare
+
     root = Path(__file__).resolve().parents[1]
     rows = []
     for model in args.models:
-        for name in ["default", *[a for a in args.arms if a != "default"]]:
-            cmd = [sys.executable, __file__, "--arm", model, name, "--steps", str(args.steps), "--out", str(args.out)]
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
-                                  env={**__import__("os").environ, "PYTHONPATH": str(root)})
-            if done.returncode:
-                raise SystemExit(f"{model} {name} failed:\n{done.stderr[-3000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"{model} {name}: done", file=sys.stderr, flush=True)
-    print("| model | switch | peak memory / default | step time / default | peak tensor memory, MB | held, MB |")
+        measured: dict[str, dict] = {}
+        step_clock = [0.0]  # seconds of timed steps reported by the children so far
+
+        def child(name, model=model, measured=measured, step_clock=step_clock):
+            def run():
+                cmd = [sys.executable, __file__, "--arm", model, name, "--steps", str(args.steps), "--out",
+                       str(args.out), *(["--no-memory"] if name in measured else [])]
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
+                                      env={**__import__("os").environ, "PYTHONPATH": str(root)})
+                if done.returncode:
+                    raise SystemExit(f"{model} {name} failed:\n{done.stderr[-3000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                measured.setdefault(name, result)  # the first run of an arm also measured its memory
+                step_clock[0] += result["seconds"]
+                print(f"{model} {name}: {result['seconds']:.2f} s per step", file=sys.stderr, flush=True)
+            return run
+
+        names = ["default", *[a for a in args.arms if a != "default"]]
+        # Each arm's processes alternate with the others' round by round; the clock is the children's own step
+        # time, so process start-up and model loading are not in the ratios.
+        report = compare({name: child(name) for name in names}, rounds=args.rounds, warmup=0,
+                         clock=lambda step_clock=step_clock: step_clock[0])
+        for result in report.arms:
+            rows.append({**measured[result.name], "ratio": result.median_ratio, "spread": list(result.spread)})
+    print("| model | switch | peak memory / default | step time / default (median; spread) | peak tensor memory, MB "
+          "| held, MB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         base = next(x for x in rows if x["model"] == r["model"] and x["arm"] == "default")
         ratio = f"{r['peak'] / base['peak']:.2f}" if base["peak"] > 0 else "-"
-        print(f"| {r['model']} | {r['arm']} | {ratio} | {r['seconds'] / base['seconds']:.2f} | "
+        lo, hi = r["spread"]
+        print(f"| {r['model']} | {r['arm']} | {ratio} | {r['ratio']:.2f} ({lo:.2f} – {hi:.2f}) | "
               f"{r['peak'] / 2**20:.0f} | {r['held'] / 2**20:.1f} |")
+    print(f"\n{args.rounds} interleaved rounds of one process per arm (bench/paired.py; the clock is the processes' "
+          f"own step time); context: {report.context}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
