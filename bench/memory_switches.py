@@ -4,12 +4,12 @@
     .venv/bin/python bench/memory_switches.py --models world --steps 3
 
 Each arm is one Flow-GRPO full fine-tuning run with KL (so a frozen reference copy exists) in its own process:
-a warm-up step, then `--steps` timed steps. Arms run `--rounds` times, their processes interleaved round by round
-(`bench/paired.py`, its clock the processes' own step time); the step-time column is the median of the per-round
-ratios to the default with their spread. Peak memory is tensor memory: on a GPU the peak allocated over the
-timed steps, on the CPU the peak of torch's memory timeline over one more, profiled step
-(`torch.profiler ... export_memory_timeline`: every tensor it sees, weights and copies included; deterministic,
-where resident-memory peaks varied by ±40 % between runs here). The switches:
+a warm-up step, then `--steps` timed steps, then one more whose peak tensor memory is measured
+(`paired.peak_memory`: on a GPU the allocator's peak; on the CPU the peak of torch's memory timeline, every
+tensor it sees, weights and copies included, deterministic where resident-memory peaks varied by ±40 % between
+runs here). Arms run `--rounds` times, their processes interleaved round by round (`bench/paired.py`, its clock
+the processes' own step time); the step-time column is the median of the per-round ratios to the default with
+their spread. The switches:
 
 - gradient_checkpointing: model.gradient_checkpointing=true (activations recomputed in backward)
 - reference_bf16: model.reference_dtype=bfloat16 (the frozen reference copy in half precision)
@@ -54,6 +54,7 @@ COMMON = ["model.finetune=full", "train.kl_beta=0.04", "train.prompts_per_step=4
 
 def arm(model: str, name: str, steps: int, out: str, memory: bool = True) -> dict:
     import torch
+    from paired import peak_memory
 
     from visalign.trainers import load_train_config, trainer_class
     from visalign.world.prompts import WorldPrompts
@@ -66,26 +67,13 @@ def arm(model: str, name: str, steps: int, out: str, memory: bool = True) -> dic
                                    f"train.prompts={prompts}", f"train.max_steps={steps + 2}"])
     trainer = trainer_class(cfg.trainer)(cfg)
     trainer.step(0)  # warm-up: optimizer state and caches exist from here on
-    gpu = torch.cuda.is_available()
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for step in range(1, steps + 1):
         trainer.step(step)
     seconds = (time.perf_counter() - start) / steps
     if not memory:
         return {"model": model, "arm": name, "seconds": seconds}
-    if gpu:
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:
-            trainer.step(steps + 1)
-        timeline = Path(out) / "memory_timeline.json"
-        prof.export_memory_timeline(str(timeline), device="cpu")
-        peak = max(sum(sizes) for sizes in json.loads(timeline.read_text())[1])
+    peak = peak_memory(lambda: trainer.step(steps + 1), workdir=out)
     return {"model": model, "arm": name, "seconds": seconds, "peak": peak, "held": held_bytes(trainer)}
 
 

@@ -119,18 +119,17 @@ def check_options(name: str, options: dict) -> None:
         raise ValueError(f"reward {name!r}: {cls.__name__} takes no option {unknown}; it takes {allowed}")
 
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-
-
 def _dtype(name: str, value):
     """A `dtype` option as torch's dtype: configs name it ("bfloat16" keeps a reward model in half the memory)."""
     import torch
 
+    from visalign.models import DTYPES  # the names model.dtype takes
+
     if isinstance(value, torch.dtype):
         return value
-    if value not in DTYPE_NAMES:
-        raise ValueError(f"reward {name!r}: dtype={value!r}; allowed: {', '.join(DTYPE_NAMES)}")
-    return getattr(torch, value)
+    if value not in DTYPES:
+        raise ValueError(f"reward {name!r}: dtype={value!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[value]
 
 
 def load(name: str, **kwargs) -> Reward:

@@ -242,6 +242,11 @@ def check_rewards_valid(scores: dict[str, Tensor], names, step: int) -> Tensor: 
 # ---------------------------------------------------------------------------------------------- EMA
 
 
+def pinned_cpu(t: Tensor) -> Tensor:
+    """`t` in CPU memory, page-locked when a GPU is present (so copies to it can run asynchronously)."""
+    return t.cpu().pin_memory() if torch.cuda.is_available() else t.cpu()
+
+
 class ParamCopy:
     """A second copy of the trainable parameters that can be swapped into the live model: the reference policy
     of DPO (refreshed every N steps), DiffusionNFT's old policy (blended softly), the EMA of trained weights.
@@ -253,8 +258,7 @@ class ParamCopy:
 
     def offload(self) -> None:
         """Keep the copy in (pinned) CPU memory: each blend and swap then moves it across (model.offload_copies)."""
-        pin = torch.cuda.is_available()
-        self.shadow = [s.cpu().pin_memory() if pin else s.cpu() for s in self.shadow]
+        self.shadow = [pinned_cpu(s) for s in self.shadow]
 
     @torch.no_grad()
     def blend(self, decay: float) -> None:

@@ -61,6 +61,7 @@ from visalign.trainers.common import (
     load_rewards,
     load_trainer_state,
     optimizer_state,
+    pinned_cpu,
     plan_step,
     prune_checkpoints,
     resolve_resume,
@@ -306,10 +307,8 @@ class OnlineTrainer:
                 if isinstance(state, ParamCopy):
                     state.offload()
             if self.ref_denoiser is not None:
-                self.ref_denoiser.cpu()
-                pin = torch.cuda.is_available()
                 for t in (*self.ref_denoiser.parameters(), *self.ref_denoiser.buffers()):
-                    t.data = t.data.pin_memory() if pin else t.data
+                    t.data = pinned_cpu(t.data)
 
     def _sde(self, step: int) -> SDEOptions:
         s = self.cfg.sampling
