@@ -128,6 +128,27 @@ def peak_memory(fn: Callable[[], object], workdir: str | Path | None = None) -> 
         return max(sum(sizes) for sizes in json.loads(timeline.read_text())[1])
 
 
+def mean_interval(groups: list[list[float]], level: float = 0.95, resamples: int = 4000,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """Mean of all values and its percentile-bootstrap interval, resampling whole groups (e.g. one prompt's draws
+    under several seeds, which are not independent of each other; Efron & Tibshirani 1993, ch. 13)."""
+    import random
+
+    if not groups or any(not g for g in groups):
+        raise ValueError("mean_interval needs non-empty groups")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be in (0, 1)")
+    sums, counts = [sum(g) for g in groups], [len(g) for g in groups]
+    rng, n, means = random.Random(seed), len(groups), []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        means.append(sum(sums[i] for i in picks) / sum(counts[i] for i in picks))
+    means.sort()
+    lo = means[int((1 - level) / 2 * resamples)]
+    hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return sum(sums) / sum(counts), lo, hi
+
+
 def compare(arms: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1,
             clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] | None = None) -> Report:
     """Time each arm `rounds` times, interleaved, after `warmup` untimed calls of each; the first arm is the
@@ -150,7 +171,16 @@ def compare(arms: dict[str, Callable[[], object]], rounds: int = 7, warmup: int 
             if sync:
                 sync()
             seconds[name].append(clock() - start)
+    return from_rounds(seconds, warmup)
+
+
+def from_rounds(seconds: dict[str, list[float]], warmup: int = 0) -> Report:
+    """The report of arms a bench timed interleaved itself (e.g. a baseline step after every step of a training
+    run): one time per round for each arm, the first arm the baseline."""
+    names = list(seconds)
+    if len(names) < 2 or len({len(v) for v in seconds.values()}) != 1 or not seconds[names[0]]:
+        raise ValueError("from_rounds needs a baseline and another arm with the same number (>= 1) of rounds")
     base = seconds[names[0]]
-    results = [ArmResult(name, seconds[name], [s / b for s, b in zip(seconds[name], base, strict=True)])
+    results = [ArmResult(name, list(seconds[name]), [s / b for s, b in zip(seconds[name], base, strict=True)])
                for name in names]
-    return Report(results, rounds, warmup, context())
+    return Report(results, len(base), warmup, context())

@@ -59,3 +59,23 @@ def test_bad_requests():
         paired.compare({"only": lambda: None})
     with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
         paired.compare({"a": lambda: None, "b": lambda: None}, rounds=0)
+
+
+def test_mean_interval_resamples_whole_groups():
+    # one group far from the rest: resampling groups (not values) must let it swing the mean
+    groups = [[0.0, 0.0, 0.0]] * 9 + [[1.0, 1.0, 1.0]]
+    mean, lo, hi = paired.mean_interval(groups, resamples=2000)
+    assert mean == pytest.approx(0.1)
+    assert lo == 0.0 and 0.2 <= hi <= 0.4  # P(the odd group drawn >= 3 times in 10) ~ 7 %: the upper end sees it
+    constant = paired.mean_interval([[0.5, 0.5], [0.5]], resamples=200)
+    assert constant == pytest.approx((0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="non-empty"):
+        paired.mean_interval([[1.0], []])
+
+
+def test_from_rounds_pairs_a_bench_s_own_interleaved_times():
+    report = paired.from_rounds({"single": [2.0, 4.0, 2.0], "marble": [3.0, 4.0, 2.2]})
+    assert report.arms[1].ratios == pytest.approx([1.5, 1.0, 1.1]) and report.ratio("marble") == pytest.approx(1.1)
+    assert report.arms[1].spread == pytest.approx((1.0, 1.5)) and report.rounds == 3
+    with pytest.raises(ValueError, match="same number"):
+        paired.from_rounds({"single": [1.0, 2.0], "marble": [1.0]})
