@@ -12,10 +12,10 @@ measured held-out whichever quality reward is trained. Each arm trains from the 
 wall-time budget; every `--eval-every` steps all three rewards are measured on held-out compositions with fresh
 seeds (the same at every point, so differences are paired). Per step the trainer logs the per-reward gradient
 cosines; the table reports the fraction of steps in which the worst-aligned reward's gradient has a negative cosine
-with the applied update, and the mean step time relative to single-reward NFT (verifier only) measured in the same
-run (each arm's time averages whole refresh cycles after its first, the baseline's every step after its first: both
-skip the process warm-up). With `--interleave` one baseline step follows every arm step instead, so each arm's ratio
-is measured under the same machine load as the arm itself. Each arm's folder gets grids of its first and last
+with the applied update, and the step time relative to single-reward NFT (verifier only): one baseline step follows
+every arm step, outside the arm's budget, so both run under the same machine load; each whole refresh cycle after
+the first (which holds the process warm-up) is one round of bench/paired.py, and the table gives the median of the
+per-cycle ratios with their spread. Each arm's folder gets grids of its first and last
 held-out samples (samples_start.png, samples_end.png), and results.json also records the median pixel level
 ("background"; 0.90 on renders), which tells a shifted background from speckle when cleanliness falls.
 
@@ -47,6 +47,7 @@ import json
 import time
 from pathlib import Path
 
+import paired
 import torch
 
 from visalign import rewards as rewards_lib
@@ -162,9 +163,9 @@ def build(extra: list[str], out: str, args, single: bool = False):
     return trainer_class(cfg.trainer)(cfg)
 
 
-def run_arm(name: str, args, single=None) -> dict:
-    """Train one arm for the wall-time budget. With `single` (a single-reward trainer) one step of it follows every
-    step of the arm, outside the arm's budget, so both are timed under the same machine load."""
+def run_arm(name: str, args, single) -> dict:
+    """Train one arm for the wall-time budget. One step of `single` (the single-reward trainer) follows every step
+    of the arm, outside the arm's budget, so both are timed under the same machine load."""
     # An arm training one reward alone has nothing to balance: it takes no train.balance* overrides.
     trainer = build(arm_overrides(name, args), f"{args.out}/{name}", args, single=name in ALONE)
     per_step = trainer.cfg.train.prompts_per_step * trainer.cfg.train.group_size
@@ -184,10 +185,9 @@ def run_arm(name: str, args, single=None) -> dict:
                       "worst_cos": m.get("balance/worst_cos"), "safeguard": m.get("balance/safeguard"),
                       "weights": {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("balance/weight/")},
                       "cos": {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("balance/cos/")}})
-        if single is not None:
-            s = single.step(single.state.step)
-            single.state.step += 1
-            steps[-1].update(single_time=s["time/step"], single_training=s["time/training"])
+        s = single.step(single.state.step)
+        single.state.step += 1
+        steps[-1].update(single_time=s["time/step"], single_training=s["time/training"])
         print(f"[{name}] step {step}: worst cos {m.get('balance/worst_cos', float('nan')):+.3f} "
               f"({total / 60:.1f} min)", flush=True)
         last = total >= args.minutes * 60  # the loop's own end condition: this step is the arm's last
@@ -198,22 +198,25 @@ def run_arm(name: str, args, single=None) -> dict:
     # Refresh steps only carry cosines in the amortised arm.
     cos = [s["worst_cos"] for s in steps if s["worst_cos"] is not None]
     train = trainer.cfg.train
-    timed = timed_steps(steps, train.balance.every if train.balance.amortized else 1)
+    cycle = train.balance.every if train.balance.amortized else 1
+    timed = timed_steps(steps, cycle)
     if not timed:  # the run is kept; only its time ratio is unknown
         print(f"[{name}] {len(steps)} steps hold no whole refresh cycle after the first: no time ratio "
               "(train longer)", flush=True)
-    nan = float("nan")
+    timing = {}
+    for key, label in (("time", "step"), ("training", "training")):
+        def per_cycle(field):
+            return [sum(s[field] for s in timed[i:i + cycle]) for i in range(0, len(timed), cycle)]
 
-    def mean(key: str) -> float:
-        return sum(s[key] for s in timed) / len(timed) if timed else nan
+        rounds = {"single": per_cycle(f"single_{key}"), name: per_cycle(key)}
+        if timed:
+            a = paired.from_rounds(rounds).arms[1]
+            timing[label] = {"median": a.median_ratio, "spread": list(a.spread), "cycles": len(a.ratios)}
 
     pairs = [s["cos"] for s in steps if s["cos"]]  # per-reward gradient cosines, on the steps that measure them
     out = {"curve": curve, "steps": steps, "negative_fraction": sum(c < 0 for c in cos) / max(1, len(cos)),
            "pair_cos": {k: sum(p[k] for p in pairs) / len(pairs) for k in pairs[0]} if pairs else {},
-           "cos_measured": len(cos), "timed_steps": len(timed), "mean_step": mean("time"),
-           "mean_training": mean("training")}
-    if single is not None:  # the baseline steps run beside the arm's timed steps
-        out["single"] = {"mean_step": mean("single_time"), "mean_training": mean("single_training")}
+           "cos_measured": len(cos), "timed_steps": len(timed), "time_ratio": timing}
     return out
 
 
@@ -229,32 +232,27 @@ def single_reward_trainer(args):
     return build(SINGLE, f"{args.out}/single", args, single=True)
 
 
-def single_reward_time(trainer, steps: int) -> dict:
-    times = []
-    for step in range(steps + 1):  # the first step warms the process up (allocations, threads): not timed
-        m = trainer.step(trainer.state.step)
-        trainer.state.step += 1
-        if step:
-            times.append((m["time/step"], m["time/training"]))
-    n = len(times) or float("nan")  # warm-up only (interleaved timing)
-    return {"mean_step": sum(t for t, _ in times) / n, "mean_training": sum(t for _, t in times) / n}
+def warm_up(trainer) -> None:
+    """One untimed step: the process's first allocations and thread pools."""
+    trainer.step(trainer.state.step)
+    trainer.state.step += 1
 
 
-def table(results: dict, single: dict, keys: list[str]) -> str:
+def table(results: dict, keys: list[str]) -> str:
     # The trained verifier reward is partial credit (the fraction of concepts satisfied); whole-prompt accuracy is
     # the all-or-nothing verdict. Both are shown, held-out.
     names = {"partial_credit": "verifier partial credit", "verifier": "whole-prompt"}
     head = " | ".join(f"{names.get(k, k)} | Δ" for k in keys)
-    rows = [f"| arm | minutes | {head} | worst cos < 0 | step time × single | training time × single |",
+    rows = [f"| arm | minutes | {head} | worst cos < 0 | step time × single (median, spread over cycles) | "
+            "training time × single |",
             "|---|---|" + "---|---|" * len(keys) + "---|---|---|"]
     for arm, r in results.items():
-        base = r.get("single", single)  # interleaved runs time the baseline beside each arm
         a, b = r["curve"][0], r["curve"][-1]
         cells = [f"{b[k]:.3f} | {b[k] - a[k]:+.3f}" for k in keys]
         negative = f"{r['negative_fraction']:.2f} ({r['cos_measured']} steps)" if r["cos_measured"] else "—"
-        rows.append(f"| {arm} | {b['minutes']:.1f} | {' | '.join(cells)} | {negative} | "
-                    f"{r['mean_step'] / base['mean_step']:.2f} | "
-                    f"{r['mean_training'] / base['mean_training']:.2f} |")
+        ratio = [f"{t['median']:.2f} ({t['spread'][0]:.2f}–{t['spread'][1]:.2f})" if t else "—"
+                 for t in (r["time_ratio"].get("step"), r["time_ratio"].get("training"))]
+        rows.append(f"| {arm} | {b['minutes']:.1f} | {' | '.join(cells)} | {negative} | {ratio[0]} | {ratio[1]} |")
     pairs = sorted({k for r in results.values() for k in r.get("pair_cos", {})})
     if pairs:  # how much the rewards conflict: the mean cosine of each pair's gradients over the measured steps
         rows += ["", "| arm | " + " | ".join(f"cos {k}" for k in pairs) + " |", "|---|" + "---|" * len(pairs)]
@@ -287,10 +285,6 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=4.0, help="training wall-time budget per arm")
     parser.add_argument("--eval-every", type=int, default=6)
     parser.add_argument("--n", type=int, default=32, help="held-out prompts per template")
-    parser.add_argument("--timing-steps", type=int, default=6, help="steps of single-reward NFT for the time ratio")
-    parser.add_argument("--interleave", action="store_true",
-                        help="time the single-reward baseline by one step after each arm step instead of on its own "
-                             "beforehand, so drift in machine speed between runs cannot skew the ratio (slower)")
     parser.add_argument("--arms", nargs="+", default=["sum", "mgda", "marble", "marble-upgrad", "pcgrad"],
                         choices=[*ARMS, *ALONE])
     parser.add_argument("--style", default="saturation", choices=STYLES, help="the third, style reward")
@@ -313,13 +307,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     baseline = single_reward_trainer(args)
-    single = single_reward_time(baseline, 0 if args.interleave else args.timing_steps)
-    results = {arm: run_arm(arm, args, baseline if args.interleave else None) for arm in args.arms}
-    (out / "results.json").write_text(json.dumps({"single": single, "arms": results}, indent=1))
+    warm_up(baseline)
+    results = {arm: run_arm(arm, args, baseline) for arm in args.arms}
+    (out / "results.json").write_text(json.dumps({"arms": results, "context": paired.context()}, indent=1))
     keys = metric_keys(args)
-    (out / "results.md").write_text(table(results, single, keys))
+    (out / "results.md").write_text(table(results, keys))
     plot(results, out / "curve.png", keys)
-    print(table(results, single, keys))
+    print(table(results, keys))
     print(f"wrote {out}/curve.png, results.md, results.json")
 
 

@@ -8,21 +8,26 @@ rollout (group advantages of the trained rewards, every trained SDE step, no opt
 the trainable parameters. If g = s + n_i with a shared signal s and independent noise n_i, the cosine between
 two such gradients estimates |s|^2 / (|s|^2 + |n|^2): the fraction of the gradient's energy that both rollouts
 agree on. Also printed: the within-group spread of the trained reward (the SDE must still explore) and the
-time of one rollout + gradient. Ratios and cosines measured in this one run.
+time of two rollouts + gradients against the first arm's: the arms run interleaved, one prompt set per round
+(bench/paired.py), median and spread of the per-round ratios. `--out` writes it all as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from visalign.sampling import trajectory_log_prob
-from visalign.trainers import load_train_config, trainer_class
-from visalign.trainers.common import plan_step, rollout
-from visalign.trainers.losses import grpo_loss
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import paired  # noqa: E402
+
+from visalign.sampling import trajectory_log_prob  # noqa: E402
+from visalign.trainers import load_train_config, trainer_class  # noqa: E402
+from visalign.trainers.common import plan_step, rollout  # noqa: E402
+from visalign.trainers.losses import grpo_loss  # noqa: E402
 
 
 def policy_gradient(trainer, step: int, seed_offset: int) -> tuple[torch.Tensor, float]:
@@ -65,32 +70,38 @@ def main() -> None:
     parser.add_argument("--config", default="configs/flow_grpo_world.yaml")
     parser.add_argument("--arms", nargs="+", type=int, default=[1, 4, 8], help="noise block sizes")
     parser.add_argument("--repeats", type=int, default=3, help="prompt sets (steps) per arm")
+    parser.add_argument("--out", default="outputs/bench_snr/grpo_gradient_snr.json")
     parser.add_argument("overrides", nargs="*", help="config overrides for every arm")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    rows = []
+    trainers, cosines, spreads = {}, {}, {}
     for block in args.arms:
         cfg = load_train_config(args.config, ["run.out_dir=outputs/bench_snr", "run.resume_from=null",
                                               "run.log_with=none", "run.progress=false", "eval_rewards=[]",
                                               f"sampling.noise_block={block}", *args.overrides])
-        trainer = trainer_class(cfg.trainer)(cfg)
-        cosines, spreads, times = [], [], []
-        for step in range(args.repeats):
-            t = time.perf_counter()
-            g1, s1 = policy_gradient(trainer, step, 0)
-            times.append(time.perf_counter() - t)
-            g2, s2 = policy_gradient(trainer, step, 7_777_777)
-            cosines.append(float(torch.nn.functional.cosine_similarity(g1, g2, dim=0)))
-            spreads += [s1, s2]
-        rows.append((block, sum(cosines) / len(cosines), min(cosines), max(cosines), sum(spreads) / len(spreads),
-                     sum(times) / len(times)))
-        print(f"block {block}: cosines {[round(c, 3) for c in cosines]}", flush=True)
-    base_time = rows[0][5]
-    print("\n| noise block | gradient cosine between rollouts (mean, min–max) | within-group reward std "
-          "| rollout + gradient time × first arm |")
+        trainers[f"block {block}"] = trainer_class(cfg.trainer)(cfg)
+
+    def arm(name):
+        def run():  # one prompt set: two independent rollouts' gradients
+            step = len(cosines.setdefault(name, []))
+            g1, s1 = policy_gradient(trainers[name], step, 0)
+            g2, s2 = policy_gradient(trainers[name], step, 7_777_777)
+            cosines[name].append(float(torch.nn.functional.cosine_similarity(g1, g2, dim=0)))
+            spreads.setdefault(name, []).extend([s1, s2])
+            print(f"{name}: cosines {[round(c, 3) for c in cosines[name]]}", flush=True)
+        return run
+
+    # the arms interleaved, one prompt set per round: their time ratios are paired (bench/paired.py)
+    report = paired.compare({name: arm(name) for name in trainers}, rounds=args.repeats, warmup=0)
+    print(f"\n| noise block | gradient cosine between rollouts (mean, min–max) | within-group reward std "
+          f"| rollout + gradient time × {report.baseline} (median, spread) |")
     print("|---|---|---|---|")
-    for block, mean, lo, hi, spread, t in rows:
-        print(f"| {block} | {mean:.3f} ({lo:.3f}–{hi:.3f}) | {spread:.3f} | {t / base_time:.2f} |")
+    for a in report.arms:
+        c, lo, hi = cosines[a.name], *a.spread
+        print(f"| {a.name.split()[1]} | {sum(c) / len(c):.3f} ({min(c):.3f}–{max(c):.3f}) | "
+              f"{sum(spreads[a.name]) / len(spreads[a.name]):.3f} | {a.median_ratio:.2f} ({lo:.2f}–{hi:.2f}) |")
+    print(report.context)
+    print(report.write(args.out, cosines=cosines, spreads=spreads))
 
 
 if __name__ == "__main__":

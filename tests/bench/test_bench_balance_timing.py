@@ -1,5 +1,5 @@
-"""bench/balance_world.py: which steps an arm's mean step time averages, that its marble-upgrad arm is the
-shipped configs/marble_world.yaml, and its table's columns."""
+"""bench/balance_world.py: which steps an arm's time ratio averages, that its marble-upgrad arm is the shipped
+configs/marble_world.yaml, and its table's columns."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,12 +44,13 @@ def test_table_has_a_column_per_trained_reward_and_the_pair_cosines():
     start = dict(zip(keys, [0.7, 0.3, 0.9, -32.0, 0.8], strict=True))
     end = dict(zip(keys, [0.75, 0.35, 0.6, -29.5, 0.9], strict=True))
     arm = {"curve": [{"minutes": 0.0, **start}, {"minutes": 4.2, **end}], "negative_fraction": 0.25, "cos_measured": 4,
-           "mean_step": 3.0, "mean_training": 2.0, "pair_cos": {"a|b": -0.5, "a|c": 0.25}}
-    lines = table({"marble": arm}, {"mean_step": 2.0, "mean_training": 2.0}, keys).splitlines()
+           "time_ratio": {"step": {"median": 1.5, "spread": [1.25, 1.75], "cycles": 3}},  # training: none timed
+           "pair_cos": {"a|b": -0.5, "a|c": 0.25}}
+    lines = table({"marble": arm}, keys).splitlines()
     assert lines[0].split(" | ")[2:12:2] == ["verifier partial credit", "whole-prompt", "cleanliness", "quality-nss",
                                              "brightness"]
     assert "| marble | 4.2 | 0.750 | +0.050 | 0.350 | +0.050 | 0.600 | -0.300 | -29.500 | +2.500 | 0.900 | +0.100 | " \
-           "0.25 (4 steps) | 1.50 | 1.00 |" in lines
+           "0.25 (4 steps) | 1.50 (1.25–1.75) | — |" in lines
     assert lines[-3:] == ["| arm | cos a|b | cos a|c |", "|---|---|---|", "| marble | -0.50 | +0.25 |"]
     assert rewards_override("saturation", (1, 2, 3), "artifact") == \
         "rewards={world-verifier: 1, artifact: 2, saturation: 3}"
