@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--videos", type=int, default=4, help="videos for the video rows")
     parser.add_argument("--frames", type=int, default=16, help="frames per video")
+    parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -144,6 +145,15 @@ def main() -> None:
         print(_row(name, args.batch, ours_fn, ref_fn, args.repeats))
     for name, ours_fn, ref_fn in videos:
         print(_row(f"{name} (frames/s)", args.videos * args.frames, ours_fn, ref_fn, args.repeats))
+    if args.out:
+        import json
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"rows": RESULTS, "settings": vars(args)}, indent=1) + "\n")
+
+
+RESULTS: list[dict] = []  # one entry per row, written as JSON by --out
 
 
 def _row(name: str, count: int, ours_fn, ref_fn, repeats: int) -> str:
@@ -157,6 +167,9 @@ def _row(name: str, count: int, ours_fn, ref_fn, repeats: int) -> str:
     report = compare({"visalign": ours, "reference": ref_fn}, rounds=repeats, warmup=0)  # both ran once above
     ref = report.arms[1]
     lo, hi = ref.spread
+    RESULTS.append({"reward": name, "speed_ratio": ref.median_ratio, "spread": [lo, hi], "max_abs_diff": diff,
+                    "visalign_per_s": count / report.arms[0].median_seconds, "reference_per_s": count /
+                    ref.median_seconds, "context": report.context})
     return (f"| {name} | {count / report.arms[0].median_seconds:.1f} | {count / ref.median_seconds:.1f} | "
             f"{ref.median_ratio:.2f}x ({lo:.2f} – {hi:.2f}) | {diff:.2e} |")
 

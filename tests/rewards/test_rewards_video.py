@@ -319,3 +319,18 @@ def test_world_cleanliness_on_videos_is_the_mean_over_frames():
     video = torch.rand(2, 3, 3, 32, 32) * 0.2 + 0.8
     expected = cleanliness(video.reshape(6, 3, 32, 32)).view(2, 3).mean(1)
     torch.testing.assert_close(rewards.load("world-cleanliness")(videos=video), expected)
+
+
+def test_consistency_runs_the_backbone_16_frames_a_pass_on_cpu_with_the_same_scores():
+    torch.manual_seed(0)
+    proj = torch.randn(3 * 8 * 8, 5)
+    passes = []
+
+    def backbone(frames):  # any callable frames -> features
+        passes.append(len(frames))
+        return frames.flatten(1) @ proj
+
+    videos = torch.rand(2, 12, 3, 8, 8)
+    scores = SubjectConsistency(backbone=backbone, batch_size=2)(videos=videos)
+    assert passes == [16, 8]
+    torch.testing.assert_close(scores, feature_consistency(videos.flatten(2) @ proj))

@@ -93,7 +93,7 @@ class Reward:
             raise RewardError(f"{self.name} is not differentiable: pass {kind} without requires_grad "
                               "(detach them) or use a differentiable reward")
         with torch.no_grad():
-            low, high = float(media.min()), float(media.max())
+            low, high = (float(x) for x in torch.aminmax(media))  # one pass over the batch, not two
         if low < -1e-3 or high > 1 + 1e-3:
             raise RewardError(f"{self.name}: {kind} must be in [0, 1], got values in [{low:.3f}, {high:.3f}]")
         batch = media.shape[0]
