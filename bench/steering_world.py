@@ -20,6 +20,7 @@ seeds are not independent draws); the verdict says whether the interval excludes
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -91,6 +92,10 @@ def main() -> None:
             accuracy, score = judged(out.images, rep_specs)
             draws[name].append({"accuracy": accuracy, "score": score, "nfe_per_prompt":
                                 out.report["nfe_per_prompt"] * repeat, "overhead": out.report["overhead_fraction"]})
+            # progress, and every finished draw on disk: a run cut short keeps its rounds
+            print(f"seed {seed}: {name} done ({sum(accuracy) / len(accuracy):.3f} of samples pass)", flush=True)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "draws.partial.json").write_text(json.dumps({"prompts": prompts, "draws": draws}))
         return run
 
     arms = {"samples": arm("samples", "best_of_n", {"n": 1}, repeat=n_max)}
