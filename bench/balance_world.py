@@ -203,15 +203,13 @@ def run_arm(name: str, args, single) -> dict:
     if not timed:  # the run is kept; only its time ratio is unknown
         print(f"[{name}] {len(steps)} steps hold no whole refresh cycle after the first: no time ratio "
               "(train longer)", flush=True)
-    timing = {}
-    for key, label in (("time", "step"), ("training", "training")):
-        def per_cycle(field):
-            return [sum(s[field] for s in timed[i:i + cycle]) for i in range(0, len(timed), cycle)]
+    def per_cycle(field):
+        return [sum(s[field] for s in timed[i:i + cycle]) for i in range(0, len(timed), cycle)]
 
-        rounds = {"single": per_cycle(f"single_{key}"), name: per_cycle(key)}
-        if timed:
-            a = paired.from_rounds(rounds).arms[1]
-            timing[label] = {"median": a.median_ratio, "spread": list(a.spread), "cycles": len(a.ratios)}
+    timing = {}
+    for key, label in (("time", "step"), ("training", "training")) if timed else ():
+        a = paired.from_rounds({"single": per_cycle(f"single_{key}"), name: per_cycle(key)}).arms[1]
+        timing[label] = {"median": a.median_ratio, "spread": list(a.spread), "cycles": len(a.ratios)}
 
     pairs = [s["cos"] for s in steps if s["cos"]]  # per-reward gradient cosines, on the steps that measure them
     out = {"curve": curve, "steps": steps, "negative_fraction": sum(c < 0 for c in cos) / max(1, len(cos)),

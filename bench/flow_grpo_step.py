@@ -20,6 +20,7 @@ import math
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -121,8 +122,6 @@ class ReferenceStep:
         return images, torch.stack(all_latents, 1), torch.stack(all_log_probs, 1)
 
     def __call__(self):
-        import time
-
         t0 = time.perf_counter()
         prompts = [p for p in self.prompts for _ in range(self.group)]
         samples = []
