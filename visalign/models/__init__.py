@@ -10,28 +10,29 @@ from collections.abc import Callable
 
 import torch
 
-from visalign.models import diffusers_adapters, tiny
 from visalign.models.base import Conditioning, FlowModelAdapter, RequestRules, resolve_model_path
-from visalign.registry import lookup
+from visalign.registry import import_target, lookup
 
 # The dtype names configs accept for model weights.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _from_pretrained(class_name: str) -> Callable[..., FlowModelAdapter]:
+def _from_pretrained(target: str) -> Callable[..., FlowModelAdapter]:
+    """A factory for the adapter class at `target` ("visalign.models.module:Class"), imported on first use."""
     def load(path=None, **kwargs):
         if path is None:
-            raise ValueError(f"model {class_name} needs --model-path (a local directory or a hub id)")
+            raise ValueError(f"model {target.rpartition(':')[2]} needs --model-path (a local directory or a hub id)")
 
-        return getattr(diffusers_adapters, class_name).from_pretrained(path, **kwargs)
+        return import_target(target).from_pretrained(path, **kwargs)
 
-    load.request_rules = lambda path: getattr(diffusers_adapters, class_name).request_rules(path)
+    load.request_rules = lambda path: import_target(target).request_rules(path)
     return load
 
 
-def _tiny(fn_name: str, rules: RequestRules) -> Callable[..., FlowModelAdapter]:
+def _tiny(target: str, rules: RequestRules) -> Callable[..., FlowModelAdapter]:
+    """A factory for the tiny builder at `target` ("module:function(seed)")."""
     def load(path=None, seed: int = 0, **_):
-        return getattr(tiny, fn_name)(seed)
+        return import_target(target)(seed)
 
     load.request_rules = lambda path: rules  # the tiny configs' (tested against the built models)
     return load
@@ -42,12 +43,13 @@ def _tiny(fn_name: str, rules: RequestRules) -> Callable[..., FlowModelAdapter]:
 MODELS: dict[str, Callable[..., FlowModelAdapter] | str] = {
     "world": "visalign.world.model:load_world",
     "world-video": "visalign.world.model:load_world_video",
-    "sd3": _from_pretrained("SD3Adapter"),
-    "flux": _from_pretrained("FluxAdapter"),
-    "wan": _from_pretrained("WanAdapter"),
-    "tiny-sd3": _tiny("tiny_sd3", RequestRules("sd3", 2)),
-    "tiny-flux": _tiny("tiny_flux", RequestRules("flux", 4)),
-    "tiny-wan": _tiny("tiny_wan", RequestRules("wan", 16, video=True)),
+    "sd3": _from_pretrained("visalign.models.diffusers_adapters:SD3Adapter"),
+    "flux": _from_pretrained("visalign.models.diffusers_adapters:FluxAdapter"),
+    "wan": _from_pretrained("visalign.models.diffusers_adapters:WanAdapter"),
+    "tiny-sd3": _tiny("visalign.models.tiny:tiny_sd3", RequestRules("sd3", 2)),
+    "tiny-flux": _tiny("visalign.models.tiny:tiny_flux", RequestRules("flux", 4)),
+    "tiny-wan": _tiny("visalign.models.tiny:tiny_wan", RequestRules("wan", 16, video=True)),
+    # model families added since (one module per family, adapter and tiny build together):
 }
 
 

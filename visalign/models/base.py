@@ -283,10 +283,15 @@ class FlowModelAdapter(ABC):
             else:
                 v_cond = self._velocity(x, sigma, cond.cond, guidance_scale)
                 v_uncond = self._velocity(x, sigma, cond.uncond, guidance_scale)
-            v = v_uncond + guidance_scale * (v_cond - v_uncond)
+            v = self.guide(v_cond, v_uncond, guidance_scale)
         else:
             v = self._velocity(x, sigma, cond.cond, guidance_scale)
         return v.float()
+
+    def guide(self, v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
+        """Classifier-free guidance, v_u + w (v_c - v_u) (Ho & Salimans 2022, eq. 6), on the spatial layout; a
+        pipeline that rescales the guided prediction (Qwen-Image's norm rescale) overrides this."""
+        return v_uncond + scale * (v_cond - v_uncond)
 
     # ---- pixels --------------------------------------------------------------------------------------
     @abstractmethod
