@@ -21,7 +21,7 @@ SAMPLE_FLAGS = {
     "model": "model", "model_path": "model_path", "lora": "lora", "prompt": "prompts",
     "negative_prompt": "negative_prompt", "steps": "steps", "guidance": "guidance", "seed": "seed",
     "height": "height", "width": "width", "num_frames": "num_frames", "sde": "sde", "noise_level": "noise_level",
-    "dtype": "dtype", "device": "device", "out": "out",
+    "dtype": "dtype", "device": "device", "out": "out", "source_image": "source_images",
 }
 
 
@@ -438,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", help="diffusers-format LoRA directory or file")
     p.add_argument("--prompt", action="append", help="prompt (repeat for several samples)")
     p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--source-image", dest="source_image", action="append",
+                   help="editing models: the image a prompt edits (once for all prompts, or once per prompt)")
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--seed", type=int)

@@ -1,5 +1,5 @@
-"""Pixels to files: 8-bit conversion, image grids, PNG / GIF output. Pixels are floats in [0, 1],
-[B, 3, H, W] (images) or [B, F, 3, H, W] (video)."""
+"""Pixels to files and back: 8-bit conversion, image grids, PNG / GIF output, image files read (and resized) as
+pixels. Pixels are floats in [0, 1], [B, 3, H, W] (images) or [B, F, 3, H, W] (video)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,20 @@ from torch import Tensor
 def to_uint8(pixels: Tensor) -> np.ndarray:
     """Round to 8 bits, as a saved PNG holds them."""
     return (pixels.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()).astype(np.uint8)
+
+
+def read_image(path: str | Path, size: tuple[int, int] | None = None) -> Tensor:
+    """An image file as a float tensor [3, H, W] in [0, 1] (RGB; alpha dropped); with `size` (height, width),
+    resized with Lanczos as diffusers' `VaeImageProcessor.resize` does. ValueError names an unreadable file."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if size is not None and image.size != (size[1], size[0]):
+                image = image.resize((size[1], size[0]), resample=Image.Resampling.LANCZOS)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def image_grid(images: Tensor, columns: int | None = None, pad: int = 2) -> Tensor:

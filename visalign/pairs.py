@@ -26,6 +26,8 @@ import torch
 from PIL import Image, ImageSequence
 from torch import Tensor
 
+from visalign.media import read_image
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".gif",)  # plus directories of frames
 UNREAD_VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv")
@@ -144,13 +146,10 @@ def frame_files(directory: str | Path) -> list[Path]:
 
 def load_image(path: str | Path) -> Tensor:
     """An image file as a float tensor [3, H, W] in [0, 1] (RGB; alpha dropped)."""
-
     try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, ValueError) as err:
-        raise PairFileError(f"cannot read image {path}: {err}") from None
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return read_image(path)
+    except ValueError as err:
+        raise PairFileError(str(err)) from None
 
 
 def load_video(path: str | Path) -> Tensor:

@@ -5,6 +5,9 @@ A source spec is a file (`.txt`: one prompt per line; `.jsonl`: {"prompt": ..., 
 `world:seen:count,position`. Trainers draw from a source at random (`draw`); evaluation takes its fixed list
 (`fixed`). Both give `Prompt` records: the text, the metadata every reward receives with it, and a category for
 per-category tables.
+
+Editing models edit a source image per prompt: a JSONL line names it as `"source_image": PATH` (relative to the
+file), kept in the prompt's metadata under `SOURCE_IMAGE`.
 """
 
 from __future__ import annotations
@@ -17,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from visalign.media import read_image
 from visalign.registry import lookup
+
+SOURCE_IMAGE = "source_image"  # the metadata key of the image an editing model edits
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,39 @@ class PromptSource(ABC):
         return None
 
 
+def _with_source_path(prompt: Prompt, base: Path, where: str) -> Prompt:
+    """The prompt with its source image's path made absolute (relative to `base`), checked to be a file."""
+    if SOURCE_IMAGE not in prompt.metadata:
+        return prompt
+    value = prompt.metadata[SOURCE_IMAGE]
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: {SOURCE_IMAGE!r} must be an image path, got {value!r}")
+    file = (base / value).resolve()
+    if not file.is_file():
+        raise ValueError(f"{where}: {SOURCE_IMAGE!r} {str(file)!r} does not exist")
+    return Prompt(prompt.text, {**prompt.metadata, SOURCE_IMAGE: str(file)}, prompt.category)
+
+
+def source_image_paths(items: list[Prompt]) -> list[str] | None:
+    """Each prompt's source image (metadata `source_image`), or None when no prompt names one; ValueError when
+    only some do (an editing run edits every prompt's image)."""
+    paths = [it.metadata.get(SOURCE_IMAGE) for it in items]
+    if all(p is None for p in paths):
+        return None
+    missing = [it.text for it, p in zip(items, paths, strict=True) if p is None]
+    if missing:
+        raise ValueError(f"some prompts name a {SOURCE_IMAGE!r} and some do not, e.g. {missing[0]!r}: an editing "
+                         "model edits one source image per prompt")
+    return paths
+
+
+def source_images(items: list[Prompt], size: tuple[int, int]) -> Tensor | None:
+    """The prompts' source images as one batch [B, 3, H, W] in [0, 1], each resized to the run's `size`
+    (height, width), or None when no prompt names one (see `source_image_paths`)."""
+    paths = source_image_paths(items)
+    return None if paths is None else torch.stack([read_image(p, size) for p in paths])
+
+
 def prompts_of(items, where: str) -> list[Prompt]:
     """`Prompt` records from what a source returned (records, strings or mappings), checked one by one."""
     return [Prompt.of(item, f"{where}, item {i}") for i, item in enumerate(items)]
@@ -85,7 +125,8 @@ class FilePrompts(PromptSource):
                     item = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}, line {i}: not JSON ({err})") from None
-                self.items.append(Prompt.of(item, f"{path}, line {i}"))
+                self.items.append(_with_source_path(Prompt.of(item, f"{path}, line {i}"), path.parent,
+                                                    f"{path}, line {i}"))
         else:
             self.items = [Prompt(line.strip()) for _, line in lines]
         if not self.items:
@@ -110,15 +151,27 @@ SOURCES: dict[str, Callable[[str], PromptSource] | str] = {
 }
 
 
-def check_prompt_spec(spec: str, field_name: str) -> None:
+def check_prompt_spec(spec: str, field_name: str, edits: bool | None = None) -> None:
     """The config-time half of `prompt_source`, building nothing: a NAME:ARGS spec names a registered source or a
-    dotted path (its arguments are checked when it is built), anything else is a file that must exist."""
+    dotted path (its arguments are checked when it is built), anything else is a file that must exist. With
+    `edits` known (the model edits source images, or not), a file's lines are read and must name a
+    `source_image` each, or none."""
     name, sep, _ = spec.partition(":")
     if sep and not Path(spec).exists() and (name in SOURCES or ("." in name and "/" not in name)):
         return
     if not Path(spec).is_file():
         raise ValueError(f"{field_name}={spec!r}: no such prompt file; or use NAME:ARGS with NAME in "
                          f"{', '.join(sorted(SOURCES))} (e.g. world:seen) or a dotted path")
+    if edits is not None:
+        try:
+            named = source_image_paths(FilePrompts(spec).items) is not None
+        except ValueError as err:
+            raise ValueError(f"{field_name}: {err}") from None
+        if edits and not named:
+            raise ValueError(f"{field_name}={spec!r}: the model edits source images, and no line names one "
+                             f"(a JSONL line's {SOURCE_IMAGE!r})")
+        if named and not edits:
+            raise ValueError(f"{field_name}={spec!r} names source images, and the model is not an editing model")
 
 
 def prompt_source(spec: str) -> PromptSource:

@@ -116,3 +116,17 @@ class Broken(Reward):
 
     def score(self, *, prompts, images, videos, metadata):
         raise KeyError("model_head")
+
+
+class RecordingSourceL1(Reward):
+    """`source-l1`'s score, recording the source images each call received (class-level, for trainer tests)."""
+
+    name = "test-source-l1"
+    differentiable = True
+    needs_prompts = False
+    uses_source_images = True
+    seen: list = []
+
+    def score(self, *, prompts, images, videos, metadata, source_images):
+        RecordingSourceL1.seen.append((source_images.clone(), [m.get("source_image") for m in metadata]))
+        return 1 - (images - source_images).abs().mean(dim=(1, 2, 3))

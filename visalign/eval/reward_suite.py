@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from visalign import rewards as rewards_lib
 from visalign.eval.stats import bootstrap_mean_ci, paired_delta
 from visalign.media import save_pixels, to_uint8
-from visalign.models.base import FlowModelAdapter
-from visalign.prompts import Prompt, prompt_source, prompts_of
+from visalign.models.base import FlowModelAdapter, encode
+from visalign.prompts import Prompt, prompt_source, prompts_of, source_images
 from visalign.rewards.base import combined
 from visalign.sampling import sample
 from visalign.suggest import did_you_mean
@@ -130,7 +130,9 @@ def generate_missing(adapter: FlowModelAdapter, items: list[Prompt], cfg: Reward
     adapter.check_request(height, width, cfg.num_frames)
     for start in tqdm(range(0, len(todo), cfg.batch_size), desc="sampling", disable=not progress):
         chunk = todo[start:start + cfg.batch_size]
-        cond = adapter.encode_prompts([items[i].text for i, _ in chunk], cfg=cfg.guidance > 1)
+        chunk_items = [items[i] for i, _ in chunk]
+        cond = encode(adapter, [it.text for it in chunk_items], cfg=adapter.guidance == "cfg" and cfg.guidance > 1,
+                      images=source_images(chunk_items, (height, width)))
         traj = sample(adapter, cond, num_steps=cfg.steps, height=height, width=width, num_frames=cfg.num_frames,
                       guidance_scale=cfg.guidance, seeds=[sample_seed(i, s) for i, s in chunk])
         pixels = torch.from_numpy(to_uint8(adapter.decode(traj.final)))

@@ -49,6 +49,9 @@ MODELS: dict[str, Callable[..., FlowModelAdapter] | str] = {
     "tiny-sd3": _tiny("visalign.models.tiny:tiny_sd3", RequestRules("sd3", 2)),
     "tiny-flux": _tiny("visalign.models.tiny:tiny_flux", RequestRules("flux", 4)),
     "tiny-wan": _tiny("visalign.models.tiny:tiny_wan", RequestRules("wan", 16, video=True)),
+    "flux-kontext": _from_pretrained("visalign.models.flux_kontext:FluxKontextAdapter"),
+    "tiny-flux-kontext": _tiny("visalign.models.flux_kontext:tiny_flux_kontext",
+                               RequestRules("flux-kontext", 4, edits=True)),
     # model families added since (one module per family, adapter and tiny build together):
 }
 
@@ -66,6 +69,9 @@ DESCRIPTIONS = {
            "stabilityai/stable-diffusion-3.5-medium; a GPU for real sizes)",
     "flux": "FLUX.1 dev / schnell (image, embedded guidance; e.g. black-forest-labs/FLUX.1-dev; a large GPU)",
     "wan": "Wan2.1 text-to-video (video, 4k+1 frames; e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers; a GPU)",
+    "flux-kontext": "FLUX.1 Kontext dev, image editing: each prompt edits its source image (e.g. "
+                    "black-forest-labs/FLUX.1-Kontext-dev; a large GPU)",
+    "tiny-flux-kontext": "FLUX Kontext's classes at tiny sizes with random weights, for tests: draws noise",
     "tiny-sd3": "SD3's classes at tiny sizes with random weights, for tests: draws noise",
     "tiny-flux": "FLUX's classes at tiny sizes with random weights, for tests: draws noise",
     "tiny-wan": "Wan's classes at tiny sizes with random weights, for tests: draws noise",

@@ -69,6 +69,20 @@ def _cat_dicts(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
+def encode(adapter: FlowModelAdapter, prompts: list[str], *, cfg: bool, images: Tensor | None = None,
+           negative_prompts: list[str] | None = None) -> Conditioning:
+    """A batch's conditioning: `adapter.encode_prompts`, with each prompt's source image ([B, 3, H, W] in [0, 1])
+    for an editing model. ValueError when an editing model gets no images, or another model gets some."""
+    if adapter.edits and images is None:
+        raise ValueError(f"{adapter.name} edits a source image per prompt: give each prompt one (--source-image, or "
+                         "'source_image' in a prompt file)")
+    if not adapter.edits and images is not None:
+        raise ValueError(f"{adapter.name} is not an editing model: prompts with a 'source_image' need one "
+                         "(e.g. flux-kontext, qwen-image-edit)")
+    extra = {"images": images} if adapter.edits else {}
+    return adapter.encode_prompts(list(prompts), negative_prompts, cfg=cfg, **extra)
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -83,6 +97,7 @@ class RequestRules:
     video: bool = False
     size: tuple[int, int] | None = None  # the only (height, width), for fixed-canvas models
     frames: int | None = None  # the only frame count, for fixed-length video models
+    edits: bool = False  # an editing model: every prompt needs a source image
 
     def check(self, height, width, num_frames=None, prefix: str = "") -> None:
         """ValueError naming the field (`prefix` + height / width / num_frames) and what is allowed."""
@@ -154,6 +169,7 @@ class FlowModelAdapter(ABC):
     is_video: bool = False
     default_size: int = 512  # height and width when a request names none
     cfg_batched: bool = True  # run [uncond; cond] in one call (SD3) or two calls (Wan), matching each pipeline
+    edits: bool = False  # an editing model: `encode_prompts(..., images=)` takes each prompt's source image
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
     denoiser: nn.Module
@@ -167,7 +183,7 @@ class FlowModelAdapter(ABC):
     @property
     def rules(self) -> RequestRules:
         """The sizes this model draws."""
-        return RequestRules(self.name, self.size_multiple, self.is_video)
+        return RequestRules(self.name, self.size_multiple, self.is_video, edits=self.edits)
 
     def check_request(self, height: int, width: int, num_frames: int | None = None) -> None:
         """Raise ValueError naming the allowed values when a request cannot be generated."""
@@ -224,6 +240,9 @@ class FlowModelAdapter(ABC):
         embeddings on the CPU and drop the text encoders; from here on `encode_prompts` looks prompts up and
         refuses any other. For runs over a finite prompt set, where the encoders (SD3's T5-XXL: 4.7 B
         parameters) would otherwise sit in accelerator memory (switch `model.free_text_encoders`)."""
+        if self.edits:
+            raise ValueError(f"{self.name} edits source images: its conditioning depends on each prompt's image, so "
+                             "it cannot be encoded once up front (model.free_text_encoders)")
         prompts = list(dict.fromkeys(prompts))
         if not prompts:
             raise ValueError("free_text_encoders: no prompts to encode")

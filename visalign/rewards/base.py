@@ -5,6 +5,11 @@ A reward is called with keyword arguments only:
     reward(prompts=[...], images=Tensor[B, 3, H, W] in [0, 1])          -> Tensor[B]
     reward(prompts=[...], videos=Tensor[B, F, 3, H, W] in [0, 1])       -> Tensor[B]
     reward(..., metadata=[{...}, ...])                                   # optional per-sample data
+    reward(..., source_images=Tensor[B, 3, H', W'])                      # the images an edit started from
+
+`source_images` reach only rewards that judge an edit (`uses_source_images`); the others ignore them. Without
+them, such a reward reads each sample's metadata `source_image` path (what a prompt file names), so every
+caller that passes the prompts' metadata (trainers, steering, evaluation) scores edits unchanged.
 
 or returns a dict of named sub-scores [B] plus the combined "score" [B]. Sub-scores may be NaN where a
 concept does not apply to a sample; the combined score may not. A wrong shape, NaN or inf in a score raises
@@ -13,10 +18,21 @@ concept does not apply to a sample; the combined score may not. A wrong shape, N
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from visalign.media import read_image
+from visalign.prompts import SOURCE_IMAGE
+
+
+def _sources_named_in(metadata: Sequence[dict], size: tuple[int, int]) -> Tensor | None:
+    """The source images the samples' metadata name (`source_image` paths), resized to `size`; None if any lacks one."""
+    paths = [m.get(SOURCE_IMAGE) if isinstance(m, Mapping) else None for m in metadata]
+    if any(p is None for p in paths):
+        return None
+    return torch.stack([read_image(p, size) for p in paths])
 
 
 class RewardError(ValueError):
@@ -36,6 +52,7 @@ class Reward:
         value_range: (low, high) of the score, or None when unbounded.
         inputs: which media the reward scores: ("images",), ("videos",) or both.
         batch_size: largest batch `score` is called with; inputs are split into chunks of this size.
+        uses_source_images: judges an edit: `score` also receives `source_images=` (required in the call).
     """
 
     name: str = "reward"
@@ -44,6 +61,7 @@ class Reward:
     value_range: tuple[float, float] | None = None
     inputs: tuple[str, ...] = ("images",)
     needs_prompts: bool = True
+    uses_source_images: bool = False
 
     def __init__(self, batch_size: int = 32, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         if batch_size < 1:
@@ -59,18 +77,23 @@ class Reward:
     # ---- the call: validate, batch, validate -----------------------------------------------------------
     def __call__(self, *, prompts: Sequence[str] | None = None, images: Tensor | None = None,
                  videos: Tensor | None = None, metadata: Sequence[dict] | None = None,
-                 allow_invalid: bool = False) -> RewardOutput:
+                 source_images: Tensor | None = None, allow_invalid: bool = False) -> RewardOutput:
         """Score a batch. With `allow_invalid`, non-finite scores come back as NaN instead of raising, so a
         trainer can drop and count them; a wrong shape always raises."""
         media, kind = self._check_inputs(prompts, images, videos, metadata)
         batch = media.shape[0]
+        if self.uses_source_images:
+            if source_images is None and metadata is not None:
+                source_images = _sources_named_in(metadata, tuple(media.shape[-2:]))
+            self._check_sources(source_images, batch)
         outputs = []
         for start in range(0, batch, self.batch_size):
             sl = slice(start, start + self.batch_size)
+            edit = {"source_images": source_images[sl]} if self.uses_source_images else {}
             out = self.score(prompts=list(prompts[sl]) if prompts is not None else None,
                              images=media[sl] if kind == "images" else None,
                              videos=media[sl] if kind == "videos" else None,
-                             metadata=list(metadata[sl]) if metadata is not None else None)
+                             metadata=list(metadata[sl]) if metadata is not None else None, **edit)
             outputs.append(self._check_output(out, min(self.batch_size, batch - start), allow_invalid))
         if isinstance(outputs[0], dict):
             return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
@@ -104,6 +127,14 @@ class Reward:
         if metadata is not None and len(metadata) != batch:
             raise RewardError(f"{self.name}: metadata must have {batch} entries, got {len(metadata)}")
         return media, kind
+
+    def _check_sources(self, sources, batch: int) -> None:
+        if sources is None:
+            raise RewardError(f"{self.name} judges an edit: it needs source_images= (the images the edits started "
+                              "from; a prompt file names one per prompt as 'source_image')")
+        if not isinstance(sources, Tensor) or sources.ndim != 4 or sources.shape[:2] != (batch, 3):
+            got = tuple(sources.shape) if isinstance(sources, Tensor) else type(sources).__name__
+            raise RewardError(f"{self.name}: source_images must be a float tensor {batch}×3×H×W in [0, 1], got {got}")
 
     def _check_output(self, out: RewardOutput, batch: int, allow_invalid: bool = False) -> RewardOutput:
         if isinstance(out, dict):

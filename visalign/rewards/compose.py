@@ -55,19 +55,22 @@ class _Composite(Reward):
         self.name = name
         self.differentiable = all(r.differentiable for r in self.members.values())
         self.needs_prompts = any(r.needs_prompts for r in self.members.values())
+        self.uses_source_images = any(r.uses_source_images for r in self.members.values())
         self.inputs = tuple(k for k in ("images", "videos") if all(k in r.inputs for r in self.members.values()))
         if not self.inputs:
             kinds = {key: r.inputs for key, r in self.members.items()}
             raise ValueError(f"{name}: members share no input kind: {kinds}")
 
-    def member_scores(self, prompts, images, videos, metadata) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def member_scores(self, prompts, images, videos, metadata,
+                      source_images=None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """({member: combined score [B]}, {"<member>/<key>": sub-score [B]}).
 
         Members return invalid scores as NaN; the composite's own output check then raises naming the composite,
         or passes the NaN on when the caller asked for `allow_invalid`."""
         scores, subs = {}, {}
         for key, reward in self.members.items():
-            out = reward(prompts=prompts, images=images, videos=videos, metadata=metadata, allow_invalid=True)
+            out = reward(prompts=prompts, images=images, videos=videos, metadata=metadata,
+                         source_images=source_images, allow_invalid=True)
             scores[key] = combined(out).float()
             if isinstance(out, dict):
                 subs.update({f"{key}/{k}": v.float() for k, v in out.items() if k != "score"})
@@ -94,8 +97,8 @@ class WeightedSum(_Composite):
             high = sum(max(w * lo, w * hi) for w, (lo, hi) in zip(self.weights.values(), ranges, strict=True))
             self.value_range = (low, high)
 
-    def score(self, *, prompts, images, videos, metadata):
-        scores, subs = self.member_scores(prompts, images, videos, metadata)
+    def score(self, *, prompts, images, videos, metadata, source_images=None):
+        scores, subs = self.member_scores(prompts, images, videos, metadata, source_images)
         total = sum(self.weights[key] * value for key, value in scores.items())
         return {"score": total, **scores, **subs}
 
@@ -136,8 +139,8 @@ class LogSigmoidSum(_Composite):
             if not reward.higher_is_better:
                 raise ValueError(f"{name}: member {key!r} is lower-is-better; negate it first")
 
-    def score(self, *, prompts, images, videos, metadata):
-        scores, subs = self.member_scores(prompts, images, videos, metadata)
+    def score(self, *, prompts, images, videos, metadata, source_images=None):
+        scores, subs = self.member_scores(prompts, images, videos, metadata, source_images)
         total, utilities = 0.0, {}
         for key, value in scores.items():
             ref = _reference_tensor(self.refs[key], prompts, value.shape[0], f"{self.name}[{key}]", value.device)
@@ -164,8 +167,8 @@ class PARSigmoid(_Composite):
         if not member.higher_is_better:
             raise ValueError(f"{name}: member {key!r} is lower-is-better; negate it first")
 
-    def score(self, *, prompts, images, videos, metadata):
-        scores, subs = self.member_scores(prompts, images, videos, metadata)
+    def score(self, *, prompts, images, videos, metadata, source_images=None):
+        scores, subs = self.member_scores(prompts, images, videos, metadata, source_images)
         value = next(iter(scores.values()))
         ref = _reference_tensor(self.ref, prompts, value.shape[0], self.name, value.device)
         return {"score": torch.sigmoid(value[:, None] - ref).mean(dim=1), **scores, **subs}
@@ -200,8 +203,8 @@ class Ensemble(_Composite):
         if mode != "mean_minus_std" and all(rng is not None for rng in ranges):
             self.value_range = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
 
-    def score(self, *, prompts, images, videos, metadata):
-        scores, subs = self.member_scores(prompts, images, videos, metadata)
+    def score(self, *, prompts, images, videos, metadata, source_images=None):
+        scores, subs = self.member_scores(prompts, images, videos, metadata, source_images)
         stacked = torch.stack(list(scores.values()), dim=1)  # [B, K]
         mean, var = stacked.mean(dim=1), stacked.var(dim=1, correction=0)
         # sqrt has an infinite slope at 0: members that agree exactly would otherwise give NaN gradients.

@@ -39,6 +39,7 @@ REGISTRY: dict[str, str] = {
     "saturation": "visalign.rewards.style:Saturation",
     "saturation-area": "visalign.rewards.style:SaturatedArea",
     "brightness": "visalign.rewards.style:Brightness",
+    "source-l1": "visalign.rewards.edit:SourceL1",
 }
 
 _CACHE: dict[tuple, Reward] = {}
@@ -58,10 +59,13 @@ def list_rewards() -> list[str]:
 
 
 def describe(name: str) -> dict:
-    """A reward's class attributes (no weights load): class, differentiable, inputs, value range, direction."""
+    """A reward's class attributes (no weights load): class, differentiable, inputs (and whether it judges an edit
+    against its source image), value range, direction."""
     cls = _resolve(name)
+    inputs = "/".join(cls.inputs) + (" + source images" if cls.uses_source_images else "")
     return {"name": name, "class": f"{cls.__module__}.{cls.__qualname__}", "differentiable": cls.differentiable,
-            "inputs": "/".join(cls.inputs), "value_range": cls.value_range, "higher_is_better": cls.higher_is_better,
+            "inputs": inputs, "uses_source_images": cls.uses_source_images, "value_range": cls.value_range,
+            "higher_is_better": cls.higher_is_better,
             "summary": summary(cls.__doc__)}
 
 

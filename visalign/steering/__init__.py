@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from visalign.models.base import FlowModelAdapter
+from visalign.models.base import FlowModelAdapter, encode
 from visalign.models.diffusers_adapters import FluxAdapter, SD3Adapter, WanAdapter
+from visalign.prompts import Prompt, source_images
 from visalign.registry import lookup
 from visalign.steering.core import Request, SteerResult, metered, resolve_rewards
 from visalign.steering.drift import RewardDrift
@@ -80,7 +81,10 @@ def steer(model, prompts: list[str], rewards, method="fk", *, steps: int = 20, g
     adapter.check_request(height, width, num_frames)
     if metadata is not None and len(metadata) != len(prompts):
         raise ValueError(f"metadata has {len(metadata)} entries for {len(prompts)} prompts")
-    cond = adapter.encode_prompts(list(prompts), negative_prompts, cfg=adapter.guidance == "cfg" and guidance > 1)
+    # An editing model edits the image each prompt's metadata names (`source_image`), as in a prompt file.
+    items = [Prompt(p, m) for p, m in zip(prompts, metadata or [{}] * len(prompts), strict=True)]
+    cond = encode(adapter, list(prompts), cfg=adapter.guidance == "cfg" and guidance > 1,
+                  images=source_images(items, (height, width)), negative_prompts=negative_prompts)
     request = Request(adapter, list(prompts), cond, resolve_rewards(rewards), steps, guidance, height, width,
                       num_frames, seed, metadata)
     start = time.perf_counter()

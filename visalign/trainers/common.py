@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from visalign import rewards as rewards_lib
-from visalign.models.base import Conditioning, FlowModelAdapter
-from visalign.prompts import Prompt, PromptSource, prompts_of
+from visalign.models.base import Conditioning, FlowModelAdapter, encode
+from visalign.prompts import SOURCE_IMAGE, Prompt, PromptSource, prompts_of, source_images
 from visalign.rewards.base import Reward, RewardError, combined
 from visalign.sampling import SDEOptions, Trajectory, sample
 from visalign.trainers.sharding import like, local
@@ -170,11 +170,17 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
     `drift`: (RewardDrift, {name: (Reward, weight)}) to shift the SDE steps up those rewards (Euphonium)."""
     t0 = time.perf_counter()
     prompts = [it.text for it in plan.items]
-    # A group repeats its prompt G times: encode each distinct prompt once, then index.
-    unique = list(dict.fromkeys(prompts))
-    position = {p: i for i, p in enumerate(unique)}
-    cond = adapter.encode_prompts(unique, cfg=adapter.guidance == "cfg" and guidance > 1)
-    cond = cond.index([position[p] for p in prompts])
+    # A group repeats its prompt G times: encode each distinct prompt (with its source image, when editing) once,
+    # then index.
+    keys = [(it.text, it.metadata.get(SOURCE_IMAGE)) for it in plan.items]
+    first: dict[tuple, Prompt] = {}
+    for key, item in zip(keys, plan.items, strict=True):
+        first.setdefault(key, item)
+    position = {k: i for i, k in enumerate(first)}
+    firsts = list(first.values())
+    sources = source_images(firsts, (height, width))
+    cond = encode(adapter, [it.text for it in firsts], cfg=adapter.guidance == "cfg" and guidance > 1, images=sources)
+    cond = cond.index([position[k] for k in keys])
     parts, futures, images = [], [], []
     sample_time = 0.0
     with ThreadPoolExecutor(max_workers=1) as pool:

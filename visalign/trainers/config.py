@@ -389,9 +389,10 @@ def check_model_and_paths(cfg) -> None:
     rules = request_rules(m.name, m.path)
     if rules is not None:
         rules.check(m.height, m.width, m.num_frames, prefix="model.")
-    check_prompt_spec(cfg.train.prompts, "train.prompts")
+    edits = None if rules is None else rules.edits
+    check_prompt_spec(cfg.train.prompts, "train.prompts", edits)
     if cfg.run.eval_prompts is not None:
-        check_prompt_spec(cfg.run.eval_prompts, "run.eval_prompts")
+        check_prompt_spec(cfg.run.eval_prompts, "run.eval_prompts", edits)
     resume = cfg.run.resume_from
     if resume not in (None, "latest") and not Path(resume).is_dir():
         raise ValueError(f"run.resume_from={resume!r}: no such checkpoint directory (give latest, null, or "

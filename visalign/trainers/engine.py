@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from visalign.config import save_config, to_dict
 from visalign.media import save_pixels
 from visalign.models import DTYPES, load_model
-from visalign.prompts import prompt_source, prompts_of
+from visalign.models.base import encode
+from visalign.prompts import prompt_source, prompts_of, source_images
 from visalign.sampling import SDEOptions, sample
 from visalign.steering import RewardDrift
 from visalign.trainers.alarms import AlarmMonitor
@@ -670,8 +671,9 @@ class OnlineTrainer:
             self.ema.swap()
         try:
             self.model.eval()
-            cond = self.adapter.encode_prompts([it.text for it in items],
-                                               cfg=self.adapter.guidance == "cfg" and cfg.sampling.guidance > 1)
+            cond = encode(self.adapter, [it.text for it in items],
+                          cfg=self.adapter.guidance == "cfg" and cfg.sampling.guidance > 1,
+                          images=source_images(items, (cfg.model.height, cfg.model.width)))
             traj = sample(self.adapter, cond, num_steps=cfg.run.eval_steps, height=cfg.model.height,
                           width=cfg.model.width, num_frames=cfg.model.num_frames, guidance_scale=cfg.sampling.guidance,
                           seeds=[10_000 + i for i in range(len(items))])
