@@ -53,6 +53,8 @@ MODELS: dict[str, Callable[..., FlowModelAdapter] | str] = {
     "tiny-flux-kontext": _tiny("visalign.models.flux_kontext:tiny_flux_kontext",
                                RequestRules("flux-kontext", 4, edits=True)),
     # model families added since (one module per family, adapter and tiny build together):
+    "qwen-image": _from_pretrained("visalign.models.qwen_image:QwenImageAdapter"),
+    "tiny-qwen-image": _tiny("visalign.models.qwen_image:tiny_qwen_image", RequestRules("qwen-image", 4)),
 }
 
 
@@ -77,6 +79,9 @@ DESCRIPTIONS = {
     "tiny-wan": "Wan's classes at tiny sizes with random weights, for tests: draws noise",
     "world": "the built-in shapes world's image model, 32x32, shipped in the package: runs on a CPU",
     "world-video": "the built-in moving-shapes video model, 9 frames of 32x32, shipped: runs on a CPU",
+    "qwen-image": "Qwen-Image text-to-image (true CFG with norm rescale; e.g. Qwen/Qwen-Image or "
+                  "Qwen/Qwen-Image-2512; 20B + 7B text encoder: an 80 GB GPU, bf16)",
+    "tiny-qwen-image": "Qwen-Image's classes at tiny sizes with random weights, for tests: draws noise",
 }
 
 
