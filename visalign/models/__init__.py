@@ -53,6 +53,8 @@ MODELS: dict[str, Callable[..., FlowModelAdapter] | str] = {
     "tiny-flux-kontext": _tiny("visalign.models.flux_kontext:tiny_flux_kontext",
                                RequestRules("flux-kontext", 4, edits=True)),
     # model families added since (one module per family, adapter and tiny build together):
+    "flux2-klein": _from_pretrained("visalign.models.flux2:Flux2KleinAdapter"),
+    "tiny-flux2-klein": _tiny("visalign.models.flux2:tiny_flux2_klein", RequestRules("flux2-klein", 4)),
     "qwen-image": _from_pretrained("visalign.models.qwen_image:QwenImageAdapter"),
     "tiny-qwen-image": _tiny("visalign.models.qwen_image:tiny_qwen_image", RequestRules("qwen-image", 4)),
 }
@@ -67,6 +69,10 @@ def request_rules(name: str, path: str | None = None) -> RequestRules | None:
 
 # What `visalign models` says of each built-in entry (a model of your own is described by its factory's docstring).
 DESCRIPTIONS = {
+    "flux2-klein": "FLUX.2 [klein] 4B / 9B: step-distilled (4 steps, no guidance; e.g. "
+                   "black-forest-labs/FLUX.2-klein-4B) or base (CFG; e.g. black-forest-labs/FLUX.2-klein-base-4B); "
+                   "4B + Qwen3-4B: a 24 GB+ GPU in bf16",
+    "tiny-flux2-klein": "FLUX.2 klein's classes at tiny sizes with random weights, for tests: draws noise",
     "sd3": "Stable Diffusion 3 / 3.5 (image; --model-path a diffusers directory or hub id, e.g. "
            "stabilityai/stable-diffusion-3.5-medium; a GPU for real sizes)",
     "flux": "FLUX.1 dev / schnell (image, embedded guidance; e.g. black-forest-labs/FLUX.1-dev; a large GPU)",
