@@ -55,6 +55,8 @@ MODELS: dict[str, Callable[..., FlowModelAdapter] | str] = {
     # model families added since (one module per family, adapter and tiny build together):
     "flux2-klein": _from_pretrained("visalign.models.flux2:Flux2KleinAdapter"),
     "tiny-flux2-klein": _tiny("visalign.models.flux2:tiny_flux2_klein", RequestRules("flux2-klein", 4)),
+    "z-image": _from_pretrained("visalign.models.z_image:ZImageAdapter"),
+    "tiny-z-image": _tiny("visalign.models.z_image:tiny_z_image", RequestRules("z-image", 4)),
     "qwen-image": _from_pretrained("visalign.models.qwen_image:QwenImageAdapter"),
     "tiny-qwen-image": _tiny("visalign.models.qwen_image:tiny_qwen_image", RequestRules("qwen-image", 4)),
 }
@@ -73,6 +75,9 @@ DESCRIPTIONS = {
                    "black-forest-labs/FLUX.2-klein-4B) or base (CFG; e.g. black-forest-labs/FLUX.2-klein-base-4B); "
                    "4B + Qwen3-4B: a 24 GB+ GPU in bf16",
     "tiny-flux2-klein": "FLUX.2 klein's classes at tiny sizes with random weights, for tests: draws noise",
+    "z-image": "Z-Image-Turbo (8 steps, guidance 1 = none) or base Z-Image (CFG: our scale = the pipeline's + 1; "
+               "e.g. Tongyi-MAI/Z-Image-Turbo; 6B DiT + 4B Qwen3 text encoder: a 24 GB+ GPU in bf16)",
+    "tiny-z-image": "Z-Image's classes at tiny sizes with random weights, for tests: draws noise",
     "sd3": "Stable Diffusion 3 / 3.5 (image; --model-path a diffusers directory or hub id, e.g. "
            "stabilityai/stable-diffusion-3.5-medium; a GPU for real sizes)",
     "flux": "FLUX.1 dev / schnell (image, embedded guidance; e.g. black-forest-labs/FLUX.1-dev; a large GPU)",
