@@ -53,6 +53,9 @@ MODELS: dict[str, Callable[..., FlowModelAdapter] | str] = {
     "tiny-flux-kontext": _tiny("visalign.models.flux_kontext:tiny_flux_kontext",
                                RequestRules("flux-kontext", 4, edits=True)),
     # model families added since (one module per family, adapter and tiny build together):
+    "wan22": _from_pretrained("visalign.models.wan22:Wan22Adapter"),
+    "tiny-wan22-5b": _tiny("visalign.models.wan22:tiny_wan22_5b", RequestRules("wan22", 32, video=True)),
+    "tiny-wan22-a14b": _tiny("visalign.models.wan22:tiny_wan22_a14b", RequestRules("wan22", 16, video=True)),
     "flux2-klein": _from_pretrained("visalign.models.flux2:Flux2KleinAdapter"),
     "tiny-flux2-klein": _tiny("visalign.models.flux2:tiny_flux2_klein", RequestRules("flux2-klein", 4)),
     "z-image": _from_pretrained("visalign.models.z_image:ZImageAdapter"),
@@ -71,6 +74,11 @@ def request_rules(name: str, path: str | None = None) -> RequestRules | None:
 
 # What `visalign models` says of each built-in entry (a model of your own is described by its factory's docstring).
 DESCRIPTIONS = {
+    "wan22": "Wan2.2 text-to-video, one or two experts from the checkpoint: TI2V-5B (48-channel VAE, sizes multiple "
+             "of 32; Wan-AI/Wan2.2-TI2V-5B-Diffusers: an 80 GB GPU, bf16) or T2V-A14B (high/low-noise 14B experts; "
+             "Wan-AI/Wan2.2-T2V-A14B-Diffusers: 8 x 80 GB GPUs)",
+    "tiny-wan22-5b": "Wan2.2 TI2V-5B's layout at tiny size with random weights, for tests: draws noise",
+    "tiny-wan22-a14b": "Wan2.2 T2V-A14B's two-expert layout at tiny size with random weights, for tests: draws noise",
     "flux2-klein": "FLUX.2 [klein] 4B / 9B: step-distilled (4 steps, no guidance; e.g. "
                    "black-forest-labs/FLUX.2-klein-4B) or base (CFG; e.g. black-forest-labs/FLUX.2-klein-base-4B); "
                    "4B + Qwen3-4B: a 24 GB+ GPU in bf16",
