@@ -281,13 +281,17 @@ def _world_vocab(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from visalign.models import describe_model, list_models
+    from visalign.models import FAMILIES, describe_model, model_options
 
-    names = list_models()
-    width = max(map(len, names))
-    print("\n".join(f"{name.ljust(width)}  {describe_model(name)}" for name in names))
+    for family in FAMILIES:
+        print(f"{family.name}  (tiny: {', '.join(family.tiny)})")
+        print(f"    {family.notes}")
+        print(f"    hub: {', '.join(family.hub)}")
+        print(f"    options: {', '.join(model_options(family.name)) or '(none)'}")
+    for name in ("world", "world-video"):
+        print(f"{name}\n    {describe_model(name)}")
     print("\nAny factory `package.module:function(path, **kwargs) -> FlowModelAdapter` also works as --model / "
-          "model.name.")
+          "model.name; options go in model.options (train) or model_options (sample).")
     return 0
 
 

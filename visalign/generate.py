@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from visalign.media import read_image
-from visalign.models import DTYPES, FlowModelAdapter, list_models, load_model, request_rules
+from visalign.models import DTYPES, FlowModelAdapter, check_model_options, list_models, load_model, request_rules
 from visalign.models.base import encode
 from visalign.sampling import SDEOptions, sample
 
@@ -22,6 +22,8 @@ class SampleConfig:
     model: str = field(default="tiny-sd3", metadata={"help": f"registered model ({', '.join(list_models())}) "
                                                               "or dotted path to a factory"})
     model_path: str | None = field(default=None, metadata={"help": "local directory or hub id of the weights"})
+    model_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the adapter's options (`visalign models` lists them), e.g. {max_sequence_length: 256}"})
     lora: str | None = field(default=None, metadata={"help": "diffusers-format LoRA to load before sampling"})
     prompts: list[str] = field(default_factory=lambda: ["a red circle"], metadata={"help": "one sample each"})
     negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt for CFG"})
@@ -58,7 +60,7 @@ class SampleConfig:
 
 def build_model(cfg: SampleConfig) -> FlowModelAdapter:
     adapter = load_model(cfg.model, cfg.model_path, torch_dtype=DTYPES[cfg.dtype], device=cfg.device,
-                         cpu_offload=cfg.cpu_offload)
+                         cpu_offload=cfg.cpu_offload, **cfg.model_options)
     if cfg.lora:
         adapter.load_lora(cfg.lora)
     return adapter
@@ -66,6 +68,8 @@ def build_model(cfg: SampleConfig) -> FlowModelAdapter:
 
 def generate(cfg: SampleConfig, adapter: FlowModelAdapter | None = None, progress: bool = True) -> Tensor:
     """Pixels in [0, 1]: [B, 3, H, W] (images) or [B, F, 3, H, W] (video)."""
+    if adapter is None:
+        check_model_options(cfg.model, cfg.model_options, "model_options")
     rules = adapter.rules if adapter is not None else request_rules(cfg.model, cfg.model_path)
     if rules is not None and rules.edits and cfg.source_images is None:  # said before any weights load
         raise ValueError(f"{cfg.model} edits a source image per prompt: give one (--source-image / source_images)")

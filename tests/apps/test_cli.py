@@ -73,12 +73,15 @@ def _config_class(command: str):
 def test_shipped_configs_load_and_start_with_their_command(path, tmp_path, monkeypatch):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# visalign ") and path.name in first
-    # The real-model configs name the user's data files (prompts/*.txt, data/*.jsonl), which must exist when the
-    # config loads: provide them, relative to the working directory as a user's would be.
+    # The real-model configs name the user's data files (prompts/*.txt, data/*.jsonl; editing: prompts naming
+    # source images), which must exist when the config loads: provide them, relative to the working directory as a
+    # user's would be.
     for name in ("prompts/pickscore_train.txt", "prompts/hps_train.txt", "prompts/video_train.txt",
                  "data/pairs.jsonl", "data/video_pairs.jsonl"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("a prompt\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "prompts" / "source.png")  # the editing configs' prompt file
+    (tmp_path / "prompts" / "edits_train.jsonl").write_text('{"prompt": "make it red", "source_image": "source.png"}\n')
     monkeypatch.chdir(tmp_path)
     load_config(_config_class(first[2:]), path.resolve())
 
@@ -147,8 +150,11 @@ def test_models_vocab_and_reward_summaries_explain_themselves(capsys):
 
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert all(line.split()[0] in list_models() and len(line.split()) > 3 for line in out.splitlines()[:8])
-    assert re.search(r"tiny-sd3 +SD3's classes at tiny sizes with random weights", out)
+    # every registered model appears, each family with its tiny builds, hub ids and options
+    assert all(re.search(rf"(^|[ (,]){re.escape(name)}([),]|$|\n|  )", out, re.M) for name in list_models())
+    assert "qwen-image  (tiny: tiny-qwen-image)\n    Qwen-Image text-to-image" in out
+    assert "hub: Wan-AI/Wan2.2-TI2V-5B-Diffusers, Wan-AI/Wan2.2-T2V-A14B-Diffusers" in out
+    assert "options: max_sequence_length, experts, guidance_scale_2" in out
     assert main(["world", "vocab"]) == 0
     out = capsys.readouterr().out
     assert "colours:   red, yellow, green, cyan, blue, magenta" in out and "relation     a " in out

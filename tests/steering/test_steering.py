@@ -182,7 +182,7 @@ def test_steer_accepts_a_diffusers_pipeline_and_rejects_bad_input():
     assert out.images.shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="unknown steering method"):
         steer(pipe, ["a"], MeanBrightness(), "magic")
-    with pytest.raises(ValueError, match="cannot steer"):
+    with pytest.raises(ValueError, match="no adapter for a object: pass a visalign adapter or one of the pipelines"):
         steer(object(), ["a"], MeanBrightness())
     with pytest.raises(ValueError, match="fk"):
         steer(pipe, ["a"], MeanBrightness(), "fk", height=32, width=32, particles=3)

@@ -8,7 +8,7 @@ import pytest
 
 import visalign.trainers.engine as engine
 from visalign.config import ConfigError
-from visalign.models import load_model, request_rules
+from visalign.models import FAMILIES, load_model, request_rules
 from visalign.train import main as train_main
 from visalign.trainers import load_train_config
 
@@ -71,7 +71,7 @@ def test_real_model_sizes_come_from_its_configs_without_weights(tmp_path):
     assert request_rules("sd3", None) is None
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-wan", "world", "world-video"])
+@pytest.mark.parametrize("name", [*(t for f in FAMILIES for t in f.tiny), "world", "world-video"])
 def test_declared_rules_match_the_built_models(name, monkeypatch):
     monkeypatch.undo()  # this one loads the models, to compare
     assert request_rules(name) == load_model(name).rules

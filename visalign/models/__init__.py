@@ -1,17 +1,22 @@
-"""Model adapters: one interface (`FlowModelAdapter`) over SD3/SD3.5, FLUX.1, Wan2.1 and tiny test models.
+"""Model adapters: one interface (`FlowModelAdapter`) over every model family in `FAMILIES` (SD3.5, FLUX.1 and
+Kontext, FLUX.2 klein, Qwen-Image and its editor, Z-Image, Wan2.1 / 2.2, HunyuanVideo 1.5), their tiny test
+builds, and the built-in world.
 
-`load_model(name, path)` resolves a registered name, or a dotted path `pkg.module.Factory` to a callable
-taking (path, **kwargs) and returning an adapter.
+`load_model(name, path, **options)` resolves a registered name, or a dotted path `pkg.module.Factory` to a
+callable taking (path, **kwargs) and returning an adapter; `options` are the adapter's constructor keywords.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from visalign.models.base import Conditioning, FlowModelAdapter, RequestRules, resolve_model_path
 from visalign.registry import import_target, lookup
+from visalign.suggest import did_you_mean
 
 # The dtype names configs accept for model weights.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,42 +31,81 @@ def _from_pretrained(target: str) -> Callable[..., FlowModelAdapter]:
         return import_target(target).from_pretrained(path, **kwargs)
 
     load.request_rules = lambda path: import_target(target).request_rules(path)
+    load.adapter = target
     return load
 
 
-def _tiny(target: str, rules: RequestRules) -> Callable[..., FlowModelAdapter]:
-    """A factory for the tiny builder at `target` ("module:function(seed)")."""
-    def load(path=None, seed: int = 0, **_):
-        return import_target(target)(seed)
+def _tiny(target: str, rules: RequestRules, adapter: str) -> Callable[..., FlowModelAdapter]:
+    """A factory for the tiny builder at `target` ("module:function(seed, **options)")."""
+    def load(path=None, seed: int = 0, **options):
+        return import_target(target)(seed, **options)
 
     load.request_rules = lambda path: rules  # the tiny configs' (tested against the built models)
+    load.adapter = adapter
     return load
 
 
-# name -> factory(path, **kwargs), or the dotted path of one (imported on first use: the built-in world is a
+@dataclass(frozen=True)
+class Family:
+    """A model family: its registered name (weights from --model-path), its adapter class, the diffusers pipeline
+    classes it wraps, example hub ids, what it is and needs, and its tiny random-weight builds for tests
+    ({name: (builder, the sizes it draws)})."""
+
+    name: str
+    adapter: str
+    pipelines: tuple[str, ...]
+    hub: tuple[str, ...]
+    notes: str
+    tiny: dict[str, tuple[str, RequestRules]]
+
+
+M = "visalign.models."
+FAMILIES = (
+    Family("sd3", M + "diffusers_adapters:SD3Adapter", ("StableDiffusion3Pipeline",),
+           ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large"),
+           "SD3 / SD3.5 text-to-image, CFG; a GPU for real sizes",
+           {"tiny-sd3": (M + "tiny:tiny_sd3", RequestRules("sd3", 2))}),
+    Family("flux", M + "diffusers_adapters:FluxAdapter", ("FluxPipeline",),
+           ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"),
+           "FLUX.1 text-to-image, embedded (distilled) guidance; a large GPU",
+           {"tiny-flux": (M + "tiny:tiny_flux", RequestRules("flux", 4))}),
+    Family("flux-kontext", M + "flux_kontext:FluxKontextAdapter", ("FluxKontextPipeline",),
+           ("black-forest-labs/FLUX.1-Kontext-dev",),
+           "FLUX.1 Kontext image editing: each prompt edits its source image; a large GPU",
+           {"tiny-flux-kontext": (M + "flux_kontext:tiny_flux_kontext", RequestRules("flux-kontext", 4, edits=True))}),
+    Family("flux2-klein", M + "flux2:Flux2KleinAdapter", ("Flux2KleinPipeline",),
+           ("black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-base-4B"),
+           "FLUX.2 klein 4B / 9B: step-distilled (4 steps, no guidance) or base (CFG); 4B + Qwen3-4B: a 24 GB+ GPU "
+           "in bf16",
+           {"tiny-flux2-klein": (M + "flux2:tiny_flux2_klein", RequestRules("flux2-klein", 4))}),
+    Family("qwen-image", M + "qwen_image:QwenImageAdapter", ("QwenImagePipeline",),
+           ("Qwen/Qwen-Image", "Qwen/Qwen-Image-2512"),
+           "Qwen-Image text-to-image, true CFG with norm rescale; 20B + 7B text encoder: an 80 GB GPU in bf16",
+           {"tiny-qwen-image": (M + "qwen_image:tiny_qwen_image", RequestRules("qwen-image", 4))}),
+    Family("z-image", M + "z_image:ZImageAdapter", ("ZImagePipeline",),
+           ("Tongyi-MAI/Z-Image-Turbo", "Tongyi-MAI/Z-Image"),
+           "Z-Image-Turbo (8 steps, guidance 1 = none) or base Z-Image (CFG: our scale = the pipeline's + 1); 6B DiT "
+           "+ 4B Qwen3: a 24 GB+ GPU in bf16",
+           {"tiny-z-image": (M + "z_image:tiny_z_image", RequestRules("z-image", 4))}),
+    Family("wan", M + "diffusers_adapters:WanAdapter", ("WanPipeline",), ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",),
+           "Wan2.1 text-to-video, 4k+1 frames; a GPU",
+           {"tiny-wan": (M + "tiny:tiny_wan", RequestRules("wan", 16, video=True))}),
+    Family("wan22", M + "wan22:Wan22Adapter", ("WanPipeline",),
+           ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"),
+           "Wan2.2 text-to-video, one or two experts from the checkpoint: TI2V-5B (48-channel VAE, sizes multiple "
+           "of 32: an 80 GB GPU in bf16) or T2V-A14B (high- and low-noise 14B experts switched by sigma; options "
+           "experts, guidance_scale_2: 8 x 80 GB GPUs)",
+           {"tiny-wan22-5b": (M + "wan22:tiny_wan22_5b", RequestRules("wan22", 32, video=True)),
+            "tiny-wan22-a14b": (M + "wan22:tiny_wan22_a14b", RequestRules("wan22", 16, video=True))}),
+)
+
+# name -> factory(path, **options), or the dotted path of one (imported on first use: the built-in world is a
 # plug-in, registered by path like any user's model).
 MODELS: dict[str, Callable[..., FlowModelAdapter] | str] = {
     "world": "visalign.world.model:load_world",
     "world-video": "visalign.world.model:load_world_video",
-    "sd3": _from_pretrained("visalign.models.diffusers_adapters:SD3Adapter"),
-    "flux": _from_pretrained("visalign.models.diffusers_adapters:FluxAdapter"),
-    "wan": _from_pretrained("visalign.models.diffusers_adapters:WanAdapter"),
-    "tiny-sd3": _tiny("visalign.models.tiny:tiny_sd3", RequestRules("sd3", 2)),
-    "tiny-flux": _tiny("visalign.models.tiny:tiny_flux", RequestRules("flux", 4)),
-    "tiny-wan": _tiny("visalign.models.tiny:tiny_wan", RequestRules("wan", 16, video=True)),
-    "flux-kontext": _from_pretrained("visalign.models.flux_kontext:FluxKontextAdapter"),
-    "tiny-flux-kontext": _tiny("visalign.models.flux_kontext:tiny_flux_kontext",
-                               RequestRules("flux-kontext", 4, edits=True)),
-    # model families added since (one module per family, adapter and tiny build together):
-    "wan22": _from_pretrained("visalign.models.wan22:Wan22Adapter"),
-    "tiny-wan22-5b": _tiny("visalign.models.wan22:tiny_wan22_5b", RequestRules("wan22", 32, video=True)),
-    "tiny-wan22-a14b": _tiny("visalign.models.wan22:tiny_wan22_a14b", RequestRules("wan22", 16, video=True)),
-    "flux2-klein": _from_pretrained("visalign.models.flux2:Flux2KleinAdapter"),
-    "tiny-flux2-klein": _tiny("visalign.models.flux2:tiny_flux2_klein", RequestRules("flux2-klein", 4)),
-    "z-image": _from_pretrained("visalign.models.z_image:ZImageAdapter"),
-    "tiny-z-image": _tiny("visalign.models.z_image:tiny_z_image", RequestRules("z-image", 4)),
-    "qwen-image": _from_pretrained("visalign.models.qwen_image:QwenImageAdapter"),
-    "tiny-qwen-image": _tiny("visalign.models.qwen_image:tiny_qwen_image", RequestRules("qwen-image", 4)),
+    **{f.name: _from_pretrained(f.adapter) for f in FAMILIES},
+    **{name: _tiny(builder, rules, f.adapter) for f in FAMILIES for name, (builder, rules) in f.tiny.items()},
 }
 
 
@@ -72,35 +116,48 @@ def request_rules(name: str, path: str | None = None) -> RequestRules | None:
     return None if rules is None else rules(path)
 
 
+def model_options(name: str) -> list[str] | None:
+    """The options (`model.options`) a registered model's adapter takes, from its constructor's keywords, known
+    before any weights load; None for a factory of your own (its options are checked when it runs)."""
+    adapter = getattr(lookup(MODELS, name, "model"), "adapter", None)
+    if adapter is None:
+        return None
+    params = list(inspect.signature(import_target(adapter).__init__).parameters.values())[2:]  # self, pipe
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_model_options(name: str, options: dict, where: str = "model.options") -> None:
+    """ValueError naming an option the model does not take, the closest it does, and all of them."""
+    takes = model_options(name)
+    unknown = [key for key in options if takes is not None and key not in takes]
+    if unknown:
+        raise ValueError(f"{where}: {name} takes no option {unknown[0]!r}{did_you_mean(unknown[0], takes)}; its "
+                         f"options: {', '.join(takes) or '(none)'}")
+
+
+def adapter_for(pipe, **options) -> FlowModelAdapter:
+    """A diffusers pipeline object wrapped in its family's adapter (with its `options`); a WanPipeline with
+    Wan2.2's second expert or per-token timesteps in Wan2.2's. ValueError lists the pipelines that can be wrapped."""
+    kind = type(pipe).__name__
+    matches = [f for f in FAMILIES if kind in f.pipelines]
+    if not matches:
+        known = sorted({p for f in FAMILIES for p in f.pipelines})
+        raise ValueError(f"no adapter for a {kind}: pass a visalign adapter or one of the pipelines {', '.join(known)}")
+    wan22 = getattr(pipe, "transformer_2", None) is not None or bool(pipe.config.get("expand_timesteps", False))
+    family = next((f for f in matches if f.name == "wan22"), matches[0]) if wan22 else matches[0]
+    return import_target(family.adapter)(pipe, **options)
+
+
+def _tiny_note(family: Family) -> str:
+    return f"{family.name}'s classes at tiny sizes with random weights, for tests: draws noise"
+
+
 # What `visalign models` says of each built-in entry (a model of your own is described by its factory's docstring).
 DESCRIPTIONS = {
-    "wan22": "Wan2.2 text-to-video, one or two experts from the checkpoint: TI2V-5B (48-channel VAE, sizes multiple "
-             "of 32; Wan-AI/Wan2.2-TI2V-5B-Diffusers: an 80 GB GPU, bf16) or T2V-A14B (high/low-noise 14B experts; "
-             "Wan-AI/Wan2.2-T2V-A14B-Diffusers: 8 x 80 GB GPUs)",
-    "tiny-wan22-5b": "Wan2.2 TI2V-5B's layout at tiny size with random weights, for tests: draws noise",
-    "tiny-wan22-a14b": "Wan2.2 T2V-A14B's two-expert layout at tiny size with random weights, for tests: draws noise",
-    "flux2-klein": "FLUX.2 [klein] 4B / 9B: step-distilled (4 steps, no guidance; e.g. "
-                   "black-forest-labs/FLUX.2-klein-4B) or base (CFG; e.g. black-forest-labs/FLUX.2-klein-base-4B); "
-                   "4B + Qwen3-4B: a 24 GB+ GPU in bf16",
-    "tiny-flux2-klein": "FLUX.2 klein's classes at tiny sizes with random weights, for tests: draws noise",
-    "z-image": "Z-Image-Turbo (8 steps, guidance 1 = none) or base Z-Image (CFG: our scale = the pipeline's + 1; "
-               "e.g. Tongyi-MAI/Z-Image-Turbo; 6B DiT + 4B Qwen3 text encoder: a 24 GB+ GPU in bf16)",
-    "tiny-z-image": "Z-Image's classes at tiny sizes with random weights, for tests: draws noise",
-    "sd3": "Stable Diffusion 3 / 3.5 (image; --model-path a diffusers directory or hub id, e.g. "
-           "stabilityai/stable-diffusion-3.5-medium; a GPU for real sizes)",
-    "flux": "FLUX.1 dev / schnell (image, embedded guidance; e.g. black-forest-labs/FLUX.1-dev; a large GPU)",
-    "wan": "Wan2.1 text-to-video (video, 4k+1 frames; e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers; a GPU)",
-    "flux-kontext": "FLUX.1 Kontext dev, image editing: each prompt edits its source image (e.g. "
-                    "black-forest-labs/FLUX.1-Kontext-dev; a large GPU)",
-    "tiny-flux-kontext": "FLUX Kontext's classes at tiny sizes with random weights, for tests: draws noise",
-    "tiny-sd3": "SD3's classes at tiny sizes with random weights, for tests: draws noise",
-    "tiny-flux": "FLUX's classes at tiny sizes with random weights, for tests: draws noise",
-    "tiny-wan": "Wan's classes at tiny sizes with random weights, for tests: draws noise",
     "world": "the built-in shapes world's image model, 32x32, shipped in the package: runs on a CPU",
     "world-video": "the built-in moving-shapes video model, 9 frames of 32x32, shipped: runs on a CPU",
-    "qwen-image": "Qwen-Image text-to-image (true CFG with norm rescale; e.g. Qwen/Qwen-Image or "
-                  "Qwen/Qwen-Image-2512; 20B + 7B text encoder: an 80 GB GPU, bf16)",
-    "tiny-qwen-image": "Qwen-Image's classes at tiny sizes with random weights, for tests: draws noise",
+    **{f.name: f"{f.notes} (e.g. {f.hub[0]})" for f in FAMILIES},
+    **{name: _tiny_note(f) for f in FAMILIES for name in f.tiny},
 }
 
 
@@ -120,10 +177,12 @@ def load_model(name: str, path: str | None = None, *, torch_dtype: torch.dtype =
                device: str = "cpu", cpu_offload: bool = False, **kwargs) -> FlowModelAdapter:
     """Build an adapter by registered name or dotted path. Unknown names raise ValueError listing the choices."""
     factory = lookup(MODELS, name, "model")
+    check_model_options(name, {k: v for k, v in kwargs.items() if k != "seed"}, "options")
     if name.startswith("tiny-"):
         return factory(path, **kwargs)
     return factory(path, torch_dtype=torch_dtype, device=device, cpu_offload=cpu_offload, **kwargs)
 
 
-__all__ = ["DTYPES", "MODELS", "Conditioning", "FlowModelAdapter", "RequestRules", "describe_model", "list_models",
-           "load_model", "request_rules", "resolve_model_path"]
+__all__ = ["DTYPES", "FAMILIES", "MODELS", "Conditioning", "Family", "FlowModelAdapter", "RequestRules",
+           "check_model_options", "describe_model", "list_models", "load_model", "model_options", "request_rules",
+           "resolve_model_path"]

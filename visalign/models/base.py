@@ -170,6 +170,7 @@ class FlowModelAdapter(ABC):
     default_size: int = 512  # height and width when a request names none
     cfg_batched: bool = True  # run [uncond; cond] in one call (SD3) or two calls (Wan), matching each pipeline
     edits: bool = False  # an editing model: `encode_prompts(..., images=)` takes each prompt's source image
+    partial_passes: bool = False  # a pass may leave trained parameters unused (Wan2.2 experts): DDP looks for them
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
     denoiser: nn.Module

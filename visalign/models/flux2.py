@@ -202,6 +202,6 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
                               transformer=transformer, is_distilled=is_distilled)
 
 
-def tiny_flux2_klein(seed: int = 0, is_distilled: bool = False, **_):
-    return Flux2KleinAdapter(tiny_flux2_klein_pipeline(seed, is_distilled), max_sequence_length=48,
-                             text_encoder_out_layers=(1, 2, 3))
+def tiny_flux2_klein(seed: int = 0, is_distilled: bool = False, **options):
+    return Flux2KleinAdapter(tiny_flux2_klein_pipeline(seed, is_distilled),
+                             **{"max_sequence_length": 48, "text_encoder_out_layers": (1, 2, 3), **options})

@@ -92,5 +92,5 @@ def tiny_flux_kontext_pipeline(seed: int = 0):
     return FluxKontextPipeline(**tiny_flux_pipeline(seed).components)
 
 
-def tiny_flux_kontext(seed: int = 0, **_):
-    return FluxKontextAdapter(tiny_flux_kontext_pipeline(seed), max_sequence_length=32)
+def tiny_flux_kontext(seed: int = 0, **options):
+    return FluxKontextAdapter(tiny_flux_kontext_pipeline(seed), **{"max_sequence_length": 32, **options})

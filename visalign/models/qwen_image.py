@@ -231,5 +231,5 @@ def tiny_qwen_image_pipeline(seed: int = 0):
                              transformer=transformer)
 
 
-def tiny_qwen_image(seed: int = 0, **_):
-    return QwenImageAdapter(tiny_qwen_image_pipeline(seed), max_sequence_length=128)
+def tiny_qwen_image(seed: int = 0, **options):
+    return QwenImageAdapter(tiny_qwen_image_pipeline(seed), **{"max_sequence_length": 128, **options})

@@ -123,13 +123,13 @@ def tiny_wan_pipeline(seed: int = 0):
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
 
 
-def tiny_sd3(seed: int = 0, **_):
-    return SD3Adapter(tiny_sd3_pipeline(seed), max_sequence_length=32)
+def tiny_sd3(seed: int = 0, **options):
+    return SD3Adapter(tiny_sd3_pipeline(seed), **{"max_sequence_length": 32, **options})
 
 
-def tiny_flux(seed: int = 0, **_):
-    return FluxAdapter(tiny_flux_pipeline(seed), max_sequence_length=32)
+def tiny_flux(seed: int = 0, **options):
+    return FluxAdapter(tiny_flux_pipeline(seed), **{"max_sequence_length": 32, **options})
 
 
-def tiny_wan(seed: int = 0, **_):
-    return WanAdapter(tiny_wan_pipeline(seed), max_sequence_length=32)
+def tiny_wan(seed: int = 0, **options):
+    return WanAdapter(tiny_wan_pipeline(seed), **{"max_sequence_length": 32, **options})

@@ -134,6 +134,7 @@ class Wan22Adapter(WanAdapter):
             self.denoiser = pipe.transformer
         else:
             self.denoiser = WanExperts(pipe.transformer, pipe.transformer_2, self.boundary_timestep, EXPERTS[experts])
+            self.partial_passes = True  # each pass runs one expert
             self.denoiser.requires_grad_(True)  # as a lone transformer starts: the trained experts, not the others
         self.trained = EXPERTS[experts] if ratio is not None else ("transformer",)
 
@@ -300,8 +301,8 @@ def tiny_wan22_a14b_pipeline(seed: int = 0):
 
 
 def tiny_wan22_5b(seed: int = 0, **options):
-    return Wan22Adapter(tiny_wan22_5b_pipeline(seed), max_sequence_length=32, **options)
+    return Wan22Adapter(tiny_wan22_5b_pipeline(seed), **{"max_sequence_length": 32, **options})
 
 
 def tiny_wan22_a14b(seed: int = 0, **options):
-    return Wan22Adapter(tiny_wan22_a14b_pipeline(seed), max_sequence_length=32, **options)
+    return Wan22Adapter(tiny_wan22_a14b_pipeline(seed), **{"max_sequence_length": 32, **options})

@@ -196,5 +196,5 @@ def tiny_z_image_pipeline(seed: int = 0):
                           tokenizer=AutoTokenizer.from_pretrained(TOKENIZERS / "qwen2_vl"), transformer=transformer)
 
 
-def tiny_z_image(seed: int = 0, **_):
-    return ZImageAdapter(tiny_z_image_pipeline(seed), max_sequence_length=64)
+def tiny_z_image(seed: int = 0, **options):
+    return ZImageAdapter(tiny_z_image_pipeline(seed), **{"max_sequence_length": 64, **options})

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from visalign.models import adapter_for
 from visalign.models.base import FlowModelAdapter, encode
-from visalign.models.diffusers_adapters import FluxAdapter, SD3Adapter, WanAdapter
 from visalign.prompts import Prompt, source_images
 from visalign.registry import lookup
 from visalign.steering.core import Request, SteerResult, metered, resolve_rewards
@@ -43,16 +43,8 @@ def build_method(name: str, options: dict):
 
 
 def as_adapter(model) -> FlowModelAdapter:
-    """An adapter as is, or a diffusers pipeline object wrapped in the matching adapter."""
-    if isinstance(model, FlowModelAdapter):
-        return model
-
-    by_pipeline = {"StableDiffusion3Pipeline": SD3Adapter, "FluxPipeline": FluxAdapter, "WanPipeline": WanAdapter}
-    cls = by_pipeline.get(type(model).__name__)
-    if cls is None:
-        raise ValueError(f"cannot steer a {type(model).__name__}: pass a visalign adapter or one of the pipelines "
-                         f"{', '.join(by_pipeline)}")
-    return cls(model)
+    """An adapter as is, or a diffusers pipeline object wrapped in its family's adapter (`adapter_for`)."""
+    return model if isinstance(model, FlowModelAdapter) else adapter_for(model)
 
 
 def steer(model, prompts: list[str], rewards, method="fk", *, steps: int = 20, guidance: float = 3.0,

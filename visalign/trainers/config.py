@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 
 from visalign import rewards as rewards_lib
 from visalign.config import check_ranges
-from visalign.models import request_rules, resolve_model_path
+from visalign.models import check_model_options, request_rules, resolve_model_path
 from visalign.prompts import check_prompt_spec
 from visalign.rewards.registry import FRAMES_PREFIX
 from visalign.suggest import did_you_mean
@@ -22,6 +22,9 @@ class ModelConfig:
     name: str = field(default="world", metadata={"help": "registered model (world, sd3, flux, wan, tiny-*)"})
     path: str | None = field(default=None, metadata={"help": "local directory or hub id (world: checkpoint)"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights"})
+    options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the adapter's options (`visalign models` lists them), e.g. {max_sequence_length: 256}, Wan2.2 "
+                "A14B's {experts: low, guidance_scale_2: 3}"})
     height: int = field(default=32, metadata={"ge": 1, "help": "image height"})
     width: int = field(default=32, metadata={"ge": 1, "help": "image width"})
     num_frames: int | None = field(default=None, metadata={"ge": 1, "help": "video models: 4k+1 frames"})
@@ -386,6 +389,7 @@ def check_model_and_paths(cfg) -> None:
             resolve_model_path(m.path)
         except ValueError as err:
             raise ValueError(f"model.path: {err}") from None
+    check_model_options(m.name, m.options)
     rules = request_rules(m.name, m.path)
     if rules is not None:
         rules.check(m.height, m.width, m.num_frames, prefix="model.")

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate.utils import DistributedType, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -233,7 +233,7 @@ class OnlineTrainer:
         self.eval_source = prompt_source(cfg.run.eval_prompts or cfg.train.prompts)
         encode_once = self.prompts_to_encode() if cfg.model.free_text_encoders else None
         adapter = load_model(cfg.model.name, cfg.model.path, torch_dtype=DTYPES[cfg.model.dtype],
-                             device=str(acc.device))
+                             device=str(acc.device), **cfg.model.options)
         adapter.check_request(cfg.model.height, cfg.model.width, cfg.model.num_frames)
         if encode_once is not None:
             adapter.free_text_encoders(encode_once, cfg=adapter.guidance == "cfg")
@@ -255,6 +255,8 @@ class OnlineTrainer:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
                                       weight_decay=cfg.train.weight_decay)
         fit_wrapping(acc, adapter.denoiser)
+        if adapter.partial_passes:  # DDP waits for every parameter's gradient unless told some may not come
+            acc.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.model, self.optimizer = acc.prepare(adapter.denoiser, optimizer)
         adapter.set_forward_module(self.model)
         self.adapter = adapter
