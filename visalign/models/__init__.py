@@ -82,6 +82,13 @@ FAMILIES = (
            ("Qwen/Qwen-Image", "Qwen/Qwen-Image-2512"),
            "Qwen-Image text-to-image, true CFG with norm rescale; 20B + 7B text encoder: an 80 GB GPU in bf16",
            {"tiny-qwen-image": (M + "qwen_image:tiny_qwen_image", RequestRules("qwen-image", 4))}),
+    Family("qwen-image-edit", M + "qwen_image_edit:QwenImageEditAdapter",
+           ("QwenImageEditPipeline", "QwenImageEditPlusPipeline"),
+           ("Qwen/Qwen-Image-Edit", "Qwen/Qwen-Image-Edit-2509", "Qwen/Qwen-Image-Edit-2511"),
+           "Qwen-Image-Edit image editing: each prompt edits its source image (2509 / 2511: one image per prompt); "
+           "20B + 7B VL text encoder: an 80 GB GPU in bf16",
+           {"tiny-qwen-image-edit": (M + "qwen_image_edit:tiny_qwen_image_edit",
+                                     RequestRules("qwen-image-edit", 4, edits=True))}),
     Family("z-image", M + "z_image:ZImageAdapter", ("ZImagePipeline",),
            ("Tongyi-MAI/Z-Image-Turbo", "Tongyi-MAI/Z-Image"),
            "Z-Image-Turbo (8 steps, guidance 1 = none) or base Z-Image (CFG: our scale = the pipeline's + 1); 6B DiT "
