@@ -104,6 +104,12 @@ FAMILIES = (
            "experts, guidance_scale_2: 8 x 80 GB GPUs)",
            {"tiny-wan22-5b": (M + "wan22:tiny_wan22_5b", RequestRules("wan22", 32, video=True)),
             "tiny-wan22-a14b": (M + "wan22:tiny_wan22_a14b", RequestRules("wan22", 16, video=True))}),
+    Family("hunyuan-video15", M + "hunyuan_video15:HunyuanVideo15Adapter", ("HunyuanVideo15Pipeline",),
+           ("hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",),
+           "HunyuanVideo 1.5 text-to-video, 480p / 720p, base (CFG) or CFG-distilled, 4k+1 frames; 8.3B + 7B "
+           "Qwen2.5-VL text encoder: an 80 GB GPU in bf16",
+           {"tiny-hunyuan-video15": (M + "hunyuan_video15:tiny_hunyuan_video15",
+                                     RequestRules("hunyuan-video15", 4, video=True))}),
 )
 
 # name -> factory(path, **options), or the dotted path of one (imported on first use: the built-in world is a
