@@ -50,7 +50,12 @@ def tiny_run(tmp_path):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `browser` need Debian's chromium; without it they are skipped, saying how to get it."""
+    """Tests marked `browser` need Debian's chromium; without it they are skipped, saying how to get it. Tests
+    marked `distributed` launch processes that rendezvous on accelerate's default port: under pytest-xdist
+    (`-n 2 --dist loadgroup`, the README's test command) they run one after another on one worker."""
+    for item in items:
+        if "distributed" in item.keywords:
+            item.add_marker(pytest.mark.xdist_group("distributed"))
     from visalign.demo.screenshot import chromium
 
     if chromium() is None:
