@@ -46,3 +46,25 @@ def test_every_family_lists_its_tiny_builds_and_hub_ids():
     for f in FAMILIES:
         assert f.hub and all("/" in h for h in f.hub) and f.tiny and f.notes
         assert f.name in MODELS and all(t in MODELS and t.startswith("tiny-") for t in f.tiny)
+
+
+@pytest.mark.parametrize("name", [t for f in FAMILIES for t in f.tiny])
+def test_visalign_sample_writes_an_image_or_clip_for_every_tiny_model(name, tmp_path):
+    from PIL import Image
+
+    from visalign.cli import main
+    from visalign.models import request_rules
+
+    rules = request_rules(name)
+    size = max(16, rules.multiple)
+    out = tmp_path / ("s.gif" if rules.video else "s.png")
+    args = ["sample", "--model", name, "--prompt", "a red circle", "--height", str(size), "--width", str(size),
+            "--steps", "2", "--out", str(out)]
+    if rules.video:
+        args += ["--num-frames", "5"]
+    if rules.edits:
+        Image.new("RGB", (size, size), (200, 30, 30)).save(tmp_path / "src.png")
+        args += ["--source-image", str(tmp_path / "src.png")]
+    assert main(args) == 0
+    with Image.open(out) as image:
+        assert getattr(image, "n_frames", 1) == (5 if rules.video else 1)
