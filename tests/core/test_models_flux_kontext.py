@@ -152,3 +152,41 @@ def test_config_checks_prompt_files_against_the_model(tiny_run, tmp_path):
         tiny_run(f"train.prompts={plain}", model="tiny-flux-kontext")
     with pytest.raises(ValueError, match=r"train.prompts=.*edits.jsonl.* names source images, and the model is not"):
         tiny_run(f"train.prompts={prompts}")
+
+
+@pytest.mark.parametrize("trainer", ["flow_rwr", "flow_dpo", "awm", "dgpo", "draft"])
+def test_every_other_trainer_trains_an_editing_model_unchanged(tiny_run, trainer, tmp_path):
+    RecordingSourceL1.seen.clear()
+    prompts = _edit_prompts(tmp_path)
+    # the recipes' own small settings: AWM's stratified levels and DGPO's whole groups fit 4 steps of 4 samples
+    extra = {"awm": ["train.timesteps_per_sample=2"], "dgpo": ["train.train_batch_size=4"]}.get(trainer, [])
+    cfg = tiny_run("model.lora_rank=4", "model.height=32", "model.width=32", f"train.prompts={prompts}",
+                   "train.max_steps=1", "rewards={tests.helpers.toy_rewards.RecordingSourceL1: 1.0}", *extra,
+                   trainer=trainer, model="tiny-flux-kontext", out=tmp_path / "run")
+    t = trainer_class(trainer)(cfg)
+    named = dict(t.adapter.denoiser.named_parameters())
+    before = {n: p.detach().clone() for n, p in named.items()}
+    t.train()
+    changed = {n for n, p in named.items() if not torch.equal(before[n], p.detach())}
+    assert changed and all("lora_" in n for n in changed)
+    assert RecordingSourceL1.seen and all(sources.shape[1:] == (3, 32, 32) for sources, _ in RecordingSourceL1.seen)
+
+
+def test_every_steering_method_edits_the_source_each_prompt_names(kontext, tmp_path):
+    from visalign.steering import steer
+
+    prompts = _edit_prompts(tmp_path)
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    metadata = [{"source_image": str(tmp_path / r["source_image"])} for r in rows]
+    for method, opts in (("best_of_n", {"n": 2}), ("fk", {"k": 2, "lam": 10.0}), ("guidance", {"scale": 0.3}),
+                         ("reno", {"iterations": 1}), ("drift", {"scale": 0.5})):
+        RecordingSourceL1.seen.clear()
+        out = steer(kontext, [r["prompt"] for r in rows], RecordingSourceL1(), method, steps=2, guidance=2.5,
+                    height=32, width=32, metadata=metadata, **opts)
+        assert out.reward.shape == (2,) and torch.isfinite(out.latents).all(), method
+        # the reward judged each sample against the file its prompt names
+        for sources, paths in RecordingSourceL1.seen:
+            assert set(paths) <= {m["source_image"] for m in metadata}, method
+            torch.testing.assert_close(sources, torch.stack([read_image(p, (32, 32)) for p in paths]))
+    with pytest.raises(ValueError, match="flux-kontext edits a source image per prompt"):
+        steer(kontext, ["a"], RecordingSourceL1(), "best_of_n", steps=2, height=32, width=32, n=2)
