@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from visalign.media import read_image
 from visalign.models import load_model, request_rules
 from visalign.models.base import encode
 from visalign.models.qwen_image_edit import (
@@ -22,9 +21,7 @@ from visalign.models.qwen_image_edit import (
     tiny_qwen_image_edit,
     tiny_qwen_image_edit_pipeline,
 )
-from visalign.rewards.edit import SourceL1
-from visalign.sampling import SDEOptions, sample, trajectory_log_prob
-from visalign.trainers import trainer_class
+from visalign.sampling import sample
 
 PROMPTS = ["make the circle red", "put two blue squares on the left side"]  # different token lengths
 REQ = {"height": 32, "width": 32}  # tiny VAE factor 2: 16x16 latents, 64 packed tokens
@@ -144,18 +141,6 @@ def test_plus_pipeline_is_served_with_one_image_per_prompt(monkeypatch, zero_con
         torch.testing.assert_close(both.uncond[k][:1], v)
 
 
-def test_recomputed_log_prob_matches_sampling(qwen):
-    cond = encode(qwen, PROMPTS * 2, cfg=True, images=torch.cat([_sources(), _sources(5)]))
-    traj = sample(qwen, cond, num_steps=3, guidance_scale=4.0, seeds=[0, 1, 2, 3], sde=SDEOptions("flow_grpo", 0.7),
-                  **REQ)
-    assert traj.stochastic.any()
-    for step in torch.nonzero(traj.stochastic).flatten().tolist():
-        for rows in ([0], [1, 2, 3], [3, 0]):  # mini-batches of other sizes and orders
-            with torch.no_grad():
-                out = trajectory_log_prob(qwen, traj, step, cond.index(rows), 4.0, index=torch.tensor(rows))
-            assert (out.log_prob - traj.log_probs[rows, step]).abs().max() <= 1e-6
-
-
 def test_lora_step_save_and_diffusers_load(qwen, tmp_path):
     before = {n: p.detach().clone() for n, p in qwen.denoiser.named_parameters()}
     qwen.add_lora(rank=4, alpha=8)
@@ -217,46 +202,6 @@ def _edit_prompts(tmp_path):
     path = tmp_path / "edits.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
-
-
-@pytest.mark.parametrize("trainer", ["flow_grpo", "diffusion_nft"])
-def test_trains_on_edit_prompts_with_a_reward_that_reads_sources(tiny_run, monkeypatch, trainer, tmp_path):
-    seen = []
-    score = SourceL1.score
-
-    def recording(self, **kwargs):  # source-l1's own score, recording what it was given
-        seen.append((kwargs["source_images"].clone(), [m["source_image"] for m in kwargs["metadata"]]))
-        return score(self, **kwargs)
-
-    monkeypatch.setattr(SourceL1, "score", recording)
-    prompts = _edit_prompts(tmp_path)
-    cfg = tiny_run("model.lora_rank=4", "model.height=32", "model.width=32", f"train.prompts={prompts}",
-                   "rewards={tests.helpers.toy_rewards.MeanBrightness: 1.0, source-l1: 1.0}",
-                   trainer=trainer, model="tiny-qwen-image-edit", out=tmp_path / "run")
-    t = trainer_class(trainer)(cfg)
-    named = dict(t.adapter.denoiser.named_parameters())
-    before = {n: p.detach().clone() for n, p in named.items()}
-    trainable = {n for n, p in named.items() if p.requires_grad}
-    t.train()
-    changed = {n for n, p in named.items() if not torch.equal(before[n], p.detach())}
-    assert changed and changed <= trainable and all("lora_" in n for n in trainable)
-    # The reward was called with each sample's own source image, as the file holds it.
-    assert seen
-    for sources, paths in seen:
-        torch.testing.assert_close(sources, torch.stack([read_image(p) for p in paths]))
-    assert {p for _, paths in seen for p in paths} == {str(tmp_path / "src0.png"), str(tmp_path / "src1.png")}
-
-
-def test_cli_sample_edits_a_source_image(tmp_path, capsys):
-    from visalign.cli import main
-
-    Image.fromarray(np.full((48, 40, 3), 200, dtype=np.uint8)).save(tmp_path / "src.png")
-    out = tmp_path / "q.png"
-    args = ["sample", "--model", "tiny-qwen-image-edit", "--prompt", "make it red", "--height", "32", "--width", "32",
-            "--steps", "2", "--out", str(out)]
-    assert main([*args, "--source-image", str(tmp_path / "src.png")]) == 0
-    assert Image.open(out).size == (32 + 2 * 2, 32 + 2 * 2)
-    assert main(args) == 2 and "qwen-image-edit edits a source image per prompt" in capsys.readouterr().err
 
 
 def test_bad_inputs(qwen):

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from visalign.cli import main
 from visalign.models import MODELS, load_model, request_rules
 from visalign.models.wan22 import LORA_FILES, Wan22Adapter, tiny_wan22_a14b
 from visalign.sampling import SDEOptions, sample, trajectory_log_prob
@@ -183,15 +182,12 @@ def _run_two_steps(tiny_run, trainer, model, name=None):
     return t, {n for n, p in named.items() if not torch.equal(before[n], p.detach())}
 
 
-@pytest.mark.parametrize("trainer", ["flow_grpo", "diffusion_nft"])
-@pytest.mark.parametrize("model", ["tiny-wan22-a14b", "tiny-wan22-5b"])
-def test_tiny_models_train_two_steps(tiny_run, trainer, model):
-    t, changed = _run_two_steps(tiny_run, trainer, model)
-    trainable = {n for n, p in t.adapter.denoiser.named_parameters() if p.requires_grad}
-    assert changed and changed <= trainable and all("lora_" in n for n in trainable)
-    if model == "tiny-wan22-a14b":  # LoRA on both experts by default, and both trained
-        assert {n.split(".")[0] for n in changed} == {"transformer", "transformer_2"}
-    assert (t.out / "final" / LORA_FILES["transformer"]).exists()
+def test_a14b_trains_both_experts_by_default(tiny_run):
+    """(Every tiny model's 2-step runs: test_model_families.) A14B's default LoRA sits on both experts, and a run
+    whose steps fall on both sides of the boundary trains both."""
+    t, changed = _run_two_steps(tiny_run, "flow_grpo", "tiny-wan22-a14b")
+    assert {n.split(".")[0] for n in changed} == {"transformer", "transformer_2"}
+    assert all((t.out / "final" / LORA_FILES[e]).exists() for e in ("transformer", "transformer_2"))
 
 
 @pytest.mark.parametrize("experts", ["high", "low"])
@@ -207,15 +203,6 @@ def test_lora_on_one_expert_leaves_the_other_unchanged(tiny_run, monkeypatch, ex
     # Full fine-tuning of one expert unfreezes only that one.
     t.adapter.denoiser.requires_grad_(True)
     assert {n.split(".")[0] for n, p in named.items() if p.requires_grad} == {trained}
-
-
-def test_sample_cli_writes_a_clip(tmp_path):
-    out = tmp_path / "v.gif"
-    assert main(["sample", "--model", "tiny-wan22-a14b", "--height", "16", "--width", "16", "--num-frames", "5",
-                 "--steps", "3", "--out", str(out)]) == 0
-    from PIL import Image
-
-    assert Image.open(out).n_frames == 5
 
 
 @pytest.mark.parametrize("options, match", [({"experts": "mid"}, "expected one of high, low, both"),

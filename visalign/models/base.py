@@ -225,6 +225,22 @@ class FlowModelAdapter(ABC):
                        cfg: bool = True) -> Conditioning:
         """Encode prompts; with cfg=True also the negative prompts (empty string by default)."""
 
+    def _conditioning(self, prompts: list[str], negative_prompts: list[str] | None, cfg: bool,
+                      encode_batch: Callable[[list[str]], dict[str, Tensor]]) -> Conditioning:
+        """`encode_batch` of the prompts and, with `cfg`, of the negative prompts ("" by default), each distinct
+        negative encoded once (for adapters whose pipelines encode the two branches apart)."""
+        prompts = list(prompts)
+        uncond = None
+        if cfg:
+            negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+            unique = list(dict.fromkeys(negatives))
+            encoded = encode_batch(unique)
+            rows = [unique.index(n) for n in negatives]
+            uncond = {k: v[rows] for k, v in encoded.items()}
+        return Conditioning(encode_batch(prompts), uncond, prompts)
+
     def text_encoders(self) -> dict[str, nn.Module]:
         """The text encoders by name, what `free_text_encoders` drops: a diffusers pipeline's text_encoder(_2, _3);
         other adapters override this and `_drop_text_encoder`."""

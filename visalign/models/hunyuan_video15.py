@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from visalign.models.base import Conditioning, FlowModelAdapter, RequestRules, read_model_config
+from visalign.models.base import FlowModelAdapter, RequestRules, read_model_config
 from visalign.models.diffusers_adapters import _freeze_all_but_denoiser, _load_pipeline, _scheduler_sigmas
 from visalign.models.tiny import TOKENIZERS
 
@@ -126,17 +126,7 @@ class HunyuanVideo15Adapter(FlowModelAdapter):
     def encode_prompts(self, prompts, negative_prompts=None, cfg=True):
         """The pipeline's `encode_prompt` per branch; the negative prompt defaults to "" (the pipeline's default,
         which its template renders as " ")."""
-        prompts = list(prompts)
-        uncond = None
-        if cfg and self.guidance == "cfg":
-            negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-            unique = list(dict.fromkeys(negatives))  # the default "" is encoded once for the whole batch
-            encoded = self._encode(unique)
-            rows = [unique.index(n) for n in negatives]
-            uncond = {k: v[rows] for k, v in encoded.items()}
-        return Conditioning(self._encode(prompts), uncond, prompts)
+        return self._conditioning(prompts, negative_prompts, cfg and self.guidance == "cfg", self._encode)
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         """Both encoders' embeddings with boolean masks, at fixed lengths (the pipeline pads the Qwen tokens to

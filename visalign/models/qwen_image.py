@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visalign.models.base import Conditioning, FlowModelAdapter, RequestRules, read_model_config
+from visalign.models.base import FlowModelAdapter, RequestRules, read_model_config
 from visalign.models.diffusers_adapters import _freeze_all_but_denoiser, _load_pipeline, _scheduler_sigmas
 from visalign.models.tiny import TOKENIZERS
 
@@ -95,17 +95,7 @@ class QwenImageAdapter(FlowModelAdapter):
     def encode_prompts(self, prompts, negative_prompts=None, cfg=True):
         """The pipeline's `encode_prompt` per branch; the negative prompt defaults to "" (the pipeline takes any
         string, the empty one included; Qwen-Image's model card passes " ")."""
-        prompts = list(prompts)
-        uncond = None
-        if cfg:
-            negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-            unique = list(dict.fromkeys(negatives))  # the default "" is encoded once for the whole batch
-            encoded = self._encode(unique)
-            rows = [unique.index(n) for n in negatives]
-            uncond = {k: v[rows] for k, v in encoded.items()}
-        return Conditioning(self._encode(prompts), uncond, prompts)
+        return self._conditioning(prompts, negative_prompts, cfg, self._encode)
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         """Embeddings and mask padded to max_sequence_length, so batches encoded apart concatenate (`_velocity`
