@@ -141,6 +141,8 @@ def test_config_checks_prompt_files_against_the_model(tiny_run, tmp_path):
         tiny_run(f"train.prompts={plain}", model="tiny-flux-kontext")
     with pytest.raises(ValueError, match=r"train.prompts=.*edits.jsonl.* names source images, and the model is not"):
         tiny_run(f"train.prompts={prompts}")
+    with pytest.raises(ValueError, match="model.free_text_encoders: tiny-flux-kontext edits source images"):
+        tiny_run(f"train.prompts={prompts}", "model.free_text_encoders=true", model="tiny-flux-kontext")
 
 
 @pytest.mark.parametrize("trainer", ["flow_rwr", "flow_dpo", "awm", "dgpo", "draft"])

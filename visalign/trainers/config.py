@@ -394,6 +394,9 @@ def check_model_and_paths(cfg) -> None:
     if rules is not None:
         rules.check(m.height, m.width, m.num_frames, prefix="model.")
     edits = None if rules is None else rules.edits
+    if edits and m.free_text_encoders:
+        raise ValueError(f"model.free_text_encoders: {m.name} edits source images, so its conditioning depends on each "
+                         "prompt's image and cannot be encoded once up front; set it to false")
     check_prompt_spec(cfg.train.prompts, "train.prompts", edits)
     if cfg.run.eval_prompts is not None:
         check_prompt_spec(cfg.run.eval_prompts, "run.eval_prompts", edits)
