@@ -119,14 +119,14 @@ def _eval_rewards(suite: str, config: str | None, overrides: list[str]) -> int:
         comparison_table,
         evaluate_rewards,
         markdown_table,
+        with_preset,
     )
     from visalign.models import load_model
 
     cfg = load_config(RewardEvalConfig, config, overrides)
-    if not cfg.rewards:
-        if suite not in PRESETS:
-            raise ValueError("--suite rewards needs rewards=[...] (or use a preset suite: " + ", ".join(PRESETS) + ")")
-        cfg = dataclasses.replace(cfg, rewards=list(PRESETS[suite]))
+    if not cfg.rewards and suite not in PRESETS:
+        raise ValueError("--suite rewards needs rewards=[...] (or use a preset suite: " + ", ".join(PRESETS) + ")")
+    cfg = with_preset(cfg, suite)  # the preset's rewards and prompts where the user gave none
     if not cfg.compare:
         adapter = load_model(cfg.model, cfg.model_path)
         if cfg.lora:
@@ -430,6 +430,28 @@ def _rewards_make_artifact_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_rewards(args: argparse.Namespace) -> int:
+    try:
+        from visalign.rewards.server import address, bind, make_server
+    except ImportError as err:
+        raise ValueError(str(err)) from None
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port={args.port} must be between 0 (any free port) and 65535")
+    if len(set(args.reward)) != len(args.reward):
+        raise ValueError(f"--reward names a reward twice: {args.reward}")
+    try:  # the address first: a port in use fails before any model loads
+        sock = bind(args.host, args.port)
+    except OSError as err:
+        raise ValueError(f"cannot serve on {args.host}:{args.port}: {err}") from None
+    served = _load_rewards(args)
+    server = make_server(served, _reward_options(args.option or [], args.reward))
+    url = address(sock)
+    print(f"visalign reward server on {url} (Ctrl-C to stop); reward names for clients:")
+    print("\n".join(f"  remote:{url}/{name}" for name in served), flush=True)
+    server.run(sockets=[sock])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visalign", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -471,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model on a suite")
     e.add_argument("--suite", required=True, help="world, world-video, rewards (a prompt file + rewards), or a preset: "
-                                                  "preference, geneval, compbench, vbench, world-rewards")
+                                                  "preference, geneval, compbench, vbench, world-rewards "
+                                                  "(geneval, compbench: prompts from the shipped geneval:test)")
     e.add_argument("--config", help="YAML file with the suite's config fields")
     e.add_argument("--out", help="output directory")
     e.add_argument("--model-path", dest="model_path", help="checkpoint to evaluate")
@@ -556,6 +579,18 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--num-artifact", dest="num_artifact", type=int, default=1500)
     rm.add_argument("--seed", type=int, default=0)
     rm.set_defaults(func=_rewards_make_artifact_set)
+
+    sr = sub.add_parser("serve-rewards", help="serve rewards over HTTP for `remote:` rewards in other processes",
+                        description="Serve rewards over HTTP (FastAPI + uvicorn): trainers, evaluation, steering and "
+                                    "`visalign rewards score` in other processes or environments use them as "
+                                    "remote:http://HOST:PORT/NAME. GET /health lists them; the request schema is "
+                                    "in docs/guide/rewards.md (\"Rewards as services\").")
+    sr.add_argument("--reward", action="append", required=True, help="registered name or dotted path (repeat)")
+    sr.add_argument("--option", action="append", help=option_help)
+    sr.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; there "
+                                                        "is no authentication, so only on a trusted network)")
+    sr.add_argument("--port", type=int, default=8000, help="port (0: any free one; the address is printed)")
+    sr.set_defaults(func=_serve_rewards)
 
     m = sub.add_parser("models", help="list registered models")
     m.set_defaults(func=_models)

@@ -58,3 +58,17 @@ def save_pixels(pixels: Tensor, out: str | Path, scale: int = 1) -> Path:
             raise ValueError(f"video output needs a .gif path, got {str(out)!r}")
         pil[0].save(out, save_all=True, append_images=pil[1:], duration=120, loop=0)
     return out
+
+
+def preview_image(pixels: Tensor, scale: int = 1, max_frames: int = 8) -> np.ndarray:
+    """One still 8-bit RGB image [H', W', 3] of a batch, for experiment trackers: the grid `save_pixels` writes
+    for images; for video, a row per sample of up to `max_frames` evenly spaced frames (a frame strip, read left
+    to right), since trackers show stills. `scale` enlarges by pixel repetition, as `save_pixels` does."""
+    if pixels.ndim == 5:
+        n = pixels.shape[1]
+        frames = torch.linspace(0, n - 1, min(n, max_frames)).round().long()
+        grid = image_grid(pixels[:, frames].flatten(0, 1), columns=len(frames))
+    else:
+        grid = image_grid(pixels)
+    image = to_uint8(grid.permute(1, 2, 0))
+    return image.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else image

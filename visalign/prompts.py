@@ -8,6 +8,10 @@ per-category tables.
 
 Editing models edit a source image per prompt: a JSONL line names it as `"source_image": PATH` (relative to the
 file), kept in the prompt's metadata under `SOURCE_IMAGE`.
+
+Shipped sets load by name as `NAME:SPLIT[:CATEGORY,...]` (`ShippedSet`): `geneval:train`, `geneval:test`
+(GenEval's six tasks with their specs), `ocr:train`, `ocr:test` (text to render, metadata `text`); the files
+under visalign/assets/prompts/ are written by `python -m visalign.eval.prompt_sets`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import Tensor
 
 from visalign.media import read_image
 from visalign.registry import lookup
+from visalign.suggest import did_you_mean
 
 SOURCE_IMAGE = "source_image"  # the metadata key of the image an editing model edits
 
@@ -144,20 +149,60 @@ class FilePrompts(PromptSource):
         return list(self.items)
 
 
+SHIPPED_DIR = Path(__file__).parent / "assets" / "prompts"  # written by `python -m visalign.eval.prompt_sets`
+
+
+class ShippedSet:
+    """The factory of a prompt set shipped as files: ARGS = SPLIT[:CATEGORY,...] reads
+    visalign/assets/prompts/NAME_SPLIT.jsonl, cut to the categories named (e.g. `geneval:test:counting,position`)."""
+
+    splits = ("train", "test")
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, args: str) -> FilePrompts:
+        split, _, wanted = args.partition(":")
+        if split not in self.splits:
+            raise ValueError(f"unknown {self.name} split {split!r}{did_you_mean(split, self.splits)}; allowed: "
+                             f"{', '.join(self.splits)}")
+        source = FilePrompts(SHIPPED_DIR / f"{self.name}_{split}.jsonl")
+        if wanted:
+            categories = list(dict.fromkeys(item.category for item in source.items))
+            names = wanted.split(",")
+            unknown = [c for c in names if c not in categories]
+            if unknown:
+                hint = did_you_mean(unknown[0], categories) if len(unknown) == 1 else ""
+                raise ValueError(f"unknown {self.name} categories {unknown}{hint}; allowed: {', '.join(categories)}")
+            source.items = [item for item in source.items if item.category in names]
+        return source
+
+
 # NAME -> factory(ARGS) -> PromptSource, or its dotted path. The built-in world registers its grammars here.
 SOURCES: dict[str, Callable[[str], PromptSource] | str] = {
     "world": "visalign.world.prompts:WorldPrompts",
     "world-video": "visalign.world.prompts:WorldVideoPrompts",
+    "geneval": ShippedSet("geneval"),
+    "ocr": ShippedSet("ocr"),
 }
 
 
 def check_prompt_spec(spec: str, field_name: str, edits: bool | None = None) -> None:
-    """The config-time half of `prompt_source`, building nothing: a NAME:ARGS spec names a registered source or a
-    dotted path (its arguments are checked when it is built), anything else is a file that must exist. With
+    """The config-time half of `prompt_source`, building nothing but a shipped set (files, cheap to read): a NAME:ARGS
+    spec names a registered source or a dotted path (its arguments are checked when it is built; a shipped set's
+    split and categories now), anything else is a file that must exist. With
     `edits` known (the model edits source images, or not), a file's lines are read and must name a
     `source_image` each, or none."""
-    name, sep, _ = spec.partition(":")
+    name, sep, args = spec.partition(":")
     if sep and not Path(spec).exists() and (name in SOURCES or ("." in name and "/" not in name)):
+        if isinstance(SOURCES.get(name), ShippedSet):  # files: read now, so a wrong split fails before any model
+            try:
+                SOURCES[name](args)
+            except ValueError as err:
+                raise ValueError(f"{field_name}={spec!r}: {err}") from None
+            if edits:
+                raise ValueError(f"{field_name}={spec!r}: the model edits source images, and the shipped {name} "
+                                 "set names none")
         return
     if not Path(spec).is_file():
         raise ValueError(f"{field_name}={spec!r}: no such prompt file; or use NAME:ARGS with NAME in "

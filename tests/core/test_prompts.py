@@ -63,7 +63,8 @@ def test_bad_files_name_the_line(tmp_path, text, match):
 
 
 def test_unknown_sources_name_the_choices(tmp_path):
-    with pytest.raises(ValueError, match="prompt file 'nope.txt' does not exist; or use NAME:ARGS with NAME in world"):
+    with pytest.raises(ValueError, match="prompt file 'nope.txt' does not exist; or use NAME:ARGS with NAME in "
+                                         "geneval, ocr, world"):
         prompt_source("nope.txt")
     with pytest.raises(ValueError, match="cannot import prompt source 'my.missing'"):
         prompt_source("my.missing:3")

@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under `accelerate launch` (2 CPU processes, gloo): train two steps and
-record, from every rank, the world size, its share of the prompt groups and a checksum of its parameters."""
+record, from every rank, the world size, its share of the prompt groups, a checksum of its parameters and the
+last step's drift diagnostics."""
 
 import json
 import sys
@@ -18,7 +19,7 @@ def main():
     cfg = load_train_config(None, [f"run.out_dir={out}", *overrides])
     trainer = FlowGRPOTrainer(cfg)
     acc = trainer.accelerator
-    trainer.train()
+    history = trainer.train()
     plan = plan_step(trainer.source, seed=cfg.run.seed, step=0, prompts_per_step=cfg.train.prompts_per_step,
                      group_size=cfg.train.group_size, rank=acc.process_index, world_size=acc.num_processes)
     flat = torch.cat([p.detach().flatten().double() for p in trainer.params])
@@ -26,9 +27,12 @@ def main():
                            float(flat.sum()), float(flat.pow(2).sum())], dtype=torch.float64)
     groups = acc.gather(plan.groups)
     records = acc.gather(record.unsqueeze(0))
+    drift = acc.gather(torch.tensor([[history[-1][k] for k in ("drift/brightness", "drift/diversity",
+                                                                 "drift/ratio_min", "drift/ratio_max")]],
+                                    dtype=torch.float64))
     if acc.is_main_process:
         with open(f"{out}/dist.json", "w") as f:
-            json.dump({"records": records.tolist(), "groups": groups.tolist()}, f)
+            json.dump({"records": records.tolist(), "groups": groups.tolist(), "drift": drift.tolist()}, f)
     del trainer  # as visalign.train.run does: the DDP wrapper must be freed before the process group
     end_distributed(acc)
 

@@ -60,6 +60,7 @@ def test_grpo_loss_branches_and_kl_by_hand():
     loss, m = grpo_loss(lp, old, adv, eps)
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 3.0) / 3, rel=1e-6)
     assert m["clip_fraction"] == pytest.approx(1.0)
+    assert (m["ratio_min"], m["ratio_max"]) == pytest.approx((0.5, 1.5)) and m["ratio_mean"] == pytest.approx(3.5 / 3)
     # KL: mean_dims (mu - mu_ref)^2 / (2 std^2): sample 0 diff 0.1 everywhere, std 0.5 -> 0.01/0.5 = 0.02
     mean = torch.zeros(3, 2, 2)
     mean[0] += 0.1

@@ -37,6 +37,7 @@ def test_two_process_flow_grpo(tmp_path, extra):
     assert [(int(r[2]), int(r[3])) for r in records] == [(0, 6), (6, 6)]  # 3 groups of 4 split 6 / 6
     assert data["groups"] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]  # gathered in rank order: groups whole
     assert records[0][4:] == records[1][4:]  # identical parameters on both ranks
+    assert data["drift"][0] == data["drift"][1]  # drift/* reduced over ranks: every rank's alarm sees the same
     assert (tmp_path / "checkpoints" / "checkpoint-2" / "manifest.json").exists()
 
 

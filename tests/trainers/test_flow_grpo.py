@@ -191,7 +191,7 @@ def test_metrics_and_outputs(tiny_run, world_ckpt, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     last = lines[-1]
     for key in ("rewards/world-verifier/mean", "heldout/world-cleanliness/mean", "train/kl", "train/grad_norm",
-                "train/clip_fraction", "zero_std_fraction", "time/sampling", "eval/world-verifier/mean"):
+                "drift/clip_fraction", "zero_std_fraction", "time/sampling", "eval/world-verifier/mean"):
         assert key in last
     assert (tmp_path / "samples" / "step_000002.png").exists()
     assert list((tmp_path / "logs").rglob("events.out.tfevents*"))

@@ -2,6 +2,8 @@
 levels, that each raises an easy reward (against the same run with the advantages zeroed, or, for reward
 backprop, against the base) on tiny-sd3 and on the world, and bit-identical resume."""
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -105,7 +107,9 @@ def test_dgpo_clip_stops_the_gradient_of_samples_past_the_range():
     (grad,) = torch.autograd.grad(loss, err)
     # sample 0 (A > 0, ratio > 1.05) and sample 2 (A < 0, ratio < 0.95) are clipped; the others keep their gradient
     assert grad[0] == 0 and grad[2] == 0 and grad[1] > 0 and grad[3] < 0
-    assert m["clipped_fraction"] == 0.5
+    assert m["clip_fraction"] == 0.5  # the ratio statistics the step logs as drift/*
+    assert m["ratio_min"] == pytest.approx(math.exp(-0.1)) and m["ratio_max"] == pytest.approx(math.exp(0.1))
+    assert m["ratio_mean"] == pytest.approx((math.exp(0.1) + math.exp(-0.1) + 2) / 4)
 
 
 def test_reward_backprop_loss_by_hand():

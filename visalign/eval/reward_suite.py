@@ -1,19 +1,21 @@
 """Reward suites: any registered rewards over a prompt file, for images or videos, with confidence intervals,
 per-category tables, sample grids, comparison mode and resumable scoring.
 
-A suite is a prompt source plus a list of rewards. Presets name the usual ones (the prompts are the user's:
-DrawBench-, GenEval-, T2I-CompBench- or VBench-style files):
+A suite is a prompt source plus a list of rewards. Presets name the usual ones, and where visalign ships a fitting
+prompt set, its prompts (`PRESET_PROMPTS`; other prompts are the user's: DrawBench- or VBench-style files):
 
 - `preference`: PickScore, HPSv2.1, ImageReward, LAION aesthetic (pass checkpoints with `reward_options`);
-- `geneval`: `concepts-detector` (open-vocabulary detector + GenEval's rules; JSONL prompts with a `spec`);
-- `compbench`: `concepts-vqa` (T2I-CompBench-style attribute binding through per-concept VQA);
+- `geneval`: `concepts-detector` (open-vocabulary detector + GenEval's rules) on `geneval:test`, the shipped
+  GenEval-style set (or any JSONL whose lines carry a GenEval spec);
+- `compbench`: `concepts-vqa` (T2I-CompBench-style attribute binding through per-concept VQA) on
+  `geneval:test:color_attr,position`, the shipped set's attribute-binding and spatial prompts;
 - `vbench`: the VBench-style video metrics (flicker, subject / background consistency, dynamic degree,
   motion smoothness);
 - `world-rewards`: the world's verifier, strict judge and cleanliness plus saturation, on world prompts.
 
 Prompt sources: a .txt file (one prompt per line), a .jsonl file ({"prompt", optional "category", any metadata
-such as "spec"}), or a registered source such as `world:SPLIT[:TEMPLATES]` (n prompts per template, category = template;
-`visalign.prompts`).
+such as "spec"}), a shipped set such as `geneval:test` or `ocr:test`, or a registered source such as
+`world:SPLIT[:TEMPLATES]` (n prompts per template, category = template; `visalign.prompts`).
 
 Every (prompt, seed) sample is generated once with its own seed, quantised to 8 bits and stored under
 `out/samples/`; every (sample, reward) score is appended to `out/scores.jsonl`. A rerun (same config) loads
@@ -24,7 +26,7 @@ scores only that reward. Scores are always computed on the stored 8-bit samples,
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,8 +37,9 @@ from visalign import rewards as rewards_lib
 from visalign.eval.stats import bootstrap_mean_ci, paired_delta
 from visalign.media import save_pixels, to_uint8
 from visalign.models.base import FlowModelAdapter, encode
-from visalign.prompts import Prompt, prompt_source, prompts_of, source_images
+from visalign.prompts import Prompt, check_prompt_spec, prompt_source, prompts_of, source_images
 from visalign.rewards.base import combined
+from visalign.rewards.registry import SERVICES
 from visalign.sampling import sample
 from visalign.suggest import did_you_mean
 
@@ -48,13 +51,18 @@ PRESETS: dict[str, list[str]] = {
                "video-dynamic-degree", "video-motion-smoothness"],
     "world-rewards": ["world-verifier", "world-strict", "world-cleanliness", "saturation"],
 }
+# A preset's prompts when `prompts` is not given; DEFAULT_PROMPTS for the others.
+PRESET_PROMPTS: dict[str, str] = {"geneval": "geneval:test", "compbench": "geneval:test:color_attr,position"}
+DEFAULT_PROMPTS = "world:heldout"
 
 
 @dataclass
 class RewardEvalConfig:
     """`visalign eval --suite rewards|preference|geneval|compbench|vbench|world-rewards`."""
 
-    prompts: str = field(default="world:heldout", metadata={"help": ".txt, .jsonl or world:SPLIT[:TEMPLATES]"})
+    prompts: str | None = field(default=None, metadata={
+        "help": ".txt, .jsonl, a shipped set (geneval:test, ocr:test) or world:SPLIT[:TEMPLATES] (default: the "
+                "preset's set, geneval:test for geneval; else world:heldout)"})
     rewards: list[str] = field(default_factory=list, metadata={"help": "reward names (default: the preset's)"})
     reward_options: dict[str, dict] = field(default_factory=dict, metadata={
         "help": "keyword arguments per reward, e.g. {pickscore: {model: /path/to/PickScore}}"})
@@ -88,14 +96,26 @@ class RewardEvalConfig:
             raise ValueError(f"guidance={self.guidance} must be >= 0")
         if len(set(self.compare)) != len(self.compare):
             raise ValueError(f"compare entries must be distinct, got {self.compare}")
+        if self.prompts is not None:
+            check_prompt_spec(self.prompts, "prompts")
 
         for name in self.rewards:
-            if name not in rewards_lib.REGISTRY and "." not in name:
+            if name not in rewards_lib.REGISTRY and "." not in name and not name.startswith(tuple(SERVICES)):
                 raise ValueError(f"unknown reward {name!r}{did_you_mean(name, rewards_lib.list_rewards())}; "
                                  f"allowed: {', '.join(rewards_lib.list_rewards())}")
+            if rewards_lib.describe(name)["groupwise"]:  # the suite scores and resumes sample by sample
+                raise ValueError(f"rewards: {name} scores groups of samples as sets (groupwise); this suite scores "
+                                 "samples one by one. Log it during training (eval_rewards) instead")
         unknown = [k for k in self.reward_options if k not in self.rewards]
         if unknown:
             raise ValueError(f"reward_options for {unknown}, which are not in rewards {self.rewards}")
+
+
+def with_preset(cfg: RewardEvalConfig, suite: str) -> RewardEvalConfig:
+    """The config with what the user left out filled from a preset suite: its rewards, its prompts
+    (`PRESET_PROMPTS`, else `DEFAULT_PROMPTS`)."""
+    rewards = cfg.rewards or list(PRESETS.get(suite, []))
+    return replace(cfg, rewards=rewards, prompts=cfg.prompts or PRESET_PROMPTS.get(suite, DEFAULT_PROMPTS))
 
 
 def load_prompts(source: str, n_per_template: int = 16, max_prompts: int | None = None) -> list[Prompt]:
@@ -225,6 +245,8 @@ def evaluate_rewards(adapter: FlowModelAdapter, cfg: RewardEvalConfig, progress:
 
     if not cfg.rewards:
         raise ValueError("no rewards to evaluate: set rewards (or use a preset suite)")
+    if cfg.prompts is None:
+        cfg = replace(cfg, prompts=DEFAULT_PROMPTS)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     # What fixes each sample's content; seeds, prompt count, rewards and batching may change between resumed runs.

@@ -6,10 +6,15 @@ A reward is called with keyword arguments only:
     reward(prompts=[...], videos=Tensor[B, F, 3, H, W] in [0, 1])       -> Tensor[B]
     reward(..., metadata=[{...}, ...])                                   # optional per-sample data
     reward(..., source_images=Tensor[B, 3, H', W'])                      # the images an edit started from
+    reward(..., groups=Tensor[B])                                        # a group id per sample (groupwise rewards)
 
 `source_images` reach only rewards that judge an edit (`uses_source_images`); the others ignore them. Without
 them, such a reward reads each sample's metadata `source_image` path (what a prompt file names), so every
 caller that passes the prompts' metadata (trainers, steering, evaluation) scores edits unchanged.
+
+`groups` reach only groupwise rewards (`groupwise`: a reward of a set of samples, e.g. a distribution's distance
+to exemplars, returning each sample's credit); the others ignore them. The group-based trainers pass each sample's
+prompt-group id; without them a groupwise reward takes the call's whole batch as one group.
 
 or returns a dict of named sub-scores [B] plus the combined "score" [B]. Sub-scores may be NaN where a
 concept does not apply to a sample; the combined score may not. A wrong shape, NaN or inf in a score raises
@@ -53,6 +58,9 @@ class Reward:
         inputs: which media the reward scores: ("images",), ("videos",) or both.
         batch_size: largest batch `score` is called with; inputs are split into chunks of this size.
         uses_source_images: judges an edit: `score` also receives `source_images=` (required in the call).
+        groupwise: scores sets of samples: `score` receives the whole batch at once (never chunked) and `groups=`
+            (a long tensor [B] of group ids), and returns each sample's credit within its group.
+        min_group_size: the fewest samples a groupwise reward's group may hold.
     """
 
     name: str = "reward"
@@ -62,6 +70,8 @@ class Reward:
     inputs: tuple[str, ...] = ("images",)
     needs_prompts: bool = True
     uses_source_images: bool = False
+    groupwise: bool = False
+    min_group_size: int = 1
 
     def __init__(self, batch_size: int = 32, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         if batch_size < 1:
@@ -74,27 +84,37 @@ class Reward:
               metadata: list[dict] | None) -> RewardOutput:
         raise NotImplementedError
 
+    @classmethod
+    def validate_options(cls, options: Mapping) -> None:
+        """Config-time checks of constructor option values that need no weights (ValueError naming the option);
+        `visalign.rewards.check_options` calls it. None by default."""
+
     # ---- the call: validate, batch, validate -----------------------------------------------------------
     def __call__(self, *, prompts: Sequence[str] | None = None, images: Tensor | None = None,
                  videos: Tensor | None = None, metadata: Sequence[dict] | None = None,
-                 source_images: Tensor | None = None, allow_invalid: bool = False) -> RewardOutput:
+                 source_images: Tensor | None = None, groups: Sequence[int] | Tensor | None = None,
+                 allow_invalid: bool = False) -> RewardOutput:
         """Score a batch. With `allow_invalid`, non-finite scores come back as NaN instead of raising, so a
-        trainer can drop and count them; a wrong shape always raises."""
+        trainer can drop and count them; a wrong shape always raises. `groups` (one id per sample) is read by
+        groupwise rewards only; for them None makes the batch one group."""
         media, kind = self._check_inputs(prompts, images, videos, metadata)
         batch = media.shape[0]
         if self.uses_source_images:
             if source_images is None and metadata is not None:
                 source_images = _sources_named_in(metadata, tuple(media.shape[-2:]))
             self._check_sources(source_images, batch)
+        # A groupwise reward's credits depend on every member of a group: one call sees the batch whole.
+        chunk = batch if self.groupwise else self.batch_size
+        grouped = {"groups": self._check_groups(groups, batch)} if self.groupwise else {}
         outputs = []
-        for start in range(0, batch, self.batch_size):
-            sl = slice(start, start + self.batch_size)
+        for start in range(0, batch, chunk):
+            sl = slice(start, start + chunk)
             edit = {"source_images": source_images[sl]} if self.uses_source_images else {}
             out = self.score(prompts=list(prompts[sl]) if prompts is not None else None,
                              images=media[sl] if kind == "images" else None,
                              videos=media[sl] if kind == "videos" else None,
-                             metadata=list(metadata[sl]) if metadata is not None else None, **edit)
-            outputs.append(self._check_output(out, min(self.batch_size, batch - start), allow_invalid))
+                             metadata=list(metadata[sl]) if metadata is not None else None, **edit, **grouped)
+            outputs.append(self._check_output(out, min(chunk, batch - start), allow_invalid))
         if isinstance(outputs[0], dict):
             return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
         return torch.cat(outputs)
@@ -127,6 +147,21 @@ class Reward:
         if metadata is not None and len(metadata) != batch:
             raise RewardError(f"{self.name}: metadata must have {batch} entries, got {len(metadata)}")
         return media, kind
+
+    def _check_groups(self, groups, batch: int) -> Tensor:
+        """A groupwise reward's group ids as a long tensor [B]; all zeros (one group) when None."""
+        ids = torch.zeros(batch, dtype=torch.long) if groups is None else torch.as_tensor(groups)
+        if ids.shape != (batch,) or ids.is_floating_point() or ids.is_complex():
+            raise RewardError(f"{self.name}: groups must give an integer group id per sample ({batch}), got "
+                              f"{ids.dtype} of shape {tuple(ids.shape)}")
+        ids = ids.long().cpu()
+        names, counts = ids.unique(return_counts=True)
+        small = counts < self.min_group_size
+        if small.any():
+            sizes = ", ".join(f"group {g} has {c}" for g, c in zip(names[small].tolist(), counts[small].tolist(),
+                                                                    strict=True))
+            raise RewardError(f"{self.name} scores groups of at least {self.min_group_size} samples; {sizes}")
+        return ids
 
     def _check_sources(self, sources, batch: int) -> None:
         if sources is None:

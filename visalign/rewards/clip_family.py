@@ -1,4 +1,4 @@
-"""CLIP-family rewards: LAION aesthetic, PickScore, HPSv2 / HPSv2.1 and CLIPScore.
+"""CLIP-family rewards: LAION aesthetic, PickScore, HPSv2 / HPSv2.1, CLIPScore and VLM-RM.
 
 All are differentiable in the pixels (tensor preprocessing from `visalign.rewards.preprocess`, frozen weights, no
 `no_grad` on the image path) and load their weights once, from local files or hub ids:
@@ -7,6 +7,7 @@ All are differentiable in the pixels (tensor preprocessing from `visalign.reward
     >>> r = PickScore()                                               # logit_scale.exp() * cos, ~20-23
     >>> r = HPSv2(checkpoint="HPS_v2_compressed.pt")                  # cos of open_clip ViT-H-14, ~0.2-0.35
     >>> r = CLIPScore(form="hessel")                                  # 2.5 * max(cos, 0)
+    >>> r = VLMRM(baseline="a photo", alpha=0.5)                      # goal-baseline projected CLIP, [-1, 1]
     >>> r(prompts=["a cat"], images=images)                           # Tensor[B]
 
 Every class has `.tiny(seed)`: the same model classes at a few ten thousand random parameters with the
@@ -24,8 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visalign.models.tiny import TOKENIZERS
-from visalign.rewards.base import Reward
-from visalign.rewards.preprocess import clip_preprocess, hpsv2_preprocess
+from visalign.rewards.base import Reward, RewardError
+from visalign.rewards.preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    clip_preprocess,
+    hpsv2_preprocess,
+    normalize,
+    resize,
+)
 from visalign.rewards.weights import hf_model_and_processor, hf_pretrained, load_checkpoint, load_state_dict_checked
 
 # Model libraries (transformers, open_clip, huggingface_hub) are imported where a model is built: each takes
@@ -340,8 +348,129 @@ class HPSv21(HPSv2):
     checkpoint_file = "HPS_v2.1_compressed.pt"
 
 
+# ---- VLM-RM (open_clip, the reference's backbone) ------------------------------------------------------------
+
+
+def goal_baseline_reward(x: Tensor, goal: Tensor, baseline: Tensor, alpha: float) -> Tensor:
+    """VLM-RM's goal-baseline regularised CLIP reward (Rocamonde et al. 2023, "Vision-Language Models are Zero-Shot
+    Reward Models for Reinforcement Learning", arXiv 2310.12921, "Goal-Baseline Regularization"; AlignmentResearch/
+    vlmrm `src/vlmrm/reward_model.py:CLIPReward.forward`):
+
+        R = 1 - 1/2 ||(x - g) P||^2,  P = alpha d d^T / ||d||^2 + (1 - alpha) I,  d = g - b,
+
+    i.e. 1 - 1/2 ||alpha proj_L x + (1 - alpha) x - g||^2 with L the line through b and g. `x` [B, D] are the
+    images' normalised embeddings, `goal` and `baseline` [B, D] or [D]. P is symmetric, so (x - g) P is computed
+    as its two terms, without the D x D matrix."""
+    direction = goal - baseline
+    diff = x - goal
+    along = (diff * direction).sum(-1, keepdim=True) / direction.pow(2).sum(-1, keepdim=True) * direction
+    projected = alpha * along + (1 - alpha) * diff
+    return 1 - 0.5 * projected.pow(2).sum(-1)
+
+
+def vlmrm_preprocess(images: Tensor, size: int, *, antialias: bool = True) -> Tensor:
+    """VLM-RM's transform (`vlmrm/contrib/open_clip/transform.py`): `Resize((size, size), BICUBIC)` on the float
+    tensor, a squash to size x size (its `CenterCrop` is then a no-op), and OpenAI CLIP's mean/std. `antialias=False`
+    reproduces torchvision < 0.17, whose tensor resize did not antialias."""
+    return normalize(resize(images, (size, size), antialias=antialias), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+class VLMRM(Reward):
+    """VLM-RM (Rocamonde et al. 2023, arXiv 2310.12921): CLIP as a zero-shot reward, with goal-baseline
+    regularisation that projects the image's embedding onto the baseline-to-goal direction by `alpha`.
+
+    R = 1 - 1/2 ||(x - g) P||^2 with P = alpha d d^T / ||d||^2 + (1 - alpha) I, d = g - b, and x, g, b the
+    normalised CLIP embeddings of the image, the goal and the baseline prompt (`goal_baseline_reward`).
+
+    alpha = 0 is the plain CLIP reward 1 - 1/2 ||x - g||^2, cos(x, g) for a single goal prompt; alpha = 1 keeps only
+    the component along the baseline-to-goal direction. Several goal or baseline prompts are averaged after
+    normalising, not renormalised, as the reference does (`CLIPReward.__init__`). In [-1, 1]; differentiable.
+
+    Args:
+        goal: the goal prompt(s); None: each sample's own prompt (its text-to-image condition).
+        baseline: the baseline prompt(s), a description of the setting without the goal (the paper's "a humanoid
+            robot" for "a humanoid robot kneeling"); needed when alpha > 0.
+        alpha: the projection's strength, in [0, 1].
+        model: open_clip architecture name, or an open_clip CLIP module (used as it is).
+        pretrained: open_clip pretrained tag or a local checkpoint file for `model` (the reference's README config:
+            ViT-g-14 / laion2b_s34b_b88k); served from the local cache when offline.
+        tokenizer: callable list[str] -> LongTensor[B, 77]; default `open_clip.get_tokenizer(model)`.
+        antialias: of the tensor resize (`vlmrm_preprocess`).
+    """
+
+    name = "vlm-rm"
+    differentiable = True
+    value_range = (-1.0, 1.0)
+
+    def __init__(self, goal: str | Sequence[str] | None = None, baseline: str | Sequence[str] | None = None,
+                 alpha: float = 0.0, *, model: str | nn.Module = "ViT-g-14", pretrained: str = "laion2b_s34b_b88k",
+                 tokenizer: Callable | None = None, antialias: bool = True, batch_size: int = 32,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.validate_options({"goal": goal, "baseline": baseline, "alpha": alpha})
+        super().__init__(batch_size=batch_size, device=device, dtype=dtype)
+        import open_clip
+
+        if tokenizer is None:  # a module's: CLIP's BPE tokenizer, open_clip's default
+            tokenizer = open_clip.get_tokenizer(model if isinstance(model, str) else "ViT-B-32")
+        if isinstance(model, str):
+            model = open_clip.create_model(model, pretrained=pretrained)
+        self.model = _freeze(model, self.device, dtype)
+        self.tokenizer = tokenizer
+        size = self.model.visual.image_size
+        self.image_size = size if isinstance(size, int) else size[0]
+        self.alpha, self.antialias = float(alpha), antialias
+        self.needs_prompts = goal is None
+        self.goal = None if goal is None else self.prompt_embedding(goal)
+        self.baseline = None if baseline is None else self.prompt_embedding(baseline)
+
+    @classmethod
+    def validate_options(cls, options) -> None:
+        alpha = options.get("alpha", 0.0)
+        if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"vlm-rm: alpha={alpha!r} must be a number in [0, 1]")
+        for key in ("goal", "baseline"):
+            value = options.get(key)
+            prompts = isinstance(value, str) or isinstance(value, (list, tuple)) and value and all(
+                isinstance(p, str) for p in value)
+            if value is not None and not prompts:
+                raise ValueError(f"vlm-rm: {key}={value!r} must be a prompt or a non-empty list of prompts")
+        if alpha > 0 and options.get("baseline") is None:
+            raise ValueError(f"vlm-rm: alpha={alpha} projects onto the baseline-to-goal direction; give baseline= "
+                             "(a prompt or list of prompts), or alpha=0 for the plain CLIP reward")
+
+    @classmethod
+    def tiny(cls, seed: int = 0, **kwargs) -> VLMRM:
+        return cls(model=tiny_open_clip(seed), tokenizer=tiny_open_clip_tokenizer(), **kwargs)
+
+    def image_embeds(self, images: Tensor) -> Tensor:
+        """Normalised image embeddings x [B, D] of images in [0, 1]; differentiable."""
+        pixels = vlmrm_preprocess(images.to(self.device), self.image_size, antialias=self.antialias)
+        return self.model.encode_image(pixels.to(self.dtype), normalize=True).float()
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: Sequence[str]) -> Tensor:
+        """Normalised text embeddings [B, D]."""
+        distinct, index = _unique(prompts)
+        tokens = self.tokenizer(distinct).to(self.device)
+        return self.model.encode_text(tokens, normalize=True).float()[index.to(self.device)]
+
+    def prompt_embedding(self, prompts: str | Sequence[str]) -> Tensor:
+        """The mean of the prompts' normalised embeddings [D] (not renormalised, as the reference)."""
+        return self.text_embeds([prompts] if isinstance(prompts, str) else list(prompts)).mean(0)
+
+    def score(self, *, prompts, images, videos, metadata):
+        x = self.image_embeds(images)
+        goal = self.text_embeds(prompts) if self.goal is None else self.goal
+        if self.alpha == 0:  # P = I: the baseline plays no part (and may be absent)
+            return 1 - 0.5 * (x - goal).pow(2).sum(-1)
+        if ((goal - self.baseline).norm(dim=-1) < 1e-4).any():  # the same text up to float rounding
+            raise RewardError(f"{self.name}: a goal embedding equals the baseline's, so there is no direction to "
+                              "project on; choose a baseline that differs from every goal prompt")
+        return goal_baseline_reward(x, goal, self.baseline, self.alpha)
+
+
 __all__ = [
-    "TINY_OPEN_CLIP_CFG", "AestheticHead", "CLIPScore", "HPSv2", "HPSv21", "LaionAesthetic", "PickScore",
-    "load_checkpoint", "load_state_dict_checked", "tiny_hf_clip", "tiny_hf_tokenizer", "tiny_open_clip",
-    "tiny_open_clip_tokenizer",
+    "TINY_OPEN_CLIP_CFG", "VLMRM", "AestheticHead", "CLIPScore", "HPSv2", "HPSv21", "LaionAesthetic", "PickScore",
+    "goal_baseline_reward", "load_checkpoint", "load_state_dict_checked", "tiny_hf_clip", "tiny_hf_tokenizer",
+    "tiny_open_clip", "tiny_open_clip_tokenizer", "vlmrm_preprocess",
 ]

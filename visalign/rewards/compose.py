@@ -10,6 +10,16 @@ member's own sub-scores as "<member>/<key>"), and is differentiable iff all its 
     Ensemble(["hpsv2", "pickscore"], mode="mean_minus_std", k=1.0)   mean_i r_i - k std_i r_i
 
 Members are not rescaled: give a weighted sum or an ensemble members on comparable scales.
+
+Each is also registered by name (`visalign.rewards.registry.COMPOSITES`), its members in parentheses and its options
+from `named_args` (in a config, `reward_options` under the same name):
+
+    weighted-sum(aesthetic,artifact)   {weights: {aesthetic: 1.0, artifact: 0.5}}   (default weight 1)
+    log-sigmoid(pickscore,artifact)    {ref: {pickscore: 21.0, artifact: 0.5}}      (or one number for all)
+    par(pickscore)                     {ref: 21.0}
+    ensemble(hpsv2,pickscore)          {mode: mean_minus_std, k: 1.0}
+
+and every form takes `member_options: {member: {its options}}`.
 """
 
 from __future__ import annotations
@@ -29,28 +39,51 @@ RewardLike = str | Reward
 Reference = float | Sequence[float] | Mapping[str, float | Sequence[float]]
 
 
-def _resolve(member: RewardLike) -> Reward:
+def _resolve(member: RewardLike, options: Mapping[str, dict]) -> Reward:
     if isinstance(member, Reward):
         return member
     if isinstance(member, str):
-        return load(member)
+        return load(member, **options.get(member, {}))
     raise TypeError(f"a member must be a registry name or a visalign.rewards.Reward, got {type(member).__name__}")
 
 
-class _Composite(Reward):
-    """Members resolved and named; `score` calls each once and collects their outputs as sub-scores."""
+def _per_member(name: str, option: str, value, members: Sequence[str], default=None) -> dict:
+    """A name form's per-member option: one value for every member, or a {member: value} mapping naming each
+    member once (members a mapping leaves out take `default`, if there is one)."""
+    if not isinstance(value, Mapping):
+        return dict.fromkeys(members, value)
+    unknown = [k for k in value if k not in members]
+    missing = [m for m in members if m not in value and default is None]
+    if unknown or missing:
+        raise ValueError(f"{name}: {option} must be one value for every member or a {{member: value}} mapping over "
+                         f"{list(members)}; got keys {list(value)}")
+    return {m: value.get(m, default) for m in members}
 
-    def __init__(self, members: Sequence[RewardLike], name: str, batch_size: int = 1024, **kwargs):
+
+class _Composite(Reward):
+    """Members resolved and named; `score` calls each once and collects their outputs as sub-scores.
+
+    `member_options` builds members given by name with those constructor options ({member: {option: value}})."""
+
+    def __init__(self, members: Sequence[RewardLike], name: str, batch_size: int = 1024,
+                 member_options: Mapping[str, dict] | None = None, **kwargs):
         # Members batch themselves; the composite's own chunking only bounds how much it hands them at once.
         super().__init__(batch_size=batch_size, **kwargs)
         if not members:
             raise ValueError(f"{name}: needs at least one member reward")
+        member_options = dict(member_options or {})
+        stray = [k for k in member_options if k not in members]
+        if stray:
+            raise ValueError(f"{name}: member_options names {stray}, which are not members {list(members)}")
         self.members: dict[str, Reward] = {}
         for member in members:
-            reward = _resolve(member)
+            reward = _resolve(member, member_options)
             key = member if isinstance(member, str) else reward.name
             if key in self.members:
                 raise ValueError(f"{name}: two members are named {key!r}; give one a distinct `name`")
+            if reward.groupwise:  # a composite is called without the prompt groups
+                raise ValueError(f"{name}: member {key!r} scores groups of samples (groupwise); list it among a "
+                                 "trainer's rewards with its own weight instead")
             self.members[key] = reward
         self.name = name
         self.differentiable = all(r.differentiable for r in self.members.values())
@@ -97,10 +130,33 @@ class WeightedSum(_Composite):
             high = sum(max(w * lo, w * hi) for w, (lo, hi) in zip(self.weights.values(), ranges, strict=True))
             self.value_range = (low, high)
 
+    @classmethod
+    def named_args(cls, name: str, members: list[str], *, weights: Mapping[str, float] | None = None,
+                   member_options: Mapping[str, dict] | None = None) -> dict:
+        """`weighted-sum(a,b)`'s constructor arguments: `weights` {member: w}, 1 for a member left out."""
+        per = _per_member(name, "weights", {} if weights is None else weights, members, default=1.0)
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in per.values()):
+            raise ValueError(f"{name}: weights must be numbers, got {per}")
+        return {"rewards": per, "member_options": member_options}
+
     def score(self, *, prompts, images, videos, metadata, source_images=None):
         scores, subs = self.member_scores(prompts, images, videos, metadata, source_images)
         total = sum(self.weights[key] * value for key, value in scores.items())
         return {"score": total, **scores, **subs}
+
+
+def _check_reference(name: str, ref, several: bool) -> None:
+    """A reference's form, before any model loads: a number (or, with `several`, a list of numbers), or a
+    {prompt: that} mapping."""
+    def ok(value) -> bool:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        return several and isinstance(value, Sequence) and not isinstance(value, str) and bool(value) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+    if not (ok(ref) or isinstance(ref, Mapping) and all(isinstance(k, str) and ok(v) for k, v in ref.items())):
+        allowed = "a number or a list of numbers" if several else "a number"
+        raise ValueError(f"{name}: ref={ref!r} must be {allowed}, or a {{prompt: {allowed}}} mapping")
 
 
 def _reference_tensor(ref: Reference, prompts: list[str] | None, batch: int, label: str,
@@ -139,6 +195,17 @@ class LogSigmoidSum(_Composite):
             if not reward.higher_is_better:
                 raise ValueError(f"{name}: member {key!r} is lower-is-better; negate it first")
 
+    @classmethod
+    def named_args(cls, name: str, members: list[str], *, ref: Reference | Mapping[str, Reference],
+                   member_options: Mapping[str, dict] | None = None) -> dict:
+        """`log-sigmoid(a,b)`'s constructor arguments: `ref` one reference for every member, or {member: ref}
+        (each a float or a {prompt: float} mapping)."""
+        by_member = isinstance(ref, Mapping) and bool(ref) and set(ref) <= set(members)
+        refs = _per_member(name, "ref", ref, members) if by_member else dict.fromkeys(members, ref)
+        for value in refs.values():
+            _check_reference(name, value, several=False)
+        return {"rewards": refs, "member_options": member_options}
+
     def score(self, *, prompts, images, videos, metadata, source_images=None):
         scores, subs = self.member_scores(prompts, images, videos, metadata, source_images)
         total, utilities = 0.0, {}
@@ -167,6 +234,15 @@ class PARSigmoid(_Composite):
         if not member.higher_is_better:
             raise ValueError(f"{name}: member {key!r} is lower-is-better; negate it first")
 
+    @classmethod
+    def named_args(cls, name: str, members: list[str], *, ref: Reference,
+                   member_options: Mapping[str, dict] | None = None) -> dict:
+        """`par(a)`'s constructor arguments: one member, its `ref` a float, a list, or {prompt: float | list}."""
+        if len(members) != 1:
+            raise ValueError(f"{name}: PAR shapes one reward; it names {len(members)}: {members}")
+        _check_reference(name, ref, several=True)
+        return {"reward": members[0], "ref": ref, "member_options": member_options}
+
     def score(self, *, prompts, images, videos, metadata, source_images=None):
         scores, subs = self.member_scores(prompts, images, videos, metadata, source_images)
         value = next(iter(scores.values()))
@@ -175,6 +251,13 @@ class PARSigmoid(_Composite):
 
 
 ENSEMBLE_MODES = ("mean", "min", "mean_minus_std")
+
+
+def _check_ensemble(name: str, mode: str, k: float) -> None:
+    if mode not in ENSEMBLE_MODES:
+        raise ValueError(f"{name}: mode={mode!r} is not one of {ENSEMBLE_MODES}")
+    if not isinstance(k, (int, float)) or k < 0:
+        raise ValueError(f"{name}: k={k!r} must be a number >= 0")
 
 
 class Ensemble(_Composite):
@@ -187,10 +270,7 @@ class Ensemble(_Composite):
 
     def __init__(self, rewards: Sequence[RewardLike] | Mapping[RewardLike, object], mode: str = "mean",
                  k: float = 1.0, name: str = "ensemble", **kwargs):
-        if mode not in ENSEMBLE_MODES:
-            raise ValueError(f"{name}: mode={mode!r} is not one of {ENSEMBLE_MODES}")
-        if k < 0:
-            raise ValueError(f"{name}: k={k} must be >= 0")
+        _check_ensemble(name, mode, k)
         super().__init__(list(rewards), name, **kwargs)
         self.mode, self.k = mode, float(k)
         directions = {r.higher_is_better for r in self.members.values()}
@@ -202,6 +282,13 @@ class Ensemble(_Composite):
         ranges = [r.value_range for r in self.members.values()]
         if mode != "mean_minus_std" and all(rng is not None for rng in ranges):
             self.value_range = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
+
+    @classmethod
+    def named_args(cls, name: str, members: list[str], *, mode: str = "mean", k: float = 1.0,
+                   member_options: Mapping[str, dict] | None = None) -> dict:
+        """`ensemble(a,b,...)`'s constructor arguments: `mode` and `k`."""
+        _check_ensemble(name, mode, k)
+        return {"rewards": members, "mode": mode, "k": k, "member_options": member_options}
 
     def score(self, *, prompts, images, videos, metadata, source_images=None):
         scores, subs = self.member_scores(prompts, images, videos, metadata, source_images)

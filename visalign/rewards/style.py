@@ -15,6 +15,12 @@ def hsv_saturation(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (hi - lo) / (hi + eps)
 
 
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """Per-pixel luma, Rec. 601 (0.299 R + 0.587 G + 0.114 B), of RGB in [0, 1]: [..., 3, H, W] -> [..., H, W]."""
+    w = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype).view(3, 1, 1)
+    return (images * w).sum(dim=-3)
+
+
 class Saturation(Reward):
     """Colour saturation: the mean HSV saturation of all pixels ("mean"), or the soft fraction of pixels whose
     saturation exceeds `threshold` ("area", sigmoid with width 0.05). In [0, 1]; differentiable."""
@@ -49,10 +55,8 @@ class Brightness(Reward):
     value_range = (0.0, 1.0)
 
     def score(self, *, prompts, images, videos, metadata):
-        x = (images if images is not None else videos).float()
-        w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(3, 1, 1)
-        luma = (x * w).sum(dim=-3)
-        return luma.mean(dim=tuple(range(1, luma.ndim)))
+        y = luma((images if images is not None else videos).float())
+        return y.mean(dim=tuple(range(1, y.ndim)))
 
 
 class SaturatedArea(Saturation):

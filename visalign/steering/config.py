@@ -42,7 +42,9 @@ class SteerConfig:
         if not self.rewards:
             raise ValueError("rewards must name at least one reward")
         for name in self.rewards:  # before the model loads
-            rewards_lib.describe(name)
+            if rewards_lib.describe(name)["groupwise"]:
+                raise ValueError(f"rewards: {name} scores groups of samples as sets (groupwise), and steering scores "
+                                 "each particle on its own: train with it instead")
 
         try:
             build_method(self.method, self.options)

@@ -33,6 +33,10 @@ def resolve_rewards(rewards) -> dict[str, tuple[Reward, float]]:
         reward = rewards_lib.load(key) if isinstance(key, str) else key
         if not isinstance(reward, Reward):
             raise ValueError(f"reward {key!r} is not a visalign.rewards.Reward")
+        if reward.groupwise:  # a particle's potential must not depend on which particles share its batch
+            raise ValueError(f"reward {key!r} scores groups of samples as sets (groupwise), and steering scores "
+                             "each particle on its own: train with it instead (flow_grpo, diffusion_nft, awm, dgpo, "
+                             "flow-dpo online)")
         out[key if isinstance(key, str) else reward.name] = (reward, float(weight))
     return out
 

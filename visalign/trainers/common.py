@@ -116,8 +116,11 @@ class Scores:
         return out
 
 
-def score_rewards(reward_fns: dict[str, Reward], images: Tensor, items: list[Prompt]) -> tuple[dict, dict]:
-    """({name: combined score [B]}, {name/sub: sub-score [B]} of dict outputs). Non-finite scores are NaN."""
+def score_rewards(reward_fns: dict[str, Reward], images: Tensor, items: list[Prompt],
+                  groups: Tensor | None = None) -> tuple[dict, dict]:
+    """({name: combined score [B]}, {name/sub: sub-score [B]} of dict outputs). Non-finite scores are NaN.
+    `groups`: each sample's prompt-group id, which groupwise rewards (e.g. dragon-mmd) score as sets; without it
+    they take the batch as one set (evaluation)."""
     prompts = [it.text for it in items]
     metadata = [dict(it.metadata) for it in items]
     media = {"videos": images} if images.ndim == 5 else {"images": images}
@@ -125,7 +128,7 @@ def score_rewards(reward_fns: dict[str, Reward], images: Tensor, items: list[Pro
     with torch.no_grad():
         for name, fn in reward_fns.items():
             try:
-                result = fn(prompts=prompts, metadata=metadata, allow_invalid=True, **media)
+                result = fn(prompts=prompts, metadata=metadata, groups=groups, allow_invalid=True, **media)
             except Exception as err:  # any fault of a reward's code: named, with the batch it failed on
                 shown = ", ".join(repr(p[:40] + ("…" if len(p) > 40 else "")) for p in prompts[:3])
                 raise RewardFailed(name, f"reward {name!r} raised {type(err).__name__}: {err} (on a batch of "
@@ -202,7 +205,8 @@ def rollout(adapter: FlowModelAdapter, plan: StepPlan, reward_fns: dict[str, Rew
             sample_time += time.perf_counter() - ts
             parts.append(traj)
             images.append(pixels)
-            futures.append(pool.submit(score_rewards, reward_fns, pixels, plan.items[sl]))
+            # Each batch holds whole prompt groups when a reward is groupwise (checked by the trainer config).
+            futures.append(pool.submit(score_rewards, reward_fns, pixels, plan.items[sl], plan.groups[sl]))
         tr = time.perf_counter()
         scored = [f.result() for f in futures]
         reward_wait = time.perf_counter() - tr

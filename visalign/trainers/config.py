@@ -4,6 +4,7 @@ Everything is validated when the config loads, before any model does."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -12,9 +13,10 @@ from visalign import rewards as rewards_lib
 from visalign.config import check_ranges
 from visalign.models import check_model_options, request_rules, resolve_model_path
 from visalign.prompts import check_prompt_spec
-from visalign.rewards.registry import FRAMES_PREFIX
+from visalign.rewards.registry import FRAMES_PREFIX, SERVICES, composite_parts
 from visalign.suggest import did_you_mean
 from visalign.trainers.balance.balancer import SAFE, check_weights
+from visalign.trainers.diagnostics import DRIFT_METRICS, ROLLOUT_DRIFT
 
 
 @dataclass
@@ -109,16 +111,28 @@ class SamplingConfig:
 
 @dataclass
 class AlarmConfig:
-    """`run.alarm`: the reward-hacking alarm, checked at every evaluation."""
+    """`run.alarm`: the reward-hacking alarm and the drift watch, checked at every evaluation."""
 
     tolerance: float | None = field(default=None, metadata={"ge": 0,
         "help": "fire when a held-out signal (eval_rewards, rollout diversity) falls by more than this since the "
                 "first evaluation while the trained reward rises (None = off)"})
     rise: float = field(default=0.0, metadata={"ge": 0, "help": "minimum rise of the trained reward"})
     window: int = field(default=1, metadata={"ge": 1, "help": "moving average over this many evaluations"})
+    watch: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "drift diagnostics and limits, e.g. {drift/brightness: 0.1}: fire when one, averaged over the steps "
+                "since the previous evaluation, moves by more than its limit from its value at the first "
+                "evaluation (either direction; visalign.trainers.diagnostics lists them)"})
     action: Literal["log", "stop", "rollback"] = field(default="log", metadata={
         "help": "log it; also stop; or stop and restore the saved checkpoint whose evaluation had the best value "
-                "of the signal that fell (keep checkpoint_every = eval_every and enough checkpoints)"})
+                "of the signal that fell or drifted (keep checkpoint_every = eval_every and enough checkpoints)"})
+
+    def __post_init__(self):
+        for name, limit in self.watch.items():
+            if name not in DRIFT_METRICS:
+                raise ValueError(f"run.alarm.watch: unknown metric {name!r}{did_you_mean(name, DRIFT_METRICS)}; "
+                                 f"allowed: {', '.join(DRIFT_METRICS)}")
+            if not limit > 0 or not math.isfinite(limit):
+                raise ValueError(f"run.alarm.watch.{name}={limit}: the limit must be a finite number > 0")
 
 
 @dataclass
@@ -145,8 +159,8 @@ class RunConfig:
         "help": "the reward-hacking alarm (visalign.trainers.alarms)"})
 
     def __post_init__(self):
-        if self.alarm.tolerance is not None and self.eval_every < 1:
-            raise ValueError("alarm_tolerance needs evaluations: set run.eval_every >= 1")
+        if (self.alarm.tolerance is not None or self.alarm.watch) and self.eval_every < 1:
+            raise ValueError("run.alarm.tolerance and run.alarm.watch need evaluations: set run.eval_every >= 1")
 
 
 @dataclass
@@ -329,12 +343,13 @@ def check_rewards(trained: dict[str, float], heldout: list[str], required: bool 
             raise ValueError("train.advantage.hypervolume_reference must give one value per trained reward")
     drift = drift_reward_weights(sampling, trained) if sampling is not None else {}
     for name in [*trained, *heldout, *drift]:
-        if name.startswith(FRAMES_PREFIX):
-            rewards_lib.describe(name)  # the wrapped image reward must exist and score images
+        if name.startswith((FRAMES_PREFIX, *SERVICES)) or composite_parts(name) is not None:
+            rewards_lib.describe(name)  # the wrapped rewards must exist (frames/: and score images; remote: served)
         elif name not in rewards_lib.REGISTRY and "." not in name:
             raise ValueError(f"unknown reward {name!r}{did_you_mean(name, rewards_lib.list_rewards())}; allowed: "
                              f"{', '.join(rewards_lib.list_rewards())}, "
-                             "frames/<image reward>")
+                             "frames/<image reward>, a transform such as ensemble(<reward>,<reward>), "
+                             "remote:http://HOST:PORT/NAME, worker:PYTHON:NAME")
     for name in drift:
         if not rewards_lib.describe(name)["differentiable"]:
             raise ValueError(f"sampling.drift needs differentiable rewards; {name} is not (set "
@@ -344,6 +359,45 @@ def check_rewards(trained: dict[str, float], heldout: list[str], required: bool 
         if name not in used:
             raise ValueError(f"reward_options names {name!r}, which this recipe does not use; its rewards: {used}")
         rewards_lib.check_options(name, opts)
+    for name in used:  # a transform's required options (par's and log-sigmoid's ref) even when none are given
+        if composite_parts(name) is not None and name not in (options or {}):
+            rewards_lib.check_options(name, {})
+
+
+def groupwise_rewards(cfg) -> list[str]:
+    """A recipe's trained and held-out rewards that score whole prompt groups as sets (`Reward.groupwise`)."""
+    return [name for name in dict.fromkeys([*cfg.rewards, *cfg.eval_rewards])
+            if rewards_lib.describe(name)["groupwise"]]
+
+
+def check_groupwise_rewards(cfg) -> None:
+    """Before any model loads: a groupwise reward (e.g. dragon-mmd) gets whole prompt groups of at least its
+    `min_group_size`, so every sampling batch (scored on its own) holds whole groups; evaluation scores its
+    samples as one group, of `run.eval_num_prompts`; its options are checked even when `reward_options` omits it."""
+    group_size = cfg.train.group_size
+    for name in groupwise_rewards(cfg):
+        rewards_lib.check_options(name, cfg.reward_options.get(name, {}))
+        least = rewards_lib.describe(name)["min_group_size"]
+        if group_size < least:
+            raise ValueError(f"train.group_size={group_size}: reward {name} scores each prompt group as a set of at "
+                             f"least {least} samples; set train.group_size >= {least}")
+        if cfg.sampling.batch_size % group_size:
+            raise ValueError(f"sampling.batch_size={cfg.sampling.batch_size} must be a multiple of train.group_size="
+                             f"{group_size}: reward {name} scores each prompt group whole, and every sampling batch "
+                             "is scored on its own")
+        if cfg.run.eval_every and cfg.run.eval_num_prompts < least:
+            raise ValueError(f"run.eval_num_prompts={cfg.run.eval_num_prompts}: evaluation scores its samples as "
+                             f"one set for reward {name}, which needs at least {least}")
+
+
+def check_groups_per_process(cfg, num_processes: int) -> None:
+    """Every process samples whole prompt groups when a reward scores groups as sets (the gather of scores comes
+    after scoring)."""
+    names = groupwise_rewards(cfg)
+    if names and cfg.train.prompts_per_step % num_processes:
+        raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by the "
+                         f"{num_processes} processes: {', '.join(names)} scores each prompt group whole, on the "
+                         "process that sampled it")
 
 
 def drift_reward_weights(sampling: SamplingConfig, trained: dict[str, float]) -> dict[str, float]:
@@ -372,11 +426,21 @@ class RecipeConfig:
     def rewards_required(self) -> bool:
         return True
 
+    def drift_metrics(self) -> tuple[str, ...]:
+        """The `drift/*` diagnostics this recipe logs (visalign.trainers.diagnostics): by default its rollout's."""
+        return ROLLOUT_DRIFT
+
     def __post_init__(self):
         check_ranges(self)  # a config built in Python gets the checks loading does
         self.train.check_with_sampling(self.sampling)
         check_rewards(self.rewards, self.eval_rewards, required=self.rewards_required(), sampling=self.sampling,
                       train=self.train, options=self.reward_options)
+        logged = self.drift_metrics()
+        for name in self.run.alarm.watch:
+            if name not in logged:
+                raise ValueError(f"run.alarm.watch: {name} is not logged by trainer={self.trainer} with these "
+                                 f"settings; it logs {', '.join(logged)}")
+        check_groupwise_rewards(self)
         check_model_and_paths(self)
 
 

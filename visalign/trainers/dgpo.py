@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from visalign.trainers.config import AdvantageConfig, RecipeConfig, SamplingConfig, batch_std_advantage, ode_sampling
+from visalign.trainers.diagnostics import RATIO_DRIFT, ROLLOUT_DRIFT
 from visalign.trainers.engine import MicroBatch, MicroLoss, StepData
 from visalign.trainers.forward import OldPolicyTrainConfig, OldPolicyTrainer, noised
 from visalign.trainers.losses import dgpo_loss, per_sample_mse
@@ -60,6 +61,9 @@ class DGPOConfig(RecipeConfig):
     trainer: Literal["dgpo"] = field(default="dgpo", metadata={"help": "which trainer runs"})
     sampling: SamplingConfig = field(default_factory=ode_sampling)
     train: DGPOTrainConfig = field(default_factory=DGPOTrainConfig)
+
+    def drift_metrics(self) -> tuple[str, ...]:
+        return (*ROLLOUT_DRIFT, *RATIO_DRIFT) if self.train.clip_range is not None else ROLLOUT_DRIFT
 
 
 class DGPOTrainer(OldPolicyTrainer):

@@ -36,6 +36,7 @@ from torch import Tensor
 from visalign.pairs import load_image, load_video, read_pairs
 from visalign.trainers.common import ParamCopy, step_generator
 from visalign.trainers.config import RecipeConfig, SamplingConfig, ode_sampling
+from visalign.trainers.diagnostics import ROLLOUT_DRIFT, rms
 from visalign.trainers.engine import MicroBatch, MicroLoss, StepData
 from visalign.trainers.forward import ForwardTrainConfig, ForwardTrainer, noised
 from visalign.trainers.losses import dpo_loss, dpo_ties_loss, per_sample_mse
@@ -88,6 +89,9 @@ class FlowDPOConfig(RecipeConfig):
 
     def rewards_required(self) -> bool:
         return self.train.mode == "online"
+
+    def drift_metrics(self) -> tuple[str, ...]:
+        return ROLLOUT_DRIFT if self.train.mode == "online" else ("drift/velocity_norm",)
 
 
 def group_pairs(total: Tensor, groups: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -149,14 +153,15 @@ class FlowDPOTrainer(ForwardTrainer):
         # The reference: at step 0 the base model (LoRA B = 0) or the initial weights.
         return {"reference": ParamCopy(self.params)}
 
-    def errors(self, x0: Tensor, noise: Tensor, sigma: Tensor, cond) -> Tensor:
-        """Per-sample error of the live weights' prediction at x_t (velocity or implied-noise target)."""
+    def errors(self, x0: Tensor, noise: Tensor, sigma: Tensor, cond) -> tuple[Tensor, Tensor]:
+        """Per-sample error of the live weights' prediction at x_t (velocity or implied-noise target), and the
+        predicted velocity."""
         x_t = noised(x0, noise, sigma)
         v = self.velocity(x_t, sigma, cond)
         if self.cfg.train.target == "velocity":
-            return per_sample_mse(v, noise - x0)
+            return per_sample_mse(v, noise - x0), v
         s = sigma.view(-1, *([1] * (x0.ndim - 1))).to(x_t)
-        return per_sample_mse(x_t + (1 - s) * v, noise)  # eps implied by v = eps - x0 and x_t
+        return per_sample_mse(x_t + (1 - s) * v, noise), v  # eps implied by v = eps - x0 and x_t
 
     def _offline_batch(self, step: int):
         cfg, acc = self.cfg, self.accelerator
@@ -222,20 +227,29 @@ class FlowDPOTrainer(ForwardTrainer):
         noise = data.extra["draw"](idx, mb.slot, x_w[idx].shape).to(x_w.device)  # shared by winner and loser
         cond = data.extra["cond"].index(idx)
         with torch.no_grad(), self.reference.swapped():
-            ref_w, ref_l = self.errors(x_w[idx], noise, mb.sigma, cond), self.errors(x_l[idx], noise, mb.sigma, cond)
+            ref_w = self.errors(x_w[idx], noise, mb.sigma, cond)[0]
+            ref_l = self.errors(x_l[idx], noise, mb.sigma, cond)[0]
         return noise, cond, ref_w, ref_l
 
     def micro_loss(self, data: StepData, mb: MicroBatch, prepared) -> MicroLoss:
         noise, cond, ref_w, ref_l = prepared
         idx, sigma = mb.idx, mb.sigma
-        err_w = self.errors(data.extra["x_w"][idx], noise, sigma, cond)
-        err_l = self.errors(data.extra["x_l"][idx], noise, sigma, cond)
+        err_w, v_w = self.errors(data.extra["x_w"][idx], noise, sigma, cond)
+        err_l, v_l = self.errors(data.extra["x_l"][idx], noise, sigma, cond)
         train = self.cfg.train
-        if train.mode == "offline" and train.ties == "rao_kupper":
-            ties = data.extra["ties"][idx]
-            return MicroLoss(lambda weights: dpo_ties_loss(err_w, err_l, ref_w, ref_l, train.beta, ties,
-                                                           train.tie_eta, weights[idx]))
-        return MicroLoss(lambda weights: dpo_loss(err_w, err_l, ref_w, ref_l, train.beta, weights[idx]))
+        drift = {}
+        if train.mode == "offline":  # no rollout: the training pass's velocity norm is the drift diagnostic
+            drift["velocity_norm"] = rms(torch.cat([v_w, v_l]), v_w.ndim - 1).mean().item()
+
+        def loss(weights: Tensor):
+            if train.mode == "offline" and train.ties == "rao_kupper":
+                value, metrics = dpo_ties_loss(err_w, err_l, ref_w, ref_l, train.beta, data.extra["ties"][idx],
+                                               train.tie_eta, weights[idx])
+            else:
+                value, metrics = dpo_loss(err_w, err_l, ref_w, ref_l, train.beta, weights[idx])
+            return value, {**metrics, **drift}
+
+        return MicroLoss(loss)
 
     def after_update(self, data: StepData, step: int) -> dict:
         train = self.cfg.train

@@ -15,6 +15,11 @@ Loss: -mean(sum_k w_k r_k) or, with `reward_margin` m, mean ReLU(m - r) (`reward
 optional KL to the base, kl_beta ||v - v_ref||² on the trained steps (DRaFT+). The rewards are combined as their
 weighted sum inside the loss, so gradient-space balancing does not apply (a config-time error).
 
+With `ctrl_u_weight` λ (Ctrl-U, `ctrl_u_loss`; direct_align with a margin) each sample is also re-noised with the
+same noise at sigma_hi + `ctrl_u_offset`, the reference's two timesteps t and t + 1, and decoded and scored a second
+time; the disagreement U = |r1 - r2| of the two generations weights the reward loss: mean(ReLU(m - r1) exp(-U)) +
+λ mean(U). This is the one place visalign backpropagates a reward's loss per sample, so it is where Ctrl-U applies.
+
     visalign train configs/draft_world.yaml
 """
 
@@ -34,7 +39,7 @@ from visalign.sampling.steps import ode_step
 from visalign.trainers.common import step_generator
 from visalign.trainers.config import BaseTrainConfig, RecipeConfig, SamplingConfig, ode_sampling
 from visalign.trainers.engine import MicroBatch, MicroLoss, OnlineTrainer, StepData
-from visalign.trainers.losses import reward_backprop_loss
+from visalign.trainers.losses import ctrl_u_loss, reward_backprop_loss
 
 
 @dataclass
@@ -57,6 +62,12 @@ class DraftTrainConfig(BaseTrainConfig):
     train_guidance: float = field(default=1.0, metadata={"ge": 0,
         "help": "CFG scale of the trained prediction (the rollout's `sampling.guidance` for draft, to continue the "
                 "same ODE)"})
+    ctrl_u_weight: float | None = field(default=None, metadata={"ge": 0,
+        "help": "Ctrl-U's λ: weigh each sample's reward loss by exp(-U), U = |r1 - r2| over a second generation "
+                "at sigma_hi + ctrl_u_offset, plus λ mean(U) (direct_align with reward_margin; reference: 0.1 for "
+                "depth and edges; None = off)"})
+    ctrl_u_offset: float = field(default=0.001, metadata={"gt": 0,
+        "help": "Ctrl-U: Δsigma of the second generation (the reference's one timestep of 1000)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,6 +75,13 @@ class DraftTrainConfig(BaseTrainConfig):
         if not 0 < self.align_step < lo <= hi < 1:
             raise ValueError(f"align_sigma={self.align_sigma} and align_step={self.align_step} must satisfy "
                              "0 < align_step < low <= high < 1")
+        if self.ctrl_u_weight is not None:
+            if self.mode != "direct_align" or self.reward_margin is None:
+                raise ValueError("ctrl_u_weight (Ctrl-U) re-noises each sample with its own noise at two sigmas and "
+                                 "weighs a non-negative reward loss: set mode=direct_align and reward_margin")
+            if hi + self.ctrl_u_offset >= 1:
+                raise ValueError(f"ctrl_u_offset={self.ctrl_u_offset}: the second generation's sigma align_sigma "
+                                 f"high + offset = {hi + self.ctrl_u_offset} must stay below 1")
         if self.balance.on or self.advantage.mode != "sum_then_normalize" or self.advantage.constraints:
             raise ValueError("draft backpropagates the weighted sum of the rewards itself: train.balance, "
                              "advantage.mode and advantage.constraints do not apply")
@@ -161,23 +179,34 @@ class DraftTrainer(OnlineTrainer):
         else:
             noise = traj.latents[idx, 0].detach().to(self.adapter.device).float()  # the rollout's own noise
             x0_roll = traj.final[idx].detach().to(self.adapter.device).float()
-            hi = prepared["sigma_hi"]
-            lo = hi - train.align_step
-            x_hi = hi * noise + (1 - hi) * x0_roll
-            x0 = direct_align_x0(x_hi, self._velocity(x_hi, hi, cond, pairs), noise, hi, lo)
+            x0 = self._direct_align(x0_roll, noise, prepared["sigma_hi"], cond, pairs)
+            if train.ctrl_u_weight is not None:  # Ctrl-U's second generation of the same condition and noise
+                second = self._direct_align(x0_roll, noise, prepared["sigma_hi"] + train.ctrl_u_offset, cond, pairs)
+                x0 = torch.cat([x0, second])
         images = self.adapter.decode(x0)
         items = [data.rs.plan.items[i] for i in idx.tolist()]
-        total = self.reward_total(images, items)
+        total = self.reward_total(images, items * (len(images) // len(items)))
         kl = torch.stack([(v - v_ref).pow(2).mean() for v, v_ref in pairs]).mean() if pairs else None
 
         def loss(weights: Tensor):
-            value, metrics = reward_backprop_loss(total * weights[idx].to(total.device), train.reward_margin)
+            w = weights[idx].to(total.device)
+            if train.ctrl_u_weight is None:
+                value, metrics = reward_backprop_loss(total * w, train.reward_margin)
+            else:
+                first, second = total.chunk(2)
+                value, metrics = ctrl_u_loss(first * w, second * w, train.reward_margin, train.ctrl_u_weight)
             if kl is not None:
                 value = value + train.kl_beta * kl
                 metrics["kl"] = kl.item()
             return value, metrics
 
         return MicroLoss(loss, x0)
+
+    def _direct_align(self, x0_roll: Tensor, noise: Tensor, sigma_hi: float, cond, pairs: list) -> Tensor:
+        """The rollout's samples re-noised with their own noise to sigma_hi, one step with gradient, x0 recovered."""
+        sigma_lo = sigma_hi - self.cfg.train.align_step
+        x_hi = sigma_hi * noise + (1 - sigma_hi) * x0_roll
+        return direct_align_x0(x_hi, self._velocity(x_hi, sigma_hi, cond, pairs), noise, sigma_hi, sigma_lo)
 
     def reward_total(self, images: Tensor, items: list[Prompt]) -> Tensor:
         """The weighted sum of the trained rewards, with their gradient."""

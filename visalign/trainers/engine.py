@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from visalign.config import save_config, to_dict
-from visalign.media import save_pixels
+from visalign.media import preview_image, save_pixels
 from visalign.models import DTYPES, load_model
 from visalign.models.base import encode
 from visalign.prompts import prompt_source, prompts_of, source_images
@@ -76,7 +76,8 @@ from visalign.trainers.common import (
     verify_checkpoint,
     write_manifest,
 )
-from visalign.trainers.config import drift_reward_weights
+from visalign.trainers.config import check_groups_per_process, drift_reward_weights
+from visalign.trainers.diagnostics import LOSS_DRIFT, drift_row, loss_drift, reduce_drift, rollout_drift
 from visalign.trainers.sharding import (
     check_deepspeed,
     fit_wrapping,
@@ -89,16 +90,14 @@ from visalign.trainers.sharding import (
 from visalign.trainers.weighting import AdvantageWeighting
 
 
-def within_group_diversity(images: torch.Tensor, groups: torch.Tensor) -> float:
-    """Mean pairwise RMS pixel distance between samples of the same prompt group (collapse drives it to 0)."""
-    flat = images.detach().float().flatten(1)
-    values = []
-    for g in torch.unique(groups):
-        x = flat[groups == g]
-        if len(x) > 1:
-            d = torch.cdist(x, x) / flat.shape[1] ** 0.5
-            values.append(d.sum() / (len(x) * (len(x) - 1)))
-    return float(torch.stack(values).mean()) if values else 0.0
+def log_samples(trackers, image, step: int, tag: str = "eval/samples") -> None:
+    """An evaluation's sample grid (uint8 [H, W, 3]) to accelerate's trackers at its step: TensorBoard's
+    `add_images` (NHWC), wandb's `wandb.Image` (both through the tracker's `log_images`, as diffusers' examples)."""
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({tag: image[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({tag: [image]}, step=step)
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
@@ -226,6 +225,7 @@ class OnlineTrainer:
         cfg, acc = self.cfg, self.accelerator
         check_deepspeed(acc, train_batch_size=cfg.train.train_batch_size, max_grad_norm=cfg.train.max_grad_norm,
                         balance_params=cfg.train.balance.on and cfg.train.balance.gram == "params")
+        check_groups_per_process(cfg, acc.num_processes)
         if cfg.model.offload_copies and is_sharded(acc):
             raise ValueError("model.offload_copies moves whole copies to CPU memory; under FSDP / DeepSpeed they are "
                              "shards: use the engine's own offload in the accelerate config instead")
@@ -296,10 +296,12 @@ class OnlineTrainer:
         self.state = TrainerState()
         self.checkpointed["state"] = self.state
         self.alarm = None
-        if cfg.run.alarm.tolerance is not None:
-            self.alarm = AlarmMonitor(cfg.run.alarm.tolerance, cfg.run.alarm.rise, cfg.run.alarm.window)
+        if cfg.run.alarm.tolerance is not None or cfg.run.alarm.watch:
+            self.alarm = AlarmMonitor(cfg.run.alarm.tolerance, cfg.run.alarm.rise, cfg.run.alarm.window,
+                                      watch=dict(cfg.run.alarm.watch))
             self.checkpointed["alarm"] = self.alarm
-        self._diversity: list[float] = []
+        self._rollout_drift: dict[str, float] = {}  # this step's rollout diagnostics (rollout_step)
+        self._drift_since_eval: dict[str, list[float]] = {}  # each step's drift/*, averaged for the alarm
         if self.ema is not None:
             self.checkpointed["ema"] = self.ema
         for name, state in self.recipe_state().items():  # checkpointed with the rest, restored on resume
@@ -392,21 +394,24 @@ class OnlineTrainer:
         except RewardFailed as err:  # a trained reward: the run cannot go on without it
             raise RewardFailed(err.name, f"step {step}: {err}. The last checkpoint is intact") from err.__cause__
         if self.eval_rewards:
-            ro.scores.heldout, sub = self.score_heldout(ro.images, plan.items, f"step {step}")
+            ro.scores.heldout, sub = self.score_heldout(ro.images, plan.items, f"step {step}", plan.groups)
             ro.scores.sub.update(sub)
         gathered = ro.scores.map(lambda v: acc.gather(v.to(acc.device)).cpu())
         groups = torch.arange(plan.total) // cfg.train.group_size
         valid = check_rewards_valid(gathered.trained, list(self.rewards), step)
-        self._diversity.append(within_group_diversity(ro.images, plan.groups))
+        self._rollout_drift = rollout_drift(ro.images, ro.traj.latents, ro.traj.x0_preds, ro.traj.sigmas,
+                                            plan.groups)
         return RolloutStep(plan, ro, gathered, groups, valid)
 
-    def score_heldout(self, images: torch.Tensor, items, where: str) -> tuple[dict, dict]:
-        """Scores and sub-scores of the held-out rewards. One that raises (on any process) is logged and disabled
-        for the rest of the run, resumes included: held-out rewards only watch, so they never stop a run."""
+    def score_heldout(self, images: torch.Tensor, items, where: str,
+                      groups: torch.Tensor | None = None) -> tuple[dict, dict]:
+        """Scores and sub-scores of the held-out rewards (`groups`: the samples' prompt groups, for groupwise
+        rewards). One that raises (on any process) is logged and disabled for the rest of the run, resumes included:
+        held-out rewards only watch, so they never stop a run."""
         scores, sub, failed = {}, {}, {}
         for name, fn in self.eval_rewards.items():
             try:
-                s, b = score_rewards({name: fn}, images, items)
+                s, b = score_rewards({name: fn}, images, items, groups)
             except RewardFailed as err:
                 failed[name] = str(err)
                 continue
@@ -572,6 +577,7 @@ class OnlineTrainer:
         every sample has an invalid reward is skipped (and counted, see `skip`)."""
         t0 = time.perf_counter()
         self._skipped_now = 0
+        self._rollout_drift = {}
         try:
             data = self.collect(step)
         except NoValidRewards:
@@ -582,14 +588,30 @@ class OnlineTrainer:
         t_train = time.perf_counter()
         micro = self.micro_batches(data, step)
         logs, balance_logs = self.update(data, micro, step)
-        metrics = {"step": step, **data.metrics, **{f"train/{k}": sum(v) / len(v) for k, v in logs.items()},
+        metrics = {"step": step, **data.metrics,
+                   **{f"train/{k}": sum(v) / len(v) for k, v in logs.items() if k not in LOSS_DRIFT},
                    **balance_logs, **self.after_update(data, step)}
         if self.ema is not None:
             self.ema.update(step)
         metrics.update(self.step_metrics(data))
+        metrics.update(self.drift_metrics(logs))
         metrics.update({"skipped": self._skipped_now, "skipped_total": self.state.skipped,
                         "time/training": time.perf_counter() - t_train, "time/step": time.perf_counter() - t0})
         return metrics
+
+    def drift_metrics(self, logs: dict[str, list[float]]) -> dict[str, float]:
+        """The step's drift diagnostics (visalign.trainers.diagnostics): the rollout's and those among the losses'
+        metrics, reduced over processes so that every process feeds its alarm the same values."""
+        values = {**loss_drift(logs), **self._rollout_drift}
+        acc = self.accelerator
+        rows = drift_row(values)
+        if acc.num_processes > 1:
+            rows = acc.gather(rows.to(acc.device)).cpu()
+        out = reduce_drift(rows)
+        if self.alarm is not None:
+            for name, value in out.items():
+                self._drift_since_eval.setdefault(name, []).append(value)
+        return out
 
     def update(self, data: StepData, micro: list[MicroBatch], step: int) -> tuple[dict[str, list], dict]:
         """Forward and backward of every micro-batch, accumulated into `train.optimizer_steps_per_rollout`
@@ -691,8 +713,11 @@ class OnlineTrainer:
         scores, sub = {**scores, **heldout}, {**sub, **heldout_sub}
         metrics = {f"eval/{k}/mean": v[torch.isfinite(v)].mean().item() for k, v in {**scores, **sub}.items()}
         if self.accelerator.is_main_process:
-            save_pixels(images[:32] if images.ndim == 4 else images[:8], self.out / "samples" /
-                        f"step_{step:06d}.{'png' if images.ndim == 4 else 'gif'}", scale=2)
+            shown = images[:32] if images.ndim == 4 else images[:8]
+            save_pixels(shown, self.out / "samples" / f"step_{step:06d}.{'png' if images.ndim == 4 else 'gif'}",
+                        scale=2)
+            if self.accelerator.trackers:
+                log_samples(self.accelerator.trackers, preview_image(shown, scale=2), step)
         return metrics
 
     def save_checkpoint(self, step: int) -> Path:
@@ -897,17 +922,20 @@ class OnlineTrainer:
                 self.adapter.denoiser = denoiser
 
     def _check_alarm(self, step: int, metrics: dict) -> bool:
-        """Feed the evaluation into the hacking alarm; log it; True when the run should stop."""
+        """Feed the evaluation into the hacking alarm: the evaluation's rewards, and each drift diagnostic averaged
+        over the steps since the last evaluation (`drift/diversity` as the held-out signal "diversity", the
+        `run.alarm.watch` ones as watched signals); log it; True when the run should stop."""
         if self.alarm is None:
             return False
         trained = sum(w * metrics[f"eval/{name}/mean"] for name, w in self.cfg.rewards.items())
         heldout = {name: metrics[f"eval/{name}/mean"] for name in self.eval_rewards}
-        if self._diversity:
-            heldout["diversity"] = sum(self._diversity) / len(self._diversity)
-            metrics["eval/diversity"] = heldout["diversity"]
-            self._diversity = []
+        drift = {name: sum(v) / len(v) for name, v in self._drift_since_eval.items()}
+        self._drift_since_eval = {}
+        if "drift/diversity" in drift:
+            heldout["diversity"] = metrics["eval/diversity"] = drift["drift/diversity"]
+        watched = {name: drift.get(name, math.nan) for name in self.cfg.run.alarm.watch}
         already = self.alarm.fired is not None
-        alarm = self.alarm.update(step, trained, heldout)
+        alarm = self.alarm.update(step, trained, heldout, watched)
         metrics["alarm/fired"] = int(alarm is not None)
         if alarm is None or already:
             return False
@@ -920,15 +948,14 @@ class OnlineTrainer:
 
     def rollback(self) -> Path | None:
         """After an alarm: load the checkpoint, among those saved at evaluated steps, where the signal that fell
-        was best (the earliest on ties), keeping the alarm's full history. None when no such checkpoint exists."""
-        fired = self.alarm.fired
-        values = dict(zip(self.alarm.steps, self.alarm.heldout[fired.signal], strict=True))
-        sign = self.alarm.directions.get(fired.signal, 1)
+        was best (a watched one: nearest its first value; the earliest on ties), keeping the alarm's full history.
+        None when no such checkpoint exists."""
+        values = self.alarm.goodness()
         candidates = [d for d in checkpoint_dirs(self.out) if int(d.name.split("-")[1]) in values]
         message = {"rolled_back_to": None}
         best = None
         if candidates:
-            best = max(candidates, key=lambda d: (sign * values[int(d.name.split("-")[1])], -int(d.name.split("-")[1])))
+            best = max(candidates, key=lambda d: (values[int(d.name.split("-")[1])], -int(d.name.split("-")[1])))
             history = self.alarm.state_dict()
             self.load_checkpoint(best)
             self.alarm.load_state_dict(history)  # the checkpoint holds an older history; keep the one that fired

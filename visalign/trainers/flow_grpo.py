@@ -23,6 +23,7 @@ import torch
 from visalign.sampling import trajectory_log_prob
 from visalign.trainers.common import num_trained_steps, step_generator
 from visalign.trainers.config import BaseTrainConfig, RecipeConfig
+from visalign.trainers.diagnostics import RATIO_DRIFT, ROLLOUT_DRIFT
 from visalign.trainers.engine import MicroBatch, MicroLoss, OnlineTrainer, StepData
 from visalign.trainers.losses import grpo_loss, guard_log_ratio
 
@@ -49,6 +50,9 @@ class FlowGRPOConfig(RecipeConfig):
 
     trainer: Literal["flow_grpo"] = field(default="flow_grpo", metadata={"help": "which trainer runs"})
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def drift_metrics(self) -> tuple[str, ...]:
+        return (*ROLLOUT_DRIFT, *RATIO_DRIFT)
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,7 +124,7 @@ class FlowGRPOTrainer(OnlineTrainer):
             return trajectory_log_prob(self.adapter, traj, steps_j, cond, self.cfg.sampling.guidance, index=idx).mean
 
     def progress_postfix(self, metrics: dict) -> dict:
-        return {**super().progress_postfix(metrics), "ratio": f"{metrics.get('train/ratio_mean', 1):.4f}"}
+        return {**super().progress_postfix(metrics), "ratio": f"{metrics.get('drift/ratio_mean', 1):.4f}"}
 
 
 __all__ = ["FlowGRPOConfig", "FlowGRPOTrainer"]

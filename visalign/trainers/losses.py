@@ -53,11 +53,19 @@ def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_r
         metrics = {
             "policy_loss": ((torch.maximum(unclipped, clipped) * weight).sum() / n).item(),  # unweighted
             "kl": ((kl * weight).sum() / n).item(),
-            "ratio_mean": ratio[keep].mean().item() if keep.any() else 1.0,
             "ratio_max_dev": (ratio[keep] - 1).abs().max().item() if keep.any() else 0.0,
-            "clip_fraction": ((ratio[keep] - 1).abs() > clip_range).float().mean().item() if keep.any() else 0.0,
+            # The step's drift diagnostics (visalign.trainers.diagnostics); NaN when no sample trained.
+            **ratio_stats(ratio[keep], (ratio[keep] - 1).abs() > clip_range),
         }
     return loss, metrics
+
+
+def ratio_stats(ratio: Tensor, clipped: Tensor) -> dict[str, float]:
+    """Mean, min and max of the trained samples' ratios [n] and the fraction clipped (bool [n]); NaN when n = 0."""
+    if not len(ratio):
+        return dict.fromkeys(("ratio_mean", "ratio_min", "ratio_max", "clip_fraction"), math.nan)
+    return {"ratio_mean": ratio.mean().item(), "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item(),
+            "clip_fraction": clipped.float().mean().item()}
 
 
 # ---- forward-process losses (flow matching on clean samples): Flow-DPO, Flow-RWR, DiffusionNFT -------------
@@ -254,8 +262,9 @@ def dgpo_loss(err: Tensor, err_ref: Tensor, advantages: Tensor, groups: Tensor, 
     loss = (weight * a * trained).mean()
     with torch.no_grad():
         metrics = {"dgpo_loss": loss.item(), "group_score_mean": s_g.mean().item(),
-                   "group_weight_mean": weight.mean().item(), "mse": err.mean().item(),
-                   "clipped_fraction": clipped.float().mean().item()}
+                   "group_weight_mean": weight.mean().item(), "mse": err.mean().item()}
+        if clip_range is not None:
+            metrics.update(ratio_stats(ratio, clipped))
     return loss, metrics
 
 
@@ -267,4 +276,24 @@ def reward_backprop_loss(reward: Tensor, margin: float | None = None) -> tuple[T
     loss = (-reward).mean() if margin is None else torch.relu(margin - reward).mean()
     with torch.no_grad():
         metrics = {"reward_loss": loss.item(), "reward": reward.mean().item()}
+    return loss, metrics
+
+
+def ctrl_u_loss(reward: Tensor, reward_2: Tensor, margin: float, weight: float) -> tuple[Tensor, dict]:
+    """Ctrl-U's uncertainty-aware reward loss (Zhang et al. 2025, "Ctrl-U: Robust Conditional Image Generation via
+    Uncertainty-aware Reward Modeling", ICLR 2025, arXiv 2410.11236; grenoble-zhang/Ctrl-U `train/ctrlu-depth.py`
+    L1561-1585), for a scalar reward of two generations of each condition, `reward` [B] and `reward_2` [B]: their
+    disagreement U = |r1 - r2| (the reference's L1 discrepancy for continuous predictions) weights the first
+    generation's reward loss L^c = ReLU(m - r1), a non-negative consistency loss as the paper's:
+
+        L = mean(L^c exp(-U)) + lambda mean(U)        (the paper's L^c / exp(U) + lambda U)
+
+    so samples the reward judges inconsistently weigh less, and lambda U keeps U from growing instead. Neither U nor
+    the weight is detached: both generations carry gradient, as in the reference."""
+    uncertainty = (reward - reward_2).abs()
+    consistency = torch.relu(margin - reward)
+    loss = (consistency * torch.exp(-uncertainty)).mean() + weight * uncertainty.mean()
+    with torch.no_grad():
+        metrics = {"ctrl_u_loss": loss.item(), "reward_loss": consistency.mean().item(),
+                   "uncertainty": uncertainty.mean().item(), "reward": reward.mean().item()}
     return loss, metrics
