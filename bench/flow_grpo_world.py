@@ -4,7 +4,7 @@
     .venv/bin/python bench/flow_grpo_world.py --minutes 8 --arms verifier+clean nft rwr dpo --out outputs/bench_trainers
     .venv/bin/python bench/flow_grpo_world.py --merge A/results.json "seed 1=B/results.json" --out outputs/merged
 
-Arms (each trained from the shipped base model for the same wall-time budget, same prompts per step and group
+Arms (each trained from the shipped base model for the same compute budget, same prompts per step and group
 size, so equal rollouts per step):
   verifier           Flow-GRPO, reward = world-verifier partial credit (`--config`, default flow_grpo_world.yaml)
   verifier+clean     Flow-GRPO, reward = world-verifier + 0.5 × world-cleanliness (holds background drift down)
@@ -14,8 +14,16 @@ size, so equal rollouts per step):
 Every `--eval-every` steps (and at step 0) the current weights are evaluated with fresh seeds (the same ones at
 every point, so the curve's differences are paired) on a fixed set of
 RL prompts (seen split) and on held-out compositions: whole-prompt accuracy (main and strict judges) and
-cleanliness (1 − background drift). Writes curve.png (accuracy vs rollouts and wall time), results.md and
+cleanliness (1 − background drift). Writes curve.png (accuracy vs rollouts and training time), results.md and
 results.json. Numbers are ratios/accuracies measured in this one run, not absolute seconds claims.
+
+The budget is compute, not wall time, and the arms share the machine alike (bench/paired.py's
+`interleave_budget`): all arms are built in one process and take their steps interleaved, one step of each per
+round (order alternating), each until its own process CPU time reaches `--minutes` of 2 cores (as
+bench/recipes_compared.py budgets), so a busy machine shortens no arm's budget; evaluation is not counted. A
+curve's "minutes" are that CPU time over the 2 threads ("wall_minutes": the same steps' wall time). With two or
+more arms the bench prints the paired table of their seconds per step (process CPU, median and spread of the
+per-round ratios to the first arm) and writes it, with the wall-clock one and every step's times, to timing.json.
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
+import paired
 import torch
 
 from visalign.trainers import load_train_config, trainer_class
@@ -67,34 +77,70 @@ def evaluate(trainer, n: int, seed: int) -> dict:
     return out
 
 
-def run_arm(name: str, arm: tuple[str | None, list[str]], args, evaluate=evaluate) -> list[dict]:
-    """Train one arm for args.minutes of training wall time, evaluating (`evaluate(trainer, n, seed)`) at
-    step 0, every args.eval_every steps and at the end."""
-    config, extra = arm
-    overrides = [f"run.out_dir={args.out}/{name}", "run.resume_from=null", "run.eval_every=0",
-                 "run.log_with=none", "run.progress=false", "train.max_steps=100000",
-                 "run.checkpoint_every=100000", *extra, *args.overrides]
-    cfg = load_train_config(config or args.config, overrides)
-    trainer = trainer_class(cfg.trainer)(cfg)
-    samples_per_step = cfg.train.prompts_per_step * cfg.train.group_size
-    curve = [{"step": 0, "rollouts": 0, "minutes": 0.0, **evaluate(trainer, args.n, seed=777)}]
-    print(f"[{name}] step 0: {json.dumps(curve[-1])}", flush=True)
-    train_time, step = 0.0, 0
-    while train_time < args.minutes * 60 and step < cfg.train.max_steps:
-        t = time.perf_counter()
-        metrics = trainer.step(step)
-        trainer.state.step = step + 1
-        train_time += time.perf_counter() - t
-        step += 1
+def run_arms(arms: dict[str, tuple[str | None, list[str]]], args, evaluate=evaluate,
+             threads: int = 2) -> tuple[dict[str, list[dict]], paired.Budgeted]:
+    """Train the arms interleaved (bench/paired.py's `interleave_budget`): one step of each arm per round, the order
+    alternating, each arm until its own process CPU time reaches args.minutes of `threads` cores; evaluation
+    (`evaluate(trainer, n, seed)`, at step 0, every args.eval_every steps and at the end) is outside the budget.
+    Returns each arm's curve ("minutes": its CPU time over `threads`, "wall_minutes": its steps' wall time) and
+    the per-step times."""
+    trainers = {}
+    for name, (config, extra) in arms.items():
+        overrides = [f"run.out_dir={args.out}/{name}", "run.resume_from=null", "run.eval_every=0",
+                     "run.log_with=none", "run.progress=false", "train.max_steps=100000",
+                     "run.checkpoint_every=100000", *extra, *args.overrides]
+        cfg = load_train_config(config or args.config, overrides)
+        trainers[name] = trainer_class(cfg.trainer)(cfg)
+    curves = {}
+    for name, trainer in trainers.items():
+        curves[name] = [{"step": 0, "rollouts": 0, "minutes": 0.0, "wall_minutes": 0.0,
+                         **evaluate(trainer, args.n, seed=777)}]
+        print(f"[{name}] step 0: {json.dumps(curves[name][-1])}", flush=True)
+    budget, wall = args.minutes * 60 * threads, dict.fromkeys(trainers, 0.0)
+
+    def stepper(name):
+        trainer = trainers[name]
+
+        def step(i):
+            t = time.perf_counter()
+            metrics = trainer.step(i)
+            trainer.state.step = i + 1
+            wall[name] += time.perf_counter() - t
+            return metrics
+        return step
+
+    def after(name, step, spent, metrics):
+        trainer = trainers[name]
+        cfg = trainer.cfg
         first = next(iter(cfg.rewards))
         passed = metrics.get(f"rewards/{first}/passed/mean", float("nan"))
         print(f"[{name}] step {step}: reward {metrics[f'rewards/{first}/mean']:.3f}, rollouts passed {passed:.3f} "
-              f"({train_time / 60:.1f} min)", flush=True)
-        if step % args.eval_every == 0 or train_time >= args.minutes * 60 or step == cfg.train.max_steps:
-            curve.append({"step": step, "rollouts": step * samples_per_step, "minutes": train_time / 60,
-                          **evaluate(trainer, args.n, seed=777)})
-            print(f"[{name}] eval: {json.dumps(curve[-1])}", flush=True)
-    return curve
+              f"({spent / 60 / threads:.1f} of {args.minutes:g} min of {threads} cores)", flush=True)
+        if step % args.eval_every == 0 or spent >= budget or step == cfg.train.max_steps:
+            curves[name].append({"step": step, "rollouts": step * cfg.train.prompts_per_step * cfg.train.group_size,
+                                 "minutes": spent / 60 / threads, "wall_minutes": wall[name] / 60,
+                                 **evaluate(trainer, args.n, seed=777)})
+            print(f"[{name}] eval: {json.dumps(curves[name][-1])}", flush=True)
+        return step == cfg.train.max_steps
+
+    budgeted = paired.interleave_budget({name: stepper(name) for name in trainers}, budget, after=after)
+    return curves, budgeted
+
+
+def timing(budgeted: paired.Budgeted, out: Path, threads: int) -> str:
+    """The paired table of the arms' seconds per training step (process CPU; first arm the baseline), written with
+    the wall-clock report and every step's times to timing.json; with one arm, its median and the context."""
+    extra = {"steps": budgeted.to_dict(), "threads": threads}
+    if len(budgeted.seconds) >= 2 and budgeted.rounds() >= 1:
+        report = budgeted.report()
+        report.write(out / "timing.json", wall=budgeted.report(wall=True).to_dict(), **extra)
+        return ("Seconds per training step, process CPU time (the budget's clock), the arms interleaved step by "
+                "step; ratios to the first arm within each round:\n" + report.table())
+    context = paired.context()
+    (out / "timing.json").write_text(json.dumps({"context": context, **extra}, indent=2) + "\n")
+    cells = [f"{name} {statistics.median(v):.2f} s CPU per step (median of {len(v)})" if v else f"{name} no step"
+             for name, v in budgeted.seconds.items()]
+    return "; ".join(cells) + f"; no other arm to pair with; {paired.context_line(context)}"
 
 
 def plot(results: dict[str, list[dict]], path: Path) -> None:
@@ -113,9 +159,10 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
         axes[1].plot(x_t, [c["seen"]["strict"] for c in curve], "^:", label=f"{arm}: strict judge")
         axes[2].plot(x_t, [c["seen"]["cleanliness"] for c in curve], "o-", label=arm)
     axes[0].set(xlabel="rollouts (images sampled)", ylabel="whole-prompt accuracy", title="accuracy vs rollouts")
-    axes[1].set(xlabel="training wall time (min)", ylabel="whole-prompt accuracy (RL prompts)",
+    axes[1].set(xlabel="training time (min of 2 cores, CPU)", ylabel="whole-prompt accuracy (RL prompts)",
                 title="accuracy vs time")
-    axes[2].set(xlabel="training wall time (min)", ylabel="cleanliness (1 = no drift)", title="background drift")
+    axes[2].set(xlabel="training time (min of 2 cores, CPU)", ylabel="cleanliness (1 = no drift)",
+                title="background drift")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -145,7 +192,8 @@ def table(results: dict[str, list[dict]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/flow_grpo_world.yaml")
-    parser.add_argument("--minutes", type=float, default=20.0, help="training wall-time budget per arm")
+    parser.add_argument("--minutes", type=float, default=20.0,
+                        help="training budget per arm: minutes of 2 cores of process CPU time")
     parser.add_argument("--eval-every", type=int, default=8, help="steps between evaluations")
     parser.add_argument("--n", type=int, default=32, help="evaluation prompts per template and split")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -171,12 +219,16 @@ def main() -> None:
                     raise SystemExit(f"arm {arm!r} is in more than one of --merge {' '.join(args.merge)}")
                 results[arm] = curve
     else:
-        results = {arm: run_arm(arm, ARMS[arm], args) for arm in args.arms}
+        results, budgeted = run_arms({arm: ARMS[arm] for arm in args.arms}, args)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(table(results))
     plot(results, out / "curve.png")
     print(table(results))
-    print(f"wrote {out}/curve.png, results.md, results.json")
+    if args.merge:
+        print(f"wrote {out}/curve.png, results.md, results.json")
+    else:
+        print(timing(budgeted, out, 2))
+        print(f"wrote {out}/curve.png, results.md, results.json, timing.json")
 
 
 if __name__ == "__main__":

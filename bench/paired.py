@@ -11,6 +11,11 @@ every round runs each arm once, the order alternating between rounds (A B, B A, 
 through a round does not favour one arm, and each round gives one ratio per arm against the baseline (the first
 arm). The report is the median of those per-round ratios and their spread (the lowest and highest), with the
 context needed to judge them: torch threads, load average, CPU count, device and commit.
+
+Training arms under a time budget run through `interleave_budget`: one step of each arm per round (order
+alternating), each arm until its own process CPU seconds reach the budget; `Budgeted.report()` pairs the rounds in
+which every arm stepped. Benches that compare arms on outcomes after the same work (fixed steps, bit-identity)
+print `equal_work(...)`: that the comparison is not on time, and the context it ran in.
 """
 
 from __future__ import annotations
@@ -71,10 +76,7 @@ class Report:
         for a in self.arms:
             lo, hi = a.spread
             lines.append(f"| {a.name} | {a.median_ratio:.3f} | {lo:.3f} – {hi:.3f} | {a.median_seconds:.4f} |")
-        c = self.context
-        lines.append(f"\n{self.rounds} interleaved rounds after {self.warmup} warm-up; torch threads "
-                     f"{c.get('torch_threads')}, load average {c.get('load_average')}, {c.get('cpus')} CPUs, "
-                     f"{c.get('device')}, commit {c.get('commit')}")
+        lines.append(f"\n{self.rounds} interleaved rounds after {self.warmup} warm-up; {context_line(self.context)}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -102,6 +104,19 @@ def context() -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or '?'})"
     return {"torch_threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()],
             "cpus": os.cpu_count(), "device": device, "commit": commit}
+
+
+def context_line(c: dict) -> str:
+    """`context()` in words, as the report's table ends."""
+    return (f"torch threads {c.get('torch_threads')}, load average {c.get('load_average')}, {c.get('cpus')} CPUs, "
+            f"{c.get('device')}, commit {c.get('commit')}")
+
+
+def equal_work(work: str, ctx: dict | None = None) -> str:
+    """The line a bench prints whose arms are compared on outcomes after the same work (`work`: e.g. "12 training
+    steps each"), not on time, with the context it ran in (`context()` unless given)."""
+    return (f"arms compared on outcomes at equal work ({work}), not on time; "
+            f"{context_line(context() if ctx is None else ctx)}")
 
 
 def peak_memory(fn: Callable[[], object], workdir: str | Path | None = None) -> int:
@@ -184,3 +199,63 @@ def from_rounds(seconds: dict[str, list[float]], warmup: int = 0) -> Report:
     results = [ArmResult(name, list(seconds[name]), [s / b for s, b in zip(seconds[name], base, strict=True)])
                for name in names]
     return Report(results, len(base), warmup, context())
+
+
+@dataclass
+class Budgeted:
+    """Per-step times of arms that `interleave_budget` ran: `seconds` on the budget's clock (process CPU time unless
+    told otherwise) and `wall` on the wall clock, one entry per step of each arm, in the order they ran."""
+    seconds: dict[str, list[float]]
+    wall: dict[str, list[float]]
+
+    def rounds(self) -> int:
+        """Rounds in which every arm took a step: each arm's first steps (an arm stops at its budget)."""
+        return min(len(v) for v in self.seconds.values())
+
+    def report(self, warmup: int = 1, wall: bool = False) -> Report:
+        """The paired report (first arm the baseline) of the rounds in which every arm took a step, on the budget's
+        clock or with `wall` the wall clock. The first `warmup` rounds (the process's first allocations, thread
+        pools) are left out when at least one round remains; otherwise none is, and the report says so."""
+        times = self.wall if wall else self.seconds
+        n = self.rounds()
+        skip = warmup if n > warmup else 0
+        return from_rounds({name: v[skip:n] for name, v in times.items()}, skip)
+
+    def to_dict(self) -> dict:
+        return {"seconds": self.seconds, "wall": self.wall}
+
+
+def interleave_budget(arms: dict[str, Callable[[int], object]], budget: float, *,
+                      clock: Callable[[], float] = time.process_time, wall: Callable[[], float] = time.perf_counter,
+                      after: Callable[[str, int, float, object], object] | None = None) -> Budgeted:
+    """Run arms that each take steps (`arms[name](i)` for i = 0, 1, ...) interleaved, round by round, each round one
+    step of every arm still under budget, the order alternating (A B, B A, ...), until each arm's own `clock`
+    seconds reach `budget`. `after(name, steps_done, spent, result)` runs after each step, outside the budget
+    (evaluation, logging); a truthy return ends that arm there.
+
+    The budget's clock is process CPU time by default (as bench/recipes_compared.py budgets): one process runs the
+    arms one step at a time, so the CPU seconds of a step are that arm's, and a busy machine slows a step's wall
+    time without shortening any arm's budget; interleaving puts the arms under the same load at the same time, so
+    the wall times are fair to compare too."""
+    if not arms:
+        raise ValueError("interleave_budget needs at least one arm")
+    if budget < 0:
+        raise ValueError(f"budget={budget} must be >= 0")
+    names = list(arms)
+    spent = dict.fromkeys(names, 0.0)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    active = [name for name in names if budget > 0]
+    r = 0
+    while active:
+        for name in (list(active) if r % 2 == 0 else active[::-1]):
+            c, w = clock(), wall()
+            result = arms[name](len(seconds[name]))
+            seconds[name].append(clock() - c)
+            walls[name].append(wall() - w)
+            spent[name] += seconds[name][-1]
+            stop = after(name, len(seconds[name]), spent[name], result) if after else None
+            if stop or spent[name] >= budget:
+                active.remove(name)
+        r += 1
+    return Budgeted(seconds, walls)

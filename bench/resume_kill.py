@@ -5,12 +5,18 @@
 Runs `visalign train` three times on a tiny SD3 (no downloads): once uninterrupted; once killed with SIGKILL
 from outside as soon as checkpoint `--kill-after` is complete (a step or two later may be half-done); and
 once more with the same command, which resumes from the latest verified checkpoint. Prints whether every
-tensor of the two final LoRA files is equal.
+tensor of the two final LoRA files is equal, and writes results.json to `--out` (the verdict, the checkpoints on
+disk at the kill, and `context`: threads, load, CPUs, device, commit from bench/paired.py).
+
+The arms (uninterrupted; killed and resumed) are compared on their outcome after the same work (`--steps` steps,
+bit for bit), not on time: nothing is timed, and they run one after the other, as the kill needs a run of its own
+to watch.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import paired
 import torch
 from safetensors.torch import load_file
 
@@ -54,14 +61,19 @@ def main() -> None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    print(f"killed -9 after checkpoint-{args.kill_after}; checkpoints on disk: "
-          f"{sorted(p.name for p in (killed / 'checkpoints').iterdir())}")
+    on_disk = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    print(f"killed -9 after checkpoint-{args.kill_after}; checkpoints on disk: {on_disk}")
 
     subprocess.run(command(killed, args.steps), check=True, env=env, capture_output=True)
     a = load_file(str(straight / "final" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(killed / "final" / "pytorch_lora_weights.safetensors"))
     equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     print(f"final LoRA tensors: {len(a)}; bit-identical to the uninterrupted run: {equal}")
+    context = {**paired.context(), "torch_threads": int(env["OMP_NUM_THREADS"])}  # the runs', not this watcher's
+    (root / "results.json").write_text(json.dumps(
+        {"steps": args.steps, "kill_after": args.kill_after, "checkpoints_at_kill": on_disk, "tensors": len(a),
+         "bit_identical": equal, "context": context}, indent=1) + "\n")
+    print(paired.equal_work(f"{args.steps} steps each, compared bit for bit", context))
     if not equal:
         raise SystemExit(1)
 

@@ -20,7 +20,11 @@
 rollout with a correct ground-truth clip, the most any reward could teach from that many clips.
 
 Every evaluation samples the same held-out prompts (--n per template) with the same seeds (20 Euler steps unless
-stated), so the rows compare directly; one table of all rows is printed at the end.
+stated), so the rows compare directly; one table of all rows is printed at the end and written to `--out`
+(results.md, and results.json with the settings and `context`: threads, load, CPUs, device, commit from
+bench/paired.py). The rows are compared on outcomes after the same work (each control's fixed steps and the same
+evaluation), not on time: nothing is timed, and the controls run one after another, as each row is deterministic
+whatever runs beside it.
 
 `PlaceboReward` is the fourth control, run through the video bench: a reward that ignores what a clip shows
 (a hash of its 8-bit pixels, uniform in [0, 1)), so an update on it carries no signal, only the trainer's noise:
@@ -33,7 +37,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+from pathlib import Path
 
+import paired
 import torch
 
 from visalign.models import load_model
@@ -166,6 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sft-min-sigma", type=float, default=0.0,
                         help="train only on noise levels in [this, 1] (the pretraining draw, rescaled)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--out", default="outputs/bench_video_diagnostics", help="folder of results.md and .json")
     args = parser.parse_args(argv)
     if not 0 <= args.sft_min_sigma < 1 or args.threads < 1:
         parser.error("--sft-min-sigma must be in [0, 1) and --threads >= 1")
@@ -188,10 +196,18 @@ def main(argv=None) -> None:
                          text_encoder=args.sft_text_encoder, templates=args.sft_templates, warmup=args.sft_warmup,
                          path=args.model_path, batch_size=args.sft_batch, lora_rank=args.sft_lora_rank,
                          min_sigma=args.sft_min_sigma)
-    print("| held-out, CFG 3 unless stated | " + " | ".join(METRICS) + " |")
-    print("|---|" + "---|" * len(METRICS))
-    for label, m in rows:
-        print(f"| {label} | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " |")
+    context = paired.context()
+    line = paired.equal_work("each control's fixed steps, the same held-out prompts and seeds", context)
+    table = "\n".join(["| held-out, CFG 3 unless stated | " + " | ".join(METRICS) + " |",
+                       "|---|" + "---|" * len(METRICS),
+                       *(f"| {label} | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " |" for label, m in rows)])
+    print(table)
+    print(line)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(f"{table}\n\n{line}\n")
+    (out / "results.json").write_text(json.dumps({"rows": [{"label": label, **m} for label, m in rows],
+                                                  "settings": vars(args), "context": context}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

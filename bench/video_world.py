@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/video_world.py --minutes 20 --out outputs/bench_video
 
-Arms (each from the shipped video base model, the same training wall-time budget and rollouts per step):
+Arms (each from the shipped video base model, the same training compute budget and rollouts per step):
   nft    DiffusionNFT (configs/nft_world_video.yaml)
   grpo   Flow-GRPO (configs/flow_grpo_world_video.yaml)
   dpo    online Flow-DPO (configs/dpo_world_video.yaml)
@@ -15,6 +15,15 @@ flickering (1 = no frame-to-frame change; a model that stops moving objects scor
 direction accuracy). Evaluation is at CFG 3 (`--eval-guidance`), whatever CFG the rollouts use
 (`sampling.guidance=1.0` gives DiffusionNFT's CFG-free rollouts). Writes curve.png, results.md and results.json,
 all measured in this one run.
+
+The budget is compute, not wall time: the arms are built in one process and take their steps interleaved, one
+step of each per round (order alternating; bench/flow_grpo_world.py's `run_arms`, through bench/paired.py's
+`interleave_budget`), each until its own process CPU time reaches `--minutes` of `--threads` cores, so a busy
+machine shortens no arm's budget and favours none; evaluation is not counted. A curve's "minutes" are that CPU
+time over the threads ("wall_minutes": the same steps' wall time). With two or more arms the bench prints the
+paired table of their seconds per step (process CPU, median and spread of the per-round ratios to the first arm)
+and writes it, with the wall-clock one and every step's times, to timing.json (one arm: its median and the
+context).
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import json
 from pathlib import Path
 
 import torch
-from flow_grpo_world import run_arm
+from flow_grpo_world import run_arms, timing
 
 from visalign.world.motion_suite import generate_clips, motion_suite_prompts, score_motion
 
@@ -58,7 +67,7 @@ def evaluate(trainer, n: int, seed: int, guidance: float = 3.0) -> dict:
     return out
 
 
-def plot(results: dict[str, list[dict]], path: Path) -> None:
+def plot(results: dict[str, list[dict]], path: Path, threads: int = 2) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,8 +84,9 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
         axes[2].plot(x_t, [c["heldout"]["consistency"] for c in curve], "o-", label=f"{arm}: verifier consistency")
         axes[2].plot(x_t, [c["heldout"]["flicker"] for c in curve], "x--", label=f"{arm}: VBench flicker")
     axes[0].set(xlabel="rollouts (clips sampled)", ylabel="motion-direction accuracy", title="direction vs rollouts")
-    axes[1].set(xlabel="training wall time (min)", ylabel="held-out accuracy", title="held-out vs time")
-    axes[2].set(xlabel="training wall time (min)", ylabel="score (1 = consistent)", title="temporal consistency")
+    xlabel = f"training time (min of {threads} cores, CPU)"
+    axes[1].set(xlabel=xlabel, ylabel="held-out accuracy", title="held-out vs time")
+    axes[2].set(xlabel=xlabel, ylabel="score (1 = consistent)", title="temporal consistency")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -100,7 +110,8 @@ def table(results: dict[str, list[dict]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=20.0, help="training wall-time budget per arm")
+    parser.add_argument("--minutes", type=float, default=20.0,
+                        help="training budget per arm: minutes of --threads cores of process CPU time")
     parser.add_argument("--eval-every", type=int, default=10, help="steps between evaluations")
     parser.add_argument("--n", type=int, default=16, help="evaluation prompts per template and split")
     parser.add_argument("--arms", nargs="+", default=["nft"], choices=list(ARMS))
@@ -114,12 +125,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     evaluate_at = functools.partial(evaluate, guidance=args.eval_guidance)
-    results = {arm: run_arm(arm, ARMS[arm], args, evaluate=evaluate_at) for arm in args.arms}
+    results, budgeted = run_arms({arm: ARMS[arm] for arm in args.arms}, args, evaluate=evaluate_at,
+                                 threads=args.threads)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(table(results))
-    plot(results, out / "curve.png")
+    plot(results, out / "curve.png", args.threads)
     print(table(results))
-    print(f"wrote {out}/curve.png, results.md, results.json")
+    print(timing(budgeted, out, args.threads))
+    print(f"wrote {out}/curve.png, results.md, results.json, timing.json")
 
 
 if __name__ == "__main__":
